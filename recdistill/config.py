@@ -1,0 +1,300 @@
+"""Configuration: one pydantic model per section, YAML files, dotted ``--set`` overrides.
+
+Precedence: defaults < YAML file < ``--set a.b=c`` overrides. Unknown keys and bad values are refused with a
+:class:`ConfigError` that names the key, where it came from (file or override) and what is allowed. The resolved
+config is saved into each run directory (:func:`save_config`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recdistill.data.sampling import SamplingConfig
+
+MAX_HISTORY = 20_000
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key, the source and what is allowed."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(Section):
+    """One prediction task."""
+
+    name: str = Field(description="Task name, e.g. 'ctr'; labels are read from `label_<name>`.")
+    kind: Literal["binary", "continuous"] = Field("binary", description="BCE for binary, (log-)MSE for continuous.")
+
+
+class WorldConfig(Section):
+    """Knobs of the synthetic world (data.source=synthetic). Defaults give every property of DESIGN §4."""
+
+    num_users: int = Field(20_000, ge=1, description="Number of users.")
+    num_items: int = Field(50_000, ge=2, description="Number of items.")
+    num_categories: int = Field(64, ge=2, description="Number of item categories.")
+    num_traffic: int = Field(3, ge=1, description="Number of traffic sources (traffic ids 0..n-1).")
+    num_dense: int = Field(8, ge=0, description="Number of dense (float) context features.")
+    drift: float = Field(0.35, ge=0.0, description="Day-to-day drift of item popularity and user interests.")
+    long_range: float = Field(1.0, ge=0.0, description="Strength of the long-history effect on the logit.")
+    interactions: float = Field(1.0, ge=0.0, description="Strength of the high-order feature-interaction effect.")
+
+
+class DataConfig(Section):
+    """Where samples come from and how they are batched."""
+
+    source: Literal["synthetic", "parquet", "movielens"] = Field("synthetic", description="Sample source.")
+    path: str | None = Field(None, description="Directory of Parquet files (source=parquet).")
+    seed: int = Field(0, description="World seed: samples are a deterministic function of (seed, sample_id).")
+    num_days: int = Field(6, ge=2, le=1000, description="Days generated (synthetic); the last eval_days are held out.")
+    eval_days: int = Field(1, ge=1, description="Number of final days held out for evaluation.")
+    samples_per_day: int = Field(20_000, ge=1, description="Unsampled samples per day (synthetic).")
+    history_len: int = Field(1024, ge=1, le=MAX_HISTORY, description="Max history events kept per sample.")
+    batch_size: int = Field(512, ge=1, description="Samples per batch per rank (after sampling).")
+    prefetch: int = Field(4, ge=0, description="Batches prepared ahead on a background thread (0: inline).")
+    tasks: list[TaskConfig] = Field(
+        default_factory=lambda: [
+            TaskConfig(name="ctr", kind="binary"),
+            TaskConfig(name="cvr", kind="binary"),
+            TaskConfig(name="watch_time", kind="continuous"),
+        ],
+        description="Tasks, in order; the first binary task is the primary one.",
+    )
+    world: WorldConfig = Field(default_factory=WorldConfig, description="Synthetic-world knobs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.eval_days >= self.num_days:
+            raise ValueError(f"eval_days={self.eval_days} must be < num_days={self.num_days} (need a training day)")
+        if self.source == "parquet" and not self.path:
+            raise ValueError("source=parquet needs data.path (a directory of Parquet files)")
+        return self
+
+
+class SamplingSection(Section):
+    """Sampling of the teacher's and the student's views (same seed so they nest)."""
+
+    teacher: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(name="teacher", r=0.5, q=1.0), description="Teacher's view."
+    )
+    student: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(name="student", r=0.1, q=0.9, q_eff=[0.9, 0.8, 0.7]),
+        description="Student's view (lower rates than the teacher's, so nested).",
+    )
+
+
+class TeacherConfig(Section):
+    """Teacher model and trainer (filled in by the teacher issue)."""
+
+    preset: str = Field("small", description="Model preset under configs/teacher/.")
+    steps: int | None = Field(None, ge=1, description="Training steps; None: one pass over the training days.")
+    lr: float = Field(1e-3, gt=0, description="Dense learning rate.")
+
+
+class StudentConfig(Section):
+    """Student model and trainer (filled in by the student issue)."""
+
+    hidden: int = Field(64, ge=1, description="Width of the towers.")
+    history_len: int = Field(64, ge=1, le=MAX_HISTORY, description="Recent history events the student sees.")
+    beta: float | Literal["auto"] = Field(1.0, description="Weight of the distillation loss, or 'auto'.")
+    debias: Literal["none", "teacher_debiased", "student_space", "exact"] = Field(
+        "student_space", description="How the teacher logit is mapped before the distillation loss."
+    )
+    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+
+
+class SignalsConfig(Section):
+    """Teacher-signal store (DESIGN §4 'Signal store')."""
+
+    uri: str = Field("runs/signals", description="fsspec URI of the store ({uri}/window=W/rank=R.arrow).")
+    window_steps: int = Field(50, ge=1, description="Teacher steps per window (a window is committed at its end).")
+    queue_size: int = Field(8, ge=1, description="Bounded writer queue (batches); a full queue applies backpressure.")
+    on_corrupt: Literal["raise", "skip"] = Field("raise", description="Reader policy for corrupt shards.")
+    compact_uri: str | None = Field(None, description="Long-term URI for materialized (compacted) signals.")
+
+
+class StreamConfig(Section):
+    """Streaming phase (filled in by the streaming issue)."""
+
+    backend: Literal["local", "redis"] = Field("local", description="Stream backend.")
+    path: str = Field("runs/stream", description="Directory of the local backend.")
+    redis_url: str = Field("redis://localhost:6379/0", description="Redis URL (backend=redis).")
+    max_delay_s: float = Field(30.0, ge=0, description="How long the joiner waits for a teacher signal.")
+
+
+class TrackingConfig(Section):
+    """W&B and console progress."""
+
+    project: str = Field("recdistill", description="W&B project.")
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="W&B mode; the WANDB_MODE environment variable wins when set."
+    )
+    run_dir: str = Field("runs", description="Parent directory of run directories (W&B files go there too).")
+    run_name: str | None = Field(None, description="Run name; default: <experiment>-<timestamp>.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class ExperimentConfig(Section):
+    """What a run is called and how it is seeded."""
+
+    name: str = Field("demo", description="Experiment name (prefix of run names).")
+    seed: int = Field(0, description="Seed of model initialisation and shuffling.")
+
+
+class Config(Section):
+    """The whole configuration; YAML sections map one-to-one onto these fields."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    signals: SignalsConfig = Field(default_factory=SignalsConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+
+    def digest(self) -> str:
+        """Short stable hash of the resolved config."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+
+
+def _model_at(loc: tuple, root: type[BaseModel] = Config) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `loc` (for listing allowed keys)."""
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return model if fields is not None else None
+        ann = fields[part].annotation
+        model = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                     None)
+        if model is None:  # list[Model]
+            for a in typing.get_args(ann):
+                inner = [x for x in typing.get_args(a) if isinstance(x, type) and issubclass(x, BaseModel)]
+                model = inner[0] if inner else model
+    return model
+
+
+def _format_errors(err: ValidationError, sources: dict[str, str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        src = _source_of(key, sources)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc[:-1])
+            allowed = sorted(owner.model_fields) if owner is not None else []
+            lines.append(f"{src}: unknown key '{key}'; allowed here: {', '.join(allowed)}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{src}: {key or '<root>'}: {e['msg']}{got_s}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _source_of(key: str, sources: dict[str, str]) -> str:
+    """Where a key's value came from: the longest override/file key that prefixes it."""
+    best = None
+    for k in sources:
+        if key == k or key.startswith(k + ".") or k.startswith(key + ".") or (k == "" and best is None):
+            if best is None or len(k) > len(best):
+                best = k
+    return sources.get(best, "defaults") if best is not None else "defaults"
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.extend(_flat_keys(v, key + ".") if isinstance(v, dict) and v else [key])
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` (value as YAML: numbers, bools, null, lists) into (path, value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set data.batch_size=256")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in path):
+        raise ConfigError(f"--set {text!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+    return path, value
+
+
+def _apply(tree: dict, path: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{origin}: '{'.'.join(path[: i + 1])}' is a value, not a section")
+        node = nxt
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from defaults, an optional YAML file and ``KEY=VALUE`` overrides."""
+    tree: dict = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = copy.deepcopy(loaded)
+        sources.update({k: str(p) for k in _flat_keys(loaded)})
+        sources[""] = str(p)
+    for text in overrides or []:
+        keypath, value = parse_override(text)
+        _apply(tree, keypath, value, f"--set {text}")
+        sources[".".join(keypath)] = f"--set {text}"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, sources)) from None
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml`` and return its path."""
+    out = Path(run_dir) / "config.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return out
+
+
+def add_config_arguments(parser) -> None:  # noqa: ANN001 - argparse.ArgumentParser
+    """Add the standard ``--config FILE`` and repeatable ``--set KEY=VALUE`` options to a CLI parser."""
+    parser.add_argument("--config", "-c", default=None, help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set data.batch_size=256 (repeatable)")
+
+
+def config_from_args(args) -> Config:  # noqa: ANN001 - argparse.Namespace
+    """The Config described by parsed ``--config`` / ``--set`` options."""
+    return load_config(args.config, args.overrides)

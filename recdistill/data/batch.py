@@ -1,0 +1,210 @@
+"""The Batch moved as one unit between data, teacher, student and signals (DESIGN §4 'Batch'), and the Schema
+that describes the features of a data source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recdistill.data.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A prediction task: name and kind (binary: BCE on 0/1 labels; continuous: regression)."""
+
+    name: str
+    kind: Literal["binary", "continuous"] = "binary"
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Feature layout of a data source; models size their embedding tables from it.
+
+    sparse / history map a feature name to its cardinality (ids are in [0, cardinality)). History field names
+    have no `hist_` prefix; `item` is always present.
+    """
+
+    tasks: tuple[TaskSpec, ...]
+    dense: tuple[str, ...]
+    sparse: dict[str, int]
+    history: dict[str, int]
+    num_traffic: int
+    max_history: int
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def primary_task(self) -> str:
+        """The first binary task (the one sampling decisions use)."""
+        return next(t.name for t in self.tasks if t.kind == "binary")
+
+
+def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """[B] lengths -> [B+1] int64 offsets."""
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    torch.cumsum(lengths.to(torch.int64), 0, out=out[1:])
+    return out
+
+
+def jagged_index(offsets: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions in the values array of the rows `idx` of a jagged tensor, and the new offsets.
+
+    Vectorised: position = new-row start in the old array + rank within the row.
+    """
+    lengths = (offsets[1:] - offsets[:-1])[idx]
+    new_offsets = offsets_from_lengths(lengths)
+    total = int(new_offsets[-1])
+    row = torch.repeat_interleave(torch.arange(idx.numel(), device=offsets.device), lengths, output_size=total)
+    pos = offsets[idx][row] + (torch.arange(total, device=offsets.device) - new_offsets[row])
+    return pos, new_offsets
+
+
+@dataclass
+class History:
+    """Jagged per-event history: `offsets` [B+1] int64 and one int64 values tensor [N] per field, oldest first."""
+
+    offsets: torch.Tensor
+    fields: dict[str, torch.Tensor]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> History:
+        return History(self.offsets.to(device, non_blocking=non_blocking),
+                       {k: v.to(device, non_blocking=non_blocking) for k, v in self.fields.items()})
+
+    def pin_memory(self) -> History:
+        return History(self.offsets.pin_memory(), {k: v.pin_memory() for k, v in self.fields.items()})
+
+    def select(self, idx: torch.Tensor) -> History:
+        pos, off = jagged_index(self.offsets, idx)
+        return History(off, {k: v[pos] for k, v in self.fields.items()})
+
+    def last(self, n: int) -> History:
+        """Keep only the n most recent events of each row."""
+        lengths = self.lengths.clamp(max=n)
+        off = offsets_from_lengths(lengths)
+        total = int(off[-1])
+        row = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=total)
+        pos = self.offsets[1:][row] - lengths[row] + (torch.arange(total) - off[row])
+        return History(off, {k: v[pos] for k, v in self.fields.items()})
+
+
+def _kjt_select(kjt: KeyedJaggedTensor, idx: torch.Tensor) -> KeyedJaggedTensor:
+    """Rows `idx` of a KJT (key-major layout: lengths are [key0 rows, key1 rows, ...])."""
+    keys = kjt.keys()
+    b = kjt.stride()
+    offsets = kjt.offsets()
+    all_idx = torch.cat([idx + k * b for k in range(len(keys))]) if keys else idx[:0]
+    pos, new_off = jagged_index(offsets, all_idx)
+    weights = kjt.weights_or_none()
+    return KeyedJaggedTensor(keys=keys, values=kjt.values()[pos], lengths=new_off.diff(),
+                             weights=None if weights is None else weights[pos], stride=idx.numel())
+
+
+@dataclass
+class Batch:
+    """One batch of samples (DESIGN §4). Row i of every field is the same sample.
+
+    labels / p_true map task name -> [B] float32; `p_true` (ground-truth probability, synthetic data only) may be
+    None. `sampling` is the view that produced these rows (None = unsampled).
+    """
+
+    sample_id: torch.Tensor  # [B] int64, globally unique
+    day: torch.Tensor  # [B] int32
+    traffic: torch.Tensor  # [B] int64, traffic source id
+    labels: dict[str, torch.Tensor]
+    dense: torch.Tensor  # [B, Fd] float32
+    sparse: KeyedJaggedTensor  # categorical features, keys = Schema.sparse
+    history: History
+    sampling: SamplingConfig | None = None
+    p_true: dict[str, torch.Tensor] | None = field(default=None)
+
+    def __len__(self) -> int:
+        return int(self.sample_id.numel())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        nb = non_blocking
+        return replace(
+            self,
+            sample_id=self.sample_id.to(device, non_blocking=nb),
+            day=self.day.to(device, non_blocking=nb),
+            traffic=self.traffic.to(device, non_blocking=nb),
+            labels={k: v.to(device, non_blocking=nb) for k, v in self.labels.items()},
+            dense=self.dense.to(device, non_blocking=nb),
+            sparse=self.sparse.to(torch.device(device), non_blocking=nb),
+            history=self.history.to(device, non_blocking=nb),
+            p_true=None if self.p_true is None else {k: v.to(device, non_blocking=nb) for k, v in self.p_true.items()},
+        )
+
+    def pin_memory(self) -> Batch:
+        return replace(
+            self,
+            sample_id=self.sample_id.pin_memory(),
+            day=self.day.pin_memory(),
+            traffic=self.traffic.pin_memory(),
+            labels={k: v.pin_memory() for k, v in self.labels.items()},
+            dense=self.dense.pin_memory(),
+            sparse=self.sparse.pin_memory(),
+            history=self.history.pin_memory(),
+            p_true=None if self.p_true is None else {k: v.pin_memory() for k, v in self.p_true.items()},
+        )
+
+    def select(self, idx: torch.Tensor) -> Batch:
+        """Rows `idx` (int64 indices or a bool mask) as a new Batch."""
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        idx = idx.to(torch.int64)
+        return replace(
+            self,
+            sample_id=self.sample_id[idx],
+            day=self.day[idx],
+            traffic=self.traffic[idx],
+            labels={k: v[idx] for k, v in self.labels.items()},
+            dense=self.dense[idx],
+            sparse=_kjt_select(self.sparse, idx),
+            history=self.history.select(idx),
+            p_true=None if self.p_true is None else {k: v[idx] for k, v in self.p_true.items()},
+        )
+
+    @staticmethod
+    def concat(batches: list[Batch]) -> Batch:
+        """Concatenate batches with the same keys (and the same sampling view) row-wise."""
+        if not batches:
+            raise ValueError("Batch.concat of an empty list")
+        if len(batches) == 1:
+            return batches[0]
+        first = batches[0]
+        keys = first.sparse.keys()
+        per_key_vals, per_key_len = [], []
+        for k in keys:
+            for b in batches:
+                jt = b.sparse[k]
+                per_key_vals.append(jt.values())
+                per_key_len.append(jt.lengths())
+
+        sparse = KeyedJaggedTensor(keys=keys, values=torch.cat(per_key_vals) if per_key_vals else torch.empty(0),
+                                   lengths=torch.cat(per_key_len) if per_key_len else torch.empty(0, dtype=torch.int64),
+                                   stride=sum(len(b) for b in batches))
+        hist_len = torch.cat([b.history.lengths for b in batches])
+        history = History(offsets_from_lengths(hist_len),
+                          {k: torch.cat([b.history.fields[k] for b in batches]) for k in first.history.fields})
+        return Batch(
+            sample_id=torch.cat([b.sample_id for b in batches]),
+            day=torch.cat([b.day for b in batches]),
+            traffic=torch.cat([b.traffic for b in batches]),
+            labels={k: torch.cat([b.labels[k] for b in batches]) for k in first.labels},
+            dense=torch.cat([b.dense for b in batches]),
+            sparse=sparse,
+            history=history,
+            sampling=first.sampling,
+            p_true=None if first.p_true is None else {k: torch.cat([b.p_true[k] for b in batches])
+                                                      for k in first.p_true},
+        )
