@@ -2,7 +2,7 @@
 
     from recdistill.data.loader import BatchLoader, build_source
     src = build_source(cfg.data)
-    for batch in BatchLoader(src, days=src.days()[:-1], batch_size=512, view=cfg.sampling.teacher, rank=r, world_size=w):
+    for batch in BatchLoader(src, src.days()[:-1], 512, view=cfg.sampling.teacher, rank=r, world_size=w):
         ...
 
 Sharding is by raw chunk: chunk c of a day (rows [c*chunk_rows, (c+1)*chunk_rows)) belongs to rank c % world_size,

@@ -52,7 +52,8 @@ class SamplingConfig(BaseModel):
         if self.q_eff is None:
             return np.full(num_traffic, self.q, dtype=np.float64)
         if len(self.q_eff) < num_traffic:
-            raise ValueError(f"sampling '{self.name}': q_eff has {len(self.q_eff)} entries, data has {num_traffic} traffic sources")
+            raise ValueError(f"sampling '{self.name}': q_eff has {len(self.q_eff)} entries, "
+                             f"data has {num_traffic} traffic sources")
         return np.asarray(self.q_eff[:num_traffic], dtype=np.float64)
 
     def correction(self, traffic: torch.Tensor, num_traffic: int) -> torch.Tensor:

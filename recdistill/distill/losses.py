@@ -1,0 +1,71 @@
+"""Task and distillation losses (DESIGN §4 'Losses').
+
+L_main = L_task; L_aux = L_task + beta * L_distill. Samples with no (finite) teacher signal contribute no
+distillation loss. `beta: auto` keeps beta * L_distill at a configured ratio of L_task (running estimate).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+
+def task_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], kinds: dict[str, str],
+              continuous: Literal["mse", "log_mse"] = "mse") -> torch.Tensor:
+    """Sum over tasks of BCE-with-logits (binary) or (log-)MSE (continuous; the head's output is the value, or
+    log1p of it for log_mse)."""
+    total = None
+    for task, kind in kinds.items():
+        y, out = labels[task].float(), logits[task]
+        if kind == "binary":
+            loss = F.binary_cross_entropy_with_logits(out, y)
+        elif continuous == "log_mse":
+            loss = F.mse_loss(out, torch.log1p(y.clamp(min=0)))
+        else:
+            loss = F.mse_loss(out, y)
+        total = loss if total is None else total + loss
+    if total is None:
+        raise ValueError("task_loss: no tasks")
+    return total
+
+
+def valid_signal(teacher_logit: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """Mask of samples whose teacher signal exists and is finite (non-finite ones are rejected)."""
+    return found & torch.isfinite(teacher_logit)
+
+
+def distill_loss(target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, kind: Literal["ce", "mse"] = "ce",
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Mean distillation loss over samples where `mask` is True (0 with a graph when none are).
+
+    ce: soft-label binary cross-entropy between sigmoid(target / T) and pred / T, times T^2 so gradient magnitudes
+    do not shrink with T (Hinton et al.); T=1 is the paper's CE. mse: squared logit difference.
+    """
+    if not bool(mask.any()):
+        return pred.sum() * 0.0  # keeps the graph (and DDP-style hooks) consistent with no signal
+    t = target[mask].detach()
+    p = pred[mask]
+    if kind == "mse":
+        return F.mse_loss(p, t)
+    soft = torch.sigmoid(t / temperature)
+    return F.binary_cross_entropy_with_logits(p / temperature, soft) * temperature**2
+
+
+class AutoBeta:
+    """beta for `beta: auto`: keeps beta * L_distill ≈ ratio * L_task using exponential moving averages of both
+    magnitudes (updated with detached values, so beta itself carries no gradient)."""
+
+    def __init__(self, ratio: float = 1.0, momentum: float = 0.98, eps: float = 1e-8) -> None:
+        self.ratio, self.momentum, self.eps = ratio, momentum, eps
+        self.task_avg: float | None = None
+        self.distill_avg: float | None = None
+
+    def __call__(self, l_task: torch.Tensor, l_distill: torch.Tensor) -> float:
+        """Update the running magnitudes and return the current beta."""
+        lt, ld = float(l_task.detach()), float(l_distill.detach())
+        m = self.momentum
+        self.task_avg = lt if self.task_avg is None else m * self.task_avg + (1 - m) * lt
+        self.distill_avg = ld if self.distill_avg is None else m * self.distill_avg + (1 - m) * ld
+        return self.ratio * self.task_avg / max(self.distill_avg, self.eps)
