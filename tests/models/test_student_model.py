@@ -1,0 +1,89 @@
+"""Student model: shapes, tower gradient isolation, recent-history padding, feature subsets."""
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recdistill.data.batch import Batch, History, Schema, TaskSpec, offsets_from_lengths
+from recdistill.distill.losses import distill_loss, task_loss
+from recdistill.models.student import StudentModel, recent_padded
+
+SCHEMA = Schema(tasks=(TaskSpec("ctr"), TaskSpec("watch_time", "continuous")), dense=("d0", "d1"),
+                sparse={"user_id": 50, "item_id": 40, "item_cat": 7}, history={"item": 40, "cat": 7, "ts": 10**9},
+                num_traffic=2, max_history=30)
+
+
+def make_batch(n: int = 9, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    keys = list(SCHEMA.sparse)
+    vals = torch.cat([torch.randint(0, SCHEMA.sparse[k], (n,), generator=g) for k in keys])
+    hl = torch.randint(0, 30, (n,), generator=g)
+    hl[0] = 0  # an empty history
+    tot = int(hl.sum())
+    hist = History(offsets_from_lengths(hl), {"item": torch.randint(0, 40, (tot,), generator=g),
+                                              "cat": torch.randint(0, 7, (tot,), generator=g),
+                                              "ts": torch.arange(tot)})
+    return Batch(sample_id=torch.arange(n), day=torch.zeros(n, dtype=torch.int32),
+                 traffic=torch.zeros(n, dtype=torch.int64),
+                 labels={"ctr": (torch.rand(n, generator=g) < 0.3).float(), "watch_time": torch.rand(n, generator=g)},
+                 dense=torch.randn(n, 2, generator=g),
+                 sparse=KeyedJaggedTensor(keys=keys, values=vals, lengths=torch.ones(n * len(keys), dtype=torch.int64)),
+                 history=hist)
+
+
+def grads(module: torch.nn.Module) -> list[tuple[str, bool]]:
+    return [(n, p.grad is not None and bool(p.grad.abs().sum() > 0)) for n, p in module.named_parameters()]
+
+
+def test_forward_shapes_and_variants():
+    b = make_batch()
+    out = StudentModel(SCHEMA, history_len=8)(b)
+    assert set(out.main) == {"ctr", "watch_time"} and out.main["ctr"].shape == (9,)
+    assert out.aux is not None and out.aux["ctr"].shape == (9,)
+    assert torch.isfinite(out.main["ctr"]).all()  # the empty-history row too
+    assert StudentModel(SCHEMA, decoupled=False)(b).aux is None
+
+
+def test_distill_loss_alone_reaches_backbone_and_aux_not_main():
+    torch.manual_seed(0)
+    model, b = StudentModel(SCHEMA, history_len=8), make_batch()
+    out = model(b)
+    teacher = torch.randn(9)
+    distill_loss(teacher, out.aux["ctr"], torch.ones(9, dtype=torch.bool)).backward()
+    main = dict(grads(model.main))
+    assert not any(main.values()), f"main tower got gradient: {[n for n, g in main.items() if g]}"
+    assert all(g for n, g in grads(model.backbone)), "every backbone parameter needs a gradient"
+    aux = dict(grads(model.aux))
+    assert aux["body.0.weight"] and aux["heads.ctr.weight"]
+    assert not aux["heads.watch_time.weight"]  # only the distilled task's head
+    assert dict(grads(model.ebc))["embedding_bags.t_user_id.weight"]
+
+
+def test_task_loss_on_main_leaves_aux_untouched():
+    model, b = StudentModel(SCHEMA, history_len=8), make_batch(seed=1)
+    out = model(b)
+    task_loss(out.main, b.labels, {"ctr": "binary", "watch_time": "continuous"}).backward()
+    assert not any(g for _, g in grads(model.aux))
+    assert all(g for _, g in grads(model.main))
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_recent_padded_matches_per_row(n):
+    b = make_batch(seed=2)
+    ids, mask = recent_padded(b.history, n, ("item", "cat"))
+    for i in range(len(b)):
+        s, e = int(b.history.offsets[i]), int(b.history.offsets[i + 1])
+        want = b.history.fields["item"][s:e][-n:].tolist()
+        assert ids["item"][i][mask[i]].tolist() == want
+        assert mask[i].tolist() == [False] * (n - len(want)) + [True] * len(want)  # right-aligned
+        assert (ids["item"][i][~mask[i]] == 0).all()
+
+
+def test_feature_subset_student():
+    b = make_batch()
+    small = StudentModel(SCHEMA, features=["user_id"], history_len=4)
+    assert list(small.ebc.embedding_bag_configs()[0].feature_names) == ["user_id"]
+    assert small.target_feature is None  # no item_id: the history mean is the query
+    assert small(b).main["ctr"].shape == (9,)
+    with pytest.raises(ValueError, match=r"student features \['nope'\] are not in the data"):
+        StudentModel(SCHEMA, features=["nope"])
