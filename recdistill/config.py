@@ -96,11 +96,37 @@ class SamplingSection(Section):
 
 
 class TeacherConfig(Section):
-    """Teacher model and trainer (filled in by the teacher issue)."""
+    """Teacher model (TokenMixer-Large + LONGER) and trainer. Presets under configs/teacher/ set these fields."""
 
-    preset: str = Field("small", description="Model preset under configs/teacher/.")
+    preset: str = Field("small", description="Name of the preset these values came from (informational).")
+    embedding_backend: Literal["torchrec", "torch"] = Field(
+        "torchrec", description="torchrec (EBC/EC, shardable with DMP) or plain PyTorch embeddings.")
+    emb_dim: int = Field(16, ge=1, description="Embedding width of categorical features and history events.")
+    num_tokens: int = Field(8, ge=1, description="TokenMixer tokens T (also the number of mixing heads).")
+    d_model: int = Field(64, ge=1, description="TokenMixer token width D (divisible by num_tokens).")
+    ffn_mult: float = Field(2.0, gt=0, description="Per-token SwiGLU hidden width F = ffn_mult * D.")
+    num_layers: int = Field(2, ge=1, description="TokenMixer blocks.")
+    moe_experts: int = Field(0, ge=0, description="Per-token MoE experts (0: dense FFN).")
+    moe_topk: int = Field(1, ge=1, description="Experts each token routes to (plus the shared expert).")
+    history_len: int = Field(1024, ge=1, le=MAX_HISTORY, description="Most recent history events the teacher sees.")
+    merge_k: int = Field(8, ge=1, description="LONGER token merge: adjacent events per merged token.")
+    merge_kind: Literal["linear", "transformer"] = Field("linear", description="How K events are merged.")
+    longer_dim: int = Field(32, ge=1, description="LONGER token width.")
+    longer_heads: int = Field(2, ge=1, description="LONGER attention heads.")
+    longer_layers: int = Field(2, ge=1, description="LONGER layers (1 cross-attention + self-attention layers).")
+    recent_k: int = Field(16, ge=0, description="Most recent merged tokens used as extra queries.")
     steps: int | None = Field(None, ge=1, description="Training steps; None: one pass over the training days.")
     lr: float = Field(1e-3, gt=0, description="Dense learning rate.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TeacherConfig:
+        if self.d_model % self.num_tokens:
+            raise ValueError(f"d_model={self.d_model} must be divisible by num_tokens={self.num_tokens}")
+        if self.longer_dim % self.longer_heads:
+            raise ValueError(f"longer_dim={self.longer_dim} must be divisible by longer_heads={self.longer_heads}")
+        if self.moe_experts and self.moe_topk > self.moe_experts:
+            raise ValueError(f"moe_topk={self.moe_topk} must be <= moe_experts={self.moe_experts}")
+        return self
 
 
 class StudentConfig(Section):

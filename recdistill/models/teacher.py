@@ -1,0 +1,71 @@
+"""The teacher: embeddings -> LONGER over the long history -> TokenMixer-Large -> one raw logit per task.
+
+    global tokens = [CLS, target item, user, dense context] (projected to the LONGER width)
+    history events = sum of the events' field embeddings (item, cat, action), the last `history_len` events
+    LONGER(global tokens, events) -> query outputs; flattened with pooled categorical embeddings and the dense
+    projection into one feature vector -> TokenMixer-Large -> mean over tokens -> per-task heads (raw logits)
+
+Outputs are raw, sampled-space logits (the teacher's own SamplingConfig applies); the signal writer stores them
+as they are. Continuous tasks output the predicted value directly. Pure PyTorch: the training code shards the
+embedding collections and wraps the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recdistill.data.batch import Batch, Schema
+from recdistill.models.embedding import HistoryEmbeddings, SparseEmbeddings
+from recdistill.models.longer import LongerEncoder
+from recdistill.models.tokenmixer import TokenMixerLarge
+
+HISTORY_FIELDS = ("item", "cat", "action")
+
+
+class TeacherModel(nn.Module):
+    """TokenMixer-Large + LONGER ranking model over a data Schema; `cfg` is a TeacherConfig."""
+
+    def __init__(self, schema: Schema, cfg, target_feature: str = "item_id", user_feature: str = "user_id") -> None:  # noqa: ANN001
+        super().__init__()
+        self.tasks = schema.task_names
+        self.history_len = cfg.history_len
+        e, dl = cfg.emb_dim, cfg.longer_dim
+        self.sparse = SparseEmbeddings(schema.sparse, e, cfg.embedding_backend)
+        hist_fields = {f: schema.history[f] for f in HISTORY_FIELDS if f in schema.history}
+        if "item" not in hist_fields:
+            raise ValueError(f"the teacher needs the history field 'item'; the data has {sorted(schema.history)}")
+        self.history = HistoryEmbeddings(hist_fields, e, cfg.embedding_backend)
+        self.target_feature = target_feature if target_feature in schema.sparse else None
+        self.user_feature = user_feature if user_feature in schema.sparse else None
+        self.dense_proj = nn.Linear(len(schema.dense), e) if schema.dense else None
+        n_global = 1 + sum(x is not None for x in (self.target_feature, self.user_feature, self.dense_proj))
+        self.cls = nn.Parameter(torch.randn(1, 1, dl) * 0.02)
+        self.global_proj = nn.Linear(e, dl)
+        self.longer = LongerEncoder(e, dl, heads=cfg.longer_heads, layers=cfg.longer_layers, merge_k=cfg.merge_k,
+                                    recent=cfg.recent_k, merge_kind=cfg.merge_kind)
+        n_in = e * len(schema.sparse) + (e if schema.dense else 0) + dl * (n_global + cfg.recent_k)
+        self.mixer = TokenMixerLarge(n_in, tokens=cfg.num_tokens, dim=cfg.d_model, ffn_mult=cfg.ffn_mult,
+                                     layers=cfg.num_layers, experts=cfg.moe_experts, topk=cfg.moe_topk)
+        self.heads = nn.ModuleDict({t: nn.Linear(cfg.d_model, 1) for t in self.tasks})
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        pooled = self.sparse(batch.sparse)
+        parts = [pooled[f] for f in sorted(pooled)]
+        glob = []
+        if self.target_feature is not None:
+            glob.append(pooled[self.target_feature])
+        if self.user_feature is not None:
+            glob.append(pooled[self.user_feature])
+        if self.dense_proj is not None:
+            d = self.dense_proj(batch.dense)
+            parts.append(d)
+            glob.append(d)
+        b = len(batch)
+        glob_tokens = torch.cat([self.cls.expand(b, -1, -1), self.global_proj(torch.stack(glob, 1))], 1) \
+            if glob else self.cls.expand(b, -1, -1)
+        hist = batch.history.last(self.history_len)
+        seq = self.longer(glob_tokens, self.history(hist), hist.offsets)
+        tokens = self.mixer(torch.cat([*parts, seq.flatten(1)], dim=1))
+        pooled_tokens = tokens.mean(dim=1)
+        return {t: head(pooled_tokens).squeeze(-1) for t, head in self.heads.items()}

@@ -1,0 +1,33 @@
+"""Shared test data: a small Schema and random Batches with jagged sparse features and histories.
+
+Importable from every test file (pytest's `pythonpath` includes tests/).
+"""
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recdistill.data.batch import Batch, History, Schema, TaskSpec, offsets_from_lengths
+
+SCHEMA = Schema(tasks=(TaskSpec("ctr"), TaskSpec("watch_time", "continuous")), dense=("d0", "d1"),
+                sparse={"user_id": 50, "item_id": 40, "item_cat": 7}, history={"item": 40, "cat": 7, "ts": 10**9},
+                num_traffic=2, max_history=30)
+
+
+def make_batch(n: int = 9, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    keys = list(SCHEMA.sparse)
+    vals = torch.cat([torch.randint(0, SCHEMA.sparse[k], (n,), generator=g) for k in keys])
+    hl = torch.randint(0, 30, (n,), generator=g)
+    hl[0] = 0  # an empty history
+    tot = int(hl.sum())
+    hist = History(offsets_from_lengths(hl), {"item": torch.randint(0, 40, (tot,), generator=g),
+                                              "cat": torch.randint(0, 7, (tot,), generator=g),
+                                              "ts": torch.arange(tot)})
+    return Batch(sample_id=torch.arange(n), day=torch.zeros(n, dtype=torch.int32),
+                 traffic=torch.zeros(n, dtype=torch.int64),
+                 labels={"ctr": (torch.rand(n, generator=g) < 0.3).float(), "watch_time": torch.rand(n, generator=g)},
+                 dense=torch.randn(n, 2, generator=g),
+                 sparse=KeyedJaggedTensor(keys=keys, values=vals, lengths=torch.ones(n * len(keys), dtype=torch.int64)),
+                 history=hist)
+
+
