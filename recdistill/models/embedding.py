@@ -21,6 +21,12 @@ from recdistill.data.batch import History
 Backend = Literal["torchrec", "torch"]
 
 
+def _default_device() -> torch.device:
+    """The device new tensors go to (honours `with torch.device("meta"):`, which TorchRec modules otherwise
+    ignore): lets a billion-parameter model be built without memory for a dry run."""
+    return torch.empty(0).device
+
+
 class SparseEmbeddings(nn.Module):
     """Sum-pooled embedding per categorical feature: KJT -> {feature: [B, dim]}."""
 
@@ -30,7 +36,7 @@ class SparseEmbeddings(nn.Module):
         if backend == "torchrec":
             self.ebc = EmbeddingBagCollection(tables=[
                 EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=n, feature_names=[f])
-                for f, n in cardinalities.items()], device=torch.device("cpu"))
+                for f, n in cardinalities.items()], device=_default_device())
         else:
             self.bags = nn.ModuleDict({f: nn.EmbeddingBag(n, dim, mode="sum") for f, n in cardinalities.items()})
 
@@ -53,7 +59,7 @@ class HistoryEmbeddings(nn.Module):
         if backend == "torchrec":
             self.ec = EmbeddingCollection(tables=[
                 EmbeddingConfig(name=f"h_{f}", embedding_dim=dim, num_embeddings=n, feature_names=[f"hist_{f}"])
-                for f, n in cardinalities.items()], device=torch.device("cpu"))
+                for f, n in cardinalities.items()], device=_default_device())
         else:
             self.tables = nn.ModuleDict({f: nn.Embedding(n, dim) for f, n in cardinalities.items()})
 

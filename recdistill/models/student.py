@@ -22,6 +22,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recdistill.data.batch import Batch, History, Schema
+from recdistill.models.embedding import _default_device
 
 #: History fields the student embeds when present (timestamps and free-form fields are left out).
 HISTORY_FIELDS = ("item", "cat", "action")
@@ -95,7 +96,7 @@ class StudentModel(nn.Module):
         self.target_feature = target_feature if target_feature in self.features and "item" in self.hist_fields else None
         self.ebc = EmbeddingBagCollection(tables=[
             EmbeddingBagConfig(name=f"t_{f}", embedding_dim=emb_dim, num_embeddings=schema.sparse[f], feature_names=[f])
-            for f in self.features], device=torch.device("cpu"))
+            for f in self.features], device=_default_device())
         self.hist_emb = nn.ModuleDict({f: nn.Embedding(schema.history[f], emb_dim) for f in self.hist_fields})
         self.pos_emb = nn.Parameter(torch.zeros(history_len, emb_dim))
         self.attn = TargetAttention(emb_dim) if self.hist_fields else None
