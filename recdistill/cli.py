@@ -19,7 +19,9 @@ import sys
 from recdistill.config import ConfigError
 
 #: Modules that contribute subcommands; each has `register(subparsers)` which sets `func` on its parsers.
-SUBCOMMAND_MODULES = ("recdistill.demo", "recdistill.data.cli", "recdistill.bench")
+SUBCOMMAND_MODULES = (
+    "recdistill.demo", "recdistill.data.cli", "recdistill.train.dryrun", "recdistill.bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,126 @@
+"""`recdistill teacher --dry-run`: size a teacher without memory.
+
+    recdistill teacher --dry-run --config configs/teacher/7b.yaml --world-size 8
+
+Builds the model on the meta device (no memory), prints dense and embedding parameters by module, forward FLOPs
+per sample by module (analytic, at the configured history length), and DeepSpeed's own ZeRO model-state memory
+estimates per GPU for the given world size. Training itself is the teacher trainer's job (issue 4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import OrderedDict
+
+import torch
+
+from recdistill.config import Config, add_config_arguments, config_from_args
+from recdistill.data.batch import Schema
+from recdistill.models.teacher import TeacherModel
+
+EMBEDDING_PREFIXES = ("sparse.", "history.")
+
+
+def param_table(model: torch.nn.Module) -> OrderedDict[str, dict[str, int]]:
+    """Parameters per top-level module (mixer blocks one by one), split into dense and embedding."""
+    out: OrderedDict[str, dict[str, int]] = OrderedDict()
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:3]) if parts[:2] == ["mixer", "blocks"] else parts[0]
+        row = out.setdefault(key, {"dense": 0, "embedding": 0})
+        row["embedding" if name.startswith(EMBEDDING_PREFIXES) else "dense"] += p.numel()
+    return out
+
+
+def flops_per_sample(cfg: Config, schema: Schema, n_in: int) -> OrderedDict[str, float]:
+    """Forward FLOPs per sample by module (2 per multiply-add), for a full history of `history_len` events."""
+    t = cfg.teacher
+    h = min(t.history_len, cfg.data.history_len)
+    m = math.ceil(h / t.merge_k)  # merged tokens
+    dl, e = t.longer_dim, t.emb_dim
+    n_global = 1 + sum(f in schema.sparse for f in ("item_id", "user_id")) + (1 if schema.dense else 0)
+    nq = n_global + t.recent_k
+    f = max(1, int(t.d_model * t.ffn_mult))
+    experts = (t.moe_experts + 1) if t.moe_experts else 1  # reference MoE runs every expert + the shared one
+    out: OrderedDict[str, float] = OrderedDict()
+    out["longer.merge"] = 2.0 * m * t.merge_k * e * dl
+    out["longer.cross_attention"] = 2.0 * (2 * nq * dl * dl + 2 * m * dl * dl) + 4.0 * nq * m * dl
+    out["longer.self_attention"] = (t.longer_layers - 1) * (8.0 * nq * dl * dl + 4.0 * nq * nq * dl)
+    out["longer.ffn"] = t.longer_layers * 12.0 * nq * dl * dl
+    out["mixer.tokenizer"] = 2.0 * n_in * t.d_model
+    out["mixer.blocks"] = t.num_layers * experts * 6.0 * t.num_tokens * t.d_model * f
+    out["heads"] = 2.0 * len(schema.tasks) * t.d_model
+    return out
+
+
+def zero_estimates(dense_params: int, largest_layer: int, world_size: int) -> dict[str, dict[str, float]]:
+    """DeepSpeed's model-state memory estimates (GiB per GPU / per node CPU) for ZeRO-2 and ZeRO-3."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    gib = 1024**3
+    out = {}
+    for offload in (False, True):
+        cpu, gpu = estimate_zero2_model_states_mem_needs(dense_params, world_size, 1, cpu_offload=offload)
+        out[f"zero2{'_offload' if offload else ''}"] = {"gpu_gib": gpu / gib, "cpu_gib": cpu / gib}
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(dense_params, largest_layer, world_size, 1,
+                                                            cpu_offload=offload, cpu_offload_params=offload)
+        out[f"zero3{'_offload' if offload else ''}"] = {"gpu_gib": gpu / gib, "cpu_gib": cpu / gib}
+    return out
+
+
+def dry_run(cfg: Config, schema: Schema, world_size: int) -> dict:
+    """Everything `--dry-run` reports, as a dict."""
+    with torch.device("meta"):
+        model = TeacherModel(schema, cfg.teacher)
+    params = param_table(model)
+    dense = sum(r["dense"] for r in params.values())
+    emb = sum(r["embedding"] for r in params.values())
+    largest = max(p.numel() for n, p in model.named_parameters() if not n.startswith(EMBEDDING_PREFIXES))
+    flops = flops_per_sample(cfg, schema, model.mixer.tokenizer.chunk * cfg.teacher.num_tokens)
+    return {"preset": cfg.teacher.preset, "dense_params": dense, "embedding_params": emb, "params": params,
+            "flops_per_sample": flops, "gflops_per_sample": sum(flops.values()) / 1e9, "world_size": world_size,
+            "zero_memory": zero_estimates(dense, largest, world_size)}
+
+
+def print_report(r: dict) -> None:
+    """Human-readable tables of a dry_run() result."""
+    print(f"teacher preset '{r['preset']}': {r['dense_params'] / 1e9:.3f} B dense parameters, "
+          f"{r['embedding_params'] / 1e6:.1f} M embedding parameters")
+    print(f"{'module':<24}{'dense':>16}{'embedding':>16}")
+    for k, v in r["params"].items():
+        print(f"{k:<24}{v['dense']:>16,}{v['embedding']:>16,}")
+    print(f"\nforward FLOPs per sample: {r['gflops_per_sample']:.3f} GFLOP")
+    for k, v in r["flops_per_sample"].items():
+        print(f"  {k:<24}{v / 1e9:>12.4f} GFLOP")
+    print(f"\nDeepSpeed ZeRO model-state memory estimate, world size {r['world_size']} (per GPU / CPU per node):")
+    for k, v in r["zero_memory"].items():
+        print(f"  {k:<16}{v['gpu_gib']:>10.1f} GiB GPU {v['cpu_gib']:>10.1f} GiB CPU")
+
+
+def run_teacher(args) -> int:  # noqa: ANN001 - argparse.Namespace
+    """`recdistill teacher`: only --dry-run exists until the teacher trainer lands."""
+    cfg = config_from_args(args)
+    if not args.dry_run:
+        print("recdistill teacher: training is not implemented yet (issue 4); use --dry-run to size a model",
+              file=sys.stderr)
+        return 2
+    from recdistill.data.loader import build_source
+
+    report = dry_run(cfg, build_source(cfg.data).schema, args.world_size)
+    print(json.dumps(report) if args.json else "", end="\n" if args.json else "")
+    if not args.json:
+        print_report(report)
+    return 0
+
+
+def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
+    """Add `recdistill teacher`."""
+    p = sub.add_parser("teacher", help="teacher model (today: --dry-run sizing only)")
+    add_config_arguments(p)
+    p.add_argument("--dry-run", action="store_true", help="build on the meta device and print sizes, no training")
+    p.add_argument("--world-size", type=int, default=8, help="GPUs for the ZeRO memory estimate")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=run_teacher)

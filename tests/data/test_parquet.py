@@ -1,0 +1,172 @@
+"""Parquet layout: round trips (hand-built and synthetic world, sampled views), and every bad-file error path."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import SCHEMA, make_batch
+
+from recdistill.config import load_config
+from recdistill.data.batch import Batch
+from recdistill.data.loader import BatchLoader
+from recdistill.data.parquet import DataError, ParquetSource, batch_to_table, layout_metadata, write_parquet
+from recdistill.data.sampling import SamplingConfig
+from recdistill.data.world import SyntheticWorld
+
+
+def assert_same(a: Batch, b: Batch) -> None:
+    for name in ("sample_id", "day", "traffic", "dense"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.labels.keys() == b.labels.keys() and all(torch.equal(a.labels[k], b.labels[k]) for k in a.labels)
+    assert (a.p_true is None) == (b.p_true is None)
+    for k in a.p_true or {}:
+        assert torch.equal(a.p_true[k], b.p_true[k]), k
+    assert a.sparse.keys() == b.sparse.keys()
+    for k in a.sparse.keys():
+        assert torch.equal(a.sparse[k].values(), b.sparse[k].values()) and \
+            torch.equal(a.sparse[k].lengths(), b.sparse[k].lengths()), k
+    assert torch.equal(a.history.offsets, b.history.offsets)
+    assert a.history.fields.keys() == b.history.fields.keys()
+    for k in a.history.fields:
+        assert torch.equal(a.history.fields[k], b.history.fields[k]), k
+
+
+def tiny_world(**over):
+    sets = [f"data.{k}={v}" for k, v in {"history_len": 64, "samples_per_day": 1500, "num_days": 3, **over}.items()]
+    return SyntheticWorld(load_config(None, sets).data)
+
+
+def write_table(path, table, meta=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.replace_schema_metadata(meta) if meta else table, path)
+
+
+def test_hand_built_round_trip_with_multi_id_sparse(tmp_path):
+    b = make_batch(n=40)
+    b.day = torch.full((40,), 3, dtype=torch.int32)
+    # a multi-id sparse feature (list<int64>) next to single-id ones
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    lengths = torch.cat([torch.ones(80, dtype=torch.int64), torch.arange(40) % 3])
+    values = torch.cat([b.sparse["user_id"].values(), b.sparse["item_id"].values(),
+                        torch.arange(int((torch.arange(40) % 3).sum()))])
+    b.sparse = KeyedJaggedTensor(keys=["user_id", "item_id", "tags"], values=values, lengths=lengths, stride=40)
+    write_table(tmp_path / "d" / "x.parquet", batch_to_table(b, SCHEMA))
+    src = ParquetSource(str(tmp_path / "d"))
+    assert src.days() == [3] and src.num_rows(3) == 40 and src.sampling is None
+    assert [t.kind for t in src.schema.tasks] == ["binary", "continuous"]  # inferred from values
+    assert src.schema.sparse["tags"] == int(values[80:].max()) + 1
+    assert_same(b, src.read(3, 0, 40))
+    assert_same(b.select(torch.arange(7, 19)), src.read(3, 7, 19))
+
+
+def test_world_round_trip_every_field(tmp_path):
+    w = tiny_world()
+    files = write_parquet(w, str(tmp_path / "out"), rows_per_file=600, progress=False)
+    assert len(files) == 9 and all("/day=" in f for f in files)
+    src = ParquetSource(str(tmp_path / "out"))
+    assert src.days() == w.days() and src.schema == w.schema
+    for day in w.days():
+        assert src.num_rows(day) == 1500
+        assert_same(w.read(day, 0, 1500), src.read(day, 0, 1500))
+    assert_same(w.read(1, 550, 1300), src.read(1, 550, 1300))  # across file boundaries
+
+
+def test_sampled_export_records_view_and_nests(tmp_path):
+    w = tiny_world()
+    teacher = SamplingConfig(name="teacher", r=0.5, q=1.0)
+    student = SamplingConfig(name="student", r=0.2, q=0.9, q_eff=[0.9, 0.8, 0.7])
+    write_parquet(w, str(tmp_path / "t"), view=teacher, progress=False)
+    src = ParquetSource(str(tmp_path / "t"))
+    assert src.sampling == teacher
+    direct = torch.cat([b.sample_id for b in BatchLoader(w, [0, 1], 100, view=student, prefetch=0)])
+    via_file = torch.cat([b.sample_id for b in BatchLoader(src, [0, 1], 100, view=student, prefetch=0)])
+    assert torch.equal(direct, via_file)  # the student's view of the teacher's file is the student's view
+    with pytest.raises(ValueError, match="keeps more than the data's own sampling 'teacher'"):
+        BatchLoader(src, [0], 10, view=SamplingConfig(name="wide", r=0.9))
+
+
+def test_history_len_truncation_keeps_recent(tmp_path):
+    w = tiny_world()
+    write_parquet(w, str(tmp_path / "o"), days=[0], progress=False)
+    short = ParquetSource(str(tmp_path / "o"), history_len=10).read(0, 0, 200)
+    full = w.read(0, 0, 200)
+    assert torch.equal(short.history.fields["item"], full.history.last(10).fields["item"])
+
+
+def good_table(n=5):
+    return pa.table({"sample_id": pa.array(np.arange(n), pa.int64()), "day": pa.array([0] * n, pa.int32()),
+                     "traffic": pa.array([0] * n, pa.int32()), "label_ctr": pa.array(np.arange(n) % 2, pa.float32()),
+                     "sparse_user": pa.array(np.arange(n), pa.int64()),
+                     "hist_item": pa.array([[1, 2]] * n, pa.list_(pa.int64())),
+                     "hist_cat": pa.array([[3, 4]] * n, pa.list_(pa.int64()))})
+
+
+@pytest.mark.parametrize("change,column", [
+    (lambda t: t.drop_columns(["traffic"]), "missing required column 'traffic'"),
+    (lambda t: t.drop_columns(["hist_item", "hist_cat"]), "missing required column 'hist_item'"),
+    (lambda t: t.set_column(3, "label_ctr", pa.array(["a"] * 5)), "column 'label_ctr' has type string"),
+    (lambda t: t.set_column(4, "sparse_user", pa.array([0.5] * 5)), "column 'sparse_user' has type double"),
+    (lambda t: t.set_column(5, "hist_item", pa.array([1] * 5, pa.int64())), "column 'hist_item' has type int64"),
+])
+def test_bad_columns_name_file_and_column(tmp_path, change, column):
+    path = tmp_path / "d" / "bad.parquet"
+    write_table(path, change(good_table()))
+    with pytest.raises(DataError) as e:
+        ParquetSource(str(tmp_path / "d"))
+    assert str(path) in str(e.value) and column in str(e.value)
+
+
+def test_truncated_and_corrupt_files(tmp_path):
+    path = tmp_path / "d" / "part.parquet"
+    write_table(path, good_table())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=f"{path}: not a readable Parquet file"):
+        ParquetSource(str(tmp_path / "d"))
+    path.write_bytes(b"PAR1" + b"\x00" * 100)
+    with pytest.raises(DataError, match=f"{path}: not a readable Parquet file"):
+        ParquetSource(str(tmp_path / "d"))
+
+
+def test_unequal_history_lists_duplicates_and_inconsistent_files(tmp_path):
+    t = good_table().set_column(6, "hist_cat", pa.array([[3, 4]] * 4 + [[3]], pa.list_(pa.int64())))
+    write_table(tmp_path / "a" / "x.parquet", t)
+    with pytest.raises(DataError, match=r"x.parquet: column 'hist_cat' has a different length than 'hist_item' in row"):
+        ParquetSource(str(tmp_path / "a")).read(0, 0, 5)
+    write_table(tmp_path / "b" / "1.parquet", good_table())
+    write_table(tmp_path / "b" / "2.parquet", good_table())
+    with pytest.raises(DataError, match=r"1.parquet, .*2.parquet: column 'sample_id' has duplicates"):
+        ParquetSource(str(tmp_path / "b"))
+    write_table(tmp_path / "c" / "1.parquet", good_table())
+    write_table(tmp_path / "c" / "2.parquet", good_table().drop_columns(["hist_cat"]))
+    with pytest.raises(DataError, match=r"2.parquet: columns differ from .*1.parquet: \['hist_cat'\]"):
+        ParquetSource(str(tmp_path / "c"))
+    meta = layout_metadata(SCHEMA, SamplingConfig(name="a", r=0.5))
+    meta2 = layout_metadata(SCHEMA, SamplingConfig(name="b", r=0.4))
+    second = good_table().set_column(0, "sample_id", pa.array(np.arange(5, 10), pa.int64()))
+    write_table(tmp_path / "e" / "1.parquet", good_table(), {k: v for k, v in meta.items() if b"sampling" in k})
+    write_table(tmp_path / "e" / "2.parquet", second, {k: v for k, v in meta2.items() if b"sampling" in k})
+    with pytest.raises(DataError, match="2.parquet: metadata 'recdistill.sampling' differs"):
+        ParquetSource(str(tmp_path / "e"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no \*.parquet files"):
+        ParquetSource(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="absent: no such directory"):
+        ParquetSource(str(tmp_path / "absent"))
+
+
+def test_task_metadata_must_match_labels(tmp_path):
+    meta = {b"recdistill.tasks": json.dumps([{"name": "cvr", "kind": "binary"}]).encode()}
+    write_table(tmp_path / "d" / "x.parquet", good_table(), meta)
+    with pytest.raises(DataError, match=r"metadata names tasks \['cvr'\] without a 'label_<task>' column"):
+        ParquetSource(str(tmp_path / "d"))
+
+
+def test_memory_filesystem_through_fsspec():
+    w = tiny_world(num_days=2, samples_per_day=300)
+    write_parquet(w, "memory://pq-test", progress=False)
+    src = ParquetSource("memory://pq-test")
+    assert_same(w.read(1, 0, 300), src.read(1, 0, 300))
