@@ -14,8 +14,14 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python"
   echo "setup: $VENV is up to date"; exit 0
 fi
 [ -x "$VENV/bin/python" ] || { echo "setup: creating $VENV with $($PY --version)"; "$PY" -m venv "$VENV"; }
-# pip's exit status is kept (pipefail); the filter only drops this machine's noisy local-index warnings.
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
+# pip's output goes to $VENV/setup.log and is shown only when pip fails (its exit status is kept).
+log="$VENV/setup.log"
+: > "$log"
+pip() {
+  if ! "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" >> "$log" 2>&1; then
+    grep -v "is ignored: it is neither" "$log" | tail -40 >&2; echo "setup: pip $* failed (full log: $log)" >&2; return 1
+  fi
+}
 pip install --upgrade "pip>=24" wheel setuptools
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 grep -v '^\s*#' "$REQ" | grep -v 'no-deps' | sed 's/#.*//' | sed '/^\s*$/d' > "$tmp/deps.txt"
