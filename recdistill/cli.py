@@ -20,7 +20,7 @@ from recdistill.config import ConfigError
 
 #: Modules that contribute subcommands; each has `register(subparsers)` which sets `func` on its parsers.
 SUBCOMMAND_MODULES = (
-    "recdistill.demo", "recdistill.data.cli", "recdistill.train.dryrun", "recdistill.bench",
+    "recdistill.demo", "recdistill.data.cli", "recdistill.signals.cli", "recdistill.train.dryrun", "recdistill.bench",
 )
 
 

@@ -7,6 +7,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.data.batch import Batch, History, Schema, TaskSpec, offsets_from_lengths
+from recdistill.data.sampling import SamplingConfig
+from recdistill.signals.schema import SignalMeta
 
 SCHEMA = Schema(tasks=(TaskSpec("ctr"), TaskSpec("watch_time", "continuous")), dense=("d0", "d1"),
                 sparse={"user_id": 50, "item_id": 40, "item_cat": 7}, history={"item": 40, "cat": 7, "ts": 10**9},
@@ -31,3 +33,19 @@ def make_batch(n: int = 9, seed: int = 0) -> Batch:
                  history=hist)
 
 
+
+
+# ---- signal store -------------------------------------------------------------------------------------------
+META = SignalMeta(run_id="r1", teacher_version="abc123", tasks=["ctr", "cvr"],
+                  sampling=SamplingConfig(name="teacher", r=0.5))
+
+
+def ids_of(step: int, rank: int = 0, n: int = 8) -> torch.Tensor:
+    """The sample ids a (simulated) teacher step trains on."""
+    return torch.arange(n) + step * 1000 + rank * 100
+
+
+def logits_of(ids: torch.Tensor) -> torch.Tensor:
+    """Deterministic logits per sample id, so any stored row can be checked."""
+    x = ids.double()
+    return torch.stack([torch.sin(x), torch.cos(x)], 1).float()

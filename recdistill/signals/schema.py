@@ -1,0 +1,114 @@
+"""Signal-store records, metadata and layout (DESIGN §4 'Signal store').
+
+Record: sample_id int64, logits fixed_size_list<float32>[num_tasks] (raw, pre-debias), teacher_step int64.
+Layout under any fsspec URI:
+
+    {uri}/window=W/rank=R.arrow              Arrow IPC file, one per (window, rank)
+    {uri}/_commits/window=W.rank=R.json      written last; the shard exists for readers only once this exists
+
+Compacted (materialized) form: {uri}/window=W/part-0.parquet plus {uri}/_manifest.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from recdistill.data.sampling import SamplingConfig
+
+SCHEMA_VERSION = 1
+META_KEY = b"recdistill.signals"
+COMMITS = "_commits"
+MANIFEST = "_manifest.json"
+_COMMIT_RE = re.compile(r"window=(\d+)\.rank=(\d+)\.json$")
+_SHARD_RE = re.compile(r"window=(\d+)/rank=(\d+)\.arrow$")
+
+
+class SignalError(RuntimeError):
+    """A signal shard or store is unusable or incompatible; the message names the shard and the problem."""
+
+
+class SignalMeta(BaseModel):
+    """What every shard records about the teacher that wrote it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str = Field(description="Teacher run id.")
+    teacher_version: str = Field(description="Config hash of the teacher (a reader can require it).")
+    tasks: list[str] = Field(description="Task names, the order of the logits columns.")
+    sampling: SamplingConfig = Field(description="The teacher's sampling view (its logits live in that space).")
+    schema_version: int = Field(SCHEMA_VERSION, description="Record layout version.")
+
+
+def arrow_schema(meta: SignalMeta) -> pa.Schema:
+    """The Arrow schema of a shard, with the metadata attached."""
+    return pa.schema([("sample_id", pa.int64()), ("logits", pa.list_(pa.float32(), len(meta.tasks))),
+                      ("teacher_step", pa.int64())], metadata={META_KEY: meta.model_dump_json().encode()})
+
+
+def shard_path(uri: str, window: int, rank: int) -> str:
+    return f"{uri.rstrip('/')}/window={window}/rank={rank}.arrow"
+
+
+def commit_path(uri: str, window: int, rank: int) -> str:
+    return f"{uri.rstrip('/')}/{COMMITS}/window={window}.rank={rank}.json"
+
+
+def parse_commit_name(path: str) -> tuple[int, int] | None:
+    m = _COMMIT_RE.search(path)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def parse_shard_name(path: str) -> tuple[int, int] | None:
+    m = _SHARD_RE.search(path)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A commit marker: the shard it vouches for and what it must contain."""
+
+    window: int
+    rank: int
+    rows: int
+    sha256: str
+    nbytes: int
+    step_min: int
+    step_max: int
+    meta: SignalMeta
+
+    def to_json(self) -> str:
+        d = {k: getattr(self, k) for k in ("window", "rank", "rows", "sha256", "nbytes", "step_min", "step_max")}
+        return json.dumps({**d, "meta": json.loads(self.meta.model_dump_json())})
+
+    @staticmethod
+    def from_json(text: str, path: str) -> Commit:
+        try:
+            d = json.loads(text)
+            return Commit(meta=SignalMeta.model_validate(d.pop("meta")), **d)
+        except Exception as exc:  # noqa: BLE001 - any malformed marker is reported the same way
+            raise SignalError(f"{path}: unreadable commit marker: {exc}") from None
+
+
+def check_compatible(meta: SignalMeta, where: str, *, tasks: list[str] | None = None,
+                     teacher_version: str | None = None, reference: SignalMeta | None = None) -> None:
+    """Refuse a shard whose schema version, tasks or teacher version differ from what is expected."""
+    if meta.schema_version != SCHEMA_VERSION:
+        raise SignalError(f"{where}: schema version {meta.schema_version}, this reader understands {SCHEMA_VERSION}")
+    want_tasks = tasks if tasks is not None else (reference.tasks if reference else None)
+    if want_tasks is not None and meta.tasks != list(want_tasks):
+        raise SignalError(f"{where}: tasks {meta.tasks} differ from the expected {list(want_tasks)}")
+    want_version = teacher_version if teacher_version is not None else (
+        reference.teacher_version if reference else None)
+    if want_version is not None and meta.teacher_version != want_version:
+        raise SignalError(f"{where}: teacher version '{meta.teacher_version}' differs from the expected "
+                          f"'{want_version}'")
