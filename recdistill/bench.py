@@ -2,7 +2,6 @@
 
     recdistill bench data [--quick]       # benchmarks/data_bench.py    -> benchmarks/results/data_gen-*.json
     recdistill bench signals [--quick]    # benchmarks/signals_bench.py -> benchmarks/results/signals-*.json
-    recdistill bench kernels [--quick]    # python -m kernels.bench     -> kernels/results/<device>-<date>.json
     recdistill bench all [--quick]
 """
 
@@ -16,7 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHES = {
     "data": [str(ROOT / "benchmarks" / "data_bench.py")],
     "signals": [str(ROOT / "benchmarks" / "signals_bench.py")],
-    "kernels": ["-m", "kernels.bench"],
 }
 
 
@@ -35,7 +33,7 @@ def run_bench(args) -> int:  # noqa: ANN001 - argparse.Namespace
 
 def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
     """Add `recdistill bench`."""
-    p = sub.add_parser("bench", help="run benchmarks (results JSON under benchmarks/results or kernels/results)")
+    p = sub.add_parser("bench", help="run benchmarks (results JSON under benchmarks/results)")
     p.add_argument("name", choices=[*BENCHES, "all"])
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     p.set_defaults(func=run_bench)
