@@ -23,19 +23,32 @@ from recdistill.models.tokenmixer import TokenMixerLarge
 HISTORY_FIELDS = ("item", "cat", "action")
 
 
-class TeacherModel(nn.Module):
-    """TokenMixer-Large + LONGER ranking model over a data Schema; `cfg` is a TeacherConfig."""
+class TeacherEmbeddings(nn.Module):
+    """The sparse part: pooled categorical embeddings and per-event history embeddings (the modules DMP shards)."""
+
+    def __init__(self, schema: Schema, cfg) -> None:  # noqa: ANN001 - TeacherConfig
+        super().__init__()
+        self.history_len = cfg.history_len
+        hist_fields = {f: schema.history[f] for f in HISTORY_FIELDS if f in schema.history}
+        if "item" not in hist_fields:
+            raise ValueError(f"the teacher needs the history field 'item'; the data has {sorted(schema.history)}")
+        self.sparse = SparseEmbeddings(schema.sparse, cfg.emb_dim, cfg.embedding_backend)
+        self.history = HistoryEmbeddings(hist_fields, cfg.emb_dim, cfg.embedding_backend)
+
+    def forward(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(pooled embedding per feature [B, E], event embeddings [N, E], history offsets [B+1])."""
+        hist = batch.history.last(self.history_len)
+        return self.sparse(batch.sparse), self.history(hist), hist.offsets
+
+
+class TeacherDense(nn.Module):
+    """The dense part (what DeepSpeed wraps): LONGER + TokenMixer-Large + task heads."""
 
     def __init__(self, schema: Schema, cfg, target_feature: str = "item_id", user_feature: str = "user_id") -> None:  # noqa: ANN001
         super().__init__()
         self.tasks = schema.task_names
-        self.history_len = cfg.history_len
         e, dl = cfg.emb_dim, cfg.longer_dim
-        self.sparse = SparseEmbeddings(schema.sparse, e, cfg.embedding_backend)
-        hist_fields = {f: schema.history[f] for f in HISTORY_FIELDS if f in schema.history}
-        if "item" not in hist_fields:
-            raise ValueError(f"the teacher needs the history field 'item'; the data has {sorted(schema.history)}")
-        self.history = HistoryEmbeddings(hist_fields, e, cfg.embedding_backend)
+        self.features = sorted(schema.sparse)
         self.target_feature = target_feature if target_feature in schema.sparse else None
         self.user_feature = user_feature if user_feature in schema.sparse else None
         self.dense_proj = nn.Linear(len(schema.dense), e) if schema.dense else None
@@ -49,23 +62,38 @@ class TeacherModel(nn.Module):
                                      layers=cfg.num_layers, experts=cfg.moe_experts, topk=cfg.moe_topk)
         self.heads = nn.ModuleDict({t: nn.Linear(cfg.d_model, 1) for t in self.tasks})
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        pooled = self.sparse(batch.sparse)
-        parts = [pooled[f] for f in sorted(pooled)]
-        glob = []
-        if self.target_feature is not None:
-            glob.append(pooled[self.target_feature])
-        if self.user_feature is not None:
-            glob.append(pooled[self.user_feature])
+    def forward(self, pooled: dict[str, torch.Tensor], dense: torch.Tensor, events: torch.Tensor,
+                offsets: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = [pooled[f] for f in self.features]
+        glob = [pooled[f] for f in (self.target_feature, self.user_feature) if f is not None]
         if self.dense_proj is not None:
-            d = self.dense_proj(batch.dense)
+            d = self.dense_proj(dense)
             parts.append(d)
             glob.append(d)
-        b = len(batch)
-        glob_tokens = torch.cat([self.cls.expand(b, -1, -1), self.global_proj(torch.stack(glob, 1))], 1) \
-            if glob else self.cls.expand(b, -1, -1)
-        hist = batch.history.last(self.history_len)
-        seq = self.longer(glob_tokens, self.history(hist), hist.offsets)
+        b = dense.shape[0]
+        glob_tokens = self.cls.expand(b, -1, -1)
+        if glob:
+            glob_tokens = torch.cat([glob_tokens, self.global_proj(torch.stack(glob, 1))], 1)
+        seq = self.longer(glob_tokens, events, offsets)
         tokens = self.mixer(torch.cat([*parts, seq.flatten(1)], dim=1))
         pooled_tokens = tokens.mean(dim=1)
         return {t: head(pooled_tokens).squeeze(-1) for t, head in self.heads.items()}
+
+
+class TeacherModel(nn.Module):
+    """TokenMixer-Large + LONGER ranking model over a data Schema; `cfg` is a TeacherConfig.
+
+    Two children so the training code can parallelize each its own way: `embed` (TorchRec collections, sharded
+    by DMP) and `dense` (wrapped by DeepSpeed ZeRO).
+    """
+
+    def __init__(self, schema: Schema, cfg, target_feature: str = "item_id", user_feature: str = "user_id") -> None:  # noqa: ANN001
+        super().__init__()
+        self.tasks = schema.task_names
+        self.embed = TeacherEmbeddings(schema, cfg)
+        self.dense = TeacherDense(schema, cfg, target_feature, user_feature)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Raw (teacher sampled-space) logits per task, [B] each."""
+        pooled, events, offsets = self.embed(batch)
+        return self.dense(pooled, batch.dense, events, offsets)

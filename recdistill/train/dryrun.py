@@ -20,7 +20,7 @@ from recdistill.config import Config, add_config_arguments, config_from_args
 from recdistill.data.batch import Schema
 from recdistill.models.teacher import TeacherModel
 
-EMBEDDING_PREFIXES = ("sparse.", "history.")
+EMBEDDING_PREFIXES = ("embed.",)
 
 
 def param_table(model: torch.nn.Module) -> OrderedDict[str, dict[str, int]]:
@@ -28,7 +28,7 @@ def param_table(model: torch.nn.Module) -> OrderedDict[str, dict[str, int]]:
     out: OrderedDict[str, dict[str, int]] = OrderedDict()
     for name, p in model.named_parameters():
         parts = name.split(".")
-        key = ".".join(parts[:3]) if parts[:2] == ["mixer", "blocks"] else parts[0]
+        key = ".".join(parts[1:4]) if parts[1:3] == ["mixer", "blocks"] else parts[1]
         row = out.setdefault(key, {"dense": 0, "embedding": 0})
         row["embedding" if name.startswith(EMBEDDING_PREFIXES) else "dense"] += p.numel()
     return out
@@ -79,7 +79,7 @@ def dry_run(cfg: Config, schema: Schema, world_size: int) -> dict:
     dense = sum(r["dense"] for r in params.values())
     emb = sum(r["embedding"] for r in params.values())
     largest = max(p.numel() for n, p in model.named_parameters() if not n.startswith(EMBEDDING_PREFIXES))
-    flops = flops_per_sample(cfg, schema, model.mixer.tokenizer.chunk * cfg.teacher.num_tokens)
+    flops = flops_per_sample(cfg, schema, model.dense.mixer.tokenizer.chunk * cfg.teacher.num_tokens)
     return {"preset": cfg.teacher.preset, "dense_params": dense, "embedding_params": emb, "params": params,
             "flops_per_sample": flops, "gflops_per_sample": sum(flops.values()) / 1e9, "world_size": world_size,
             "zero_memory": zero_estimates(dense, largest, world_size)}

@@ -14,10 +14,10 @@ CFG = dict(history_len=20, merge_k=3, recent_k=4, d_model=16, num_tokens=4, long
 
 def copy_embeddings(src: TeacherModel, dst: TeacherModel) -> None:
     """torchrec tables -> plain torch tables of the same model."""
-    for f, bag in dst.sparse.bags.items():
-        bag.weight.data.copy_(src.sparse.ebc.embedding_bags[f"t_{f}"].weight)
-    for f, table in dst.history.tables.items():
-        table.weight.data.copy_(src.history.ec.embeddings[f"h_{f}"].weight)
+    for f, bag in dst.embed.sparse.bags.items():
+        bag.weight.data.copy_(src.embed.sparse.ebc.embedding_bags[f"t_{f}"].weight)
+    for f, table in dst.embed.history.tables.items():
+        table.weight.data.copy_(src.embed.history.ec.embeddings[f"h_{f}"].weight)
 
 
 def test_torchrec_and_torch_backends_agree():

@@ -1,0 +1,45 @@
+"""Process groups and devices. Launched by torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK set),
+or as a single process (a one-rank gloo group, so the same sharded code path runs everywhere)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Initialise the default process group: NCCL with one GPU per local rank where CUDA exists, else gloo."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local}") if cuda and backend == "nccl" else torch.device("cpu")
+    if cuda and backend == "nccl":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world)
+        else:  # a lone process: an in-memory store, no network
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device,
+                    backend=backend)
+
+
+def destroy_distributed() -> None:
+    """Tear down the default group (safe to call twice)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,70 @@
+"""Per-rank functions of multi-process tests. A module of its own (not a test file) so that spawned ranks can
+import it by name: the parent puts tests/ on PYTHONPATH before spawning."""
+
+import os
+import traceback
+
+import torch
+from helpers import SCHEMA, make_batch
+
+from recdistill.config import TeacherConfig
+from recdistill.distill.losses import task_loss
+from recdistill.models.teacher import TeacherModel
+
+WORLD = 2
+CFG = dict(history_len=20, merge_k=3, recent_k=4, d_model=16, num_tokens=4, longer_dim=8, emb_dim=4,
+           embedding_backend="torchrec")
+KINDS = {"ctr": "binary", "watch_time": "continuous"}
+LR_DENSE, LR_SPARSE = 0.05, 0.1
+
+
+def reference(global_batch, init):
+    torch.manual_seed(0)
+    model = TeacherModel(SCHEMA, TeacherConfig(**CFG))
+    model.load_state_dict(init)
+    before = model(global_batch)
+    opt = torch.optim.SGD([{"params": model.dense.parameters(), "lr": LR_DENSE},
+                           {"params": model.embed.parameters(), "lr": LR_SPARSE}])
+    task_loss(before, global_batch.labels, KINDS).backward()
+    opt.step()
+    with torch.no_grad():
+        after = model(global_batch)
+    return before, after, model
+
+
+def rank_main(rank: int, port: int, sharding: str, stage: int, init: dict, out: dict) -> None:
+    try:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        from recdistill.train.distributed import destroy_distributed, init_distributed
+        from recdistill.train.parallelize import parallelize_teacher
+
+        info = init_distributed("gloo")
+        torch.manual_seed(0)
+        model = TeacherModel(SCHEMA, TeacherConfig(**CFG))
+        model.load_state_dict(init)
+        ds = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+        dmp, engine = parallelize_teacher(model, sharding=sharding, device=info.device, ds_config=ds,
+                                          dense_optimizer=lambda p: torch.optim.SGD(p, lr=LR_DENSE),
+                                          sparse_optimizer=torch.optim.SGD, sparse_kwargs={"lr": LR_SPARSE})
+        dmp.load_state_dict({k: v for k, v in init.items() if k.startswith("embed.")}, strict=False)
+        full = make_batch(n=16, seed=5)
+        local = full.select(torch.arange(rank * 8, rank * 8 + 8))
+        logits = dmp(local)
+        engine.backward(task_loss(logits, local.labels, KINDS))
+        engine.step()
+        with torch.no_grad():
+            after = dmp(local)
+        import deepspeed
+
+        params = dict(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
+            dense = {n: p.detach().clone() for n, p in params.items()}
+        out[rank] = {"before": {k: v.detach() for k, v in logits.items()}, "after": after, "dense": dense}
+        destroy_distributed()
+    except Exception:  # noqa: BLE001 - reported to the parent with the traceback
+        out[rank] = {"error": traceback.format_exc()}
+        raise
+
+
