@@ -15,26 +15,14 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import cpu_name, write_result  # benchmarks/ is sys.path[0] when run as a script
 
 from recdistill.config import load_config
 from recdistill.data.loader import BatchLoader
 from recdistill.data.world import SyntheticWorld
-
-OUT = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def measure(history: int, rows: int, repeats: int) -> dict:
@@ -66,10 +54,7 @@ def main() -> None:
            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
            "quick": args.quick, "results": results,
            "note": "single process; other load on the machine makes these lower bounds"}
-    name = cpu_name().lower().replace(" ", "-").replace("(r)", "").replace("(tm)", "")[:40]
-    out = Path(args.out) if args.out else OUT / f"data_gen-{name}{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    out = write_result("data_gen", res, args.quick, args.out)
     for r in results:
         print(f"history {r['history_len']:>6}: {r['samples_per_s']:>10,.0f} samples/s  {r['events_per_s'] / 1e6:>6.1f} "
               f"M events/s  (through BatchLoader: {r['loader_samples_per_s']:,.0f} samples/s)")

@@ -26,23 +26,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from _common import cpu_name, write_result  # benchmarks/ is sys.path[0] when run as a script
 
 from recdistill.data.sampling import SamplingConfig
 from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import SignalMeta
 from recdistill.signals.writer import SignalWriter
 
-OUT = Path(__file__).resolve().parent / "results"
 META = SignalMeta(run_id="bench", teacher_version="bench", tasks=["ctr", "cvr", "watch_time"],
                   sampling=SamplingConfig(name="teacher", r=0.5))
 ROW_BYTES = 8 + 4 * 3 + 8
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def raw_bandwidth(d: Path, mib: int) -> dict:
@@ -166,10 +159,7 @@ def main() -> None:
                "reader": reader_join(d, 1_000_000 if q else 10_000_000, 500_000 if q else 5_000_000)}
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    name = cpu_name().lower().replace(" ", "-").replace("(r)", "").replace("(tm)", "")[:40]
-    out = OUT / f"signals-{name}{'-quick' if q else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    out = write_result("signals", res, q)
     print(f"raw disk: write {res['raw_disk']['write_mb_s']:.0f} MB/s, read {res['raw_disk']['read_mb_s']:.0f} MB/s")
     print(f"writer: {res['writer']['rows_per_s'] / 1e6:.2f} M rows/s, {res['writer']['mb_s']:.0f} MB/s per rank")
     for k in ("training_loop", "training_loop_long_steps"):
