@@ -55,17 +55,18 @@ def distill_loss(target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, k
 
 class AutoBeta:
     """beta for `beta: auto`: keeps beta * L_distill ≈ ratio * L_task using exponential moving averages of both
-    magnitudes (updated with detached values, so beta itself carries no gradient)."""
+    magnitudes. The averages stay tensors on the losses' device (no host sync per step); the returned beta is
+    detached, so it carries no gradient."""
 
     def __init__(self, ratio: float = 1.0, momentum: float = 0.98, eps: float = 1e-8) -> None:
         self.ratio, self.momentum, self.eps = ratio, momentum, eps
-        self.task_avg: float | None = None
-        self.distill_avg: float | None = None
+        self.task_avg: torch.Tensor | None = None
+        self.distill_avg: torch.Tensor | None = None
 
-    def __call__(self, l_task: torch.Tensor, l_distill: torch.Tensor) -> float:
-        """Update the running magnitudes and return the current beta."""
-        lt, ld = float(l_task.detach()), float(l_distill.detach())
+    def __call__(self, l_task: torch.Tensor, l_distill: torch.Tensor) -> torch.Tensor:
+        """Update the running magnitudes and return the current beta (a 0-dim tensor)."""
+        lt, ld = l_task.detach(), l_distill.detach()
         m = self.momentum
         self.task_avg = lt if self.task_avg is None else m * self.task_avg + (1 - m) * lt
         self.distill_avg = ld if self.distill_avg is None else m * self.distill_avg + (1 - m) * ld
-        return self.ratio * self.task_avg / max(self.distill_avg, self.eps)
+        return self.ratio * self.task_avg / self.distill_avg.clamp(min=self.eps)

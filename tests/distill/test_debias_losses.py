@@ -109,7 +109,8 @@ def test_task_loss_kinds():
 
 def test_auto_beta_tracks_ratio():
     ab = AutoBeta(ratio=0.5, momentum=0.0)
-    assert ab(torch.tensor(2.0), torch.tensor(0.5)) == pytest.approx(2.0)  # 0.5 * 2 / 0.5
+    assert float(ab(torch.tensor(2.0), torch.tensor(0.5))) == pytest.approx(2.0)  # 0.5 * 2 / 0.5
     ab = AutoBeta(ratio=1.0, momentum=0.5)
     ab(torch.tensor(1.0), torch.tensor(1.0))
-    assert ab(torch.tensor(3.0), torch.tensor(1.0)) == pytest.approx(2.0)  # EMA task 2, distill 1
+    beta = ab(torch.tensor(3.0), torch.tensor(1.0, requires_grad=True))
+    assert float(beta) == pytest.approx(2.0) and not beta.requires_grad  # EMA task 2, distill 1
