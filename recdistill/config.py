@@ -119,6 +119,13 @@ class TeacherConfig(Section):
     recent_k: int = Field(16, ge=0, description="Most recent merged tokens used as extra queries.")
     steps: int | None = Field(None, ge=1, description="Training steps; None: one pass over the training days.")
     lr: float = Field(1e-3, gt=0, description="Dense learning rate.")
+    sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the fused row-wise Adagrad on the tables.")
+    sharding: Literal["table_wise", "column_wise", "row_wise"] = Field(
+        "table_wise", description="Embedding sharding type (explicit plan; on GPU the same plans apply).")
+    deepspeed: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed config file (ZeRO stage etc.).")
+    grad_clip: float = Field(0.0, ge=0, description="Dense gradient clipping; set explicitly (DeepSpeed's "
+                             "default would be 1.0). 0 disables it.")
+    write_signals: bool = Field(True, description="Write raw logits to the signal store during training.")
 
     @model_validator(mode="after")
     def _check(self) -> TeacherConfig:
