@@ -33,7 +33,9 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, rank=rank, world_size=world)
-        else:  # a lone process: an in-memory store, no network
+        else:  # a lone process: an in-memory store, no network; DeepSpeed still reads these variables
+            for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+                os.environ.setdefault(k, v)
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device,
                     backend=backend)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections import OrderedDict
 
 import torch
@@ -101,12 +100,13 @@ def print_report(r: dict) -> None:
 
 
 def run_teacher(args) -> int:  # noqa: ANN001 - argparse.Namespace
-    """`recdistill teacher`: only --dry-run exists until the teacher trainer lands."""
+    """`recdistill teacher`: train (this process; use torchrun for several ranks) or, with --dry-run, size."""
     cfg = config_from_args(args)
     if not args.dry_run:
-        print("recdistill teacher: training is not implemented yet (issue 4); use --dry-run to size a model",
-              file=sys.stderr)
-        return 2
+        from recdistill.train.teacher import main as train_main
+
+        argv = (["--config", args.config] if args.config else []) + [a for s in args.overrides for a in ("--set", s)]
+        return train_main(argv)
     from recdistill.data.loader import build_source
 
     report = dry_run(cfg, build_source(cfg.data).schema, args.world_size)
@@ -118,7 +118,8 @@ def run_teacher(args) -> int:  # noqa: ANN001 - argparse.Namespace
 
 def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
     """Add `recdistill teacher`."""
-    p = sub.add_parser("teacher", help="teacher model (today: --dry-run sizing only)")
+    p = sub.add_parser("teacher", help="train the teacher in this process (torchrun -m recdistill.train.teacher for "
+                       "several ranks), or size it with --dry-run")
     add_config_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="build on the meta device and print sizes, no training")
     p.add_argument("--world-size", type=int, default=8, help="GPUs for the ZeRO memory estimate")

@@ -53,3 +53,17 @@ def test_torchrun_teacher_writes_one_row_per_trained_sample(tmp_path, sharding, 
     assert len(commits) == 2 * len(reader.windows)  # both ranks committed every window
     logits, found = reader.lookup(torch.from_numpy(ids[:5]))
     assert found.all() and logits.shape == (5, 3)
+
+
+def test_single_process_teacher_through_the_cli(tmp_path, monkeypatch):
+    from recdistill.cli import main
+
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)  # a lone process: no rendezvous
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(var, "1" if var == "WORLD_SIZE" else "0")  # restored after the test
+    code = main(["teacher", "--config", "configs/teacher/tiny.yaml", "--set", "data.samples_per_day=400",
+                 "--set", "data.num_days=2", "--set", "data.batch_size=50", "--set", f"signals.uri={tmp_path}/s"])
+    assert code == 0
+    reader = SignalReader(str(tmp_path / "s"))
+    assert reader.stats.rows > 0 and reader.stats.rows % 50 == 0 and reader.stats.duplicates == 0
