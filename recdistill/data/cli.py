@@ -2,57 +2,91 @@
 
     recdistill data export DIR                              # the configured source (default: synthetic world)
     recdistill data export DIR --view student --days 0,1    # a sampled view of some days
+    recdistill data export DIR --set data.source=movielens  # MovieLens-100k in the same layout
     recdistill data inspect DIR
+
+Exit codes: 0 ok, 1 unusable data (the message names the file and the column), 2 bad config or arguments.
 """
 
 from __future__ import annotations
 
 import sys
 
+import pyarrow.compute as pc
+
 from recdistill.config import add_config_arguments, config_from_args
 from recdistill.data.parquet import DataError, ParquetSource, write_parquet
 
 
+def _fail(command: str, msg: str, code: int) -> int:
+    print(f"recdistill data {command}: {msg}", file=sys.stderr)
+    return code
+
+
 def run_export(args) -> int:  # noqa: ANN001 - argparse.Namespace
-    """Write the configured source (days, view) under DIR."""
+    """Write the configured source (days, view) under DIR and print what was written."""
     from recdistill.data.loader import build_source
 
     cfg = config_from_args(args)
-    src = build_source(cfg.data)
-    days = [int(d) for d in args.days.split(",")] if args.days else src.days()
+    try:
+        src = build_source(cfg.data)
+    except DataError as exc:
+        return _fail("export", str(exc), 1)
+    except ValueError as exc:  # a source refusing its config (e.g. data.tasks it does not have)
+        return _fail("export", str(exc), 2)
+    try:
+        days = [int(d) for d in args.days.split(",")] if args.days else src.days()
+    except ValueError:
+        return _fail("export", f"--days {args.days!r}: expected comma-separated integers, e.g. 0,1,2", 2)
     missing = sorted(set(days) - set(src.days()))
     if missing:
-        print(f"recdistill data export: --days {missing} not in the source (it has {src.days()})", file=sys.stderr)
-        return 2
+        return _fail("export", f"--days {missing} not in the source (it has {src.days()})", 2)
     view = None if args.view == "none" else getattr(cfg.sampling, args.view)
-    files = write_parquet(src, args.dir, days=days, view=view, rows_per_file=args.rows_per_file,
-                          progress=cfg.tracking.progress)
-    rows = ParquetSource(args.dir)
-    total = sum(rows.num_rows(d) for d in rows.days())
-    print(f"wrote {len(files)} files, {total} rows, days {days}, view {args.view}, to {args.dir}")
+    try:
+        files = write_parquet(src, args.dir, days=days, view=view, rows_per_file=args.rows_per_file,
+                              row_group_rows=args.row_group_rows, progress=cfg.tracking.progress)
+    except ValueError as exc:  # e.g. a view that keeps more than the source's own sampling
+        return _fail("export", str(exc), 2)
+    if not files:
+        return _fail("export", f"no rows to write (days {days}, view {args.view})", 1)
+    out = ParquetSource(args.dir)
+    rows = {d: out.num_rows(d) for d in days if d in out.runs}
+    print(f"wrote {len(files)} files, {sum(rows.values())} rows ({cfg.data.source}, view {args.view}) to {args.dir}")
+    for d in days:
+        print(f"  day {d}: {rows.get(d, 0)} rows (of {src.num_rows(d)})")
     return 0
 
 
 def run_inspect(args) -> int:  # noqa: ANN001 - argparse.Namespace
-    """Print days, rows, column roles, tasks, sampling and label means of a Parquet directory."""
+    """Print days, rows, column roles, tasks, sampling and label rates of a Parquet directory."""
     try:
         src = ParquetSource(args.dir)
     except DataError as exc:
-        print(f"recdistill data inspect: {exc}", file=sys.stderr)
-        return 1
+        return _fail("inspect", str(exc), 1)
     s = src.schema
-    print(f"{args.dir}: {len(src.files)} files, days {src.days()}")
+    cols = src.columns
+    print(f"{args.dir}: {len(src.files)} files, days {src.days()}, {sum(map(src.num_rows, src.days()))} rows")
+    roles = [("ids", [c for c in cols if c in ("sample_id", "day", "traffic")]),
+             ("labels", [c for c in cols if c.startswith("label_")]),
+             ("ground truth", [c for c in cols if c.startswith("p_true_")]),
+             ("dense", [c for c in cols if c.startswith("dense_")]),
+             ("sparse", [c for c in cols if c.startswith("sparse_")]),
+             ("history", [c for c in cols if c.startswith("hist_")])]
+    roles.append(("ignored", [c for c in cols if not any(c in names for _, names in roles)]))
+    for role, names in roles:
+        if names:
+            print(f"  {role}: {', '.join(names)}")
     print(f"tasks: {', '.join(f'{t.name} ({t.kind})' for t in s.tasks)}")
-    print(f"dense: {list(s.dense)}")
-    print(f"sparse (cardinality): {s.sparse}")
-    print(f"history fields (cardinality): {s.history}")
+    print(f"sparse cardinalities: {s.sparse}")
+    print(f"history cardinalities: {s.history}")
     print(f"traffic sources: {s.num_traffic}")
     print(f"sampling: {src.sampling.model_dump_json() if src.sampling else 'none recorded (unsampled)'}")
+    labels = [f"label_{t.name}" for t in s.tasks]
     for d in src.days():
-        n = src.num_rows(d)
-        b = src.read(d, 0, n)
-        means = ", ".join(f"{k}={float(v.mean()):.4f}" for k, v in b.labels.items())
-        print(f"  day {d}: {n} rows, mean history {float(b.history.lengths.float().mean()):.0f}, labels {means}")
+        t = src.read_columns(d, [*labels, "hist_item"])  # only these columns are decoded
+        means = ", ".join(f"{c[6:]}={pc.mean(t.column(c)).as_py():.4f}" for c in labels)
+        hist = pc.mean(pc.list_value_length(t.column("hist_item"))).as_py() or 0.0
+        print(f"  day {d}: {t.num_rows} rows, label means {means}, mean history length {hist:.1f}")
     return 0
 
 
@@ -61,11 +95,13 @@ def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
     p = sub.add_parser("data", help="export or inspect data in the Parquet layout")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     e = dsub.add_parser("export", help="write the configured source as Parquet (DESIGN §4 layout)")
-    e.add_argument("dir", help="output directory (any fsspec URI)")
+    e.add_argument("dir", help="output directory (any fsspec URI); files go to DIR/day=D/part-NNNNN.parquet")
     e.add_argument("--days", default=None, help="comma-separated days (default: all)")
     e.add_argument("--view", choices=["none", "teacher", "student"], default="none",
-                   help="write a sampled view (sampling.teacher / sampling.student) instead of every row")
-    e.add_argument("--rows-per-file", type=int, default=50_000, help="source rows per file (before sampling)")
+                   help="write only the rows of a sampled view (sampling.teacher / sampling.student) and record it")
+    e.add_argument("--rows-per-file", type=int, default=200_000, help="start a new part after this many rows")
+    e.add_argument("--row-group-rows", type=int, default=4096,
+                   help="source rows read and written per row group (bounds memory with long histories)")
     add_config_arguments(e)
     e.set_defaults(func=run_export)
     i = dsub.add_parser("inspect", help="summarise a Parquet directory")

@@ -1,7 +1,9 @@
 """Bring-your-own data: the Parquet layout of DESIGN §4, a writer (`recdistill data export`) and a reader.
 
-Layout: a directory (any fsspec URI) of Parquet files, one row per sample, written by us as
-``DIR/day=D/part-NNNNN.parquet``; any file names work for reading (all ``*.parquet`` below DIR, sorted).
+Layout: a directory (any fsspec URI) of Parquet files, one row per sample. The reader takes every ``*.parquet``
+below DIR (sorted by path; rows of a day keep that file order). The writer produces one directory per day,
+``DIR/day=D/part-NNNNN.parquet`` (several parts when a day has more than `rows_per_file` rows), each file made of
+row groups of at most `row_group_rows` rows:
 
     sample_id int64 (unique)   day int32   traffic int32
     label_<task> float32       p_true_<task> float32 (optional ground truth)
@@ -10,13 +12,18 @@ Layout: a directory (any fsspec URI) of Parquet files, one row per sample, writt
 
 Key-value metadata: ``recdistill.sampling`` (SamplingConfig JSON: the view that produced the rows),
 ``recdistill.tasks`` (JSON list of {name, kind}), ``recdistill.schema`` (JSON: sparse / history cardinalities,
-num_traffic). Without them the reader infers: binary when every label is 0/1, cardinality = max id + 1.
-Every problem is a :class:`DataError` naming the file and the column.
+num_traffic, max_history). Without them the reader infers: binary when every label is 0/1, cardinality = max
+id + 1. Every problem is a :class:`DataError` naming the file and the column.
+
+Memory: opening a directory reads only the footers, the `day` column where row-group statistics do not already
+pin the day, and `sample_id` (uniqueness check); `read` decodes one row group at a time (one is cached, so a
+loader walking a day in order decodes each group once).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -66,17 +73,27 @@ def check_columns(schema: pa.Schema, path: str) -> None:
             raise DataError(f"{path}: column '{f.name}' has type {t}, expected list<int64>")
 
 
-@dataclass
+def _meta(schema: pa.Schema) -> dict[bytes, bytes]:
+    return {k: v for k, v in (schema.metadata or {}).items() if k.startswith(b"recdistill.")}
+
+
+@dataclass(frozen=True)
 class _Run:
-    """Rows [start, stop) of one file that belong to one day."""
+    """Rows [start, stop) of row group `group` of `file`, all of one day."""
 
     file: str
+    group: int
     start: int
     stop: int
 
 
 class ParquetSource:
-    """DataSource over a directory of Parquet files in the layout above (vectorised Arrow -> tensors)."""
+    """DataSource over a directory of Parquet files in the layout above (vectorised Arrow -> tensors).
+
+    `history_len` keeps only the most recent events of each history. Unequal `hist_*` lists within a row are
+    detected when the row is read (checking them up front would decode every history). Attributes besides the
+    DataSource ones: `files` (sorted paths), `columns` (column names of every file).
+    """
 
     def __init__(self, path: str, history_len: int | None = None) -> None:
         self.path, self.history_len = str(path), history_len
@@ -86,59 +103,97 @@ class ParquetSource:
         self.files = sorted(p for p in self.fs.find(root) if p.endswith(".parquet"))
         if not self.files:
             raise DataError(f"{self.path}: no *.parquet files")
-        self._cache: tuple[str, pa.Table] | None = None
+        self._cache: tuple[tuple[str, int], pa.Table] | None = None
+        self._handles: dict[str, tuple[pq.ParquetFile, object]] = {}  # a few open files, oldest first
         self.runs: dict[int, list[_Run]] = {}
-        first_schema, first_meta = None, None
-        ids = []
+        first_schema, first_meta, ids = None, {}, []
         for f in self.files:
             pf = self._open(f)
             check_columns(pf.schema_arrow, f)
-            meta = {k: v for k, v in (pf.schema_arrow.metadata or {}).items() if k.startswith(b"recdistill.")}
+            meta = _meta(pf.schema_arrow)
             if first_schema is None:
                 first_schema, first_meta = pf.schema_arrow.remove_metadata(), meta
             elif pf.schema_arrow.remove_metadata() != first_schema:
-                raise DataError(f"{f}: columns differ from {self.files[0]}: "
-                                f"{sorted(set(pf.schema_arrow.names) ^ set(first_schema.names)) or 'column types'}")
-            elif meta.get(META_SAMPLING) != first_meta.get(META_SAMPLING):
-                raise DataError(f"{f}: metadata '{META_SAMPLING.decode()}' differs from {self.files[0]}")
-            cols = self._read_columns(pf, f, ["sample_id", "day"])
-            day = cols["day"].to_numpy()
-            ids.append(cols["sample_id"].to_numpy())
+                diff = sorted(set(pf.schema_arrow.names) ^ set(first_schema.names))
+                if not diff:
+                    diff = [f"{n}: {pf.schema_arrow.field(n).type} vs {first_schema.field(n).type}"
+                            for n in first_schema.names if pf.schema_arrow.field(n).type != first_schema.field(n).type]
+                raise DataError(f"{f}: columns differ from {self.files[0]}: {diff}")
+            else:
+                for key in (META_SAMPLING, META_TASKS, META_SCHEMA):
+                    if meta.get(key) != first_meta.get(key):
+                        raise DataError(f"{f}: metadata '{key.decode()}' differs from {self.files[0]}")
+            ids.append(self._index_file(pf, f))
+        self._check_unique(ids)
+        self.columns = first_schema.names
+        try:
+            self.sampling = SamplingConfig.model_validate_json(first_meta[META_SAMPLING]) \
+                if META_SAMPLING in first_meta else None
+        except ValueError as exc:
+            raise DataError(f"{self.files[0]}: metadata 'recdistill.sampling' is not a SamplingConfig: {exc}") from None
+        self.schema = self._schema(first_meta)
+
+    # ---- file access -----------------------------------------------------------------------------------------
+    def _open(self, f: str) -> pq.ParquetFile:
+        if f not in self._handles:
+            if len(self._handles) >= 8:  # bounded: a directory may hold thousands of files
+                self._handles.pop(next(iter(self._handles)))[1].close()
+            fh = self.fs.open(f, "rb")
+            try:
+                self._handles[f] = (pq.ParquetFile(fh), fh)
+            except (pa.ArrowException, OSError) as exc:
+                fh.close()
+                raise DataError(f"{f}: not a readable Parquet file (truncated or corrupt?): {exc}") from None
+        return self._handles[f][0]
+
+    def _read(self, f: str, group: int | None, columns: list[str] | None) -> pa.Table:
+        """Columns of one row group (or the whole file when group is None); decoding errors become DataError."""
+        pf = self._open(f)
+        try:
+            return pf.read(columns=columns) if group is None else pf.read_row_group(group, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{f}: reading columns {columns or 'all'} failed (truncated or corrupt?): {exc}") from None
+
+    def _group(self, f: str, group: int) -> pa.Table:
+        if self._cache is None or self._cache[0] != (f, group):
+            self._cache = ((f, group), self._read(f, group, None))
+        return self._cache[1]
+
+    def _index_file(self, pf: pq.ParquetFile, f: str) -> np.ndarray:
+        """Add the file's (day, row group, row range) runs to the index; returns its sample ids."""
+        md = pf.metadata
+        day_col = next(i for i in range(md.num_columns) if md.schema.column(i).path == "day")
+        for g in range(md.num_row_groups):
+            n = md.row_group(g).num_rows
+            stats = md.row_group(g).column(day_col).statistics
+            if n == 0:
+                continue
+            if stats is not None and stats.has_min_max and stats.min == stats.max and stats.null_count == 0:
+                self.runs.setdefault(int(stats.min), []).append(_Run(f, g, 0, n))  # one day: no need to decode
+                continue
+            day = self._read(f, g, ["day"]).column(0)
+            if day.null_count:
+                raise DataError(f"{f}: column 'day' has {day.null_count} null values")
+            day = day.to_numpy()
             cut = np.flatnonzero(np.diff(day)) + 1
             for s, e in zip(np.r_[0, cut], np.r_[cut, len(day)], strict=True):
-                self.runs.setdefault(int(day[s]), []).append(_Run(f, int(s), int(e)))
+                self.runs.setdefault(int(day[s]), []).append(_Run(f, g, int(s), int(e)))
+        sid = self._read(f, None, ["sample_id"]).column(0)
+        if sid.null_count:
+            raise DataError(f"{f}: column 'sample_id' has {sid.null_count} null values")
+        return sid.to_numpy()
+
+    def _check_unique(self, ids: list[np.ndarray]) -> None:
         all_ids = np.concatenate(ids)
         uniq, counts = np.unique(all_ids, return_counts=True)
         if len(uniq) != len(all_ids):
             dup = int(uniq[counts > 1][0])
             where = [f for f, a in zip(self.files, ids, strict=True) if np.any(a == dup)]
             raise DataError(f"{', '.join(where)}: column 'sample_id' has duplicates (e.g. {dup})")
-        self._columns = first_schema.names
-        self.sampling = SamplingConfig.model_validate_json(first_meta[META_SAMPLING]) \
-            if META_SAMPLING in first_meta else None
-        self.schema = self._schema(first_meta)
-
-    # ---- file access -----------------------------------------------------------------------------------------
-    def _open(self, f: str) -> pq.ParquetFile:
-        try:
-            return pq.ParquetFile(self.fs.open(f, "rb"))
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{f}: not a readable Parquet file (truncated or corrupt?): {exc}") from None
-
-    def _read_columns(self, pf: pq.ParquetFile, f: str, columns: list[str] | None = None) -> pa.Table:
-        try:
-            return pf.read(columns=columns)
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{f}: reading columns {columns or 'all'} failed (truncated or corrupt?): {exc}") from None
-
-    def _table(self, f: str) -> pa.Table:
-        if self._cache is None or self._cache[0] != f:
-            self._cache = (f, self._read_columns(self._open(f), f))
-        return self._cache[1]
 
     # ---- schema --------------------------------------------------------------------------------------------
     def _schema(self, meta: dict) -> Schema:
-        cols = self._columns
+        cols = self.columns
         label_names = [c[len("label_"):] for c in cols if c.startswith("label_")]
         if META_TASKS in meta:
             tasks = tuple(TaskSpec(t["name"], t["kind"]) for t in json.loads(meta[META_TASKS]))
@@ -149,18 +204,21 @@ class ParquetSource:
             tasks = tuple(TaskSpec(n, "binary" if self._all_binary(f"label_{n}") else "continuous")
                           for n in label_names)
         declared = json.loads(meta[META_SCHEMA]) if META_SCHEMA in meta else {}
-        sparse = {c[len("sparse_"):]: int(declared.get("sparse", {}).get(c[len("sparse_"):], 0)) or self._max_id(c)
-                  for c in cols if c.startswith("sparse_")}
-        hist = {c[len("hist_"):]: int(declared.get("history", {}).get(c[len("hist_"):], 0)) or self._max_id(c)
-                for c in cols if c.startswith("hist_")}
+
+        def card(role: str, prefix: str, name: str) -> int:
+            return int(declared.get(role, {}).get(name, 0)) or self._max_id(prefix + name)
+
+        sparse = {c[7:]: card("sparse", "sparse_", c[7:]) for c in cols if c.startswith("sparse_")}
+        hist = {c[5:]: card("history", "hist_", c[5:]) for c in cols if c.startswith("hist_")}
         num_traffic = int(declared.get("num_traffic", 0)) or self._max_id("traffic")
         return Schema(tasks=tasks, dense=tuple(c[len("dense_"):] for c in cols if c.startswith("dense_")),
                       sparse=sparse, history=hist, num_traffic=num_traffic,
                       max_history=self.history_len or int(declared.get("max_history", 0)) or 0)
 
     def _scan(self, column: str):
+        """One column, file by file (flattened when it is a list column)."""
         for f in self.files:
-            arr = self._read_columns(self._open(f), f, [column]).column(0)
+            arr = self._read(f, None, [column]).column(0)
             yield pc.list_flatten(arr) if _is_int_list(arr.type) else arr
 
     def _max_id(self, column: str) -> int:
@@ -176,17 +234,28 @@ class ParquetSource:
     def num_rows(self, day: int) -> int:
         return sum(r.stop - r.start for r in self.runs.get(day, []))
 
-    def read(self, day: int, start: int, stop: int) -> Batch:
-        """Rows [start, stop) of `day` (in file order) as a Batch."""
-        pieces, offset = [], 0
-        for run in self.runs.get(day, []):
+    def _pieces(self, day: int, start: int, stop: int) -> list[tuple[_Run, int, int]]:
+        """(run, first row, row count) within each row group that rows [start, stop) of `day` touch."""
+        if day not in self.runs or not 0 <= start < stop <= self.num_rows(day):
+            raise ValueError(f"{self.path}: day {day} has no rows [{start}, {stop}) (it has {self.num_rows(day)})")
+        out, offset = [], 0
+        for run in self.runs[day]:
             lo, hi = max(start - offset, 0), min(stop - offset, run.stop - run.start)
             if lo < hi:
-                pieces.append((run.file, self._table(run.file).slice(run.start + lo, hi - lo)))
+                out.append((run, run.start + lo, hi - lo))
             offset += run.stop - run.start
-        if not pieces:
-            raise ValueError(f"{self.path}: day {day} has no rows [{start}, {stop})")
-        return Batch.concat([self._to_batch(t, f) for f, t in pieces])
+        return out
+
+    def read(self, day: int, start: int, stop: int) -> Batch:
+        """Rows [start, stop) of `day` (in file order) as a Batch."""
+        return Batch.concat([self._to_batch(self._group(r.file, r.group).slice(lo, n), r.file)
+                             for r, lo, n in self._pieces(day, start, stop)])
+
+    def read_columns(self, day: int, columns: list[str]) -> pa.Table:
+        """Some columns of every row of `day` as one Arrow table (for summaries: decodes only those columns)."""
+        parts = [self._read(r.file, r.group, columns).slice(lo, n) for r, lo, n in self._pieces(day, 0,
+                                                                                                 self.num_rows(day))]
+        return pa.concat_tables(parts)
 
     def _to_batch(self, t: pa.Table, f: str) -> Batch:
         def num(col: str, dtype) -> torch.Tensor:  # noqa: ANN001
@@ -199,9 +268,11 @@ class ParquetSource:
             arr = t.column(col)
             if pa.types.is_integer(arr.type):
                 return torch.ones(len(arr), dtype=torch.int64), num(col, np.int64)
-            lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
-            values = pc.list_flatten(arr).to_numpy().astype(np.int64)
-            return torch.from_numpy(lengths), torch.from_numpy(values)
+            lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)  # a null list = empty
+            flat = pc.list_flatten(arr)
+            if flat.null_count:
+                raise DataError(f"{f}: column '{col}' has {flat.null_count} null ids inside its lists")
+            return torch.from_numpy(lengths), torch.from_numpy(flat.to_numpy().astype(np.int64))
 
         n = t.num_rows
         names = self.schema
@@ -218,14 +289,15 @@ class ParquetSource:
             elif not torch.equal(lengths, hist_lengths):
                 row = int((lengths != hist_lengths).nonzero()[0])
                 raise DataError(f"{f}: column 'hist_{k}' has a different length than 'hist_"
-                                f"{next(iter(names.history))}' in row {row} of this slice")
+                                f"{next(iter(names.history))}' in the row with sample_id "
+                                f"{t.column('sample_id')[row].as_py()}")
             fields[k] = values
         history = History(offsets_from_lengths(hist_lengths), fields)
         if self.history_len is not None:
             history = history.last(self.history_len)
         dense = torch.stack([num(f"dense_{d}", np.float32) for d in names.dense], 1) if names.dense else \
             torch.zeros(n, 0)
-        has_truth = [x.name for x in names.tasks if f"p_true_{x.name}" in self._columns]
+        has_truth = [x.name for x in names.tasks if f"p_true_{x.name}" in self.columns]
         return Batch(
             sample_id=num("sample_id", np.int64), day=num("day", np.int32), traffic=num("traffic", np.int64),
             labels={x.name: num(f"label_{x.name}", np.float32) for x in names.tasks},
@@ -233,8 +305,18 @@ class ParquetSource:
             p_true={k: num(f"p_true_{k}", np.float32) for k in has_truth} if has_truth else None)
 
 
-def batch_to_table(b: Batch, schema: Schema) -> pa.Table:
-    """One Batch as an Arrow table in the layout above (single-id sparse features as plain int64)."""
+# ---- writing ---------------------------------------------------------------------------------------------------
+
+
+def batch_to_table(b: Batch, schema: Schema, list_sparse: Iterable[str] | None = None) -> pa.Table:
+    """One Batch as an Arrow table in the layout above.
+
+    Sparse features named in `list_sparse` are written as list<int64>, the others (which must then have exactly
+    one id per row) as int64; None: list<int64> for exactly the features with a row of other than one id.
+    """
+    if list_sparse is None:
+        list_sparse = {k for k in b.sparse.keys() if not bool((b.sparse[k].lengths() == 1).all())}
+    list_sparse = set(list_sparse)
     cols: dict[str, pa.Array] = {
         "sample_id": pa.array(b.sample_id.numpy(), pa.int64()),
         "day": pa.array(b.day.numpy().astype(np.int32)),
@@ -248,15 +330,17 @@ def batch_to_table(b: Batch, schema: Schema) -> pa.Table:
         cols[f"dense_{name}"] = pa.array(b.dense[:, i].numpy().astype(np.float32))
     for k in b.sparse.keys():
         jt = b.sparse[k]
-        lengths = jt.lengths()
-        if bool((lengths == 1).all()):
-            cols[f"sparse_{k}"] = pa.array(jt.values().numpy(), pa.int64())
-        else:
+        if k in list_sparse:
             cols[f"sparse_{k}"] = pa.ListArray.from_arrays(pa.array(jt.offsets().numpy().astype(np.int32)),
                                                            pa.array(jt.values().numpy(), pa.int64()))
+        elif bool((jt.lengths() == 1).all()):
+            cols[f"sparse_{k}"] = pa.array(jt.values().numpy(), pa.int64())
+        else:
+            raise ValueError(f"sparse feature '{k}' has rows with other than one id: write it as a list "
+                             f"(list_sparse=[..., '{k}'])")
     offs = b.history.offsets.numpy()
     if offs[-1] >= 2**31:
-        raise ValueError(f"{int(offs[-1])} history events in one file: lower rows_per_file")
+        raise ValueError(f"{int(offs[-1])} history events in one row group: lower row_group_rows")
     offs32 = pa.array(offs.astype(np.int32))
     for k, v in b.history.fields.items():
         cols[f"hist_{k}"] = pa.ListArray.from_arrays(offs32, pa.array(v.numpy(), pa.int64()))
@@ -273,30 +357,102 @@ def layout_metadata(schema: Schema, sampling: SamplingConfig | None) -> dict[byt
     return meta
 
 
-def write_parquet(source, out_dir: str, days: list[int] | None = None, view: SamplingConfig | None = None,  # noqa: ANN001
-                  rows_per_file: int = 50_000, progress: bool = True) -> list[str]:
-    """Write `source` (any DataSource) as DIR/day=D/part-NNNNN.parquet, optionally under a sampled view; returns
-    the files written. Rows per file count source rows before sampling."""
-    from recdistill.data.loader import apply_view, check_nested
+class _DayFiles:
+    """Open writers, one per day: DIR/day=D/part-NNNNN.parquet, a new part after `rows_per_file` rows."""
+
+    def __init__(self, out_dir: str, meta: dict[bytes, bytes], rows_per_file: int, list_sparse: set[str]) -> None:
+        self.fs, self.root = fsspec.core.url_to_fs(str(out_dir))
+        self.meta, self.rows_per_file, self.list_sparse = meta, rows_per_file, list_sparse
+        self.open: dict[int, tuple[pq.ParquetWriter, object, int]] = {}  # day -> (writer, file handle, rows)
+        self.parts: dict[int, int] = {}
+        self.written: list[str] = []
+        self.arrow_schema: pa.Schema | None = None
+
+    def write(self, b: Batch, schema: Schema) -> None:
+        if len(b) == 0:
+            return
+        if self.arrow_schema is None:  # multi-id features are fixed by the first rows written
+            self.list_sparse |= {k for k in b.sparse.keys() if not bool((b.sparse[k].lengths() == 1).all())}
+        table = batch_to_table(b, schema, self.list_sparse)
+        if self.arrow_schema is None:
+            self.arrow_schema = table.schema.with_metadata(self.meta)
+        table = table.cast(self.arrow_schema)
+        days = b.day.numpy()
+        if np.any(np.diff(days) < 0):  # rows of a day together, in their order (a stable sort)
+            order = np.argsort(days, kind="stable")
+            days, table = days[order], table.take(pa.array(order))
+        cut = np.flatnonzero(np.diff(days)) + 1
+        for s, e in zip(np.r_[0, cut], np.r_[cut, len(days)], strict=True):
+            self._append(int(days[s]), table.slice(s, e - s))
+
+    def _append(self, day: int, table: pa.Table) -> None:
+        writer, fh, rows = self.open.get(day, (None, None, 0))
+        if writer is None:
+            part = self.parts.get(day, 0)
+            self.parts[day] = part + 1
+            path = str(PurePosixPath(self.root) / f"day={day}" / f"part-{part:05d}.parquet")
+            self.fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
+            fh = self.fs.open(path, "wb")
+            writer = pq.ParquetWriter(fh, self.arrow_schema)
+            self.written.append(path)
+        writer.write_table(table, row_group_size=max(table.num_rows, 1))  # each write is one row group
+        rows += table.num_rows
+        self.open[day] = (writer, fh, rows)
+        if rows >= self.rows_per_file:
+            self.close(day)
+
+    def close(self, day: int | None = None) -> None:
+        for d in [day] if day is not None else list(self.open):
+            if d in self.open:
+                writer, fh, _ = self.open.pop(d)
+                writer.close()
+                fh.close()
+
+
+def write_parquet(source_or_batches, out_dir: str, days: list[int] | None = None,  # noqa: ANN001
+                  view: SamplingConfig | None = None, rows_per_file: int = 200_000, *, row_group_rows: int = 4096,
+                  schema: Schema | None = None, list_sparse: Iterable[str] = (), progress: bool = True) -> list[str]:
+    """Write samples in the layout above as DIR/day=D/part-NNNNN.parquet; returns the files written.
+
+    `source_or_batches` is a DataSource (its `days`, default all, are read `row_group_rows` rows at a time) or an
+    iterable of Batches (then `schema` is required and `days` must be None). `view` keeps only the rows a sampled
+    view keeps and records it as `recdistill.sampling`; otherwise the source's own sampling is recorded. Files
+    hold at most about `rows_per_file` rows (written rows, after sampling).
+    """
+    from recdistill.data.loader import DataSource, apply_view, check_nested
     from recdistill.tracking import progress as bar
 
-    days = source.days() if days is None else days
-    sampling = source.sampling
+    is_source = isinstance(source_or_batches, DataSource)
+    if is_source:
+        src = source_or_batches
+        schema = src.schema
+        days = src.days() if days is None else list(days)
+        chunks = [(d, s, min(s + row_group_rows, src.num_rows(d))) for d in days
+                  for s in range(0, src.num_rows(d), row_group_rows)]
+        batches = (src.read(d, s, e) for d, s, e in bar(chunks, desc="export", enabled=progress))
+        sampling = src.sampling
+    else:
+        if schema is None or days is not None:
+            raise ValueError("write_parquet of Batches needs schema= and takes no days=")
+        batches = iter(source_or_batches)
+        first = next(batches, None)
+        if first is None:
+            return []
+        sampling = first.sampling
+        batches = _chain(first, batches)
     if view is not None:
-        check_nested(view, source.sampling, source.schema.num_traffic)
+        check_nested(view, sampling, schema.num_traffic)
         sampling = view
-    meta = layout_metadata(source.schema, sampling)
-    fs, root = fsspec.core.url_to_fs(str(out_dir))
-    written = []
-    chunks = [(d, s) for d in days for s in range(0, source.num_rows(d), rows_per_file)]
-    for i, (day, start) in enumerate(bar(chunks, desc="export", enabled=progress)):
-        b = source.read(day, start, min(start + rows_per_file, source.num_rows(day)))
-        if view is not None:
-            b = apply_view(b, view, source.schema.num_traffic)
-        table = batch_to_table(b, source.schema).replace_schema_metadata(meta)
-        path = str(PurePosixPath(root) / f"day={day}" / f"part-{i:05d}.parquet")
-        fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
-        with fs.open(path, "wb") as fh:
-            pq.write_table(table, fh)
-        written.append(path)
-    return written
+    files = _DayFiles(out_dir, layout_metadata(schema, sampling), rows_per_file, set(list_sparse))
+    try:
+        for b in batches:
+            b = apply_view(b, view, schema.num_traffic)
+            files.write(b, schema)
+    finally:
+        files.close()
+    return files.written
+
+
+def _chain(first: Batch, rest: Iterable[Batch]) -> Iterable[Batch]:
+    yield first
+    yield from rest

@@ -11,10 +11,9 @@ from helpers import SCHEMA, make_batch
 
 from recdistill.config import load_config
 from recdistill.data.batch import Batch
-from recdistill.data.loader import BatchLoader
+from recdistill.data.loader import BatchLoader, apply_view
 from recdistill.data.parquet import DataError, ParquetSource, batch_to_table, layout_metadata, write_parquet
 from recdistill.data.sampling import SamplingConfig
-from recdistill.data.world import SyntheticWorld
 
 
 def assert_same(a: Batch, b: Batch) -> None:
@@ -35,6 +34,8 @@ def assert_same(a: Batch, b: Batch) -> None:
 
 
 def tiny_world(**over):
+    from recdistill.data.world import SyntheticWorld  # imported here: the hand-built tests do not depend on it
+
     sets = [f"data.{k}={v}" for k, v in {"history_len": 64, "samples_per_day": 1500, "num_days": 3, **over}.items()]
     return SyntheticWorld(load_config(None, sets).data)
 
@@ -64,28 +65,64 @@ def test_hand_built_round_trip_with_multi_id_sparse(tmp_path):
 
 def test_world_round_trip_every_field(tmp_path):
     w = tiny_world()
-    files = write_parquet(w, str(tmp_path / "out"), rows_per_file=600, progress=False)
-    assert len(files) == 9 and all("/day=" in f for f in files)
+    files = write_parquet(w, str(tmp_path / "out"), rows_per_file=600, row_group_rows=250, progress=False)
+    # 250-row groups, a new part once a file holds >= 600 rows: 2 parts of 750 rows per day
+    assert [f.split("/out/")[1] for f in files] == [f"day={d}/part-0000{p}.parquet" for d in range(3) for p in (0, 1)]
+    assert [pq.ParquetFile(f).metadata.num_row_groups for f in files] == [3] * 6
     src = ParquetSource(str(tmp_path / "out"))
-    assert src.days() == w.days() and src.schema == w.schema
+    assert src.days() == w.days() and src.schema == w.schema and src.sampling is None
     for day in w.days():
         assert src.num_rows(day) == 1500
         assert_same(w.read(day, 0, 1500), src.read(day, 0, 1500))
-    assert_same(w.read(1, 550, 1300), src.read(1, 550, 1300))  # across file boundaries
+    assert_same(w.read(1, 240, 1300), src.read(1, 240, 1300))  # across row-group and file boundaries
+    assert_same(w.read(2, 760, 761), src.read(2, 760, 761))
+    with pytest.raises(ValueError, match="day 1 has no rows"):
+        src.read(1, 1400, 1501)
 
 
 def test_sampled_export_records_view_and_nests(tmp_path):
     w = tiny_world()
     teacher = SamplingConfig(name="teacher", r=0.5, q=1.0)
     student = SamplingConfig(name="student", r=0.2, q=0.9, q_eff=[0.9, 0.8, 0.7])
-    write_parquet(w, str(tmp_path / "t"), view=teacher, progress=False)
+    write_parquet(w, str(tmp_path / "t"), view=teacher, row_group_rows=400, progress=False)
     src = ParquetSource(str(tmp_path / "t"))
     assert src.sampling == teacher
+    for day in w.days():  # the sampled file holds exactly the view's rows, every field intact
+        got = src.read(day, 0, src.num_rows(day))
+        assert got.sampling == teacher
+        assert_same(apply_view(w.read(day, 0, 1500), teacher, w.schema.num_traffic), got)
     direct = torch.cat([b.sample_id for b in BatchLoader(w, [0, 1], 100, view=student, prefetch=0)])
     via_file = torch.cat([b.sample_id for b in BatchLoader(src, [0, 1], 100, view=student, prefetch=0)])
     assert torch.equal(direct, via_file)  # the student's view of the teacher's file is the student's view
     with pytest.raises(ValueError, match="keeps more than the data's own sampling 'teacher'"):
         BatchLoader(src, [0], 10, view=SamplingConfig(name="wide", r=0.9))
+    with pytest.raises(ValueError, match="keeps more than the data's own sampling 'teacher'"):
+        write_parquet(src, str(tmp_path / "wide"), view=SamplingConfig(name="wide", r=0.9), progress=False)
+
+
+def test_write_batches_across_days_and_mixed_day_row_groups(tmp_path):
+    """Batches (not a source) as input; rows of several days interleaved inside one row group on reading."""
+    a, b = make_batch(n=30, seed=1), make_batch(n=20, seed=2)
+    a.day = (torch.arange(30) % 2).to(torch.int32)  # days 0,1,0,1,... inside one batch
+    b.sample_id, b.day = b.sample_id + 100, torch.full((20,), 1, dtype=torch.int32)
+    view = SamplingConfig(name="v", r=0.6)
+    files = write_parquet([a, b], str(tmp_path / "w"), schema=SCHEMA, view=view, rows_per_file=5, progress=False)
+    assert len(files) == 3 and all("/day=0/" in f or "/day=1/" in f for f in files)
+    # a batch's rows are grouped by day before writing: one row group per (batch, day), not one per run of rows
+    assert [pq.ParquetFile(f).metadata.num_row_groups for f in files] == [1, 1, 1]
+    src = ParquetSource(str(tmp_path / "w"))
+    assert src.sampling == view and src.schema.tasks == SCHEMA.tasks and src.schema.sparse == SCHEMA.sparse
+    both = apply_view(Batch.concat([a, b]), view, SCHEMA.num_traffic)
+    for day in (0, 1):
+        assert_same(both.select(both.day == day), src.read(day, 0, src.num_rows(day)))
+    # one hand-written file with interleaved days in one row group: each day keeps file order
+    write_table(tmp_path / "m" / "x.parquet", batch_to_table(a, SCHEMA))
+    mixed = ParquetSource(str(tmp_path / "m"))
+    assert mixed.num_rows(0) == 15 and len(mixed.runs[0]) == 15  # 15 one-row runs, found by decoding 'day'
+    assert_same(a.select(a.day == 1), mixed.read(1, 0, 15))
+    assert_same(a.select(torch.tensor([4, 6, 8])), mixed.read(0, 2, 5))
+    with pytest.raises(ValueError, match="needs schema="):
+        write_parquet([a], str(tmp_path / "z"))
 
 
 def test_history_len_truncation_keeps_recent(tmp_path):
@@ -131,26 +168,58 @@ def test_truncated_and_corrupt_files(tmp_path):
         ParquetSource(str(tmp_path / "d"))
 
 
-def test_unequal_history_lists_duplicates_and_inconsistent_files(tmp_path):
+def test_unequal_history_lists_and_nulls(tmp_path):
     t = good_table().set_column(6, "hist_cat", pa.array([[3, 4]] * 4 + [[3]], pa.list_(pa.int64())))
     write_table(tmp_path / "a" / "x.parquet", t)
-    with pytest.raises(DataError, match=r"x.parquet: column 'hist_cat' has a different length than 'hist_item' in row"):
-        ParquetSource(str(tmp_path / "a")).read(0, 0, 5)
+    src = ParquetSource(str(tmp_path / "a"))
+    assert len(src.read(0, 0, 4)) == 4  # the good rows read fine
+    with pytest.raises(DataError, match=r"x.parquet: column 'hist_cat' has a different length than 'hist_item' "
+                                        r"in the row with sample_id 4"):
+        src.read(0, 0, 5)
+    t = good_table().set_column(4, "sparse_user", pa.array([[1], [2, None], [], None, [5]], pa.list_(pa.int64())))
+    write_table(tmp_path / "b" / "x.parquet", t)
+    with pytest.raises(DataError, match=r"x.parquet: column 'sparse_user' has 1 null ids inside its lists"):
+        ParquetSource(str(tmp_path / "b")).read(0, 0, 5)
+    write_table(tmp_path / "c" / "x.parquet", good_table().set_column(0, "sample_id", pa.array([1, 2, None, 4, 5])))
+    with pytest.raises(DataError, match=r"x.parquet: column 'sample_id' has 1 null values"):
+        ParquetSource(str(tmp_path / "c"))
+    labels = pa.array([1.0, None] * 2 + [0.0])
+    write_table(tmp_path / "d" / "x.parquet", good_table().set_column(3, "label_ctr", labels))
+    with pytest.raises(DataError, match=r"x.parquet: column 'label_ctr' has 2 null values"):
+        ParquetSource(str(tmp_path / "d")).read(0, 0, 5)
+
+
+def shifted(k):
+    return good_table().set_column(0, "sample_id", pa.array(np.arange(5) + 5 * k, pa.int64()))
+
+
+def test_duplicates_and_inconsistent_files(tmp_path):
     write_table(tmp_path / "b" / "1.parquet", good_table())
     write_table(tmp_path / "b" / "2.parquet", good_table())
     with pytest.raises(DataError, match=r"1.parquet, .*2.parquet: column 'sample_id' has duplicates"):
         ParquetSource(str(tmp_path / "b"))
-    write_table(tmp_path / "c" / "1.parquet", good_table())
-    write_table(tmp_path / "c" / "2.parquet", good_table().drop_columns(["hist_cat"]))
+    write_table(tmp_path / "c" / "1.parquet", shifted(0))
+    write_table(tmp_path / "c" / "2.parquet", shifted(1).drop_columns(["hist_cat"]))
     with pytest.raises(DataError, match=r"2.parquet: columns differ from .*1.parquet: \['hist_cat'\]"):
         ParquetSource(str(tmp_path / "c"))
-    meta = layout_metadata(SCHEMA, SamplingConfig(name="a", r=0.5))
-    meta2 = layout_metadata(SCHEMA, SamplingConfig(name="b", r=0.4))
-    second = good_table().set_column(0, "sample_id", pa.array(np.arange(5, 10), pa.int64()))
-    write_table(tmp_path / "e" / "1.parquet", good_table(), {k: v for k, v in meta.items() if b"sampling" in k})
-    write_table(tmp_path / "e" / "2.parquet", second, {k: v for k, v in meta2.items() if b"sampling" in k})
-    with pytest.raises(DataError, match="2.parquet: metadata 'recdistill.sampling' differs"):
-        ParquetSource(str(tmp_path / "e"))
+    write_table(tmp_path / "f" / "1.parquet", shifted(0))
+    write_table(tmp_path / "f" / "2.parquet", shifted(1).set_column(5, "hist_item", pa.array([[1]] * 5,
+                                                                                             pa.list_(pa.int32()))))
+    with pytest.raises(DataError, match=r"2.parquet: columns differ from .*1.parquet: \['hist_item: list<.*int32"):
+        ParquetSource(str(tmp_path / "f"))
+    for key, a, b in [("sampling", SamplingConfig(name="a", r=0.5), SamplingConfig(name="b", r=0.4)),
+                      ("tasks", None, None)]:
+        meta_a, meta_b = layout_metadata(SCHEMA, a), layout_metadata(SCHEMA, b)
+        if key == "tasks":
+            meta_b[b"recdistill.tasks"] = json.dumps([{"name": "ctr", "kind": "continuous"}]).encode()
+        sel = (b"recdistill." + key.encode(),)
+        write_table(tmp_path / key / "1.parquet", shifted(0), {k: v for k, v in meta_a.items() if k in sel})
+        write_table(tmp_path / key / "2.parquet", shifted(1), {k: v for k, v in meta_b.items() if k in sel})
+        with pytest.raises(DataError, match=f"2.parquet: metadata 'recdistill.{key}' differs from .*1.parquet"):
+            ParquetSource(str(tmp_path / key))
+    write_table(tmp_path / "g" / "1.parquet", shifted(0), {b"recdistill.sampling": b'{"r": 7}'})
+    with pytest.raises(DataError, match=r"1.parquet: metadata 'recdistill.sampling' is not a SamplingConfig"):
+        ParquetSource(str(tmp_path / "g"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: no \*.parquet files"):
         ParquetSource(str(tmp_path / "empty"))
@@ -158,11 +227,17 @@ def test_unequal_history_lists_duplicates_and_inconsistent_files(tmp_path):
         ParquetSource(str(tmp_path / "absent"))
 
 
-def test_task_metadata_must_match_labels(tmp_path):
+def test_task_metadata_and_inference(tmp_path):
     meta = {b"recdistill.tasks": json.dumps([{"name": "cvr", "kind": "binary"}]).encode()}
     write_table(tmp_path / "d" / "x.parquet", good_table(), meta)
     with pytest.raises(DataError, match=r"metadata names tasks \['cvr'\] without a 'label_<task>' column"):
         ParquetSource(str(tmp_path / "d"))
+    t = good_table().append_column("label_time", pa.array([0.0, 1.0, 2.5, 0.0, 1.0], pa.float32()))
+    write_table(tmp_path / "e" / "x.parquet", t)
+    src = ParquetSource(str(tmp_path / "e"))
+    assert [(x.name, x.kind) for x in src.schema.tasks] == [("ctr", "binary"), ("time", "continuous")]
+    assert src.schema.sparse == {"user": 5} and src.schema.history == {"item": 3, "cat": 5}  # max id + 1
+    assert src.schema.num_traffic == 1
 
 
 def test_memory_filesystem_through_fsspec():
