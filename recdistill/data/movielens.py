@@ -59,6 +59,7 @@ class MovieLensSource:
     """DataSource over MovieLens-100k (see the module docstring)."""
 
     sampling = None  # every rating, unsampled
+    list_sparse = ("genres",)  # several ids per row: exported as list<int64> even if a first chunk has one each
 
     def __init__(self, data_cfg) -> None:  # noqa: ANN001 - DataConfig
         self.history_len, self.num_days = data_cfg.history_len, data_cfg.num_days

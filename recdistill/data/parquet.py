@@ -91,8 +91,10 @@ class ParquetSource:
     """DataSource over a directory of Parquet files in the layout above (vectorised Arrow -> tensors).
 
     `history_len` keeps only the most recent events of each history. Unequal `hist_*` lists within a row are
-    detected when the row is read (checking them up front would decode every history). Attributes besides the
-    DataSource ones: `files` (sorted paths), `columns` (column names of every file).
+    detected when the row is read (checking them up front would decode every history), as are ids outside
+    [0, cardinality), traffic ids outside [0, num_traffic) and binary labels other than 0/1. Attributes besides the
+    DataSource ones: `files` (sorted paths), `columns` (column names of every file), `list_sparse` (sparse features
+    stored as list<int64>; `write_parquet` keeps them lists).
     """
 
     def __init__(self, path: str, history_len: int | None = None) -> None:
@@ -126,6 +128,8 @@ class ParquetSource:
             ids.append(self._index_file(pf, f))
         self._check_unique(ids)
         self.columns = first_schema.names
+        self.list_sparse = tuple(c[len("sparse_"):] for c in self.columns
+                                 if c.startswith("sparse_") and _is_int_list(first_schema.field(c).type))
         try:
             self.sampling = SamplingConfig.model_validate_json(first_meta[META_SAMPLING]) \
                 if META_SAMPLING in first_meta else None
@@ -196,14 +200,26 @@ class ParquetSource:
         cols = self.columns
         label_names = [c[len("label_"):] for c in cols if c.startswith("label_")]
         if META_TASKS in meta:
-            tasks = tuple(TaskSpec(t["name"], t["kind"]) for t in json.loads(meta[META_TASKS]))
+            try:
+                tasks = tuple(TaskSpec(t["name"], t["kind"]) for t in json.loads(meta[META_TASKS]))
+                bad = [t.kind for t in tasks if t.kind not in ("binary", "continuous")]
+                if bad:
+                    raise ValueError(f"kind {bad[0]!r} is not 'binary' or 'continuous'")
+            except (ValueError, TypeError, KeyError) as exc:
+                raise DataError(f"{self.files[0]}: metadata 'recdistill.tasks' is not a list of "
+                                f"{{name, kind}}: {exc!r}") from None
             missing = [t.name for t in tasks if t.name not in label_names]
             if missing:
                 raise DataError(f"{self.files[0]}: metadata names tasks {missing} without a 'label_<task>' column")
         else:  # infer: binary when every label is 0 or 1
             tasks = tuple(TaskSpec(n, "binary" if self._all_binary(f"label_{n}") else "continuous")
                           for n in label_names)
-        declared = json.loads(meta[META_SCHEMA]) if META_SCHEMA in meta else {}
+        try:
+            declared = json.loads(meta[META_SCHEMA]) if META_SCHEMA in meta else {}
+            if not isinstance(declared, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise DataError(f"{self.files[0]}: metadata 'recdistill.schema' is not a JSON object: {exc}") from None
 
         def card(role: str, prefix: str, name: str) -> int:
             return int(declared.get(role, {}).get(name, 0)) or self._max_id(prefix + name)
@@ -264,26 +280,27 @@ class ParquetSource:
                 raise DataError(f"{f}: column '{col}' has {arr.null_count} null values")
             return torch.from_numpy(arr.to_numpy().astype(dtype))  # a writable copy (Arrow buffers are read-only)
 
-        def jagged(col: str) -> tuple[torch.Tensor, torch.Tensor]:
+        def jagged(col: str, card: int) -> tuple[torch.Tensor, torch.Tensor]:
             arr = t.column(col)
             if pa.types.is_integer(arr.type):
-                return torch.ones(len(arr), dtype=torch.int64), num(col, np.int64)
+                return torch.ones(len(arr), dtype=torch.int64), _in_range(f, col, num(col, np.int64), card)
             lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)  # a null list = empty
             flat = pc.list_flatten(arr)
             if flat.null_count:
                 raise DataError(f"{f}: column '{col}' has {flat.null_count} null ids inside its lists")
-            return torch.from_numpy(lengths), torch.from_numpy(flat.to_numpy().astype(np.int64))
+            return torch.from_numpy(lengths), _in_range(f, col, torch.from_numpy(flat.to_numpy().astype(np.int64)),
+                                                         card)
 
         n = t.num_rows
         names = self.schema
-        sparse_lv = [jagged(f"sparse_{k}") for k in names.sparse]
+        sparse_lv = [jagged(f"sparse_{k}", c) for k, c in names.sparse.items()]
         sparse = KeyedJaggedTensor(
             keys=list(names.sparse), stride=n,
             values=torch.cat([v for _, v in sparse_lv]) if sparse_lv else torch.empty(0, dtype=torch.int64),
             lengths=torch.cat([ln for ln, _ in sparse_lv]) if sparse_lv else torch.empty(0, dtype=torch.int64))
         hist_lengths, fields = None, {}
-        for k in names.history:
-            lengths, values = jagged(f"hist_{k}")
+        for k, card in names.history.items():
+            lengths, values = jagged(f"hist_{k}", card)
             if hist_lengths is None:
                 hist_lengths = lengths
             elif not torch.equal(lengths, hist_lengths):
@@ -298,11 +315,28 @@ class ParquetSource:
         dense = torch.stack([num(f"dense_{d}", np.float32) for d in names.dense], 1) if names.dense else \
             torch.zeros(n, 0)
         has_truth = [x.name for x in names.tasks if f"p_true_{x.name}" in self.columns]
+        labels = {x.name: num(f"label_{x.name}", np.float32) for x in names.tasks}
+        for x in names.tasks:  # a declared-binary task with other values would silently train BCE on them
+            bad = labels[x.name][(labels[x.name] != 0) & (labels[x.name] != 1)] if x.kind == "binary" else ()
+            if len(bad):
+                raise DataError(f"{f}: column 'label_{x.name}' of binary task '{x.name}' has value "
+                                f"{float(bad[0])} (binary labels are 0 or 1)")
         return Batch(
-            sample_id=num("sample_id", np.int64), day=num("day", np.int32), traffic=num("traffic", np.int64),
-            labels={x.name: num(f"label_{x.name}", np.float32) for x in names.tasks},
+            sample_id=num("sample_id", np.int64), day=num("day", np.int32),
+            traffic=_in_range(f, "traffic", num("traffic", np.int64), names.num_traffic), labels=labels,
             dense=dense, sparse=sparse, history=history, sampling=self.sampling,
             p_true={k: num(f"p_true_{k}", np.float32) for k in has_truth} if has_truth else None)
+
+
+def _in_range(f: str, col: str, ids: torch.Tensor, card: int) -> torch.Tensor:
+    """`ids` when all lie in [0, card) (what an embedding table of `card` rows can look up), else DataError."""
+    if ids.numel():
+        lo, hi = torch.aminmax(ids)
+        if lo < 0 or hi >= card:
+            bad = int(lo) if lo < 0 else int(hi)
+            raise DataError(f"{f}: column '{col}' has id {bad} outside [0, {card}) (ids are >= 0 and below the "
+                            "cardinality, or num_traffic, declared in metadata 'recdistill.schema')")
+    return ids
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
@@ -371,8 +405,14 @@ class _DayFiles:
     def write(self, b: Batch, schema: Schema) -> None:
         if len(b) == 0:
             return
+        multi = {k for k in b.sparse.keys() if not bool((b.sparse[k].lengths() == 1).all())}
         if self.arrow_schema is None:  # multi-id features are fixed by the first rows written
-            self.list_sparse |= {k for k in b.sparse.keys() if not bool((b.sparse[k].lengths() == 1).all())}
+            self.list_sparse |= multi
+        elif multi - self.list_sparse:
+            k = sorted(multi - self.list_sparse)[0]
+            raise ValueError(f"sparse feature '{k}' had one id per row in the first rows written (so its column is "
+                             f"int64) but several later: pass list_sparse=['{k}'] (or give the source a `list_sparse` "
+                             f"attribute); the files written under {self.root} are incomplete")
         table = batch_to_table(b, schema, self.list_sparse)
         if self.arrow_schema is None:
             self.arrow_schema = table.schema.with_metadata(self.meta)
@@ -415,9 +455,11 @@ def write_parquet(source_or_batches, out_dir: str, days: list[int] | None = None
     """Write samples in the layout above as DIR/day=D/part-NNNNN.parquet; returns the files written.
 
     `source_or_batches` is a DataSource (its `days`, default all, are read `row_group_rows` rows at a time) or an
-    iterable of Batches (then `schema` is required and `days` must be None). `view` keeps only the rows a sampled
-    view keeps and records it as `recdistill.sampling`; otherwise the source's own sampling is recorded. Files
-    hold at most about `rows_per_file` rows (written rows, after sampling).
+    iterable of Batches (then `schema` is required and `days` must be None). Sparse features with several ids in
+    some row of the first batch, in `list_sparse` or in the source's `list_sparse` attribute become list<int64>
+    columns, the others int64. `view` keeps only the rows a sampled view keeps and records it as
+    `recdistill.sampling`; otherwise the source's own sampling is recorded. Files hold at most about
+    `rows_per_file` rows (written rows, after sampling).
     """
     from recdistill.data.loader import DataSource, apply_view, check_nested
     from recdistill.tracking import progress as bar
@@ -431,6 +473,7 @@ def write_parquet(source_or_batches, out_dir: str, days: list[int] | None = None
                   for s in range(0, src.num_rows(d), row_group_rows)]
         batches = (src.read(d, s, e) for d, s, e in bar(chunks, desc="export", enabled=progress))
         sampling = src.sampling
+        list_sparse = {*list_sparse, *getattr(src, "list_sparse", ())}  # a source may declare its multi-id features
     else:
         if schema is None or days is not None:
             raise ValueError("write_parquet of Batches needs schema= and takes no days=")

@@ -245,3 +245,60 @@ def test_memory_filesystem_through_fsspec():
     write_parquet(w, "memory://pq-test", progress=False)
     src = ParquetSource("memory://pq-test")
     assert_same(w.read(1, 0, 300), src.read(1, 0, 300))
+
+
+def test_bad_metadata_json_and_task_kind(tmp_path):
+    for name, meta, msg in [
+        ("j", {b"recdistill.tasks": b"[{"}, r"metadata 'recdistill.tasks' is not a list of \{name, kind\}"),
+        ("k", {b"recdistill.tasks": json.dumps([{"name": "ctr", "kind": "ordinal"}]).encode()},
+         r"metadata 'recdistill.tasks' is not a list of \{name, kind\}: .*kind 'ordinal' is not 'binary' or "
+         r"'continuous'"),
+        ("s", {b"recdistill.schema": b"[1, 2]"}, r"metadata 'recdistill.schema' is not a JSON object"),
+    ]:
+        write_table(tmp_path / name / "x.parquet", good_table(), meta)
+        with pytest.raises(DataError, match=f"{tmp_path / name / 'x.parquet'}: {msg}"):
+            ParquetSource(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("change,meta,message", [
+    (lambda t: t.set_column(4, "sparse_user", pa.array([0, 1, -3, 2, 4], pa.int64())), {},
+     "column 'sparse_user' has id -3 outside [0, 5)"),
+    (lambda t: t.set_column(6, "hist_cat", pa.array([[3, 1]] * 2 + [[3, 9]] + [[3, 1]] * 2, pa.list_(pa.int64()))),
+     {"history": {"cat": 5}}, "column 'hist_cat' has id 9 outside [0, 5)"),
+    (lambda t: t.set_column(2, "traffic", pa.array([0, 0, 2, 0, 0], pa.int32())), {"num_traffic": 2},
+     "column 'traffic' has id 2 outside [0, 2)"),
+    (lambda t: t.set_column(3, "label_ctr", pa.array([0, 1, 1, 0.5, 0], pa.float32())), None,
+     "column 'label_ctr' of binary task 'ctr' has value 0.5"),
+])
+def test_ids_traffic_and_binary_labels_out_of_range(tmp_path, change, meta, message):
+    """Values an embedding lookup, the debias q_eff[traffic] or BCE would misuse fail on read, naming file + column."""
+    if meta is None:  # declared binary: inference alone would call 0.5 continuous
+        meta = {b"recdistill.tasks": json.dumps([{"name": "ctr", "kind": "binary"}]).encode()}
+    else:
+        meta = {b"recdistill.schema": json.dumps(meta).encode()} if meta else None
+    path = tmp_path / "d" / "x.parquet"
+    write_table(path, change(good_table()), meta)
+    src = ParquetSource(str(tmp_path / "d"))
+    assert len(src.read(0, 0, 2)) == 2  # the rows before the bad one read fine
+    with pytest.raises(DataError) as e:
+        src.read(0, 0, 5)
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_reexport_keeps_list_sparse_columns(tmp_path):
+    """A list<int64> sparse column stays a list when a Parquet directory is re-exported (e.g. as a sampled view),
+    even when the first rows written happen to have one id each; Batches that turn multi-id later are refused."""
+    t = good_table(8).append_column("sparse_tags", pa.array([[1], [2], [3], [4], [1, 2], [], [3], [4]],
+                                                             pa.list_(pa.int64())))
+    write_table(tmp_path / "a" / "x.parquet", t)
+    src = ParquetSource(str(tmp_path / "a"))
+    assert src.list_sparse == ("tags",)
+    write_parquet(src, str(tmp_path / "b"), row_group_rows=3, progress=False)  # first group: [1], [2], [3]
+    out = ParquetSource(str(tmp_path / "b"))
+    assert pa.types.is_list(pq.read_schema(out.files[0]).field("sparse_tags").type)
+    assert_same(src.read(0, 0, 8), out.read(0, 0, 8))
+    one, many = src.read(0, 0, 3), src.read(0, 3, 8)
+    with pytest.raises(ValueError, match=r"sparse feature 'tags' had one id per row in the first rows written"):
+        write_parquet([one, many], str(tmp_path / "c"), schema=src.schema, progress=False)
+    write_parquet([one, many], str(tmp_path / "d"), schema=src.schema, list_sparse=["tags"], progress=False)
+    assert_same(src.read(0, 0, 8), ParquetSource(str(tmp_path / "d")).read(0, 0, 8))
