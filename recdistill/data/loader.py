@@ -81,6 +81,10 @@ class BatchLoader:
         if missing:
             raise ValueError(f"days {missing} not in the data source (it has {source.days()})")
         if view is not None:
+            binary = [t.name for t in source.schema.tasks if t.kind == "binary"]
+            if view.task not in binary:
+                raise ValueError(f"sampling view '{view.name}' decides positives by task '{view.task}', which is not a "
+                                 f"binary task of this data (binary tasks: {binary}); set sampling.<view>.task")
             check_nested(view, source.sampling, source.schema.num_traffic)
         self.source, self.days, self.batch_size = source, list(days), batch_size
         self.view, self.rank, self.world_size = view, rank, world_size

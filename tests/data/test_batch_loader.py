@@ -151,5 +151,7 @@ def test_loader_refuses_views_that_do_not_nest():
         BatchLoader(src, [0], 10, view=SamplingConfig(name="wide", r=0.5))
     with pytest.raises(ValueError, match="different seeds do not nest"):
         BatchLoader(src, [0], 10, view=SamplingConfig(name="x", r=0.1, seed=3))
+    with pytest.raises(ValueError, match=r"decides positives by task 'cvr', which is not a binary task of this data"):
+        BatchLoader(src, [0], 10, view=SamplingConfig(name="v", r=0.1, task="cvr"))
     with pytest.raises(ValueError, match=r"days \[7\] not in the data source"):
         BatchLoader(src, [7], 10)
