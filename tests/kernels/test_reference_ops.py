@@ -48,6 +48,24 @@ def test_compressed_attention_reference_matches_naive(seed):
     assert rel_err(full, naive_attention(q, k, v, offsets, torch.full((b, nq), 99), 1 / math.sqrt(d))) < 1e-12
 
 
+def test_compressed_attention_reference_merge_and_negative_limit_match_naive():
+    """merge_k > 1 equals merge_mean then attention; a negative q_limit means "the whole history"."""
+    g = torch.Generator().manual_seed(5)
+    events = torch.tensor([9, 0, 4, 1])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), events.cumsum(0)])
+    b, nq, h, d, k_merge = 4, 3, 2, 4, 4
+    q = torch.randn(b, nq, h, d, generator=g, dtype=torch.float64)
+    k = torch.randn(int(events.sum()), h, d, generator=g, dtype=torch.float64)
+    v = torch.randn(int(events.sum()), h, d, generator=g, dtype=torch.float64)
+    q_limit = torch.tensor([[-1, 1, 2], [-5, 0, 3], [-1, 0, 1], [7, -1, 0]])
+    out = compressed_attention_reference(q, k, v, offsets, q_limit, 0.5, merge_k=k_merge)
+    km, m_off = merge_mean(k, offsets, k_merge)
+    vm, _ = merge_mean(v, offsets, k_merge)
+    all_ = torch.where(q_limit < 0, torch.full_like(q_limit, 99), q_limit)
+    assert rel_err(out, naive_attention(q, km, vm, m_off, all_, 0.5)) < 1e-12
+    assert (out[1] == 0).all() and (out[0, 0] != 0).all()  # row 1 is empty
+
+
 def test_compressed_attention_masked_rows_zero_output_and_grad():
     q = torch.randn(2, 2, 1, 4, requires_grad=True)
     k = torch.randn(3, 1, 4, requires_grad=True)
