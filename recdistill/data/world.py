@@ -1,44 +1,58 @@
 """The synthetic world: the default data, with a known ground truth (DESIGN §4 'Synthetic world').
 
 Every sample is a pure function of (seed, sample_id), computed with counter hashes (no RNG state), so any chunk
-of any day can be generated independently, in any order, on any rank. sample_id = day << 40 | index.
+of any day can be generated independently, in any order, on any rank, and the world does not change when more
+days or samples are asked for. sample_id = day << 40 | index.
 
 The generative process, and why each part is there:
 
-* **Users and their timelines.** User u has a consistent event timeline: event j is a function of (seed, u, j).
-  A sample of u at some point of day d sees the window of u's last L events before its timeline position, which
-  grows day by day; users differ in how long their timelines are (log-normal: some hundreds of events, many
-  thousands, up to 20K). Two samples of the same user share their older events, as in real logs.
+* **Users and their timelines.** User u has one consistent event timeline: event j is a function of (seed, u, j).
+  A sample of u at some moment of day d sees the window of u's last L events before that moment; the timeline
+  grows day by day, so two samples of the same user share their older events, as in real logs. Users differ in
+  how long their timelines are (log-normal: tens to hundreds of events for some, thousands for many, up to 20K).
 * **Long-range interests (sequence length matters).** Each user has three latent long-term interest categories.
-  Only a small share of history events (`interest_share`, ~8%) come from them; the rest are noise from all
-  categories. Whether the candidate's category is an interest moves the click logit strongly, but telling the
-  interests apart from noise takes thousands of events: the last 64 carry ~2 interest events each.
-* **Short-range context.** The most recent events' category also matters a little (session intent), so a model
-  that sees only recent history is not useless.
-* **Low-order effects.** Item quality, traffic source, context slot and a few dense features each add to the
-  logit; an additive model over ids learns them.
-* **High-order interactions (capacity matters).** A random effect per cell of (user segment x item segment x
-  context slot): invisible to additive models, learnable by models that cross features.
-* **Drift (streaming matters).** Category and item popularity follow random walks over days, and which of a
-  user's interests is "active" (strongest) changes day by day; a model fit on an early day loses AUC later.
+  Only a small share of history events (`interest_share`, 6%) come from them; the rest are noise spread over
+  all categories, and actions barely differ between the two. Whether the candidate's category is one of the
+  interests moves the click logit strongly, but telling the interests apart from the noise takes thousands of
+  events: the last 64 hold about one interest event per interest, 2000 hold about forty.
+* **Short-range context.** The share of the last 8 events in the candidate's category matters a little
+  (session intent), so a model that sees only recent history is not useless.
+* **Low-order effects.** Item quality, item tags (a multi-id feature: 1-3 tags per item, each with its own
+  effect), traffic source, context slot and the dense features add to the logit; an additive model learns them.
+* **High-order interaction (capacity matters).** A random effect per cell of user segment x item segment x
+  context slot, with every one- and two-field part removed: additive models and pairwise crosses see none of
+  it, models that cross all three fields do.
+* **Drift (streaming matters).** Category and item popularity follow mean-reverting day-level random walks, and
+  which of a user's interests is active (strongest) changes day by day; a model fit on an early day loses AUC
+  later. Mean reversion keeps the world stationary: day 500 looks like day 5, only different.
 * **Traffic sources** have different base rates (and get different positive keep-rates in the default views).
 * **Tasks.** ctr: click ~ Bernoulli(p_ctr). cvr: conversion per impression, click x Bernoulli(p_cvr|click), so
   p_true = p_ctr * p_cvr|click. watch_time: click x LogNormal(mu(x), 0.5), p_true = its expectation.
+
+The ground truth (p_true) uses the user's latent interests, not the visible history window, so the Bayes-optimal
+AUC is a ceiling no model reaches: 0.83-0.84 for ctr with the defaults (base rate about 9%).
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recdistill.data.batch import Batch, History, Schema, TaskSpec, offsets_from_lengths
-from recdistill.data.sampling import hash_uniform, splitmix64
+from recdistill.data.batch import Batch, History, Schema, TaskSpec
+from recdistill.data.sampling import SamplingConfig, hash_uniform, keep_mask, splitmix64
 
 KNOWN_TASKS = {"ctr": "binary", "cvr": "binary", "watch_time": "continuous"}
-SPARSE = ("user_id", "item_id", "item_cat", "user_segment", "item_segment", "context")
-NUM_SEGMENTS, NUM_CONTEXT, NUM_ACTIONS, NUM_INTERESTS = 8, 24, 4, 3
-_BIT32 = np.uint64(32)
+SPARSE = ("user_id", "item_id", "item_cat", "item_tags", "user_segment", "item_segment", "context")
+HISTORY = ("item", "cat", "action", "ts")
+NUM_SEGMENTS, NUM_CONTEXT, NUM_SLOTS, NUM_ACTIONS, NUM_INTERESTS, NUM_TAGS = 8, 24, 4, 4, 3, 256
+RECENT = 8  # events of session context in the ground truth
+TS0, EVENT_GAP_S = 1_600_000_000, 600  # history timestamps: timeline position j happens at TS0 + j * gap
+RHO, WALK_MEMORY = 0.8, 60  # popularity drift: day-to-day persistence, days of memory kept
+_EVENT_BLOCK = 1 << 16  # events per pass: the working set stays in cache (~2x faster than one pass over 6M events)
+_U32, _U16, _U8 = np.uint64(0xFFFFFFFF), np.uint32(0xFFFF), np.uint32(0xFF)
 
 
 def _u(ids: np.ndarray, seed: int, salt: int) -> np.ndarray:
@@ -52,9 +66,9 @@ def _normal(ids: np.ndarray, seed: int, salt: int) -> np.ndarray:
     return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
 
 
-def _key(a: np.ndarray, b: np.ndarray | int) -> np.ndarray:
+def _key(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
     """One uint64 key for a pair of non-negative ints (a < 2^31, b < 2^32)."""
-    return (np.asarray(a).astype(np.uint64) << _BIT32) | np.asarray(b).astype(np.uint64)
+    return (np.asarray(a).astype(np.uint64) << np.uint64(32)) | np.asarray(b).astype(np.uint64)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -62,11 +76,11 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 class SyntheticWorld:
-    """DataSource over the synthetic world (see module docstring); configured by DataConfig / WorldConfig."""
+    """DataSource over the synthetic world (see module docstring); configured by DataConfig (and its .world)."""
 
     sampling = None  # the population itself, unsampled
 
-    def __init__(self, data_cfg) -> None:  # noqa: ANN001 - DataConfig
+    def __init__(self, data_cfg) -> None:  # noqa: ANN001 - DataConfig (config imports stay one-way)
         w = data_cfg.world
         bad = [t.name for t in data_cfg.tasks if t.name not in KNOWN_TASKS or KNOWN_TASKS[t.name] != t.kind]
         if bad:
@@ -74,64 +88,128 @@ class SyntheticWorld:
                              f"{', '.join(f'{k} ({v})' for k, v in KNOWN_TASKS.items())})")
         self.cfg, self.w, self.seed = data_cfg, w, data_cfg.seed
         self.tasks = [t.name for t in data_cfg.tasks]
-        c = w.num_categories
+        c, s = w.num_categories, self.seed
         self.schema = Schema(
             tasks=tuple(TaskSpec(t.name, t.kind) for t in data_cfg.tasks),
             dense=tuple(f"x{i}" for i in range(w.num_dense)),
-            sparse={"user_id": w.num_users, "item_id": w.num_items, "item_cat": c, "user_segment": NUM_SEGMENTS,
-                    "item_segment": NUM_SEGMENTS, "context": NUM_CONTEXT},
+            sparse={"user_id": w.num_users, "item_id": w.num_items, "item_cat": c, "item_tags": NUM_TAGS,
+                    "user_segment": NUM_SEGMENTS, "item_segment": NUM_SEGMENTS, "context": NUM_CONTEXT},
             history={"item": w.num_items, "cat": c, "action": NUM_ACTIONS, "ts": 2**62},
             num_traffic=w.num_traffic, max_history=data_cfg.history_len)
-        # Small tables (per category / traffic / interaction cell) are drawn once from the seed.
-        rng = np.random.default_rng([self.seed, 0xC0FFEE])
-        days = data_cfg.num_days
-        self.cat_pop = np.cumsum(rng.normal(0, w.drift, (days, c)), axis=0) + rng.normal(0, 0.3, c)
+        # Small tables, hashed from the seed alone (never from num_days: more days must not change the old ones).
         self.traffic_bias = np.linspace(0.4, -0.8, w.num_traffic) if w.num_traffic > 1 else np.zeros(1)
-        self.traffic_p = np.cumsum(np.linspace(2.0, 1.0, w.num_traffic) / np.linspace(2.0, 1.0, w.num_traffic).sum())
-        self.cells = rng.normal(0, 1.0, (NUM_SEGMENTS, NUM_SEGMENTS, NUM_CONTEXT // 6))
-        self.context_bias = rng.normal(0, 0.3, NUM_CONTEXT)
-        self.dense_w = rng.normal(0, 0.25, w.num_dense)
-        self.base = -3.8  # puts the CTR base rate near 9-10%
-        self._event_salt = int(splitmix64(np.uint64((self.seed * 0x9E37 + 0xE7E7) & 0xFFFFFFFF)))
+        share = np.linspace(2.0, 1.0, w.num_traffic)
+        self.traffic_cdf = np.cumsum(share / share.sum())
+        self.context_bias = 0.3 * _normal(np.arange(NUM_CONTEXT), s, 50)
+        self.tag_effect = 0.3 * _normal(np.arange(NUM_TAGS), s, 51)
+        self.dense_w = 0.15 * _normal(np.arange(w.num_dense), s, 52)
+        cells = _normal(np.arange(NUM_SEGMENTS**2 * NUM_SLOTS), s, 53).reshape(NUM_SEGMENTS, NUM_SEGMENTS, NUM_SLOTS)
+        # Centre along each axis in turn: every one- and two-field marginal becomes zero (a pure three-way
+        # interaction), so neither additive models nor pairwise crosses (FM-style) can learn any of it.
+        for axis in range(3):
+            cells = cells - cells.mean(axis=axis, keepdims=True)
+        self.cells = cells / cells.std()
+        self.base = -3.5  # puts the CTR base rate near 9%
+        self._event_salt = splitmix64(np.uint64((s * 0x9E3779B1 + 0xE7E7) & 0xFFFFFFFF))
+        self._pop_cache: dict[int, np.ndarray] = {}
+        self._pop_lock = threading.Lock()  # the loader's background thread and the caller may both read
 
     # ---- entities ------------------------------------------------------------------------------------------
     def item_cat(self, item: np.ndarray) -> np.ndarray:
+        """Category of each item (items of category c are c, c + C, c + 2C, ...)."""
         return item % self.w.num_categories
 
+    def item_tags(self, item: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """1-3 tags per item: (lengths [n], tag ids concatenated in item order)."""
+        lengths = 1 + (_u(item, self.seed, 20) * 3).astype(np.int64)
+        row = np.repeat(np.arange(len(item)), lengths)
+        k = np.arange(len(row)) - (np.cumsum(lengths) - lengths)[row]
+        return lengths, (_u(_key(item[row], k), self.seed, 21) * NUM_TAGS).astype(np.int64)
+
     def interests(self, user: np.ndarray) -> np.ndarray:
-        """[B, 3] latent long-term interest categories of each user."""
+        """[n, 3] latent long-term interest categories of each user."""
         k = np.arange(NUM_INTERESTS)
         return (_u(_key(user[:, None], k[None, :]), self.seed, 11) * self.w.num_categories).astype(np.int64)
 
     def timeline_pos(self, user: np.ndarray, day: np.ndarray, sid: np.ndarray) -> np.ndarray:
-        """Events of the user before this sample: a log-normal start (many thousands for many users) plus a
-        per-user daily rate; the position within the day comes from the sample."""
-        start = np.exp(np.log(1500.0) + 1.2 * _normal(user.astype(np.uint64), self.seed, 12))
-        start = np.clip(start, 20, 19_000).astype(np.int64)
-        rate = 20 + (_u(user.astype(np.uint64), self.seed, 13) * 80).astype(np.int64)
+        """Number of events of the user before each sample: a log-normal start (median 1000, from 20 to 20K) plus
+        a per-user daily rate; where within the day the sample falls comes from its sample_id."""
+        start = np.exp(np.log(1000.0) + 1.5 * _normal(user, self.seed, 12))
+        start = np.clip(start, 20, 20_000).astype(np.int64)
+        rate = 20 + (_u(user, self.seed, 13) * 80).astype(np.int64)
         return start + day * rate + (_u(sid, self.seed, 14) * rate).astype(np.int64)
 
     def events(self, user: np.ndarray, j: np.ndarray, interests: np.ndarray, row: np.ndarray) -> dict[str, np.ndarray]:
-        """History event j of user user[e] for each event e (row[e]: its sample, whose interests are
-        interests[row[e]]): item, cat, action, ts.
+        """Event j[e] of the timeline of user[e], for each event e (interests[row[e]]: the [3] latent interests of
+        that user): item, cat, action, ts (int64).
 
         Hot path (up to 20K events per sample): one 64-bit hash per event, cut into 16/16/16/8/8-bit fields for
-        the independent draws, instead of one hash per draw.
+        the independent draws, in 32-bit arithmetic where it fits.
         """
-        h = splitmix64(_key(user, j) ^ np.uint64(self._event_salt))
-        m16, m8 = np.uint64(0xFFFF), np.uint64(0xFF)
-        from_interest = (h & m16).astype(np.int64) < int(self.w.interest_share * 65536)
-        noise_cat = ((h >> np.uint64(16)) & m16).astype(np.int64) * self.w.num_categories >> 16
-        slot = ((h >> np.uint64(32)) & m16).astype(np.int64)
-        pick = ((h >> np.uint64(48)) & m8).astype(np.int64) * NUM_INTERESTS >> 8
-        act = (h >> np.uint64(56)).astype(np.int64)
-        cat = np.where(from_interest, interests.ravel()[row * NUM_INTERESTS + pick], noise_cat)
-        per_cat = max(self.w.num_items // self.w.num_categories, 1)
-        item = np.minimum(cat + self.w.num_categories * (slot * per_cat >> 16), self.w.num_items - 1)
-        # interest events are mostly engaged actions (1-3), noise events mostly views (0-1)
-        action = np.where(from_interest, 1 + act * 3 // 256, act * 2 // 256)
-        ts = 1_600_000_000 + j * 600 + (user % 600)
-        return {"item": item, "cat": self.item_cat(item), "action": action, "ts": ts}
+        w = self.w
+        h = splitmix64(_key(user, j) ^ self._event_salt)
+        lo, hi = (h & _U32).astype(np.uint32), (h >> np.uint64(32)).astype(np.uint32)
+        from_interest = (lo & _U16) < np.uint32(int(w.interest_share * 65536))
+        noise_cat = ((lo >> np.uint32(16)) * np.uint32(w.num_categories)) >> np.uint32(16)
+        pick = ((hi >> np.uint32(16)) & _U8) * np.uint32(NUM_INTERESTS) >> np.uint32(8)
+        cat = np.where(from_interest, interests.reshape(-1)[row * NUM_INTERESTS + pick], noise_cat).astype(np.int64)
+        per_cat = max(w.num_items // w.num_categories, 1)
+        slot = ((hi & _U16).astype(np.int64) * per_cat) >> 16
+        item = cat + w.num_categories * slot  # < num_items whenever there are at least as many items as categories
+        if w.num_items < w.num_categories:
+            item = np.minimum(item, w.num_items - 1)
+            cat = self.item_cat(item)
+        # actions 0 view / 1 click / 2 like / 3 buy; interest events are only slightly more engaged, so the action
+        # does not give away which events carry the long-term signal
+        a = (hi >> np.uint32(24)) + np.where(from_interest, np.uint32(10), np.uint32(0))
+        action = (a >= 158).astype(np.int64) + (a >= 222) + (a >= 248)
+        ts = TS0 + j * EVENT_GAP_S + (user & 511)  # & 511: a per-user second offset, cheaper than % EVENT_GAP_S
+        return {"item": item, "cat": cat, "action": action, "ts": ts}
+
+    def history(self, user: np.ndarray, interests: np.ndarray, pos: np.ndarray, max_len: int) -> History:
+        """Each row's window of its user's last min(pos, max_len) timeline events before position pos."""
+        n = len(user)
+        lengths = np.minimum(pos, max_len)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        out = {k: np.empty(total, dtype=np.int64) for k in HISTORY}
+        # blocks of whole rows with about _EVENT_BLOCK events each (a Python loop over blocks, not samples)
+        cuts = np.unique(np.r_[np.searchsorted(offsets, np.arange(0, total, _EVENT_BLOCK), side="right") - 1, n])
+        for r0, r1 in zip(cuts[:-1], cuts[1:], strict=True):
+            e0, e1 = offsets[r0], offsets[r1]
+            row = np.repeat(np.arange(r0, r1), lengths[r0:r1])
+            j = (pos - lengths)[row] + (np.arange(e0, e1) - offsets[row])
+            ev = self.events(user[row], j, interests, row)
+            for k in HISTORY:
+                out[k][e0:e1] = ev[k]
+        return History(torch.from_numpy(offsets), {k: torch.from_numpy(v) for k, v in out.items()})
+
+    # ---- drift ---------------------------------------------------------------------------------------------
+    def _walk(self, ids: np.ndarray, day: int, salt: int, step_sd: float) -> np.ndarray:
+        """Mean-reverting day-level random walk per id: x_d = RHO x_{d-1} + step_sd * eps_d, started from its
+        stationary spread on day 0. Mean reversion keeps every day alike however many days there are (a plain
+        walk would blow up); terms older than WALK_MEMORY days weigh < 1e-5 and are left out."""
+        acc = np.zeros(len(ids))
+        for d in range(max(0, day - WALK_MEMORY), day + 1):
+            sd = step_sd / np.sqrt(1 - RHO**2) if d == 0 else step_sd
+            acc = RHO * acc + sd * _normal(_key(ids, d), self.seed, salt)
+        return acc
+
+    def cat_popularity(self, day: int) -> np.ndarray:
+        """[C] category popularity on `day`: a fixed part plus a drifting one."""
+        c = np.arange(self.w.num_categories)
+        return 0.3 * _normal(c, self.seed, 31) + self._walk(c, day, 30, self.w.drift)
+
+    def item_popularity(self, day: int) -> np.ndarray:
+        """[num_items] drifting item popularity on `day` (cached for a few days: the loader reads day by day)."""
+        with self._pop_lock:
+            if day not in self._pop_cache:
+                if len(self._pop_cache) >= 4:
+                    del self._pop_cache[next(iter(self._pop_cache))]
+                items = np.arange(self.w.num_items)
+                self._pop_cache[day] = self._walk(items, day, 41, 0.5 * self.w.drift).astype(np.float32)
+            return self._pop_cache[day]
 
     # ---- DataSource ----------------------------------------------------------------------------------------
     def days(self) -> list[int]:
@@ -140,92 +218,95 @@ class SyntheticWorld:
     def num_rows(self, day: int) -> int:
         return self.cfg.samples_per_day
 
-    def read(self, day: int, start: int, stop: int) -> Batch:
-        """Samples with index in [start, stop) of `day`."""
+    def read(self, day: int, start: int, stop: int, view: SamplingConfig | None = None) -> Batch:
+        """Samples with index in [start, stop) of `day`. With `view`, only the rows the view keeps (equal to
+        apply_view(read(day, start, stop), view, num_traffic), but dropped rows never get a history)."""
         if not (0 <= day < self.cfg.num_days) or not (0 <= start <= stop <= self.cfg.samples_per_day):
             raise ValueError(f"rows [{start}, {stop}) of day {day} are outside the world "
                              f"({self.cfg.num_days} days x {self.cfg.samples_per_day} samples)")
+        x = self._samples(day, start, stop)
+        if view is not None:
+            keep = keep_mask(x["sid"], x["label_" + view.task] > 0.5, x["traffic"], view, self.w.num_traffic)
+            x = {k: v[keep] for k, v in x.items()}
+        return self._batch(day, x, view)
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def _samples(self, day: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Every per-sample array of rows [start, stop): features, latent state, ground truth and labels."""
         w, s = self.w, self.seed
         idx = np.arange(start, stop, dtype=np.int64)
         sid = (np.int64(day) << np.int64(40)) | idx
-        usid = sid.astype(np.uint64)
         n = len(idx)
-        days = np.full(n, day, dtype=np.int64)
-        user = (_u(usid, s, 1) ** 1.3 * w.num_users).astype(np.int64)  # mildly skewed activity
+        user = (_u(sid, s, 1) ** 1.3 * w.num_users).astype(np.int64)  # mildly skewed activity
         interests = self.interests(user)
-        traffic = np.searchsorted(self.traffic_p, _u(usid, s, 2), side="right").clip(max=w.num_traffic - 1)
+        traffic = np.searchsorted(self.traffic_cdf, _u(sid, s, 2), side="right").clip(max=w.num_traffic - 1)
         # candidate: from the user's interests some of the time (retrieval works), else popularity-skewed
         per_cat = max(w.num_items // w.num_categories, 1)
-        pop_item = (_u(usid, s, 3) ** 2.0 * w.num_items).astype(np.int64)
-        int_cat = interests[np.arange(n), (_u(usid, s, 4) * NUM_INTERESTS).astype(np.int64)]
-        int_item = int_cat + w.num_categories * (_u(usid, s, 5) * per_cat).astype(np.int64)
-        item = np.minimum(np.where(_u(usid, s, 6) < 0.3, int_item, pop_item), w.num_items - 1)
-        cat = self.item_cat(item)
-        context = (_u(usid, s, 7) * NUM_CONTEXT).astype(np.int64)
-        useg = (_u(user.astype(np.uint64), s, 8) * NUM_SEGMENTS).astype(np.int64)
-        iseg = (_u(item.astype(np.uint64), s, 9) * NUM_SEGMENTS).astype(np.int64)
-        dense = np.stack([_normal(usid, s, 100 + k) for k in range(w.num_dense)], 1) if w.num_dense else \
-            np.zeros((n, 0))
-
-        # history window: the user's last L events before this sample
-        pos = self.timeline_pos(user, days, usid)
-        lengths = np.minimum(pos, self.cfg.history_len)
-        row = np.repeat(np.arange(n), lengths)
-        starts = np.cumsum(lengths) - lengths
-        j = (pos - lengths)[row] + (np.arange(lengths.sum()) - starts[row])
-        ev = self.events(user[row], j, interests, row)
-
-        logit_ctr, logit_cvr, mu_wt = self._logits(day, item, cat, interests, traffic, context, useg, iseg, dense,
-                                                   ev["cat"], lengths, user)
-        p_ctr = _sigmoid(logit_ctr)
-        p_cvr_click = _sigmoid(logit_cvr)
-        click = _u(usid, s, 31) < p_ctr
-        conv = click & (_u(usid, s, 32) < p_cvr_click)
+        pop_item = (_u(sid, s, 3) ** 2.0 * w.num_items).astype(np.int64)
+        int_cat = interests[np.arange(n), (_u(sid, s, 4) * NUM_INTERESTS).astype(np.int64)]
+        int_item = int_cat + w.num_categories * (_u(sid, s, 5) * per_cat).astype(np.int64)
+        item = np.minimum(np.where(_u(sid, s, 6) < 0.3, int_item, pop_item), w.num_items - 1)
+        x = {"sid": sid, "user": user, "interests": interests, "traffic": traffic.astype(np.int64), "item": item,
+             "cat": self.item_cat(item), "context": (_u(sid, s, 7) * NUM_CONTEXT).astype(np.int64),
+             "useg": (_u(user, s, 8) * NUM_SEGMENTS).astype(np.int64),
+             "iseg": (_u(item, s, 9) * NUM_SEGMENTS).astype(np.int64),
+             "dense": np.stack([_normal(sid, s, 100 + k) for k in range(w.num_dense)], 1) if w.num_dense
+             else np.zeros((n, 0)),
+             "pos": self.timeline_pos(user, np.full(n, day), sid)}
+        logit_ctr, logit_cvr, mu_wt = self._logits(day, x)
+        p_ctr, p_cvr_click = _sigmoid(logit_ctr), _sigmoid(logit_cvr)
+        click = _u(sid, s, 61) < p_ctr
+        conv = click & (_u(sid, s, 62) < p_cvr_click)
         wt_sigma = 0.5
-        wt = np.where(click, np.exp(mu_wt + wt_sigma * _normal(usid, s, 33)), 0.0)
-        truth = {"ctr": p_ctr, "cvr": p_ctr * p_cvr_click, "watch_time": p_ctr * np.exp(mu_wt + wt_sigma**2 / 2)}
-        labels = {"ctr": click.astype(np.float32), "cvr": conv.astype(np.float32), "watch_time": wt}
+        x["label_ctr"], x["p_ctr"] = click.astype(np.float32), p_ctr
+        x["label_cvr"], x["p_cvr"] = conv.astype(np.float32), p_ctr * p_cvr_click
+        x["label_watch_time"] = np.where(click, np.exp(mu_wt + wt_sigma * _normal(sid, s, 63)), 0.0)
+        x["p_watch_time"] = p_ctr * np.exp(mu_wt + wt_sigma**2 / 2)
+        return x
 
-        feats = {"user_id": user, "item_id": item, "item_cat": cat, "user_segment": useg, "item_segment": iseg,
-                 "context": context}
-        t = torch.from_numpy
-        return Batch(
-            sample_id=t(sid), day=torch.full((n,), day, dtype=torch.int32), traffic=t(traffic.astype(np.int64)),
-            labels={k: t(labels[k].astype(np.float32)) for k in self.tasks},
-            dense=t(dense.astype(np.float32)),
-            sparse=KeyedJaggedTensor(keys=list(SPARSE), values=t(np.concatenate([feats[k] for k in SPARSE])),
-                                     lengths=torch.ones(n * len(SPARSE), dtype=torch.int64), stride=n),
-            history=History(offsets_from_lengths(t(lengths)), {k: t(v.astype(np.int64)) for k, v in ev.items()}),
-            p_true={k: t(truth[k].astype(np.float32)) for k in self.tasks},
-        )
-
-    def _logits(self, day, item, cat, interests, traffic, context, useg, iseg, dense, hist_cat, lengths, user):  # noqa: ANN001
-        """Ground-truth logits of click and conversion|click, and the log-mean of watch time."""
-        w, s = self.w, self.seed
-        uitem = item.astype(np.uint64)
-        quality = 0.5 * _normal(uitem, s, 40)
-        # item popularity random walk over days (cumulative sum of daily steps), plus the category's walk
-        steps = np.stack([_normal(_key(item, d), s, 41) for d in range(day + 1)], 1)
-        item_pop = 0.5 * w.drift * steps.sum(1)
-        # the user's interests, one of them "active" on this day (drift of interests)
-        active = (_u(_key(user, day), s, 42) * NUM_INTERESTS).astype(np.int64)
-        match = interests == cat[:, None]
-        weight = np.where(np.arange(NUM_INTERESTS)[None, :] == active[:, None], 1.6, 0.9)
-        interest = (match * weight).max(1)
-        # short-range: share of the last 8 events in the candidate's category
-        last = np.minimum(lengths, 8)
-        ends = np.cumsum(lengths)
-        recent = np.zeros(len(item))
-        for k in range(8):  # 8 vectorised passes, not a loop over samples
-            ok = k < last
-            recent[ok] += hist_cat[ends[ok] - 1 - k] == cat[ok]
-        recent /= np.maximum(last, 1)
-        cell = self.cells[useg, iseg, context // 6]
+    def _logits(self, day: int, x: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ground-truth logits of click and of conversion given click, and the log-mean of watch time."""
+        w, s, n = self.w, self.seed, len(x["sid"])
+        item, cat = x["item"], x["cat"]
+        quality = 0.3 * _normal(item, s, 40)
+        tag_len, tags = self.item_tags(item)
+        tag_term = np.bincount(np.repeat(np.arange(n), tag_len), self.tag_effect[tags], minlength=n)
+        # long range: the candidate's category among the user's latent interests, the day's active one strongest
+        active = (_u(_key(x["user"], day if w.drift > 0 else 0), s, 42) * NUM_INTERESTS).astype(np.int64)
+        weight = np.where(np.arange(NUM_INTERESTS)[None, :] == active[:, None], 1.5, 0.8)
+        interest = ((x["interests"] == cat[:, None]) * weight).max(1)
+        # short range: share of the user's last 8 timeline events in the candidate's category
+        k = np.arange(1, RECENT + 1)[None, :]
+        pos = x["pos"][:, None]
+        row = np.repeat(np.arange(n), RECENT)
+        ev = self.events(x["user"][row], (pos - k).clip(min=0).reshape(-1), x["interests"], row)
+        seen = (pos - k >= 0)
+        recent = ((ev["cat"].reshape(n, RECENT) == cat[:, None]) & seen).sum(1) / np.maximum(seen.sum(1), 1)
+        cell = self.cells[x["useg"], x["iseg"], x["context"] // (NUM_CONTEXT // NUM_SLOTS)]
+        dense = x["dense"]
         dense_term = dense @ self.dense_w if w.num_dense else 0.0
-        nonlinear = 0.4 * np.sin(2.0 * dense[:, 0]) * dense[:, 1] if w.num_dense >= 2 else 0.0
-        logit_ctr = (self.base + self.traffic_bias[traffic] + quality + item_pop + self.cat_pop[day, cat]
-                     + w.long_range * 1.6 * interest + 0.8 * recent + w.interactions * 1.0 * cell
-                     + self.context_bias[context] + dense_term + nonlinear)
+        nonlinear = 0.3 * np.sin(2.0 * dense[:, 0]) * dense[:, 1] if w.num_dense >= 2 else 0.0
+        logit_ctr = (self.base + self.traffic_bias[x["traffic"]] + quality + tag_term + self.item_popularity(day)[item]
+                     + self.cat_popularity(day)[cat] + w.long_range * 1.2 * interest + 0.8 * recent
+                     + w.interactions * 0.7 * cell + self.context_bias[x["context"]] + dense_term + nonlinear)
         logit_cvr = -1.5 + 0.8 * quality + 0.6 * w.long_range * interest + 0.5 * w.interactions * cell
         mu_wt = 3.0 + 0.5 * quality + 0.3 * interest
         return logit_ctr, logit_cvr, mu_wt
+
+    def _batch(self, day: int, x: dict[str, np.ndarray], view: SamplingConfig | None) -> Batch:
+        """Assemble the Batch (history generated here, for the rows in x only)."""
+        n, t = len(x["sid"]), torch.from_numpy
+        tag_len, tags = self.item_tags(x["item"])
+        feats = {"user_id": x["user"], "item_id": x["item"], "item_cat": x["cat"], "item_tags": tags,
+                 "user_segment": x["useg"], "item_segment": x["iseg"], "context": x["context"]}
+        lengths = [tag_len if k == "item_tags" else np.ones(n, dtype=np.int64) for k in SPARSE]
+        return Batch(
+            sample_id=t(x["sid"]), day=torch.full((n,), day, dtype=torch.int32), traffic=t(x["traffic"]),
+            labels={k: t(x["label_" + k].astype(np.float32)) for k in self.tasks},
+            dense=t(x["dense"].astype(np.float32)),
+            sparse=KeyedJaggedTensor(keys=list(SPARSE), values=t(np.concatenate([feats[k] for k in SPARSE])),
+                                     lengths=t(np.concatenate(lengths)), stride=n),
+            history=self.history(x["user"], x["interests"], x["pos"], self.cfg.history_len),
+            sampling=view,
+            p_true={k: t(x["p_" + k].astype(np.float32)) for k in self.tasks},
+        )

@@ -1,4 +1,5 @@
-"""The synthetic world has every property DESIGN §4 asks of it; each test states the numbers seen when written."""
+"""The synthetic world has every property DESIGN §4 asks of it; each test states the numbers seen when written
+(seed 0, 2-core CPU)."""
 
 import math
 
@@ -15,7 +16,8 @@ from recdistill.distill.metrics import auc
 
 
 def world(**over) -> SyntheticWorld:
-    sets = [f"data.{k}={v}" for k, v in over.items()]
+    sets = [f"data.{k}={v}" for k, v in over.items() if k != "world"]
+    sets += [f"data.world.{k}={v}" for k, v in over.get("world", {}).items()]
     return SyntheticWorld(load_config(None, ["data.history_len=256", *sets]).data)
 
 
@@ -25,105 +27,125 @@ def ids(b: Batch, name: str) -> torch.Tensor:
 
 def fit_logreg(feats: dict[str, tuple[torch.Tensor, int]], y: torch.Tensor, dense: torch.Tensor | None = None,
                l2: float = 1e-4):
-    """Logistic regression over categorical ids (one weight per id) and optional dense columns, fit by LBFGS.
-    Returns predict(feats, dense) -> logits."""
-    torch.manual_seed(0)
-    tables = {k: torch.zeros(n, requires_grad=True) for k, (_, n) in feats.items()}
-    w_dense = torch.zeros(dense.shape[1] if dense is not None else 0, requires_grad=True)
+    """Logistic regression over categorical ids (one weight per id) and optional dense columns, fit by LBFGS on a
+    dense one-hot design matrix (a few hundred columns: faster than embedding lookups). Returns
+    predict(feats, dense) -> logits."""
+
+    def design(f, d):
+        cols = [torch.nn.functional.one_hot(v, n).float() for v, n in f.values()]
+        return torch.cat(cols + ([d.float()] if d is not None else []), 1)
+
+    x = design(feats, dense)
+    w = torch.zeros(x.shape[1], requires_grad=True)
     bias = torch.zeros(1, requires_grad=True)
-    params = [*tables.values(), w_dense, bias]
-
-    def predict(f, d=None):
-        z = bias + sum(tables[k][v] for k, (v, _) in f.items())
-        return z + (d @ w_dense if d is not None and d.shape[1] else 0)
-
-    opt = torch.optim.LBFGS(params, max_iter=200, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, bias], max_iter=100, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(predict(feats, dense), y)
-        loss = loss + l2 * sum((p**2).sum() for p in params)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + bias, y) + l2 * (w**2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return lambda f, d=None: predict(f, d).detach()
+    return lambda f, d=None: (design(f, d) @ w + bias).detach()
 
 
 def additive(b: Batch, w: SyntheticWorld) -> dict:
+    """One-hot ids of the low-cardinality fields (the additive, low-order model's inputs)."""
     s = w.schema.sparse
     out = {k: (ids(b, k), s[k]) for k in ("item_cat", "context", "user_segment", "item_segment")}
     out["traffic"] = (b.traffic, w.schema.num_traffic)
     return out
 
 
+def assert_same(a: Batch, b: Batch) -> None:
+    for name in ("sample_id", "day", "traffic", "dense"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for k in a.labels:
+        assert torch.equal(a.labels[k], b.labels[k]) and torch.equal(a.p_true[k], b.p_true[k]), k
+    assert a.sparse.keys() == b.sparse.keys()
+    for k in a.sparse.keys():
+        assert torch.equal(a.sparse[k].values(), b.sparse[k].values()), k
+        assert torch.equal(a.sparse[k].lengths(), b.sparse[k].lengths()), k
+    assert torch.equal(a.history.offsets, b.history.offsets)
+    for k in a.history.fields:
+        assert torch.equal(a.history.fields[k], b.history.fields[k]), k
+
+
 def test_deterministic_whatever_the_chunking():
     w = world()
-    whole = w.read(2, 0, 1000).select(torch.arange(500, 600))
+    whole = w.read(2, 0, 1000)
     part = w.read(2, 500, 600)
-    for name in ("sample_id", "day", "traffic", "dense"):
-        assert torch.equal(getattr(whole, name), getattr(part, name)), name
-    for k in whole.labels:
-        assert torch.equal(whole.labels[k], part.labels[k]) and torch.equal(whole.p_true[k], part.p_true[k])
-    for k in whole.sparse.keys():
-        assert torch.equal(whole.sparse[k].values(), part.sparse[k].values()), k
-    assert torch.equal(whole.history.offsets, part.history.offsets)
-    for k in whole.history.fields:
-        assert torch.equal(whole.history.fields[k], part.history.fields[k]), k
+    assert_same(whole.select(torch.arange(500, 600)), part)
     assert torch.equal(part.sample_id, (2 << 40) | torch.arange(500, 600))
-    other = SyntheticWorld(load_config(None, ["data.history_len=256", "data.seed=1"]).data).read(2, 500, 600)
-    assert not torch.equal(other.labels["ctr"], part.labels["ctr"]) or not torch.equal(other.dense, part.dense)
+    # more days or samples per day, or a history window cut shorter, leave the existing samples as they were
+    bigger = world(num_days=9, samples_per_day=50000).read(2, 500, 600)
+    assert_same(bigger, part)
+    short = world(history_len=16).read(2, 500, 600)
+    assert torch.equal(short.labels["ctr"], part.labels["ctr"])
+    assert torch.equal(short.history.fields["item"], part.history.last(16).fields["item"])
+    other = world(seed=1).read(2, 500, 600)
+    assert not torch.equal(other.dense, part.dense) and not torch.equal(ids(other, "item_id"), ids(part, "item_id"))
+    # item_tags is the multi-id feature: 1-3 tags per item, the same tags wherever the item shows up
+    tags = whole.sparse["item_tags"]
+    assert set(tags.lengths().tolist()) == {1, 2, 3}
+    item = ids(whole, "item_id")
+    first = {}
+    for i, t in zip(item.tolist(), torch.split(tags.values(), tags.lengths().tolist()), strict=True):
+        assert first.setdefault(i, t.tolist()) == t.tolist()
 
 
 def test_history_is_a_consistent_user_timeline():
-    w = world(history_len=20000, num_days=6)
-    a, b = w.read(0, 0, 3000), w.read(4, 0, 3000)
+    w = world(history_len=4096)
+    a, b = w.read(0, 0, 2500), w.read(4, 0, 2500)
     ua, ub = ids(a, "user_id").numpy(), ids(b, "user_id").numpy()
-    common = np.intersect1d(ua, ub)[:20]
-    assert len(common) >= 5
+    common = np.intersect1d(ua, ub)[:30]
     checked = 0
     for u in common:
         i, j = int(np.flatnonzero(ua == u)[0]), int(np.flatnonzero(ub == u)[0])
-        pos_i = int(w.timeline_pos(np.array([u]), np.array([0]), a.sample_id[i : i + 1].numpy().astype(np.uint64))[0])
-        pos_j = int(w.timeline_pos(np.array([u]), np.array([4]), b.sample_id[j : j + 1].numpy().astype(np.uint64))[0])
+        pos = [int(w.timeline_pos(np.array([u]), np.array([d]), s[k : k + 1].numpy())[0])
+               for d, s, k in ((0, a.sample_id, i), (4, b.sample_id, j))]
         hi = a.history.fields["item"][a.history.offsets[i] : a.history.offsets[i + 1]].numpy()
         hj = b.history.fields["item"][b.history.offsets[j] : b.history.offsets[j + 1]].numpy()
-        start_i, start_j = pos_i - len(hi), pos_j - len(hj)  # timeline index of each window's first event
-        lo, hi_end = max(start_i, start_j), min(pos_i, pos_j)
-        if hi_end - lo < 10:
+        start_i, start_j = pos[0] - len(hi), pos[1] - len(hj)  # timeline index of each window's first event
+        assert pos[1] > pos[0] and len(hj) == min(pos[1], 4096)  # the timeline grows; windows end at the sample
+        lo, end = max(start_i, start_j), min(pos[0], pos[1])
+        if end - lo < 10:
             continue
-        assert np.array_equal(hi[lo - start_i : hi_end - start_i], hj[lo - start_j : hi_end - start_j])
+        assert np.array_equal(hi[lo - start_i : end - start_i], hj[lo - start_j : end - start_j])
         checked += 1
-    assert checked >= 3
+    assert checked >= 5, checked  # seen: all 30 users share >= 10 events
 
 
 def test_ground_truth_calibrated_and_ceiling_in_range():
-    b = world().read(1, 0, 20000)
+    b = world(samples_per_day=30000, history_len=16).read(1, 0, 30000)
     for task in ("ctr", "cvr"):
         p, y = b.p_true[task].double(), b.labels[task].double()
-        sd = math.sqrt(float((p * (1 - p)).sum()))
-        assert abs(float(y.sum() - p.sum())) < 5 * sd, task  # labels ~ Bernoulli(p_true)
+        # labels ~ Bernoulli(p_true): per decile of p_true, observed - expected within 5 sd
+        for sel in torch.tensor_split(torch.argsort(p), 10):
+            sd = math.sqrt(float((p[sel] * (1 - p[sel])).sum()))
+            assert abs(float(y[sel].sum() - p[sel].sum())) < 5 * sd, task
     rate = float(b.labels["ctr"].mean())
-    assert 0.03 < rate < 0.15, rate  # seen: 0.096
+    assert 0.03 < rate < 0.15, rate  # seen: 0.090 (cvr 0.029)
     bayes = auc(b.labels["ctr"], b.p_true["ctr"])
-    assert 0.75 < bayes < 0.9, bayes  # seen: 0.87
+    assert 0.75 < bayes < 0.86, bayes  # seen: 0.835 (0.82-0.84 on other days)
     wt = b.labels["watch_time"]
     assert (wt >= 0).all() and (wt[b.labels["ctr"] == 0] == 0).all()
     assert abs(float(wt.mean() - b.p_true["watch_time"].mean())) < 0.1 * float(wt.mean())
 
 
 def test_traffic_sources_have_different_base_rates():
-    b = world().read(1, 0, 20000)
-    rates = [float(b.p_true["ctr"][b.traffic == t].mean()) for t in range(3)]
-    assert rates[0] > rates[1] + 0.01 and rates[1] > rates[2] + 0.01, rates  # seen: 0.126, 0.088, 0.057
+    b = world(history_len=16).read(1, 0, 20000)
+    rates = [float(b.labels["ctr"][b.traffic == t].mean()) for t in range(3)]
+    assert rates[0] > rates[1] + 0.015 and rates[1] > rates[2] + 0.015, rates  # seen: 0.118, 0.080, 0.045
 
 
 def test_low_order_and_high_order_effects():
-    w = world(samples_per_day=60000)
-    train, test = w.read(1, 0, 45000), w.read(1, 45000, 60000)
+    w = world(samples_per_day=50000, history_len=1)
+    train, test = w.read(1, 0, 40000), w.read(1, 40000, 50000)
     base = fit_logreg(additive(train, w), train.labels["ctr"], train.dense)
     auc_add = auc(test.labels["ctr"], base(additive(test, w), test.dense))
-    assert auc_add > 0.6, auc_add  # low order alone: seen 0.727
+    assert auc_add > 0.6, auc_add  # low order alone: seen 0.688
 
     def with_cell(b):
         f = additive(b, w)
@@ -133,64 +155,92 @@ def test_low_order_and_high_order_effects():
 
     crossed = fit_logreg(with_cell(train), train.labels["ctr"], train.dense, l2=3e-4)
     auc_cross = auc(test.labels["ctr"], crossed(with_cell(test), test.dense))
-    assert auc_cross > auc_add + 0.02, (auc_add, auc_cross)  # seen: 0.727 -> 0.770 (Bayes 0.874)
+    assert auc_cross > auc_add + 0.02, (auc_add, auc_cross)  # seen: 0.688 -> 0.722 (Bayes 0.830)
 
 
-def interest_features(b: Batch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Share and count of the last n events in the candidate's category (the evidence about long-term interests)."""
+def interest_evidence(b: Batch, n: int) -> torch.Tensor:
+    """Bucket of how over-represented the candidate's category is among the last n events (z-score of its count
+    against the uniform share): the evidence a simple model has about the user's long-term interests."""
     h = b.history.last(n)
     row = torch.repeat_interleave(torch.arange(len(b)), h.lengths)
     same = (h.fields["cat"] == ids(b, "item_cat")[row]).double()
     count = torch.zeros(len(b), dtype=torch.float64).index_add_(0, row, same)
-    share = count / h.lengths.clamp(min=1)
-    return torch.stack([share * 10, torch.log1p(count), (h.lengths < 50).double()], 1).float(), count
+    expect = h.lengths.double() / 64
+    z = (count - expect) / expect.clamp(min=0.25).sqrt()
+    return torch.bucketize(z, torch.tensor([-0.5, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 9.0]))
 
 
 def test_long_histories_carry_signal_short_ones_miss():
-    w = world(history_len=4096, samples_per_day=24000)
-    train, test = w.read(1, 0, 16000), w.read(1, 16000, 24000)
-    got = {}
-    for n in (64, 4096):
-        d_train = torch.cat([train.dense, interest_features(train, n)[0]], 1)
-        d_test = torch.cat([test.dense, interest_features(test, n)[0]], 1)
-        model = fit_logreg(additive(train, w), train.labels["ctr"], d_train)
-        got[n] = auc(test.labels["ctr"], model(additive(test, w), d_test))
+    w = world(history_len=2048, samples_per_day=20000)
+    train, test = w.read(1, 0, 14000), w.read(1, 14000, 20000)
+
+    def fit_eval(extra):
+        model = fit_logreg({**additive(train, w), "ev": (extra(train), 12)}, train.labels["ctr"], train.dense)
+        return auc(test.labels["ctr"], model({**additive(test, w), "ev": (extra(test), 12)}, test.dense))
+
+    def oracle(b):  # the candidate's category is one of the user's latent interests
+        return (torch.from_numpy(w.interests(ids(b, "user_id").numpy())) == ids(b, "item_cat")[:, None]).any(1).long()
+
+    got = {n: fit_eval(lambda b, n=n: interest_evidence(b, n)) for n in (64, 2048)}
+    best = fit_eval(oracle)
     bayes = auc(test.labels["ctr"], test.p_true["ctr"])
-    # seen: last 64 events 0.754, last 4096 events 0.792, Bayes 0.878
-    assert bayes - got[64] > 0.06, (got, bayes)
-    assert got[4096] > got[64] + 0.025, (got, bayes)
+    # seen: last 64 events 0.713, last 2048 events 0.742, knowing the interests 0.757 (gap closed: 65%; what is
+    # left is mostly users with short timelines), Bayes 0.836 (the rest is item quality, interactions and drift,
+    # which these models do not see); last 8 events: 0.705, last 256: 0.728, last 1024: 0.741
+    assert bayes - got[64] > 0.08, (got, bayes)  # the ceiling is far above what 64 events give
+    assert best - got[64] > 0.03, (got, best, bayes)
+    assert got[2048] - got[64] > 0.5 * (best - got[64]), (got, best, bayes)
 
 
 def test_drift_makes_old_models_stale():
-    w = world(samples_per_day=40000, num_days=6)
+    w = world(samples_per_day=40000, history_len=1)
     feats = lambda b: {"item_cat": (ids(b, "item_cat"), 64), "traffic": (b.traffic, 3)}  # noqa: E731
-    day1, day4, day5 = w.read(1, 0, 40000), w.read(4, 0, 40000), w.read(5, 0, 40000)
+    # fit on rows [0, 30000) of a day, evaluate on rows [30000, 40000) of a day (held out whatever the day)
+    day1, day4 = w.read(1, 0, 30000), w.read(4, 0, 30000)
+    held1, held5 = w.read(1, 30000, 40000), w.read(5, 30000, 40000)
     old = fit_logreg(feats(day1), day1.labels["ctr"])
     fresh = fit_logreg(feats(day4), day4.labels["ctr"])
-    auc_old = auc(day5.labels["ctr"], old(feats(day5)))
-    auc_fresh = auc(day5.labels["ctr"], fresh(feats(day5)))
-    assert auc_fresh > auc_old + 0.02, (auc_old, auc_fresh)  # seen: 0.633 vs 0.660
+    auc_same_day = auc(held1.labels["ctr"], old(feats(held1)))
+    auc_old = auc(held5.labels["ctr"], old(feats(held5)))
+    auc_fresh = auc(held5.labels["ctr"], fresh(feats(held5)))
+    # seen: the day-1 model 0.666 on day 1, 0.630 on day 5 (0.567 on day 20); the day-4 model 0.668 on day 5
+    assert auc_same_day > auc_old + 0.02, (auc_same_day, auc_old)
+    assert auc_fresh > auc_old + 0.02, (auc_old, auc_fresh)
 
 
 def test_views_keep_rates_and_nesting():
-    b = world(samples_per_day=60000).read(1, 0, 60000)
+    w = world(samples_per_day=60000, history_len=1)
+    b = w.read(1, 0, 60000)
     teacher = SamplingConfig(name="teacher", r=0.5, q=1.0)
     student = SamplingConfig(name="student", r=0.1, q=0.9, q_eff=[0.9, 0.8, 0.6])
     vt, vs = apply_view(b, teacher, 3), apply_view(b, student, 3)
     assert vt.sampling == teacher and vs.sampling == student
-    assert set(vs.sample_id.tolist()) <= set(vt.sample_id.tolist())
+    assert set(vs.sample_id.tolist()) <= set(vt.sample_id.tolist())  # nested: same seed, lower rates
     pos = b.labels["ctr"] > 0.5
-    kept = torch.isin(b.sample_id, vs.sample_id)
-    for sel, rate in [(~pos, 0.1)] + [(pos & (b.traffic == t), q) for t, q in enumerate([0.9, 0.8, 0.6])]:
-        m = int(sel.sum())
-        assert abs(float(kept[sel].double().mean()) - rate) < 5 * math.sqrt(rate * (1 - rate) / m)
+    for view, v in ((teacher, vt), (student, vs)):
+        kept = torch.isin(b.sample_id, v.sample_id)
+        q = view.q_for(3)
+        for sel, rate in [(~pos, view.r)] + [(pos & (b.traffic == t), q[t]) for t in range(3)]:
+            m = int(sel.sum())
+            measured = float(kept[sel].double().mean())
+            assert abs(measured - rate) <= 5 * math.sqrt(rate * (1 - rate) / m) + 1e-12, (view.name, rate, measured)
+    # the world can apply a view itself, generating histories for the kept rows only: same rows
+    direct = world(samples_per_day=60000).read(1, 1000, 3000, view=student)
+    assert direct.sampling == student
+    assert_same(direct, apply_view(world(samples_per_day=60000).read(1, 1000, 3000), student, 3))
 
 
 def test_histories_up_to_20k():
     b = world(history_len=20000).read(3, 0, 400)
     lengths = b.history.lengths
-    assert int(lengths.max()) <= 20000 and int(lengths.max()) > 15000 and int(lengths.min()) < 500
+    assert int(lengths.max()) == 20000 and int(lengths.min()) < 250, lengths  # seen: 179 .. 20000
+    assert float((lengths > 2000).double().mean()) > 0.2 and float((lengths < 500).double().mean()) > 0.1  # 0.35, 0.20
     assert b.history.fields["item"].numel() == int(lengths.sum())
+    # the window is the timeline's last events before the sample: timestamps increase up to the sample's time
+    ts = b.history.fields["ts"]
+    inside = torch.ones_like(ts, dtype=torch.bool)
+    inside[b.history.offsets[1:-1]] = False  # the first event of each row follows another row's last
+    assert bool((ts.diff() > 0)[inside[1:]].all())
 
 
 def test_loader_ranks_partition_the_world():
@@ -199,10 +249,19 @@ def test_loader_ranks_partition_the_world():
     one = torch.cat([b.sample_id for b in BatchLoader(w, [0, 1], 256, view=view)])
     two = [torch.cat([b.sample_id for b in BatchLoader(w, [0, 1], 256, view=view, rank=r, world_size=2)])
            for r in range(2)]
+    assert len(two[0]) and len(two[1])
     assert not set(two[0].tolist()) & set(two[1].tolist())
     assert sorted(two[0].tolist() + two[1].tolist()) == sorted(one.tolist())
 
 
 def test_unknown_task_refused():
-    with pytest.raises(ValueError, match=r"no task \['clicks'\].*ctr \(binary\)"):
+    with pytest.raises(ValueError, match=r"no task \['clicks'\].*ctr \(binary\), cvr \(binary\), watch_time"):
         SyntheticWorld(load_config(None, ["data.tasks=[{name: clicks, kind: binary}]"]).data)
+
+
+def test_small_and_empty_shapes():
+    b = world(world={"num_dense": 0, "num_traffic": 1}).read(1, 0, 50)
+    assert b.dense.shape == (50, 0) and set(b.traffic.tolist()) == {0}
+    assert all(torch.isfinite(p).all() and ((p > 0) & (p < 1)).all() for k, p in b.p_true.items() if k != "watch_time")
+    empty = world().read(1, 7, 7)
+    assert len(empty) == 0 and empty.dense.shape == (0, 8) and empty.history.offsets.tolist() == [0]
