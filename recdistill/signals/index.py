@@ -1,8 +1,15 @@
-"""A vectorised open-addressing hash index from int64 sample ids to row numbers (numpy only).
+"""The reader's join structure: de-duplicated signal rows in hash order plus a linear-probing table (numpy only).
 
-Why not `np.searchsorted` on the sorted ids: with random lookups against 10M stored ids each query costs ~23
-cache misses (1.6M lookups/s on the 2-core dev machine); a half-full linear-probing table costs ~1.5 probes.
-Both build and lookup run in "rounds", each vectorised over the keys still unresolved; rounds shrink fast.
+Why a hash table and not `np.searchsorted` over sorted ids: a random lookup against 10M stored ids costs ~23
+dependent cache misses in a binary search (well under 1M lookups/s on the 2-core dev machine), two in the bucketed
+table below.
+
+Why "hash order": rows are kept sorted by h = splitmix64(id). splitmix64 is a bijection on 64 bits, so equal
+hashes are equal ids (duplicates sit side by side and are resolved in one pass), and the bucket of a row (the top
+bits of h) is non-decreasing along the rows: each bucket is a contiguous run, so a directory of run starts
+(a bincount + cumsum, no probing) is the whole hash table. With at least 2 buckets per row a lookup touches the
+directory and one row, rarely two; a few vectorised rounds cover the Poisson tail. New rows are merged in with
+one sort of the new rows and an O(n) insert, so a reader's refresh never re-sorts what it already holds.
 """
 
 from __future__ import annotations
@@ -11,52 +18,106 @@ import numpy as np
 
 from recdistill.data.sampling import splitmix64
 
-EMPTY = np.iinfo(np.int64).min  # never a sample id (ids are day << 40 | index, non-negative in practice)
+
+def _mix(ids: np.ndarray) -> np.ndarray:
+    return splitmix64(np.ascontiguousarray(ids, dtype=np.int64).view(np.uint64))
 
 
-class HashIndex:
-    """Maps unique int64 keys to their positions 0..n-1; `get` returns -1 for absent keys."""
+def take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`a[rows]` for a C-contiguous 2-D array, gathering each row as one opaque item: several times faster
+    than numpy's 2-D fancy indexing."""
+    a = np.ascontiguousarray(a)
+    if a.shape[1] == 0:
+        return np.zeros((len(rows), 0), a.dtype)
+    items = a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).reshape(-1)
+    return np.take(items, rows).view(a.dtype).reshape(len(rows), a.shape[1])
 
-    def __init__(self, keys: np.ndarray) -> None:
-        keys = np.ascontiguousarray(keys, dtype=np.int64)
-        if np.any(keys == EMPTY):
-            raise ValueError("HashIndex: int64 min is reserved as the empty marker")
-        cap = 16
-        while cap < 2 * len(keys):  # load factor <= 0.5 keeps probe chains short
-            cap *= 2
-        self.mask = np.uint64(cap - 1)
-        self.keys = np.full(cap, EMPTY, dtype=np.int64)
-        self.rows = np.full(cap, -1, dtype=np.int64)
-        slot = self._hash(keys)
-        pending = np.arange(len(keys))
-        while pending.size:
-            s = slot[pending]
-            free = self.keys[s] == EMPTY
-            cand, cslot = pending[free], s[free]
-            taken, first = np.unique(cslot, return_index=True)  # one winner per free slot
-            winners = cand[first]
-            self.keys[taken] = keys[winners]
-            self.rows[taken] = winners
-            placed = np.zeros(len(keys), dtype=bool)
-            placed[winners] = True
-            pending = pending[~placed[pending]]
-            # linear probing: every key not placed moves one slot on (slots it passes are now all occupied)
-            slot[pending] = (slot[pending] + 1) & self.mask
 
-    def _hash(self, keys: np.ndarray) -> np.ndarray:
-        return splitmix64(keys.astype(np.uint64)) & self.mask
+class SignalIndex:
+    """Unique sample ids -> (logits, teacher_step); duplicates keep the row with the highest teacher_step.
+
+    Attributes (all in hash order, one entry per unique id): `ids` int64, `logits` float32 [n, T], `steps`
+    int64, `finite` bool (all logits finite). `duplicates` counts rows superseded so far.
+    """
+
+    def __init__(self, num_tasks: int) -> None:
+        self.num_tasks = num_tasks
+        self.h = np.zeros(0, np.uint64)
+        self.ids = np.zeros(0, np.int64)
+        self.logits = np.zeros((0, num_tasks), np.float32)
+        self.steps = np.zeros(0, np.int64)
+        self.finite = np.zeros(0, bool)
+        self.duplicates = 0
+        self._build_table()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, ids: np.ndarray, logits: np.ndarray, steps: np.ndarray) -> int:
+        """Merge rows in; returns how many rows (old or new) this superseded as duplicates."""
+        if len(ids) == 0:
+            return 0
+        h = _mix(ids)
+        order = np.argsort(h)
+        new = (np.take(h, order), np.take(np.asarray(ids, np.int64), order),
+               take_rows(np.asarray(logits, np.float32), order), np.take(np.asarray(steps, np.int64), order))
+        if len(self.h):
+            at = np.searchsorted(self.h, new[0])  # insert before equal keys: stable, both orders are sorted
+            cols = [np.insert(old, at, add, axis=0) for old, add in zip(
+                (self.h, self.ids, self.logits, self.steps), new, strict=True)]
+        else:
+            cols = list(new)
+        dropped = self._dedup(cols)
+        self.h, self.ids, self.logits, self.steps = cols
+        self.finite = np.isfinite(self.logits).all(axis=1)
+        self.duplicates += dropped
+        self._build_table()
+        return dropped
+
+    @staticmethod
+    def _dedup(cols: list[np.ndarray]) -> int:
+        """Keep the highest-step row of each run of equal hashes (in place on `cols`); returns rows dropped."""
+        h, steps = cols[0], cols[3]
+        same = np.flatnonzero(h[1:] == h[:-1])
+        if same.size == 0:
+            return 0
+        involved = np.unique(np.concatenate([same, same + 1]))  # every row of a duplicated id (few, usually)
+        o = involved[np.lexsort((-steps[involved], h[involved]))]  # by id, newest step first
+        first = np.ones(len(o), bool)
+        first[1:] = h[o[1:]] != h[o[:-1]]
+        keep = np.ones(len(h), bool)
+        keep[o[~first]] = False
+        cols[:] = [c[keep] for c in cols]
+        return int((~first).sum())
+
+    def _build_table(self) -> None:
+        n = len(self.h)
+        bits = max(4, int(np.ceil(np.log2(max(2 * n, 2)))))  # buckets >= 2n: mean bucket size 1/4 .. 1/2
+        self._shift = np.uint64(64 - bits)
+        bucket = (self.h >> self._shift).astype(np.int64)
+        # rows of bucket b are first[b] .. first[b+1]-1 (rows are in hash order, so each bucket is contiguous)
+        counts = np.bincount(bucket, minlength=1 << bits)
+        self._first = np.zeros((1 << bits) + 1, np.int32 if n < 2**31 - 1 else np.int64)
+        np.cumsum(counts.astype(self._first.dtype), out=self._first[1:])
 
     def get(self, query: np.ndarray) -> np.ndarray:
-        """Row of each query key, -1 where absent."""
-        query = np.asarray(query, dtype=np.int64)
-        out = np.full(len(query), -1, dtype=np.int64)
-        slot = self._hash(query)
-        active = np.arange(len(query))
-        while active.size:
-            s = slot[active]
-            k = self.keys[s]
-            hit = k == query[active]
-            out[active[hit]] = self.rows[s[hit]]
-            active = active[~(hit | (k == EMPTY))]
-            slot[active] = (slot[active] + 1) & self.mask
+        """Row of each queried id in this index's arrays, -1 where absent."""
+        q = np.ascontiguousarray(query, dtype=np.int64)
+        if len(self.ids) == 0:
+            return np.full(len(q), -1, np.int64)
+        bucket = (_mix(q) >> self._shift).astype(np.int64)
+        lo = np.take(self._first, bucket).astype(np.int64)
+        hi = np.take(self._first, bucket + 1)
+        # round 0 over every query without index lists (most are settled here); clip: an empty last bucket
+        # points one past the end, and lo < hi masks it anyway
+        hit = (lo < hi) & (np.take(self.ids, lo, mode="clip") == q)
+        out = np.where(hit, lo, -1)
+        active = np.flatnonzero(~hit & (lo + 1 < hi))
+        k = 1
+        while active.size:  # round k compares the k-th row of the buckets that have one; few queries get here
+            cand = lo[active] + k
+            found = np.take(self.ids, cand) == q[active]
+            out[active[found]] = cand[found]
+            active = active[~found & (cand + 1 < hi[active])]
+            k += 1
         return out

@@ -1,19 +1,24 @@
 """Signal-store records, metadata and layout (DESIGN §4 'Signal store').
 
-Record: sample_id int64, logits fixed_size_list<float32>[num_tasks] (raw, pre-debias), teacher_step int64.
-Layout under any fsspec URI:
+Record: sample_id int64, logits fixed_size_list<float32>[num_tasks] (raw, pre-debias; one list column rather
+than a column per task, so the record layout does not depend on task names, which live in the metadata),
+teacher_step int64. Every shard carries SignalMeta as JSON under the Arrow schema metadata key
+`recdistill.signals`. Layout under any fsspec URI (window and rank numbers in plain decimal, not padded):
 
     {uri}/window=W/rank=R.arrow              Arrow IPC file, one per (window, rank)
-    {uri}/_commits/window=W.rank=R.json      written last; the shard exists for readers only once this exists
+    {uri}/_commits/window=W.rank=R.json      written last; the shard exists for readers only once this exists:
+                                             rows, checksum of the shard bytes, step range, SignalMeta
 
-Compacted (materialized) form: {uri}/window=W/part-0.parquet plus {uri}/_manifest.json.
+Compacted (materialized) form: {uri}/window=W/part-<crc32>.parquet plus {uri}/_manifest.json (written last).
+Checksums are "crc32:<8 hex>" of the file bytes: they catch truncation and bit rot at 2+ GB/s, about twice
+the speed of sha256 here, which matters because the writer computes one per window beside the trainer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
+import zlib
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -52,10 +57,12 @@ def arrow_schema(meta: SignalMeta) -> pa.Schema:
 
 
 def shard_path(uri: str, window: int, rank: int) -> str:
+    """Where the shard of (window, rank) lives."""
     return f"{uri.rstrip('/')}/window={window}/rank={rank}.arrow"
 
 
 def commit_path(uri: str, window: int, rank: int) -> str:
+    """Where the commit marker of (window, rank) lives."""
     return f"{uri.rstrip('/')}/{COMMITS}/window={window}.rank={rank}.json"
 
 
@@ -69,8 +76,39 @@ def parse_shard_name(path: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def checksum(data: bytes | memoryview) -> str:
+    """Checksum of a file's bytes, self-describing ("crc32:0badf00d")."""
+    return f"crc32:{zlib.crc32(data):08x}"
+
+
+def checksum_matches(data: bytes, expected: str) -> bool:
+    """Whether `data` has checksum `expected` (an unknown algorithm never matches)."""
+    return expected.startswith("crc32:") and checksum(data) == expected
+
+
+def list_commits(fs, root: str, skip: set | None = None) -> dict[tuple[int, int], Commit]:  # noqa: ANN001
+    """(window, rank) -> Commit for every commit marker under `root` (markers in `skip` are not read)."""
+    d = f"{root}/{COMMITS}"
+    names = fs.ls(d, detail=False) if fs.exists(d) else []
+    out = {}
+    for name in sorted(names):
+        parsed = parse_commit_name(name)
+        if parsed is not None and (skip is None or parsed not in skip):
+            out[parsed] = Commit.from_json(fs.cat_file(name).decode(), name)
+    return out
+
+
+def read_manifest(fs, root: str) -> dict | None:  # noqa: ANN001
+    """The manifest of a compacted store, or None for a live store."""
+    path = f"{root}/{MANIFEST}"
+    if not fs.exists(path):
+        return None
+    try:
+        manifest = json.loads(fs.cat_file(path))
+        manifest["meta"] = SignalMeta.model_validate(manifest["meta"])
+        return manifest
+    except Exception as exc:  # noqa: BLE001 - any malformed manifest is reported the same way
+        raise SignalError(f"{path}: unreadable manifest: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -80,14 +118,14 @@ class Commit:
     window: int
     rank: int
     rows: int
-    sha256: str
+    checksum: str
     nbytes: int
     step_min: int
     step_max: int
     meta: SignalMeta
 
     def to_json(self) -> str:
-        d = {k: getattr(self, k) for k in ("window", "rank", "rows", "sha256", "nbytes", "step_min", "step_max")}
+        d = {k: getattr(self, k) for k in ("window", "rank", "rows", "checksum", "nbytes", "step_min", "step_max")}
         return json.dumps({**d, "meta": json.loads(self.meta.model_dump_json())})
 
     @staticmethod

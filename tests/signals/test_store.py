@@ -1,6 +1,7 @@
 """Signal store: writer/reader round trips, restarts, corruption, compatibility, compaction, CLI, 1-to-N."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -88,8 +89,17 @@ def test_background_error_surfaces_on_the_training_thread(tmp_path):
     w.begin_window(0)
     w.write(ids_of(0), logits_of(ids_of(0)), step=0)
     w.commit_window()
-    with pytest.raises(RuntimeError, match="background error"):
-        w.flush()
+    w.begin_window(1)
+    for _ in range(200):  # the error surfaces at the first call after the serializer failed: a write here
+        try:
+            w.write(ids_of(1), logits_of(ids_of(1)), step=3)
+        except RuntimeError as exc:
+            assert "background error" in str(exc) and "window=0" in str(exc.__cause__)
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the serializer's error never reached the training thread")
+    w.flush()  # raised once, then the writer goes on (the window stays uncommitted: a restart rewrites it)
     w.close(commit=False)
     with pytest.raises(ValueError, match=r"logits must be \[B, 2\]"):
         _write_bad(tmp_path)
@@ -119,7 +129,8 @@ def test_duplicates_resolve_to_highest_step_and_non_finite_rejected(tmp_path):
     assert logits[0].tolist() == [9.0, 9.0]
     assert r.stats.duplicates == 1 and r.stats.non_finite_rows == 1
     assert r.stats.rejected_non_finite == 1 and r.stats.missing == 1
-    assert verify(uri) == [f"{uri}: 1 duplicate sample ids across committed shards"]
+    assert verify(uri) == [f"{uri}: 1 duplicate sample ids across committed shards",
+                           f"{uri}: 1 rows with non-finite logits (readers reject them)"]
 
 
 def corrupt(path, how):
@@ -190,13 +201,18 @@ def test_readers_see_only_committed_windows_while_teacher_writes(tmp_path):
     seen: list[list[int]] = [[], []]
     stop = threading.Event()
 
+    errors: list[BaseException] = []
+
     def poll(i):
-        while not stop.is_set():
-            readers[i].refresh()
-            seen[i].append(len(readers[i].windows))
-            _, found = readers[i].lookup(torch.cat([ids_of(s) for s in range(15)]))
-            # only whole committed windows are ever visible: found rows are a multiple of a window's rows
-            assert int(found.sum()) % 24 == 0
+        try:
+            while not stop.is_set():
+                readers[i].refresh()
+                seen[i].append(len(readers[i].windows))
+                _, found = readers[i].lookup(torch.cat([ids_of(s) for s in range(15)]))
+                # only whole committed windows are ever visible: found rows are a multiple of a window's rows
+                assert int(found.sum()) == 24 * len(readers[i].windows)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test thread below
+            errors.append(exc)
 
     threads = [threading.Thread(target=poll, args=(i,)) for i in range(2)]
     for t in threads:
@@ -207,48 +223,240 @@ def test_readers_see_only_committed_windows_while_teacher_writes(tmp_path):
             w.write(ids_of(s), logits_of(ids_of(s)), s)
         w.commit_window()
         w.flush()
+        time.sleep(0.05)  # the teacher trains a while: readers poll in between
     w.close()
     stop.set()
     for t in threads:
         t.join()
+    assert not errors, errors
     for r in readers:
         r.refresh()
-        assert r.windows == [0, 1, 2, 3, 4]
+        assert r.windows == [0, 1, 2, 3, 4] and r.stats.rows == 5 * 24 and r.stats.duplicates == 0
     assert all(s == sorted(s) for s in seen)  # windows only ever appear, never vanish
+    assert all(any(0 < n < 5 for n in s) for s in seen), "a reader never saw the store mid-run"
 
 
-def test_cuda_path_skipped_without_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA: checks the pinned async copy + event path of SignalWriter.write")
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the pinned async copy + event path of write")
+def test_cuda_write_copies_without_sync_and_round_trips():
     uri = "memory://cuda-store"
+    with SignalWriter(uri, 0, META, handoff_rows=16) as w:
+        w.begin_window(0)
+        for s in range(4):  # int32 ids on the device (bf16 logits below): converted in the copies
+            ids = ids_of(s).cuda().int()
+            logits = logits_of(ids_of(s)).cuda()
+            w.write(ids, logits, s)
+            logits.fill_(float("nan"))  # the trainer reuses its buffers at once: the writer must have copied
+        w.begin_window(1)  # commits window 0
+        w.write(ids_of(9).cuda(), logits_of(ids_of(9)).cuda().bfloat16(), 9)
+    r = SignalReader(uri)
+    q = torch.cat([ids_of(s) for s in (0, 1, 2, 3, 9)])
+    logits, found = r.lookup(q.cuda())
+    assert found.all() and found.is_cuda and r.windows == [0, 1]
+    torch.testing.assert_close(logits[:32].cpu(), logits_of(q[:32]))
+    torch.testing.assert_close(logits[32:].cpu(), logits_of(q[32:]), atol=1e-2, rtol=1e-2)  # bf16 rounding
+
+
+def test_begin_window_commits_the_open_one():
+    uri = "memory://begin-commits"
     with SignalWriter(uri, 0, META) as w:
         w.begin_window(0)
-        ids = ids_of(0).cuda()
-        w.write(ids, logits_of(ids.cpu()).cuda(), 0)
-    logits, found = SignalReader(uri).lookup(ids_of(0))
-    assert found.all() and torch.allclose(logits, logits_of(ids_of(0)))
+        w.write(ids_of(0), logits_of(ids_of(0)), step=0)
+        w.begin_window(1)  # no explicit commit_window
+        w.flush()
+        assert w.is_committed(0) and SignalReader(uri).windows == [0]
+        w.write(ids_of(1), logits_of(ids_of(1)), step=1)
+    assert SignalReader(uri).windows == [0, 1]
 
 
-def test_ids_are_int64_sorted_join_vectorised():
-    r = SignalReader("memory://nothing-here")
+def test_empty_store_finds_nothing():
+    r = SignalReader("memory://nothing-here", tasks=["ctr", "cvr"])
     logits, found = r.lookup(torch.tensor([1, 2]))
-    assert logits.shape == (2, 0) and not found.any() and r.stats.missing == 2
-    assert np.issubdtype(r._ids.dtype, np.int64)
+    assert logits.shape == (2, 2) and not found.any() and r.stats.missing == 2 and r.windows == []
 
 
-def test_hash_index_matches_a_dict_including_collisions():
-    from recdistill.signals.index import HashIndex
+def test_signal_index_matches_a_dict_across_incremental_adds_and_duplicates():
+    from recdistill.signals.index import SignalIndex
 
     rng = np.random.default_rng(0)
-    keys = np.unique(rng.integers(-(1 << 50), 1 << 50, 5000))
-    keys = np.concatenate([keys, np.arange(64) * 4096])  # many share low bits
-    keys = np.unique(keys)
-    rng.shuffle(keys)
-    index = HashIndex(keys)
-    ref = {int(k): i for i, k in enumerate(keys)}
-    query = np.concatenate([keys, rng.integers(-(1 << 50), 1 << 50, 3000), np.array([0, 1, -1])])
-    want = np.array([ref.get(int(k), -1) for k in query])
-    assert np.array_equal(index.get(query), want)
-    assert np.array_equal(HashIndex(np.zeros(0, np.int64)).get(np.array([5])), [-1])
-    with pytest.raises(ValueError, match="reserved"):
-        HashIndex(np.array([np.iinfo(np.int64).min]))
+    ref: dict[int, tuple[int, float]] = {}  # id -> (step, logit) of the newest row
+    index, superseded = SignalIndex(1), 0
+    for add in range(6):  # refreshes: each adds ids, some already held (older or newer rows), some repeated
+        ids = np.concatenate([rng.integers(-(1 << 40), 1 << 40, 3000), np.arange(64) << 20,  # shared low bits
+                              rng.choice(np.arange(-50, 50), 40)])
+        steps = rng.permutation(len(ids)) + add * 1000  # unique steps: "newest" is never a tie
+        if add == 3:
+            steps -= 5000  # older than everything held: these rows lose every duplicate
+        logits = rng.standard_normal((len(ids), 1)).astype(np.float32)
+        for i, st, v in zip(ids.tolist(), steps.tolist(), logits[:, 0].tolist(), strict=True):
+            superseded += i in ref
+            if i not in ref or st > ref[i][0]:
+                ref[i] = (st, v)
+        index.add(ids, logits, steps)
+    assert len(index) == len(ref) and index.duplicates == superseded
+    query = np.concatenate([np.array(list(ref)), rng.integers(-(1 << 40), 1 << 40, 2000), np.array([51, -51])])
+    row = index.get(query)
+    for q, r in zip(query.tolist(), row.tolist(), strict=True):
+        if q not in ref:
+            assert r == -1, q
+        else:
+            assert (index.ids[r], index.steps[r], index.logits[r, 0]) == (q, *ref[q]), q
+    assert np.array_equal(SignalIndex(2).get(np.array([5, -1])), [-1, -1])
+
+
+def test_window_steps_commits_windows_as_steps_advance():
+    uri = "memory://window-steps"
+    with SignalWriter(uri, 0, META, window_steps=3) as w:
+        for s in range(7):
+            w.write(ids_of(s), logits_of(ids_of(s)), step=s)
+            if s == 3:
+                w.flush()
+                assert w.is_committed(0) and not w.is_committed(1)
+                assert SignalReader(uri).windows == [0]
+    r = SignalReader(uri)
+    assert r.windows == [0, 1, 2] and r.stats.rows == 7 * 8  # window 2 (step 6 only) committed by close
+    w2 = SignalWriter(uri, 0, META, window_steps=3)  # a restarted teacher replaying steps 0..8: all three
+    for s in range(9):  # windows are committed (2 by the clean close), so nothing is written, not even 7, 8
+        w2.write(ids_of(s), logits_of(ids_of(s)) + 1, step=s)
+    w2.close()
+    assert w2.stats.rows_dropped_committed == 9 * 8 and w2.stats.windows_committed == 0
+    assert SignalReader(uri).stats.rows == 7 * 8
+    with pytest.raises(ValueError, match="window_steps must be >= 1"):
+        SignalWriter(uri, 0, META, window_steps=0)
+
+
+def test_full_queue_blocks_write_until_the_serializer_catches_up():
+    w = SignalWriter("memory://backpressure", 0, META, queue_size=2, handoff_rows=1)
+    release = threading.Event()
+    w._before_commit = lambda window: release.wait(30)  # a slow store: the serializer is stuck in window 0
+    w.begin_window(0)
+    w.write(ids_of(0), logits_of(ids_of(0)), step=0)
+    w.commit_window()
+    w.begin_window(1)
+    done = threading.Event()
+
+    def train():
+        for s in range(1, 6):
+            w.write(ids_of(s), logits_of(ids_of(s)), step=s)  # one hand-off per write (handoff_rows=1)
+        done.set()
+
+    t = threading.Thread(target=train)
+    t.start()
+    assert not done.wait(0.5), "write() did not block on a full queue"
+    release.set()
+    t.join(10)
+    assert done.is_set() and w.stats.blocked_s >= 0.4
+    w.close()
+    r = SignalReader("memory://backpressure")
+    assert r.windows == [0, 1] and r.stats.rows == 6 * 8
+
+
+def test_refresh_merges_new_windows_and_resolves_duplicates_across_refreshes():
+    uri = "memory://refresh-dups"
+    w = SignalWriter(uri, 0, META)
+    w.begin_window(0)
+    w.write(torch.tensor([1, 2]), torch.tensor([[1.0, 1.0], [2.0, 2.0]]), step=4)
+    w.commit_window()
+    w.flush()
+    r = SignalReader(uri)
+    w.begin_window(1)
+    w.write(torch.tensor([1, 3]), torch.tensor([[5.0, 5.0], [3.0, 3.0]]), step=9)  # id 1 again, newer
+    w.commit_window()
+    w.begin_window(2)
+    w.write(torch.tensor([2]), torch.tensor([[0.0, 0.0]]), step=1)  # id 2 again, older: loses
+    w.close()
+    assert r.refresh() == 2 and r.refresh() == 0
+    logits, found = r.lookup(torch.tensor([1, 2, 3]))
+    assert found.all() and logits[:, 0].tolist() == [5.0, 2.0, 3.0]
+    assert r.stats.duplicates == 2 and r.stats.rows == 5 and r.windows == [0, 1, 2]
+
+
+def test_compacted_store_inspect_verify_and_incremental_compaction(tmp_path, capsys):
+    src, dst = str(tmp_path / "live"), tmp_path / "long-term"
+    write_windows(src, [0, 1])
+    assert main(["signals", "compact", src, str(dst)]) == 0
+    first = sorted(p.name for p in dst.rglob("*.parquet"))
+    write_windows(src, [2])
+    write_windows(src, [2], rank=1)
+    assert main(["signals", "compact", src, str(dst)]) == 0  # adds window 2, keeps 0 and 1 as they are
+    assert set(first) < {p.name for p in dst.rglob("*.parquet")} and len(list(dst.rglob("*.parquet"))) == 3
+    capsys.readouterr()
+    assert main(["signals", "inspect", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "compacted store, 3 partitions, windows 0..2, ranks [0, 1], 96 rows" in out
+    assert "window 2: ranks [0, 1], 48 rows" in out
+    assert verify(str(dst)) == []
+    r = SignalReader(str(dst), tasks=["ctr", "cvr"])
+    assert r.windows == [0, 1, 2] and r.lookup(ids_of(7, rank=1))[1].all()
+    part = next(p for p in dst.rglob("*.parquet") if "window=1" in str(p))
+    corrupt(part, "flip")
+    problems = verify(str(dst))
+    assert len(problems) == 1 and str(part) in problems[0] and "checksum mismatch" in problems[0]
+    assert main(["signals", "verify", str(dst)]) == 1
+    with pytest.raises(SignalError, match=f"{part}: checksum mismatch"):
+        SignalReader(str(dst))
+    r = SignalReader(str(dst), on_corrupt="skip")
+    assert r.stats.corrupt_shards == 1 and r.windows == [0, 2]
+
+
+def test_leaving_the_context_on_an_exception_seals_nothing(tmp_path):
+    uri = str(tmp_path / "s")
+    with pytest.raises(ZeroDivisionError), SignalWriter(uri, 0, META) as w:
+        w.begin_window(0)
+        w.write(ids_of(0), logits_of(ids_of(0)), step=0)
+        _ = 1 / 0  # the training step fails mid-window
+    w.close()  # idempotent
+    assert SignalReader(uri).windows == [] and not w.is_committed(0)
+    w2 = SignalWriter(uri, 0, META)  # a restart finds nothing committed and cleans nothing of window 0 up
+    assert not w2.is_committed(0) and w2.stats.orphans_removed == 0
+    w2.close(commit=False)
+
+
+def test_shard_whose_columns_do_not_match_its_metadata_is_refused(tmp_path):
+    """A foreign writer's shard: valid Arrow, valid commit, but logits of 3 values for 2 declared tasks."""
+    import pyarrow as pa
+
+    from recdistill.signals.schema import META_KEY, Commit, checksum, commit_path
+
+    uri = str(tmp_path / "s")
+    write_windows(uri, [0])
+    table = pa.table({"sample_id": pa.array([7, 8], pa.int64()),
+                      "logits": pa.FixedSizeListArray.from_arrays(pa.array([0.0] * 6, pa.float32()), 3),
+                      "teacher_step": pa.array([1, 1], pa.int64())})
+    table = table.replace_schema_metadata({META_KEY: META.model_dump_json().encode()})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    data = sink.getvalue().to_pybytes()
+    (tmp_path / "s" / "window=1").mkdir()
+    (tmp_path / "s" / "window=1" / "rank=0.arrow").write_bytes(data)
+    commit = Commit(window=1, rank=0, rows=2, checksum=checksum(data), nbytes=len(data), step_min=1, step_max=1,
+                    meta=META)
+    (tmp_path / commit_path("s", 1, 0)).write_text(commit.to_json())
+    shard = shard_path(uri, 1, 0)
+    with pytest.raises(SignalError, match=f"{shard}: columns .*logits: fixed_size_list<item: float>\\[3\\].* differ "
+                                          "from the schema v1 record for 2 tasks"):
+        SignalReader(uri)
+    assert any(shard in p and "columns" in p for p in verify(uri))
+
+
+def test_on_commit_hook_sees_each_committed_window_once():
+    seen = []
+    uri = "memory://hook"
+    with SignalWriter(uri, 0, META, window_steps=2, on_commit=lambda c, t: seen.append(
+            (c.window, c.rows, t.column("sample_id").to_pylist()))) as w:
+        for s in range(5):
+            w.write(ids_of(s), logits_of(ids_of(s)), step=s)
+    assert [(win, rows) for win, rows, _ in seen] == [(0, 16), (1, 16), (2, 8)]
+    assert seen[1][2] == torch.cat([ids_of(2), ids_of(3)]).tolist()
+
+    def broken(commit, table):
+        raise OSError("stream backend down")
+
+    w = SignalWriter("memory://hook2", 0, META, on_commit=broken)
+    w.begin_window(0)
+    w.write(ids_of(0), logits_of(ids_of(0)), step=0)
+    w.commit_window()
+    with pytest.raises(RuntimeError, match="stream backend down"):
+        w.flush()
+    w.close()
