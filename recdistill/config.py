@@ -127,6 +127,13 @@ class TeacherConfig(Section):
     grad_clip: float = Field(0.0, ge=0, description="Dense gradient clipping; set explicitly (DeepSpeed's "
                              "default would be 1.0). 0 disables it.")
     write_signals: bool = Field(True, description="Write raw logits to the signal store during training.")
+    checkpoint_dir: str | None = Field(None, description="Directory of teacher checkpoints (dense: DeepSpeed, "
+                                       "sharded tables: torch.distributed.checkpoint, plus data position and "
+                                       "signal window); None: no checkpoints.")
+    checkpoint_every: int = Field(1, ge=1, description="Signal windows between checkpoints; a checkpoint is taken "
+                                  "right after a window commits, so a restart replays no committed window.")
+    resume: bool = Field(True, description="Resume from the newest complete checkpoint in checkpoint_dir, if any.")
+    log_every: int = Field(20, ge=1, description="Steps between progress lines / W&B points.")
 
     @model_validator(mode="after")
     def _check(self) -> TeacherConfig:
@@ -140,15 +147,44 @@ class TeacherConfig(Section):
 
 
 class StudentConfig(Section):
-    """Student model and trainer (filled in by the student issue)."""
+    """Student model (decoupled towers, recdistill/models/student.py) and its single-device trainer.
 
-    hidden: int = Field(64, ge=1, description="Width of the towers.")
-    history_len: int = Field(64, ge=1, le=MAX_HISTORY, description="Recent history events the student sees.")
-    beta: float | Literal["auto"] = Field(1.0, description="Weight of the distillation loss, or 'auto'.")
+    Ablations are configs: `towers=single, tower_loss=task` is the base (no-distillation) student;
+    `towers=single, tower_loss=distill | task+distill` distil into the served tower itself; `towers=decoupled`
+    keeps the served main tower on the task loss and gives the auxiliary tower `tower_loss`.
+    """
+
+    towers: Literal["decoupled", "single"] = Field("decoupled", description="Decoupled main + aux towers on a "
+                                                   "shared backbone, or one tower.")
+    tower_loss: Literal["task", "distill", "task+distill"] = Field(
+        "task+distill", description="Loss of the distilled tower: the aux tower when decoupled (the main tower "
+        "always gets the task loss only), the one tower when single. 'task' = no distillation.")
+    features: list[str] | None = Field(None, description="Sparse features the student embeds (None: all of the "
+                                       "data's). Fewer than the teacher's: a pre-ranking student.")
+    emb_dim: int = Field(16, ge=1, description="Embedding width.")
+    hidden: int = Field(64, ge=1, description="Width of the backbone and the towers.")
+    depth: int = Field(2, ge=1, description="Linear+SiLU layers of the backbone (towers get depth-1, at least 1).")
+    history_len: int = Field(64, ge=0, le=MAX_HISTORY, description="Most recent history events the student's "
+                             "target attention sees (0: no history).")
+    beta: float | Literal["auto"] = Field(1.0, description="Weight of the distillation loss, or 'auto' (keeps "
+                                          "beta * L_distill near beta_ratio * L_task, running estimate).")
+    beta_ratio: float = Field(1.0, gt=0, description="Target ratio of distillation to task loss for beta=auto.")
+    distill_loss: Literal["ce", "mse"] = Field("ce", description="Soft-label cross-entropy (paper) or logit MSE.")
+    temperature: float = Field(1.0, gt=0, description="Distillation temperature (ce; T=1 is the paper's CE).")
     debias: Literal["none", "teacher_debiased", "student_space", "exact"] = Field(
-        "student_space", description="How the teacher logit is mapped before the distillation loss."
+        "student_space", description="How the teacher logit is mapped before the distillation loss (DESIGN §4)."
     )
-    lr: float = Field(1e-3, gt=0, description="Learning rate.")
+    continuous_loss: Literal["mse", "log_mse"] = Field("log_mse", description="Loss of continuous tasks (log_mse: "
+                                                       "heads predict log1p(value)).")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (dense layers and embedding tables).")
+    epochs: int = Field(1, ge=1, description="Passes over the student's training days.")
+    batch_size: int | None = Field(None, ge=1, description="Student batch size (None: data.batch_size).")
+    device: str = Field("auto", description="'auto' (cuda:0 if present, else cpu), or a torch device string.")
+    signals_uri: str | None = Field(None, description="Teacher signal store to join (None: signals.uri).")
+    export: bool = Field(True, description="Export the main tower (torch.export, TorchScript fallback) and check "
+                         "that it reproduces the model's outputs.")
+    seed: int | None = Field(None, description="Seed of initialisation (None: experiment.seed); students compared "
+                             "against each other should share it.")
 
 
 class SignalsConfig(Section):
