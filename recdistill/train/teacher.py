@@ -21,13 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from recdistill.config import Config, add_config_arguments, config_from_args
 from recdistill.data.loader import BatchLoader, build_source
+from recdistill.distill.debias import to_true
 from recdistill.distill.losses import task_loss
-from recdistill.distill.metrics import StreamingMetrics
+from recdistill.distill.metrics import StreamingMetrics, evaluate
 from recdistill.models.teacher import TeacherModel
 from recdistill.signals.schema import SignalMeta
 from recdistill.signals.writer import SignalWriter
@@ -66,6 +68,7 @@ class TeacherTrainer:
         self.kinds = {t.name: t.kind for t in self.source.schema.tasks}
         days = self.source.days()
         self.train_days = days[: -cfg.data.eval_days]
+        self.eval_days = days[-cfg.data.eval_days:]
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
         model = TeacherModel(self.source.schema, cfg.teacher)
         self.dmp, self.engine = parallelize_teacher(
@@ -93,6 +96,86 @@ class TeacherTrainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.control)
         return bool(flag.item())
 
+    def _any_has_batch(self, has: bool) -> bool:
+        flag = torch.tensor([1 if has else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(flag.item())
+
+    def true_space(self, out: dict[str, torch.Tensor], traffic: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Predictions to evaluate: binary tasks as true-space probabilities (the teacher's own sampling
+        correction on its raw logit, then a sigmoid), continuous tasks as values (heads predict log1p)."""
+        nt = self.source.schema.num_traffic
+        return {t: torch.sigmoid(to_true(z.float(), self.cfg.sampling.teacher, traffic, nt))
+                if self.kinds[t] == "binary" else torch.expm1(z.float()) for t, z in out.items()}
+
+    def _eval_batches(self, days: list[int]):  # noqa: ANN202 - Iterator[tuple[Batch, int]]
+        """(batch padded to batch_size, number of real rows) until every rank's chunk of `days` is done.
+
+        DMP's forward runs collectives (all-to-all; all-gather for row-wise), so every rank forwards the same
+        number of batches of the same size: a short last batch is padded by repeating its rows, and a rank that
+        is done forwards a filler batch (0 real rows) while others still have data.
+        """
+        bs = self.cfg.data.batch_size
+        loader = BatchLoader(self.source, days, bs, view=None, rank=self.info.rank, world_size=self.info.world_size,
+                             prefetch=self.cfg.data.prefetch, drop_last=False)  # unsampled: the true population
+        it, filler = iter(loader), None
+        while True:
+            batch = next(it, None)
+            if not self._any_has_batch(batch is not None):
+                return
+            if batch is None:
+                # A rank whose chunks hold no rows at all still needs a batch to forward: one row of the data.
+                filler = filler or self.source.read(days[0], 0, 1)
+                batch, real = filler, 0
+            else:
+                filler, real = batch, len(batch)
+            if len(batch) != bs:
+                batch = batch.select(torch.arange(bs) % len(batch))
+            yield batch, real
+
+    @torch.no_grad()  # not inference_mode: gloo collectives fail inside it (DESIGN §5)
+    def predict(self, days: list[int]) -> dict[str, np.ndarray]:
+        """Every eval sample of `days` exactly once, gathered from all ranks and sorted by sample id:
+        {'sample_id', 'pred/<task>', 'label/<task>', and 'p_true/<task>' where the data has ground truth}."""
+        cols: dict[str, list[np.ndarray]] = {}
+        for batch, real in self._eval_batches(days):
+            batch = batch.to(self.info.device)
+            preds = self.true_space(self.dmp(batch), batch.traffic)
+            part = {"sample_id": batch.sample_id, **{f"pred/{t}": v for t, v in preds.items()},
+                    **{f"label/{t}": v for t, v in batch.labels.items()},
+                    **{f"p_true/{t}": v for t, v in (batch.p_true or {}).items()}}
+            for k, v in part.items():
+                cols.setdefault(k, []).append(v[:real].detach().cpu().numpy())
+        local = {k: np.concatenate(v) for k, v in cols.items()}
+        gathered: list[dict[str, np.ndarray]] = [{} for _ in range(self.info.world_size)]
+        dist.all_gather_object(gathered, local, group=self.control)  # on the gloo group: host objects, any backend
+        keys = [k for k in gathered[0] if all(k in g for g in gathered)]
+        merged = {k: np.concatenate([g[k] for g in gathered]) for k in keys}
+        order = np.argsort(merged["sample_id"], kind="stable")
+        merged = {k: v[order] for k, v in merged.items()}
+        if len(np.unique(merged["sample_id"])) != len(order):
+            raise RuntimeError("evaluation counted a sample twice: ranks' eval chunks overlap")
+        return merged
+
+    def evaluate(self, days: list[int] | None = None, out_path: str | None = None) -> dict[str, float]:
+        """Next-day evaluation on the unsampled `days` (default: the last data.eval_days): AUC / NE / calibration
+        per binary task, MSE per continuous task, Bayes-optimal values where the data has p_true. The same
+        numbers on every rank. `out_path`: rank 0 writes the gathered predictions there (.npz, see `main`)."""
+        days = self.eval_days if days is None else days
+        self.dmp.module.train(False)
+        try:
+            cols = self.predict(days)
+        finally:
+            self.dmp.module.train(True)
+        if out_path is not None and self.info.rank == 0:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            # '/' would become a folder inside the zip archive: npz keys use '_' (sample_id, pred_ctr, label_ctr).
+            np.savez(out_path, **{k.replace("/", "_"): v for k, v in cols.items()})
+        pick = {f: {t: torch.from_numpy(cols[f"{f}/{t}"]) for t in self.tasks if f"{f}/{t}" in cols}
+                for f in ("pred", "label", "p_true")}
+        metrics = evaluate(pick["label"], pick["pred"], self.kinds, p_true=pick["p_true"] or None)
+        return {"samples": int(len(cols["sample_id"])), **metrics}
+
     def train_step(self, batch) -> torch.Tensor:  # noqa: ANN001 - Batch
         """Forward, write signals (before backward), backward, step."""
         batch = batch.to(self.info.device)
@@ -111,8 +194,9 @@ class TeacherTrainer:
         self.metrics.update(batch.labels, {t: v.detach() for t, v in probs.items()})
         return loss.detach()
 
-    def run(self) -> dict:
-        """One pass over the training days (or teacher.steps steps); returns a summary."""
+    def run(self, eval_out: str | None = None) -> dict:
+        """One pass over the training days (or teacher.steps steps), then the next-day evaluation; returns the
+        summary (`eval/<metric>/<task>` keys from :meth:`evaluate`)."""
         it = iter(self.loader())
         t0 = time.perf_counter()
         last_loss = torch.tensor(float("nan"))
@@ -130,9 +214,11 @@ class TeacherTrainer:
         if self.writer is not None:
             self.writer.flush()
         secs = time.perf_counter() - t0
-        return {"rank": self.info.rank, "steps": self.steps, "trained_samples": self.trained,
-                "seconds": secs, "samples_per_s": self.trained / max(secs, 1e-9), "loss": float(last_loss),
-                **{f"stream/{k}": v for k, v in self.metrics.compute().items()}}
+        summary = {"rank": self.info.rank, "steps": self.steps, "trained_samples": self.trained,
+                   "seconds": secs, "samples_per_s": self.trained / max(secs, 1e-9), "loss": float(last_loss),
+                   **{f"stream/{k}": v for k, v in self.metrics.compute().items()}}
+        summary.update({f"eval/{k}": v for k, v in self.evaluate(out_path=eval_out).items()})
+        return summary
 
     def close(self) -> None:
         """Commit the open window and stop the writer (also after an error)."""
@@ -146,13 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="recdistill teacher trainer")
     add_config_arguments(p)
     p.add_argument("--summary", default=None, help="write each rank's summary JSON to this path + .rank{r}.json")
+    p.add_argument("--eval-out", default=None, metavar="PATH",
+                   help="rank 0 writes the eval days' predictions here (.npz: sample_id, pred_<task> = true-space "
+                   "probability for binary tasks / value for continuous ones, label_<task>, p_true_<task>)")
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     info = init_distributed()
     trainer = None
     try:
         trainer = TeacherTrainer(cfg, info)
-        summary = trainer.run()
+        summary = trainer.run(eval_out=args.eval_out)
         trainer.close()
         console(f"teacher done: {json.dumps(summary)}", info.rank)
         if args.summary:
