@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from recdistill.config import Config, add_config_arguments, config_from_args
+from recdistill.config import Config, add_config_arguments, config_from_args, save_config
 from recdistill.data.loader import BatchLoader, build_source
 from recdistill.distill.debias import to_true
 from recdistill.distill.losses import task_loss
@@ -33,7 +35,8 @@ from recdistill.distill.metrics import StreamingMetrics, evaluate
 from recdistill.models.teacher import TeacherModel
 from recdistill.signals.schema import SignalMeta
 from recdistill.signals.writer import SignalWriter
-from recdistill.tracking import console
+from recdistill.tracking import Tracker, console, progress
+from recdistill.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from recdistill.train.distributed import DistInfo, destroy_distributed, init_distributed
 from recdistill.train.parallelize import parallelize_teacher
 
@@ -51,6 +54,71 @@ def deepspeed_config(cfg: Config, path: str) -> dict:
     return ds
 
 
+class TrainLog:
+    """Rank 0's progress bar and Tracker (W&B offline + metrics.jsonl); no-ops on other ranks. Every
+    `teacher.log_every` steps: train/loss, train/auc/<task> (streaming, last 20K samples of this rank),
+    throughput/samples_per_s (all ranks, since the previous point), signals/rows_written (committed, all ranks)."""
+
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: str | Path | None) -> None:
+        self.cfg, self.info, self.every = cfg, info, cfg.teacher.log_every
+        name = cfg.tracking.run_name or f"{cfg.experiment.name}-teacher-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_dir = Path(run_dir) if run_dir else Path(cfg.tracking.run_dir) / name
+        self.tracker: Tracker | None = None
+        self.bar = None
+
+    def start(self, steps: int, trained: int) -> None:
+        """Open the tracker and the bar at `steps` done (a resumed run continues its step axis)."""
+        if self.tracker is None:
+            if self.info.rank == 0:
+                save_config(self.cfg, self.run_dir)
+            self.tracker = Tracker(self.cfg.tracking, self.run_dir, self.cfg.model_dump(mode="json"),
+                                   name=self.run_dir.name, rank=self.info.rank)
+        self.bar = progress(total=self.cfg.teacher.steps, desc="teacher", enabled=self.cfg.tracking.progress,
+                            rank=self.info.rank, unit="step")
+        self.bar.update(steps)
+        self._mark = (time.perf_counter(), trained)
+
+    def step(self, trainer: TeacherTrainer, loss: torch.Tensor) -> None:
+        """After each step: advance the bar; every `log_every` steps one point (a small gloo all-reduce on every
+        rank, so all ranks call this at the same steps)."""
+        self.bar.update(1)
+        if trainer.steps % self.every:
+            return
+        # Rows committed in the store by every rank: this process's, plus those the resumed checkpoint vouches for.
+        rows = torch.tensor([trainer.writer.stats.rows_written + trainer.rows_before if trainer.writer else 0])
+        dist.all_reduce(rows, group=trainer.control)
+        now = time.perf_counter()
+        t0, n0 = self._mark
+        self._mark = (now, trainer.trained)
+        if self.info.rank != 0:
+            return
+        point = {"train/loss": float(loss),  # the one host sync of a log step
+                 "throughput/samples_per_s": (trainer.trained - n0) * self.info.world_size / max(now - t0, 1e-9),
+                 "signals/rows_written": int(rows.item()),
+                 **{f"train/{k}": v for k, v in trainer.metrics.compute().items() if k.startswith("auc/")}}
+        self.tracker.log(point, step=trainer.steps)
+        self.bar.set_postfix(loss=f"{point['train/loss']:.4f}", refresh=False)
+        console(f"teacher step {trainer.steps}: " + " ".join(f"{k} {v:.4g}" for k, v in point.items()), 0)
+
+    def summary(self, values: dict) -> None:
+        """Final values into the tracker (the run summary)."""
+        if self.tracker is not None:
+            self.tracker.summary(values)
+
+    def close(self) -> None:
+        """Close the bar (the tracker stays open for the summary)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def finish(self, ok: bool) -> None:
+        """Close everything (idempotent)."""
+        self.close()
+        if self.tracker is not None:
+            self.tracker.finish(exit_code=0 if ok else 1)
+            self.tracker = None
+
+
 def stacked_logits(out: dict[str, torch.Tensor], tasks: list[str]) -> torch.Tensor:
     """[B, num_tasks] raw logits in task order (what the signal store records)."""
     return torch.stack([out[t].detach().float() for t in tasks], dim=1)
@@ -59,7 +127,7 @@ def stacked_logits(out: dict[str, torch.Tensor], tasks: list[str]) -> torch.Tens
 class TeacherTrainer:
     """One rank's teacher training: `run()` trains one pass over the training days; `close()` always."""
 
-    def __init__(self, cfg: Config, info: DistInfo) -> None:
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: str | Path | None = None) -> None:
         from torchrec.optim import RowWiseAdagrad
 
         self.cfg, self.info = cfg, info
@@ -85,6 +153,10 @@ class TeacherTrainer:
         self.metrics = StreamingMetrics(self.kinds, window=20_000)
         self.trained = 0
         self.steps = 0
+        self.resumed_from: int | None = None
+        self._saved_step: int | None = None
+        self.rows_before = 0
+        self.log = TrainLog(cfg, info, run_dir)
 
     def loader(self) -> BatchLoader:
         return BatchLoader(self.source, self.train_days, self.cfg.data.batch_size, view=self.cfg.sampling.teacher,
@@ -177,16 +249,15 @@ class TeacherTrainer:
         return {"samples": int(len(cols["sample_id"])), **metrics}
 
     def train_step(self, batch) -> torch.Tensor:  # noqa: ANN001 - Batch
-        """Forward, write signals (before backward), backward, step."""
+        """Forward, write signals (before backward: the out-of-sample logit), backward, step."""
         batch = batch.to(self.info.device)
         out = self.dmp(batch)
         if self.writer is not None:
             window = self.steps // self.cfg.signals.window_steps
             if self.writer.window != window:
-                if self.writer.window is not None:
-                    self.writer.commit_window()
                 self.writer.begin_window(window)
             self.writer.write(batch.sample_id, stacked_logits(out, self.tasks), self.steps)
+        _test_kill_hook(self.info.rank, self.steps)
         loss = task_loss(out, batch.labels, self.kinds, continuous="log_mse")  # heads predict log1p(value)
         self.engine.backward(loss)
         self.engine.step()
@@ -194,12 +265,60 @@ class TeacherTrainer:
         self.metrics.update(batch.labels, {t: v.detach() for t, v in probs.items()})
         return loss.detach()
 
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def _window_done(self) -> None:
+        """After the last step of a window: commit it and, every `checkpoint_every` windows, checkpoint."""
+        windows = self.steps // self.cfg.signals.window_steps
+        if self.writer is not None:
+            self.writer.commit_window()
+        if self.cfg.teacher.checkpoint_dir and windows % self.cfg.teacher.checkpoint_every == 0:
+            self.checkpoint()
+
+    def checkpoint(self) -> Path:
+        """Collective: flush committed windows to the store, then save (recdistill/train/checkpoint.py). Called
+        only right after a commit, so a restart from it replays no committed row and loses none."""
+        if self.writer is not None:
+            self.writer.flush()  # the commit markers of every sealed window are on the store before the checkpoint
+        ws = self.cfg.signals.window_steps
+        meta = {"digest": self.cfg.digest(), "steps": self.steps, "data_position_batches": self.steps,
+                "last_committed_window": self.steps // ws - 1 if self.steps % ws == 0 else self.steps // ws,
+                "window_steps": ws, "experiment": self.cfg.experiment.name}
+        self._saved_step = self.steps
+        return save_checkpoint(self.cfg.teacher.checkpoint_dir, step=self.steps, dmp=self.dmp, engine=self.engine,
+                               group=self.control, meta=meta, rank_state={"trained": self.trained})
+
+    def maybe_resume(self) -> int:
+        """Load the newest complete checkpoint when teacher.resume and there is one; returns the steps done."""
+        root = self.cfg.teacher.checkpoint_dir
+        if not (root and self.cfg.teacher.resume):
+            return 0
+        pick = [str(latest_checkpoint(root) or "") if self.info.rank == 0 else None]
+        dist.broadcast_object_list(pick, src=0, group=self.control)  # one decision, whatever each rank lists
+        if not pick[0]:
+            return 0
+        meta, mine = load_checkpoint(pick[0], dmp=self.dmp, engine=self.engine, digest=self.cfg.digest())
+        if meta["window_steps"] != self.cfg.signals.window_steps:
+            raise RuntimeError(f"checkpoint {pick[0]}: window_steps {meta['window_steps']} != "
+                               f"{self.cfg.signals.window_steps}")
+        self.steps, self.trained = int(meta["steps"]), int(mine["trained"])
+        self.resumed_from = self.steps
+        self.rows_before = self.trained  # a checkpoint follows a commit: each sample trained so far has its row
+        console(f"teacher: resumed from {pick[0]} (step {self.steps})", self.info.rank)
+        return self.steps
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
     def run(self, eval_out: str | None = None) -> dict:
-        """One pass over the training days (or teacher.steps steps), then the next-day evaluation; returns the
-        summary (`eval/<metric>/<task>` keys from :meth:`evaluate`)."""
+        """One pass over the training days (or teacher.steps steps), resuming from a checkpoint if configured,
+        then the next-day evaluation; returns the summary (`eval/<metric>/<task>` keys from :meth:`evaluate`)."""
+        start = self.maybe_resume()
         it = iter(self.loader())
+        for _ in range(start):  # the loader is deterministic: skip the batches the checkpoint trained on
+            if next(it, None) is None:
+                raise RuntimeError(f"resume: the data has fewer than {start} batches for rank {self.info.rank}")
         t0 = time.perf_counter()
+        self.log.start(self.steps, self.trained)
         last_loss = torch.tensor(float("nan"))
+        ws = self.cfg.signals.window_steps
         while self.cfg.teacher.steps is None or self.steps < self.cfg.teacher.steps:
             batch = next(it, None)
             if not self._all_have_batch(batch is not None):
@@ -207,24 +326,42 @@ class TeacherTrainer:
             last_loss = self.train_step(batch)
             self.trained += len(batch)
             self.steps += 1
-            if self.steps % 20 == 0:
-                m = self.metrics.compute()
-                console(f"teacher step {self.steps}: loss {float(last_loss):.4f} "
-                        + " ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("auc/")), self.info.rank)
+            if self.steps % ws == 0:
+                self._window_done()
+            self.log.step(self, last_loss)
         if self.writer is not None:
-            self.writer.flush()
+            self.writer.commit_window()  # the last, partial window
+        if self.cfg.teacher.checkpoint_dir and self.steps > start and self._saved_step != self.steps:
+            self.checkpoint()  # a finished run resumes as finished: nothing replayed
         secs = time.perf_counter() - t0
+        self.log.close()
+        stats = self.writer.stats if self.writer is not None else None
         summary = {"rank": self.info.rank, "steps": self.steps, "trained_samples": self.trained,
-                   "seconds": secs, "samples_per_s": self.trained / max(secs, 1e-9), "loss": float(last_loss),
+                   "resumed_from_step": self.resumed_from, "seconds": secs,
+                   "samples_per_s": (self.trained - start * self.cfg.data.batch_size) / max(secs, 1e-9),
+                   "loss": float(last_loss),
+                   "signals/rows_written": stats.rows_written if stats else 0,
+                   "signals/rows_dropped_committed": stats.rows_dropped_committed if stats else 0,
+                   "signals/write_s": stats.write_s if stats else 0.0,
                    **{f"stream/{k}": v for k, v in self.metrics.compute().items()}}
         summary.update({f"eval/{k}": v for k, v in self.evaluate(out_path=eval_out).items()})
         return summary
 
-    def close(self) -> None:
-        """Commit the open window and stop the writer (also after an error)."""
+    def close(self, ok: bool = True) -> None:
+        """Stop the writer (also after an error). `ok=False` (leaving on an error): the open window is *not*
+        committed — it holds only the rows up to the failure, and a resumed run must rewrite it whole."""
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close(commit=ok)
             self.writer = None
+        self.log.close()
+
+
+def _test_kill_hook(rank: int, step: int) -> None:
+    """Test-only crash injection: RECDISTILL_TEST_KILL_AT='RANK:STEP' SIGKILLs that rank's process at that step,
+    after the step's signals were queued and before its backward (tests/train/test_teacher_checkpoint.py)."""
+    spec = os.environ.get("RECDISTILL_TEST_KILL_AT")
+    if spec and spec == f"{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,21 +372,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-out", default=None, metavar="PATH",
                    help="rank 0 writes the eval days' predictions here (.npz: sample_id, pred_<task> = true-space "
                    "probability for binary tasks / value for continuous ones, label_<task>, p_true_<task>)")
+    p.add_argument("--run-dir", default=None, help="tracking directory (metrics.jsonl, W&B, config.yaml); default "
+                   "tracking.run_dir/<tracking.run_name or experiment.name-teacher-TIMESTAMP>")
+    # The deepspeed launcher appends --local_rank=N (and sets LOCAL_RANK too, which init_distributed reads).
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     info = init_distributed()
-    trainer = None
+    trainer, ok = None, False
     try:
-        trainer = TeacherTrainer(cfg, info)
+        trainer = TeacherTrainer(cfg, info, run_dir=args.run_dir)
         summary = trainer.run(eval_out=args.eval_out)
         trainer.close()
+        trainer.log.summary(summary)
         console(f"teacher done: {json.dumps(summary)}", info.rank)
         if args.summary:
             Path(f"{args.summary}.rank{info.rank}.json").write_text(json.dumps(summary))
+        ok = True
         return 0
     finally:
         if trainer is not None:
-            trainer.close()
+            trainer.close(ok=ok)
+            trainer.log.finish(ok)
         destroy_distributed()
 
 
