@@ -185,6 +185,10 @@ class StudentConfig(Section):
                          "that it reproduces the model's outputs.")
     seed: int | None = Field(None, description="Seed of initialisation (None: experiment.seed); students compared "
                              "against each other should share it.")
+    signal_min_auc: float = Field(0.55, ge=0.0, le=1.0, description="Quality gate: a batch whose teacher logits "
+                                  "rank its own labels with an AUC below this is garbage and gets no distillation "
+                                  "loss (counted). 0 turns the gate off.")
+    log_every: int = Field(20, ge=1, description="Steps between W&B points / training-AUC updates.")
 
 
 class SignalsConfig(Section):

@@ -92,7 +92,7 @@ class StudentModel(nn.Module):
         self.tasks = schema.task_names
         self.features = list(features) if features is not None else list(schema.sparse)
         self.history_len = history_len
-        self.hist_fields = tuple(f for f in HISTORY_FIELDS if f in schema.history)
+        self.hist_fields = tuple(f for f in HISTORY_FIELDS if f in schema.history) if history_len > 0 else ()
         self.target_feature = target_feature if target_feature in self.features and "item" in self.hist_fields else None
         self.ebc = EmbeddingBagCollection(tables=[
             EmbeddingBagConfig(name=f"t_{f}", embedding_dim=emb_dim, num_embeddings=schema.sparse[f], feature_names=[f])
@@ -118,21 +118,85 @@ class StudentModel(nn.Module):
     def encode(self, batch: Batch) -> torch.Tensor:
         """Shared backbone representation [B, hidden]."""
         pooled = self.ebc(batch.sparse).to_dict()  # index by key: sharded/ordered outputs differ (DESIGN §5)
+        ids, mask = (recent_padded(batch.history, self.history_len, self.hist_fields) if self.hist_fields
+                     else ({}, None))
+        target = (batch.sparse[self.target_feature].to_padded_dense(1).squeeze(1)
+                  if self.target_feature is not None else None)
+        return self.encode_parts(pooled, batch.dense, ids, mask, target)
+
+    def encode_parts(self, pooled: dict[str, torch.Tensor], dense: torch.Tensor, hist_ids: dict[str, torch.Tensor],
+                     hist_mask: torch.Tensor | None, target: torch.Tensor | None) -> torch.Tensor:
+        """The backbone on plain tensors: pooled [B, E] per feature, dense [B, Fd], right-aligned history ids
+        [B, n] per field with their mask, target item ids [B]. Shared by `encode` and the served module."""
         parts = [pooled[f] for f in self.features]
         if self.dense_proj is not None:
-            parts.append(self.dense_proj(batch.dense))
+            parts.append(self.dense_proj(dense))
         if self.hist_fields:
-            ids, mask = recent_padded(batch.history, self.history_len, self.hist_fields)
-            events = sum(self.hist_emb[f](ids[f]) for f in self.hist_fields) + self.pos_emb
-            events = events * mask.unsqueeze(-1)
-            count = mask.sum(1, keepdim=True).clamp(min=1)
+            events = sum(self.hist_emb[f](hist_ids[f]) for f in self.hist_fields) + self.pos_emb
+            events = events * hist_mask.unsqueeze(-1)
+            count = hist_mask.sum(1, keepdim=True).clamp(min=1)
             mean = events.sum(1) / count
-            query = self.hist_emb["item"](batch.sparse[self.target_feature].to_padded_dense(1).squeeze(1)) \
-                if self.target_feature is not None else mean
-            parts += [self.attn(query, events, mask), mean]
+            query = self.hist_emb["item"](target) if target is not None else mean
+            parts += [self.attn(query, events, hist_mask), mean]
         return self.backbone(torch.cat(parts, dim=1))
 
     def forward(self, batch: Batch) -> StudentOutput:
         h = self.encode(batch)
         return StudentOutput(main=self._run_tower(self.main, h),
                              aux=self._run_tower(self.aux, h) if self.aux is not None else None)
+
+
+def serving_inputs(model: StudentModel, batch: Batch) -> tuple[torch.Tensor, ...]:
+    """A Batch as the plain tensors `ServedStudent` takes: (sparse_ids [B, F, M] padded with -1 (F = the
+    student's features, M = most ids of one feature in one row), dense [B, Fd], hist_ids [B, n, H] right-aligned,
+    hist_mask [B, n] bool, traffic [B])."""
+    b = len(batch)
+    cols = []
+    for f in model.features:
+        jt = batch.sparse[f]
+        m = max(int(jt.lengths().max()) if b else 1, 1)
+        cols.append(jt.to_padded_dense(m, padding_value=-1))
+    width = max(c.shape[1] for c in cols)
+    sparse = torch.stack([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=-1) for c in cols], dim=1)
+    if model.hist_fields:
+        ids, mask = recent_padded(batch.history, model.history_len, model.hist_fields)
+        hist = torch.stack([ids[f] for f in model.hist_fields], dim=-1)
+    else:
+        hist, mask = torch.zeros(b, 0, 0, dtype=torch.int64), torch.zeros(b, 0, dtype=torch.bool)
+    return sparse, batch.dense, hist, mask, batch.traffic
+
+
+class ServedStudent(nn.Module):
+    """What is served: the backbone and the main tower alone, on plain tensors (see `serving_inputs`), returning
+    [B, num_tasks] true-space predictions: sigmoid(z + correction[traffic]) for binary tasks (the student's own
+    sampling correction g, DESIGN §4), expm1 of the output for continuous tasks trained with log-MSE (the raw
+    output otherwise). The auxiliary tower is not part of it. Embedding tables are the trained ones (shared
+    storage); the KeyedJaggedTensor lookup is replaced by a padded-id sum, which torch.export handles."""
+
+    def __init__(self, model: StudentModel, correction: torch.Tensor, kinds: dict[str, str],
+                 continuous: str = "log_mse") -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("correction", correction.float().clone())  # [num_traffic]
+        self.binary = [kinds[t] == "binary" for t in model.tasks]
+        self.log_space = continuous == "log_mse"
+
+    def forward(self, sparse_ids: torch.Tensor, dense: torch.Tensor, hist_ids: torch.Tensor, hist_mask: torch.Tensor,
+                traffic: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        pooled = {}
+        for i, f in enumerate(m.features):
+            ids = sparse_ids[:, i]
+            valid = (ids >= 0).unsqueeze(-1)
+            table = m.ebc.embedding_bags[f"t_{f}"].weight
+            pooled[f] = (table[ids.clamp(min=0)] * valid).sum(1)  # sum pooling, as the EBC does
+        hist = {f: hist_ids[..., j] for j, f in enumerate(m.hist_fields)}
+        target = None
+        if m.target_feature is not None:  # the candidate item: first id of the target feature
+            target = sparse_ids[:, m.features.index(m.target_feature), 0].clamp(min=0)
+        z = m._run_tower(m.main, m.encode_parts(pooled, dense, hist, hist_mask if m.hist_fields else None, target))
+        c = self.correction[traffic]
+        cols = []
+        for t, is_binary in zip(m.tasks, self.binary, strict=True):
+            cols.append(torch.sigmoid(z[t] + c) if is_binary else (torch.expm1(z[t]) if self.log_space else z[t]))
+        return torch.stack(cols, dim=1)

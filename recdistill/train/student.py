@@ -1,0 +1,324 @@
+"""Student trainer: one device, its own sampled view, teacher signals joined by sample id (DESIGN §4).
+
+    python -m recdistill.train.student --config configs/demo.yaml --set student.signals_uri=runs/demo-x/signals
+    python -m recdistill.train.student --config configs/demo.yaml \\
+        --set student.towers=single --set student.tower_loss=task          # the base student: no distillation
+    python -m recdistill.train.student --config configs/demo.yaml --set student.debias=exact --set student.beta=auto
+
+The student reads its own (more down-sampled) view of the training days, looks up the teacher's raw logits of
+each batch in the signal store, maps them with the configured debias mode (recdistill/distill/debias.py) and
+trains: main tower on the task loss, auxiliary tower (or the single tower) on `student.tower_loss`. It then
+evaluates on the *unsampled* evaluation days, every prediction in the true space (the student's own correction g
+applied), and exports the served part (backbone + main tower) with torch.export, checking the exported program
+against the model. Device: cuda:0 when present, else CPU.
+
+Risk isolation (DESIGN 'does it survive production'): samples with no signal, or with a non-finite one, get no
+distillation loss (counted); and a batch whose teacher logits do not rank the batch's own labels better than
+`student.signal_min_auc` is treated as garbage and gets no distillation loss at all (counted in
+`signals/rejected_batches`). Either way training goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recdistill.config import Config, add_config_arguments, config_from_args, save_config
+from recdistill.data.batch import Batch
+from recdistill.data.loader import BatchLoader, DataSource, build_source
+from recdistill.distill import metrics
+from recdistill.distill.debias import distill_pair, to_true
+from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
+from recdistill.models.student import ServedStudent, StudentModel, serving_inputs
+from recdistill.signals.reader import SignalReader
+from recdistill.tracking import Tracker, console, progress
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' -> cuda:0 when CUDA is present, else cpu; anything else as a torch device string."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def batch_signal_auc(teacher_logit: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> float:
+    """AUC of the teacher's logits against the batch's labels on the `mask` rows (rank formula; NaN with fewer
+    than 5 positives or 5 negatives, too few to judge)."""
+    s, y = teacher_logit[mask].double(), labels[mask] > 0.5
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos < 5 or n_neg < 5:
+        return float("nan")
+    ranks = torch.empty_like(s)
+    ranks[torch.argsort(s)] = torch.arange(1, len(s) + 1, dtype=s.dtype)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@dataclass
+class SignalCounts:
+    """Teacher-signal bookkeeping of one training run (samples unless named otherwise)."""
+
+    looked_up: int = 0
+    joined: int = 0  # found and finite: got a distillation loss unless its batch was rejected
+    missing: int = 0
+    rejected_non_finite: int = 0
+    rejected_batches: int = 0  # batches whose signals failed the quality gate
+    rejected_batch_samples: int = 0
+
+
+class StudentTrainer:
+    """Trains and evaluates one student (see module docstring). `train()`, `evaluate()`, `export()`."""
+
+    def __init__(self, cfg: Config, *, run_dir: str | Path, source: DataSource | None = None,
+                 tracker: Tracker | None = None, name: str = "student") -> None:
+        self.cfg, self.s = cfg, cfg.student
+        self.run_dir, self.name, self.tracker = Path(run_dir), name, tracker
+        self.device = pick_device(self.s.device)
+        self.source = source if source is not None else build_source(cfg.data)
+        schema = self.source.schema
+        self.kinds = {t.name: t.kind for t in schema.tasks}
+        self.num_traffic = schema.num_traffic
+        days = self.source.days()
+        self.train_days, self.eval_days = days[: -cfg.data.eval_days], days[-cfg.data.eval_days:]
+        self.view = cfg.sampling.student
+        torch.manual_seed(self.s.seed if self.s.seed is not None else cfg.experiment.seed)
+        self.model = StudentModel(schema, features=self.s.features, emb_dim=self.s.emb_dim, hidden=self.s.hidden,
+                                  depth=self.s.depth, history_len=self.s.history_len,
+                                  decoupled=self.s.towers == "decoupled").to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.s.lr)
+        self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
+        self.counts = SignalCounts()
+        self.reader, self.teacher_view, self.distill_cols = None, None, {}
+        if self.s.tower_loss != "task":
+            self._open_signals()
+        self.steps = self.samples = 0
+
+    def _open_signals(self) -> None:
+        uri = self.s.signals_uri or self.cfg.signals.uri
+        self.reader = SignalReader(uri, on_corrupt=self.cfg.signals.on_corrupt)
+        if self.reader.meta is None:
+            raise FileNotFoundError(f"student.tower_loss={self.s.tower_loss} needs teacher signals, but {uri} has no "
+                                    "committed signal shard (run the teacher first, or set student.signals_uri)")
+        meta = self.reader.meta
+        self.teacher_view = meta.sampling  # the teacher's logits live in the space of the view it trained on
+        # Distillation covers the binary tasks both sides have; continuous heads learn from labels only.
+        self.distill_cols = {t: meta.tasks.index(t) for t, k in self.kinds.items() if k == "binary" and t in meta.tasks}
+        if not self.distill_cols:
+            raise ValueError(f"teacher signals at {uri} have tasks {meta.tasks}; none is a binary task of the student "
+                             f"({[t for t, k in self.kinds.items() if k == 'binary']})")
+
+    # ---- losses ------------------------------------------------------------------------------------------------
+    def _signals(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw teacher logits [B, T] and a usable mask [B, T] for the batch (on the host), with the counts."""
+        logits, found = self.reader.lookup(batch.sample_id)
+        c = self.counts
+        c.looked_up += len(batch)
+        c.missing, c.rejected_non_finite = self.reader.stats.missing, self.reader.stats.rejected_non_finite
+        mask = valid_signal(logits, found.unsqueeze(1).expand_as(logits))  # a NaN in any column rejects that one
+        c.joined += int(mask.all(1).sum())
+        gate_task = next(iter(self.distill_cols))
+        col = self.distill_cols[gate_task]
+        batch_auc = batch_signal_auc(logits[:, col], batch.labels[gate_task], mask[:, col])
+        if batch_auc == batch_auc and batch_auc < self.s.signal_min_auc:  # NaN (too few labels) passes
+            c.rejected_batches += 1
+            c.rejected_batch_samples += int(mask[:, col].sum())
+            c.joined -= int(mask.all(1).sum())
+            mask = torch.zeros_like(mask)
+        return logits, mask
+
+    def _distill(self, z: dict[str, torch.Tensor], batch: Batch, t_logits: torch.Tensor, t_mask: torch.Tensor
+                 ) -> torch.Tensor:
+        total = None
+        for task, col in self.distill_cols.items():
+            target, pred = distill_pair(self.s.debias, t_logits[:, col], z[task], batch.traffic, self.teacher_view,
+                                        self.view, self.num_traffic)
+            loss = distill_loss(target, pred, t_mask[:, col], kind=self.s.distill_loss,
+                                temperature=self.s.temperature)
+            total = loss if total is None else total + loss
+        return total
+
+    def loss(self, batch: Batch, t_logits: torch.Tensor | None, t_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The step's losses: `total` to backpropagate, plus its parts (detached) for logging."""
+        out = self.model(batch)
+        kinds, cont = self.kinds, self.s.continuous_loss
+        l_main = task_loss(out.main, batch.labels, kinds, continuous=cont)
+        tower = out.aux if out.aux is not None else out.main
+        parts = {"loss/main_task": l_main.detach()}
+        tower_total = None
+        if "task" in self.s.tower_loss:
+            tower_task = task_loss(tower, batch.labels, kinds, continuous=cont) if out.aux is not None else l_main
+            tower_total = tower_task
+        if "distill" in self.s.tower_loss:
+            l_d = self._distill(tower, batch, t_logits, t_mask)
+            beta = self.auto_beta(l_main, l_d) if self.auto_beta is not None else torch.tensor(float(self.s.beta))
+            parts.update({"loss/distill": l_d.detach(), "distill/beta": beta.detach()})
+            tower_total = beta * l_d if tower_total is None else tower_total + beta * l_d
+        # Decoupled: the main tower's loss is the task loss alone; the tower loss reaches only aux + backbone.
+        total = l_main + tower_total if out.aux is not None else tower_total
+        parts["loss/total"] = total.detach()
+        return {"total": total, **parts}
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def loader(self, days: list[int], view) -> BatchLoader:  # noqa: ANN001 - SamplingConfig | None
+        bs = self.s.batch_size or self.cfg.data.batch_size
+        return BatchLoader(self.source, days, bs, view=view, prefetch=self.cfg.data.prefetch)
+
+    def train(self) -> dict:
+        """`student.epochs` passes over the student's view of the training days; returns a summary."""
+        t0 = time.perf_counter()
+        bar = progress(desc=f"{self.name} train", unit="batch", enabled=self.cfg.tracking.progress)
+        train_metrics = metrics.StreamingMetrics(self.kinds, window=20_000)
+        log_every = self.s.log_every
+        for _ in range(self.s.epochs):
+            for batch in self.loader(self.train_days, self.view):
+                t_logits = t_mask = None
+                if self.reader is not None:
+                    t_logits, t_mask = self._signals(batch)
+                    t_logits, t_mask = t_logits.to(self.device), t_mask.to(self.device)
+                batch = batch.to(self.device)
+                losses = self.loss(batch, t_logits, t_mask)
+                self.opt.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                self.opt.step()
+                self.steps += 1
+                self.samples += len(batch)
+                bar.update(1)
+                if self.steps % log_every == 0:
+                    with torch.no_grad():
+                        probs = self._true_space(self.model(batch).main, batch)
+                    train_metrics.update(batch.labels, probs)
+                    self._log(losses, train_metrics, t0)
+        bar.close()
+        secs = time.perf_counter() - t0
+        return {"train/steps": self.steps, "train/samples": self.samples, "train/seconds": secs,
+                "throughput/samples_per_s": self.samples / max(secs, 1e-9),
+                **{f"signals/{k}": v for k, v in asdict(self.counts).items()}}
+
+    def _log(self, losses: dict[str, torch.Tensor], train_metrics: metrics.StreamingMetrics, t0: float) -> None:
+        if self.tracker is None:
+            return
+        vals = {f"{self.name}/{k}": float(v) for k, v in losses.items() if k != "total"}
+        vals.update({f"{self.name}/train/{k}": v for k, v in train_metrics.compute().items() if k.startswith("auc/")})
+        vals[f"{self.name}/throughput/samples_per_s"] = self.samples / max(time.perf_counter() - t0, 1e-9)
+        vals.update({f"{self.name}/signals/{k}": v for k, v in asdict(self.counts).items()})
+        self.tracker.log(vals, step=self.steps)
+
+    def _true_space(self, z: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        """Raw outputs -> what is evaluated and served: sigmoid(g(z)) for binary tasks, the value for continuous."""
+        out = {}
+        for t, v in z.items():
+            if self.kinds[t] == "binary":
+                out[t] = torch.sigmoid(to_true(v, self.view, batch.traffic, self.num_traffic))
+            else:
+                out[t] = torch.expm1(v) if self.s.continuous_loss == "log_mse" else v
+        return out
+
+    # ---- evaluation and export ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, days: list[int] | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Metrics of the main tower (and of the aux tower, prefixed `aux/`) on the unsampled `days` (default: the
+        evaluation days), plus the predictions: {'sample_id': [N], '<task>': [N] true-space} of the main tower."""
+        self.model.eval()
+        labels, p_true, main, aux, ids = {}, {}, {}, {}, []
+        for batch in self.loader(days or self.eval_days, None):
+            batch = batch.to(self.device)
+            out = self.model(batch)
+            ids.append(batch.sample_id.cpu())
+            for store, z in ((main, out.main), (aux, out.aux)):
+                for t, v in (self._true_space(z, batch) if z is not None else {}).items():
+                    store.setdefault(t, []).append(v.cpu())
+            for t, v in batch.labels.items():
+                labels.setdefault(t, []).append(v.cpu())
+            for t, v in (batch.p_true or {}).items():
+                p_true.setdefault(t, []).append(v.cpu())
+        self.model.train()
+        cat = {n: {t: torch.cat(v) for t, v in d.items()} for n, d in
+               (("labels", labels), ("p_true", p_true), ("main", main), ("aux", aux))}
+        res = metrics.evaluate(cat["labels"], cat["main"], self.kinds, p_true=cat["p_true"] or None)
+        if cat["aux"]:
+            res.update({f"aux/{k}": v for k, v in metrics.evaluate(cat["labels"], cat["aux"], self.kinds).items()})
+        preds = {"sample_id": torch.cat(ids).numpy(), **{t: v.numpy() for t, v in cat["main"].items()}}
+        return res, preds
+
+    def served(self) -> ServedStudent:
+        """The served module: backbone + main tower, true-space outputs."""
+        corr = self.view.correction(torch.arange(self.num_traffic), self.num_traffic)
+        return ServedStudent(self.model, corr.to(self.device), self.kinds, self.s.continuous_loss).eval()
+
+    def export(self, path: str | Path) -> dict:
+        """Export the served module with torch.export (TorchScript tracing as the fallback), save it at `path`,
+        reload it and check it against the model's main tower on an evaluation batch of another size than the
+        one it was exported with. Returns {'export/format', 'export/max_abs_diff', 'export/path'}."""
+        path = Path(path)
+        served = self.served()
+        it = iter(self.loader(self.eval_days, None))
+        example, check = next(it).to(self.device), None
+        check = next(it, example).to(self.device)
+        ex_args = serving_inputs(self.model, example)
+        fmt = "torch.export"
+        try:
+            batch_dim = torch.export.Dim("batch", min=1, max=1 << 20)
+            ids_dim = torch.export.Dim("ids_per_feature", min=1, max=4096)
+            dyn = ({0: batch_dim, 2: ids_dim}, {0: batch_dim}, {0: batch_dim}, {0: batch_dim}, {0: batch_dim})
+            program = torch.export.export(served, ex_args, dynamic_shapes=dyn, strict=False)
+            path = path.with_suffix(".pt2")
+            torch.export.save(program, str(path))
+            loaded = torch.export.load(str(path)).module()
+        except Exception as exc:  # noqa: BLE001 - any export failure falls back to TorchScript, reported
+            console(f"{self.name}: torch.export failed ({type(exc).__name__}: {exc}); falling back to TorchScript")
+            fmt = "torchscript"
+            path = path.with_suffix(".ts")
+            torch.jit.save(torch.jit.trace(served, ex_args, check_trace=False), str(path))
+            loaded = torch.jit.load(str(path))
+        with torch.no_grad():
+            got = loaded(*serving_inputs(self.model, check))
+            want = torch.stack(list(self._true_space(self.model(check).main, check).values()), dim=1)
+        diff = float((got - want).abs().max())
+        if not diff <= 1e-4:  # NaN fails too
+            raise RuntimeError(f"exported student {path} differs from the model by {diff:.3g} (max abs)")
+        return {"export/format": fmt, "export/max_abs_diff": diff, "export/path": str(path)}
+
+
+def run_student(cfg: Config, run_dir: str | Path, *, name: str = "student", source: DataSource | None = None,
+                tracker: Tracker | None = None) -> dict:
+    """Train, evaluate and (if configured) export one student; writes `<run_dir>/<name>.summary.json` and
+    `<run_dir>/<name>.eval_preds.npz`; returns the summary (eval metrics under `eval/`)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = StudentTrainer(cfg, run_dir=run_dir, source=source, tracker=tracker, name=name)
+    summary = trainer.train()
+    res, preds = trainer.evaluate()
+    summary.update({f"eval/{k}": v for k, v in res.items()})
+    if cfg.student.export:
+        summary.update(trainer.export(run_dir / f"{name}_main_tower"))
+    np.savez(run_dir / f"{name}.eval_preds.npz", **preds)
+    (run_dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if tracker is not None:
+        tracker.summary({f"{name}/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one student, a run directory under tracking.run_dir."""
+    p = argparse.ArgumentParser(description="recdistill student trainer (one device)")
+    add_config_arguments(p)
+    p.add_argument("--name", default="student", help="name of this student in logs and file names")
+    args = p.parse_args(argv)
+    cfg = config_from_args(args)
+    run_dir = Path(cfg.tracking.run_dir) / (cfg.tracking.run_name or f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    save_config(cfg, run_dir)
+    with Tracker(cfg.tracking, run_dir, cfg.model_dump(mode="json"), name=run_dir.name) as tracker:
+        summary = run_student(cfg, run_dir, name=args.name, tracker=tracker)
+    console(json.dumps({k: v for k, v in summary.items() if k.startswith(("eval/auc", "eval/ne", "signals/"))}))
+    console(f"student: outputs in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
