@@ -2,6 +2,7 @@
 
     recdistill demo                       # the main job on the embedded default (what `make demo` runs)
     recdistill demo --set data.source=parquet --set data.path=DIR
+    recdistill experiment --config configs/experiments/ablations.yaml   # one teacher, many students compared
     recdistill data export DIR            # write the synthetic world as Parquet (DESIGN §4 layout)
     recdistill signals inspect URI        # see `recdistill signals --help`
     recdistill bench data                 # data-generation throughput -> benchmarks/results/
@@ -20,7 +21,8 @@ from recdistill.config import ConfigError
 
 #: Modules that contribute subcommands; each has `register(subparsers)` which sets `func` on its parsers.
 SUBCOMMAND_MODULES = (
-    "recdistill.demo", "recdistill.data.cli", "recdistill.signals.cli", "recdistill.train.dryrun", "recdistill.bench",
+    "recdistill.experiment", "recdistill.data.cli", "recdistill.signals.cli", "recdistill.train.dryrun",
+    "recdistill.bench",
 )
 
 

@@ -176,7 +176,7 @@ class StudentConfig(Section):
     )
     continuous_loss: Literal["mse", "log_mse"] = Field("log_mse", description="Loss of continuous tasks (log_mse: "
                                                        "heads predict log1p(value)).")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate (dense layers and embedding tables).")
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate (dense layers and embedding tables).")
     epochs: int = Field(1, ge=1, description="Passes over the student's training days.")
     batch_size: int | None = Field(None, ge=1, description="Student batch size (None: data.batch_size).")
     device: str = Field("auto", description="'auto' (cuda:0 if present, else cpu), or a torch device string.")
@@ -222,11 +222,38 @@ class TrackingConfig(Section):
     progress: bool = Field(True, description="Show progress bars.")
 
 
+class StudentRun(Section):
+    """One student of an experiment: a name and its overrides of the resolved config."""
+
+    name: str = Field(description="Name in tables, plots, logs and file names.")
+    set: list[str] = Field(default_factory=list, description="KEY=VALUE overrides for this student only, e.g. "
+                           "'student.towers=single' or 'sampling.student.r=0.2'.")
+
+
 class ExperimentConfig(Section):
-    """What a run is called and how it is seeded."""
+    """What a run is called, how it is seeded, and which students `recdistill demo|experiment` train."""
 
     name: str = Field("demo", description="Experiment name (prefix of run names).")
     seed: int = Field(0, description="Seed of model initialisation and shuffling.")
+    teacher_procs: int = Field(2, ge=1, description="Teacher processes the demo/experiment launches with torchrun "
+                               "(gloo on CPU; on a GPU machine one per GPU, at most this many).")
+    teacher_signals: str | None = Field(None, description="Reuse this committed signal store (and "
+                                        "<store>/../teacher_eval.npz) instead of training a teacher.")
+    students: list[StudentRun] = Field(
+        default_factory=lambda: [
+            StudentRun(name="base", set=["student.towers=single", "student.tower_loss=task"]),
+            StudentRun(name="distilled", set=["student.towers=decoupled", "student.tower_loss=task+distill"]),
+        ], description="Students trained on the same data and signals, in order.")
+    base_student: str = Field("base", description="The student without distillation that gains are measured from.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        names = [s.name for s in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment.students: names must be unique, got {names}")
+        if self.base_student not in names:
+            raise ValueError(f"experiment.base_student={self.base_student!r} is not one of the students {names}")
+        return self
 
 
 class Config(Section):

@@ -223,7 +223,8 @@ class StudentTrainer:
     @torch.no_grad()
     def evaluate(self, days: list[int] | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Metrics of the main tower (and of the aux tower, prefixed `aux/`) on the unsampled `days` (default: the
-        evaluation days), plus the predictions: {'sample_id': [N], '<task>': [N] true-space} of the main tower."""
+        evaluation days), plus the main tower's predictions: {'sample_id': [N], 'pred_<task>': true-space [N],
+        'label_<task>', 'p_true_<task>' (where the data has it)}."""
         self.model.eval()
         labels, p_true, main, aux, ids = {}, {}, {}, {}, []
         for batch in self.loader(days or self.eval_days, None):
@@ -243,7 +244,10 @@ class StudentTrainer:
         res = metrics.evaluate(cat["labels"], cat["main"], self.kinds, p_true=cat["p_true"] or None)
         if cat["aux"]:
             res.update({f"aux/{k}": v for k, v in metrics.evaluate(cat["labels"], cat["aux"], self.kinds).items()})
-        preds = {"sample_id": torch.cat(ids).numpy(), **{t: v.numpy() for t, v in cat["main"].items()}}
+        # Same layout as the teacher's --eval-out file, so the experiment compares both on identical rows.
+        preds = {"sample_id": torch.cat(ids).numpy()}
+        for name, prefix in (("main", "pred_"), ("labels", "label_"), ("p_true", "p_true_")):
+            preds.update({prefix + t: v.numpy() for t, v in cat[name].items()})
         return res, preds
 
     def served(self) -> ServedStudent:

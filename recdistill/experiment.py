@@ -1,0 +1,257 @@
+"""One teacher, N students: the end-to-end job behind `recdistill demo` and `recdistill experiment`.
+
+    recdistill demo                                            # configs/demo.yaml: teacher + base + distilled student
+    recdistill experiment --config configs/experiments/ablations.yaml   # the ablation grid (towers, debias, beta)
+    recdistill experiment --config configs/experiments/ablations.yaml \\
+        --set experiment.teacher_signals=runs/demo-X/signals      # reuse a committed teacher run
+
+Steps: save the resolved config into the run directory; train the teacher with torchrun (`experiment.teacher_procs`
+gloo ranks on CPU, one NCCL rank per GPU on a GPU machine), which writes its raw logits into `<run>/signals`
+during its own forward passes and its evaluation-day predictions into `<run>/teacher_eval.npz`; train every
+student of `experiment.students` in this process (one device) on the same data and signals; compare everyone on
+the identical, unsampled evaluation rows: AUC / NE per task, teacher gain and student gain over the base
+student, distillation transferability (AUC_student - AUC_base) / (AUC_teacher - AUC_base), the Bayes-optimal AUC
+on synthetic data; write report.md, plots, metrics.jsonl and a W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recdistill.config import Config, load_config, save_config
+from recdistill.data.loader import build_source
+from recdistill.distill import metrics
+from recdistill.report import markdown_table, plot_bars, write_report
+from recdistill.tracking import Tracker, console
+from recdistill.train.student import run_student
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_run_dir(cfg: Config) -> Path:
+    """runs/<run_name or experiment-timestamp>/ (created)."""
+    name = cfg.tracking.run_name or f"{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.tracking.run_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def teacher_procs(cfg: Config) -> int:
+    """Teacher ranks to launch: experiment.teacher_procs on CPU; on a GPU machine one per GPU, at most that many."""
+    if torch.cuda.is_available():
+        return max(1, min(cfg.experiment.teacher_procs, torch.cuda.device_count()))
+    return cfg.experiment.teacher_procs
+
+
+def run_teacher(cfg_path: Path, run_dir: Path, nproc: int) -> dict:
+    """Train the teacher with torchrun on `nproc` ranks; its output goes to <run>/teacher.log and, line by line
+    with a prefix, to the console. Returns rank 0's summary; raises with the log's tail if it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+           "-m", "recdistill.train.teacher", "--config", str(cfg_path),
+           "--set", f"signals.uri={run_dir / 'signals'}", "--set", f"teacher.checkpoint_dir={run_dir / 'teacher_ckpt'}",
+           "--summary", str(run_dir / "teacher"), "--eval-out", str(run_dir / "teacher_eval.npz"),
+           "--run-dir", str(run_dir / "teacher")]
+    console(f"experiment: teacher on {nproc} rank(s): {' '.join(cmd[2:])}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))}
+    tail: deque[str] = deque(maxlen=40)
+    with open(run_dir / "teacher.log", "w") as log, subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            tail.append(line.rstrip())
+            if line.startswith(("teacher step", "teacher: ", "teacher done")) or "Error" in line:
+                console("[teacher] " + line.rstrip()[:300])
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"teacher failed with exit code {code} (full log: {run_dir / 'teacher.log'}):\n"
+                           + "\n".join(tail))
+    return json.loads((run_dir / "teacher.rank0.json").read_text())
+
+
+def load_preds(path: Path) -> dict[str, np.ndarray]:
+    """An eval-predictions .npz (teacher --eval-out or student), rows sorted by sample_id."""
+    with np.load(path) as f:
+        d = {k: f[k] for k in f.files}
+    order = np.argsort(d["sample_id"], kind="stable")
+    return {k: v[order] for k, v in d.items()}
+
+
+def score(preds: dict[str, np.ndarray], kinds: dict[str, str], ids: np.ndarray) -> dict[str, float]:
+    """metrics.evaluate on the rows `ids` (which must all be present in `preds`)."""
+    pos = np.searchsorted(preds["sample_id"], ids)
+    if len(ids) and (pos.max() >= len(preds["sample_id"]) or not np.array_equal(preds["sample_id"][pos], ids)):
+        raise ValueError("evaluation rows differ between models (they must all score the same unsampled days)")
+    t = torch.from_numpy
+    tasks = [k for k in kinds if f"pred_{k}" in preds]
+    labels = {k: t(preds[f"label_{k}"][pos]) for k in tasks}
+    p = {k: t(preds[f"pred_{k}"][pos].astype(np.float64)) for k in tasks}
+    truth = {k: t(preds[f"p_true_{k}"][pos]) for k in tasks if f"p_true_{k}" in preds}
+    return metrics.evaluate(labels, p, kinds, p_true=truth or None)
+
+
+def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] | None, base: str,
+               kinds: dict[str, str]) -> tuple[list[dict], list[dict]]:
+    """(AUC/NE rows per model and task, gain rows per student and task) for the report."""
+    models = ({"teacher": teacher} if teacher else {}) | results
+    binary = [k for k, v in kinds.items() if v == "binary"]
+    auc_rows = [{"model": m, **{f"auc/{t}": r.get(f"auc/{t}") for t in binary},
+                 **{f"ne/{t}": r.get(f"ne/{t}") for t in binary}} for m, r in models.items()]
+    any_res = next(iter(results.values()))
+    if any(f"bayes_auc/{t}" in any_res for t in binary):
+        auc_rows.append({"model": "Bayes-optimal (ceiling)",
+                         **{f"auc/{t}": any_res.get(f"bayes_auc/{t}") for t in binary},
+                         **{f"ne/{t}": any_res.get(f"bayes_ne/{t}") for t in binary}})
+    gain_rows = []
+    for name, r in results.items():
+        if name == base:
+            continue
+        cmp = metrics.compare(r, results[base], teacher)
+        for t in binary:
+            gain_rows.append({"student": name, "task": t,
+                              "teacher_gain": (teacher or {}).get(f"auc/{t}", float("nan")) - results[base][f"auc/{t}"],
+                              "student_gain": cmp.get(f"auc_gain/{t}"),
+                              "transferability": cmp.get(f"transferability/{t}", float("nan")),
+                              "ne_rel_change": cmp.get(f"ne_rel_change/{t}")})
+    return auc_rows, gain_rows
+
+
+def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker) -> dict:
+    """The whole job (see module docstring); returns {'auc_rows', 'gain_rows', 'teacher', 'students'}."""
+    cfg_path = save_config(cfg, run_dir)
+    source = build_source(cfg.data)
+    kinds = {t.name: t.kind for t in source.schema.tasks}
+    t0 = time.perf_counter()
+    if cfg.experiment.teacher_signals:
+        signals = Path(cfg.experiment.teacher_signals)
+        teacher_eval, teacher_sum = signals.parent / "teacher_eval.npz", {}
+        console(f"experiment: reusing teacher signals {signals}")
+    else:
+        teacher_sum = run_teacher(cfg_path, run_dir, teacher_procs(cfg))
+        signals, teacher_eval = run_dir / "signals", run_dir / "teacher_eval.npz"
+        tracker.log({f"teacher/{k}": v for k, v in teacher_sum.items() if isinstance(v, int | float)}, step=0)
+    times = {"teacher_s": time.perf_counter() - t0}
+    students, preds = {}, {}
+    for i, run in enumerate(cfg.experiment.students):
+        scfg = load_config(cfg_path, run.set)
+        if scfg.student.tower_loss != "task" and scfg.student.signals_uri is None:
+            scfg = load_config(cfg_path, [*run.set, f"student.signals_uri={signals}"])
+        console(f"experiment: student {i + 1}/{len(cfg.experiment.students)} '{run.name}' "
+                f"({scfg.student.towers}, tower_loss={scfg.student.tower_loss}, debias={scfg.student.debias}, "
+                f"beta={scfg.student.beta})")
+        s0 = time.perf_counter()
+        students[run.name] = run_student(scfg, run_dir / "students", name=run.name, source=source, tracker=tracker)
+        times[f"student_{run.name}_s"] = time.perf_counter() - s0
+        preds[run.name] = load_preds(run_dir / "students" / f"{run.name}.eval_preds.npz")
+    ids = preds[cfg.experiment.base_student]["sample_id"]
+    results = {name: score(p, kinds, ids) for name, p in preds.items()}
+    teacher = score(load_preds(teacher_eval), kinds, ids) if teacher_eval.exists() else None
+    auc_rows, gain_rows = comparison(results, teacher, cfg.experiment.base_student, kinds)
+    summary = {f"{m}/{k}": v for m, r in ({"teacher": teacher or {}} | results).items() for k, v in r.items()}
+    summary.update({f"{g['student']}/transferability/{g['task']}": g["transferability"] for g in gain_rows})
+    summary.update({f"time/{k}": v for k, v in times.items()})
+    tracker.summary(summary)
+    report = write_experiment_report(run_dir, cfg, auc_rows, gain_rows, teacher_sum, students, times, kinds,
+                                     eval_rows=len(ids))
+    tracker.save_file(report)
+    return {"auc_rows": auc_rows, "gain_rows": gain_rows, "teacher": teacher_sum, "students": students,
+            "report": report, "times": times}
+
+
+def write_experiment_report(run_dir: Path, cfg: Config, auc_rows: list[dict], gain_rows: list[dict],
+                            teacher_sum: dict, students: dict[str, dict], times: dict, kinds: dict[str, str],
+                            eval_rows: int) -> Path:
+    """report.md with the comparison tables, signal counts, timings and two plots."""
+    binary = [k for k, v in kinds.items() if v == "binary"]
+    models = [r for r in auc_rows if not r["model"].startswith("Bayes")]
+    bayes = next((r for r in auc_rows if r["model"].startswith("Bayes")), None)
+    images = [plot_bars(run_dir / "auc_by_model.png", binary,
+                        {r["model"]: [r[f"auc/{t}"] for t in binary] for r in models},
+                        title="Next-day AUC on the unsampled evaluation rows", ylabel="AUC",
+                        ref={"Bayes-optimal": [bayes[f"auc/{t}"] for t in binary]} if bayes else None)]
+    if gain_rows:
+        names = list(dict.fromkeys(g["student"] for g in gain_rows))
+        tr = {(g["student"], g["task"]): g["transferability"] for g in gain_rows}
+        finite = [v for v in tr.values() if v == v and abs(v) != float("inf")]
+        images.append(plot_bars(run_dir / "transferability.png", binary,
+                                {n: [tr[(n, t)] for t in binary] for n in names},
+                                title="Distillation transferability (share of the teacher's AUC gain kept)",
+                                ylabel="transferability",
+                                ylim=(min([0.0, *finite]) - 0.05, max([1.0, *finite]) + 0.05)))
+    sig_rows = [{"student": n, **{k[len("signals/"):]: v for k, v in s.items() if k.startswith("signals/")},
+                 "train_samples": s.get("train/samples"), "samples_per_s": s.get("throughput/samples_per_s"),
+                 "export": f"{s.get('export/format', '-')} (max diff {s.get('export/max_abs_diff', float('nan')):.1e})"}
+                for n, s in students.items()]
+    t_rows = [{"metric": k, "value": v} for k, v in teacher_sum.items()
+              if k in ("steps", "trained_samples", "seconds", "samples_per_s", "signals/rows_written")]
+    views = [f"- `{v.name}`: r={v.r}, q={v.q}, q_eff={v.q_eff}, b={v.b}" for v in (cfg.sampling.teacher,
+                                                                                   cfg.sampling.student)]
+    sections = [
+        ("What ran", f"Teacher `{cfg.teacher.preset}` (history {cfg.teacher.history_len}) on {cfg.data.source} data, "
+                     f"{cfg.data.num_days - cfg.data.eval_days} training day(s) of {cfg.data.samples_per_day:,} "
+                     "samples "
+                     f"before sampling; evaluation on the last {cfg.data.eval_days} day(s), unsampled, "
+                     f"{eval_rows:,} rows, identical for every model. Students: "
+                     + ", ".join(f"`{r.name}` ({' '.join(r.set) or 'defaults'})" for r in cfg.experiment.students)
+                     + ".\n\nSampled views:\n" + "\n".join(views)),
+        ("Next-day AUC / NE (main tower for students)", markdown_table(auc_rows)),
+        ("Gains over the base student", markdown_table(gain_rows) if gain_rows else "(no distilled student)"),
+        ("Teacher signals per student", markdown_table(sig_rows)),
+        ("Teacher run", markdown_table(t_rows) if t_rows else "(reused signals)"),
+        ("Time", markdown_table([{"part": k, "seconds": v} for k, v in times.items()], floatfmt=".1f")),
+    ]
+    return write_report(run_dir, f"recdistill {cfg.experiment.name} — {run_dir.name}", sections, images=images)
+
+
+def default_config_path() -> Path | None:
+    """configs/demo.yaml of this checkout (the embedded default of `recdistill demo`)."""
+    p = ROOT / "configs" / "demo.yaml"
+    return p if p.is_file() else None
+
+
+def cli(args) -> int:  # noqa: ANN001 - argparse.Namespace
+    """`recdistill demo` / `recdistill experiment`: run, then print where everything went."""
+    path = args.config if args.config is not None else (default_config_path() if args.command == "demo" else None)
+    cfg = load_config(path, args.overrides)
+    run_dir = make_run_dir(cfg)
+    console(f"{args.command}: run directory {run_dir} (config: {path or 'built-in defaults'})")
+    t0 = time.perf_counter()
+    with Tracker(cfg.tracking, run_dir, cfg.model_dump(mode="json"), name=run_dir.name) as tracker:
+        out = run_experiment(cfg, run_dir, tracker)
+        wandb_dir = tracker.wandb_dir
+    console("\n" + markdown_table(out["auc_rows"]) + "\n")
+    if out["gain_rows"]:
+        console(markdown_table(out["gain_rows"]) + "\n")
+    console(f"{args.command}: done in {time.perf_counter() - t0:.0f} s")
+    console(f"{args.command}: report {out['report']}; plots {run_dir}/*.png; metrics {run_dir / 'metrics.jsonl'}")
+    console(f"{args.command}: teacher signals {run_dir / 'signals'}; students and exported main towers "
+            f"{run_dir / 'students'}; W&B {wandb_dir or 'off'}")
+    return 0
+
+
+def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
+    """Add `recdistill demo` and `recdistill experiment`."""
+    from recdistill.config import add_config_arguments
+
+    p = sub.add_parser("demo", help="the main job end to end on the embedded default (configs/demo.yaml)")
+    add_config_arguments(p)
+    p.set_defaults(func=cli)
+    p = sub.add_parser("experiment", help="one teacher and the students of experiment.students, compared")
+    add_config_arguments(p)
+    p.set_defaults(func=cli)
