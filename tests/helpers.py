@@ -49,3 +49,45 @@ def logits_of(ids: torch.Tensor) -> torch.Tensor:
     """Deterministic logits per sample id, so any stored row can be checked."""
     x = ids.double()
     return torch.stack([torch.sin(x), torch.cos(x)], 1).float()
+
+
+# ---- an oracle teacher for student tests ---------------------------------------------------------------------
+def write_oracle_signals(cfg, uri: str, *, window_steps: int = 4, corrupt: dict | None = None) -> dict:
+    """Write, through the real SignalWriter, what a perfect teacher would: logit(p_true) mapped into the teacher's
+    sampled space, for every sample of the teacher's view of the training days (batches of data.batch_size).
+
+    `corrupt` = {window: 'garbage' | 'nan' | 'missing'}: that whole window is random N(0, 3) logits, NaN, or never
+    written. Returns {'rows': written, 'windows': n}.
+    """
+    from recdistill.data.loader import BatchLoader, build_source
+    from recdistill.distill.debias import to_sampled
+    from recdistill.signals.writer import SignalWriter
+
+    src = build_source(cfg.data)
+    view, nt = cfg.sampling.teacher, src.schema.num_traffic
+    meta = SignalMeta(run_id="oracle", teacher_version="oracle", tasks=src.schema.task_names, sampling=view)
+    corrupt, rows, g = corrupt or {}, 0, torch.Generator().manual_seed(7)
+    steps = 0
+    with SignalWriter(uri, 0, meta, window_steps=window_steps) as w:
+        for step, b in enumerate(BatchLoader(src, src.days()[: -cfg.data.eval_days], cfg.data.batch_size, view=view,
+                                             prefetch=0)):
+            steps = step + 1
+            kind = corrupt.get(step // window_steps)
+            if kind == "missing":
+                continue
+            cols = []
+            for t in src.schema.task_names:
+                p = b.p_true[t].double()
+                if t == "watch_time":
+                    cols.append(torch.log1p(p).float())
+                    continue
+                p = p.clamp(1e-6, 1 - 1e-6)
+                cols.append(to_sampled((torch.log(p) - torch.log1p(-p)).float(), view, b.traffic, nt))
+            logits = torch.stack(cols, 1)
+            if kind == "garbage":
+                logits = 3 * torch.randn(logits.shape, generator=g)
+            elif kind == "nan":
+                logits = torch.full_like(logits, float("nan"))
+            w.write(b.sample_id, logits, step)
+            rows += len(b)
+    return {"rows": rows, "windows": -(-steps // window_steps)}

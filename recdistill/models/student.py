@@ -13,6 +13,7 @@ Pure PyTorch: no parallelism, no I/O.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -140,6 +141,14 @@ class StudentModel(nn.Module):
             parts += [self.attn(query, events, hist_mask), mean]
         return self.backbone(torch.cat(parts, dim=1))
 
+    def without_aux(self) -> StudentModel:
+        """A view of this model without the auxiliary tower: the same parameter tensors (no copy), so serving
+        code built on it holds and exports only the backbone and the main tower."""
+        view = copy.copy(self)
+        view._modules = {k: v for k, v in self._modules.items() if k != "aux"}  # a new dict: self keeps its aux
+        view.aux = None
+        return view
+
     def forward(self, batch: Batch) -> StudentOutput:
         h = self.encode(batch)
         return StudentOutput(main=self._run_tower(self.main, h),
@@ -176,7 +185,7 @@ class ServedStudent(nn.Module):
     def __init__(self, model: StudentModel, correction: torch.Tensor, kinds: dict[str, str],
                  continuous: str = "log_mse") -> None:
         super().__init__()
-        self.model = model
+        self.model = model.without_aux()
         self.register_buffer("correction", correction.float().clone())  # [num_traffic]
         self.binary = [kinds[t] == "binary" for t in model.tasks]
         self.log_space = continuous == "log_mse"
