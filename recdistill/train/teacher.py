@@ -1,18 +1,28 @@
 """Teacher trainer: TorchRec-sharded embeddings + DeepSpeed dense, writing raw logits as it trains.
 
-    torchrun --nproc_per_node=2 -m recdistill.train.teacher --config configs/demo.yaml \\
+    python -m recdistill.train.teacher --config configs/teacher/tiny.yaml        # one process (1-rank gloo)
+    torchrun --nproc_per_node=2 -m recdistill.train.teacher --config configs/teacher/tiny.yaml \\
+        --set data.samples_per_day=1200 --set teacher.checkpoint_dir=runs/ckpt --eval-out runs/teacher_eval.npz
+    torchrun --nproc_per_node=8 -m recdistill.train.teacher --config configs/demo.yaml \\
         --set teacher.deepspeed=configs/deepspeed/zero3.json --set teacher.sharding=row_wise
-    python -m recdistill.train.teacher --config configs/teacher/tiny.yaml        # one process
+    deepspeed --num_gpus 2 --module recdistill.train.teacher --config configs/teacher/tiny.yaml
+    launch/teacher_torchrun.sh | launch/teacher_deepspeed.sh | sbatch launch/teacher_slurm.sbatch   # wrappers
 
 Forward distillation: each step's raw logits go to the rank's SignalWriter *before* backward, so the stored
 logit is the out-of-sample prediction of the step that first trains on that sample (one pass over the training
-days: no sample is trained twice). A window is committed every `signals.window_steps` steps.
+days: no sample is trained twice). A window is committed after its last step (every `signals.window_steps`).
 Ranks can run out of batches at different steps (their sampled chunks differ in size): every step first agrees
 on "all ranks still have a batch" over a small gloo group, so collectives never mismatch; a rank's leftover
 batches, and each day's last partial batch, are neither trained nor written.
-Not yet here (issue 4): checkpoint/resume, bf16 on GPU, W&B logging of streaming AUC (printed and in JSON).
-"""
 
+Checkpoints (recdistill/train/checkpoint.py): every `teacher.checkpoint_every` committed windows, and at the end,
+into `teacher.checkpoint_dir`; running the same command again resumes from the newest complete one (skipping the
+batches it trained on; the writer keeps committed windows and rewrites the open one). After an error the open
+window is not committed. Next-day evaluation: the unsampled last `data.eval_days` days, predictions in the true
+space (the teacher's own sampling correction), `eval/<metric>/<task>` in the summary; `--eval-out` keeps the rows.
+Logging: rank 0's progress bar and Tracker (metrics.jsonl + W&B, offline by default) every `teacher.log_every`.
+Not yet here (issue 4): a checked GPU path; DeepSpeed's bf16 switches on with CUDA, but NCCL + bf16 were not run.
+"""
 from __future__ import annotations
 
 import argparse

@@ -21,7 +21,8 @@ from recdistill.signals.schema import COMMITS
 def test_torchrun_teacher_writes_one_row_per_trained_sample(tmp_path, sharding, zero):
     sets = ["data.samples_per_day=1200", "data.num_days=3", "data.batch_size=64", f"signals.uri={tmp_path}/sig",
             "signals.window_steps=4", f"teacher.sharding={sharding}",
-            f"teacher.deepspeed=configs/deepspeed/zero{zero}.json"]
+            f"teacher.deepspeed=configs/deepspeed/zero{zero}.json", "tracking.mode=disabled",
+            f"tracking.run_dir={tmp_path}/runs"]  # W&B off in tests; run directories under tmp
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -63,7 +64,8 @@ def test_single_process_teacher_through_the_cli(tmp_path, monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.setenv(var, "1" if var == "WORLD_SIZE" else "0")  # restored after the test
     code = main(["teacher", "--config", "configs/teacher/tiny.yaml", "--set", "data.samples_per_day=400",
-                 "--set", "data.num_days=2", "--set", "data.batch_size=50", "--set", f"signals.uri={tmp_path}/s"])
+                 "--set", "data.num_days=2", "--set", "data.batch_size=50", "--set", f"signals.uri={tmp_path}/s",
+                 "--set", "tracking.mode=disabled", "--set", f"tracking.run_dir={tmp_path}/runs"])
     assert code == 0
     reader = SignalReader(str(tmp_path / "s"))
     assert reader.stats.rows > 0 and reader.stats.rows % 50 == 0 and reader.stats.duplicates == 0
