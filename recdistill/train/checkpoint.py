@@ -35,6 +35,9 @@ import torch.distributed.checkpoint as dcp
 META, LATEST, DENSE, SPARSE = "meta.json", "latest", "dense", "sparse"
 PREFIX = "step="
 SPARSE_PREFIX = "embed."  # DMP state-dict keys of the sharded part; the dense keys belong to DeepSpeed
+# Complete checkpoints kept (older ones are deleted once a newer one is complete): the newest, plus one in case
+# the newest turns out unreadable. No config field for it yet (TeacherConfig is not this module's to change).
+KEEP = 2
 
 
 def step_name(step: int) -> str:
@@ -109,8 +112,23 @@ def save_checkpoint(root: str | Path, *, step: int, dmp: torch.nn.Module, engine
                 "save_s": time.perf_counter() - t0}
         _atomic_write_text(d / META, json.dumps(full, indent=1))
         _atomic_write_text(Path(root) / LATEST, d.name + "\n")
+        prune(root, keep=KEEP)
     dist.barrier(group=group)
     return d
+
+
+def prune(root: str | Path, keep: int = KEEP) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than the newest complete
+    one (left by a crash while saving); returns what was deleted. Rank 0 only, after `latest` moved on."""
+    complete = complete_checkpoints(root)
+    if not complete:
+        return []
+    newest = int(complete[-1].name[len(PREFIX):])
+    doomed = complete[:-keep] + [d for d in Path(root).iterdir() if d.is_dir() and d.name.startswith(PREFIX)
+                                 and not (d / META).is_file() and int(d.name[len(PREFIX):]) < newest]
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+    return doomed
 
 
 def load_checkpoint(path: str | Path, *, dmp: torch.nn.Module, engine: Any, digest: str) -> tuple[dict, dict]:

@@ -311,6 +311,12 @@ class TeacherTrainer:
             raise RuntimeError(f"checkpoint {pick[0]}: window_steps {meta['window_steps']} != "
                                f"{self.cfg.signals.window_steps}")
         self.steps, self.trained = int(meta["steps"]), int(mine["trained"])
+        ws = self.cfg.signals.window_steps
+        lost = [w for w in range(self.steps // ws) if self.writer is not None and not self.writer.is_committed(w)]
+        if lost:  # the checkpoint vouches for rows the store does not have (another signals.uri, deleted files)
+            raise RuntimeError(f"resume from {pick[0]}: windows {lost[:5]}{'...' if len(lost) > 5 else ''} of rank "
+                               f"{self.info.rank} are not committed in {self.cfg.signals.uri}; their samples would "
+                               "have no signal (resume with the store the checkpoint was written with)")
         self.resumed_from = self.steps
         self.rows_before = self.trained  # a checkpoint follows a commit: each sample trained so far has its row
         console(f"teacher: resumed from {pick[0]} (step {self.steps})", self.info.rank)

@@ -123,5 +123,8 @@ def test_sigkill_mid_window_then_resume_matches_a_run_without_crash(tmp_path):
                         .read_all().replace_schema_metadata() for r in (crash, ref))
         assert mine.equals(theirs), f"committed rows of window {window} rank {rank} differ from the run without a crash"
 
-    meta = json.loads((complete_checkpoints(crash / "ckpt")[-1] / META).read_text())
+    kept = complete_checkpoints(crash / "ckpt")  # after windows 1 and 2 and the end: the newest two are kept
+    assert [d.name for d in kept] == [step_name(2 * WINDOW), step_name(sums[0]["steps"])]
+    assert (crash / "ckpt" / LATEST).read_text().strip() == kept[-1].name
+    meta = json.loads((kept[-1] / META).read_text())
     assert meta["steps"] == sums[0]["steps"] and meta["world_size"] == 2
