@@ -42,6 +42,21 @@ def init_distributed(backend: str | None = None) -> DistInfo:
 
 
 def destroy_distributed() -> None:
-    """Tear down the default group (safe to call twice)."""
+    """Tear down the default group (safe to call twice), and DeepSpeed's cached groups with it."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups in module globals (deepspeed.utils.groups) on first use and never drops
+    them: a second trainer in the same process, after a new init_process_group, would get the destroyed group
+    ("Group ... is not registered", seen with two in-process teacher runs in one pytest session)."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith(("_GROUP", "_GROUPS", "_GROUP_RANKS")) and name.isupper():
+            setattr(groups, name, {} if isinstance(value, dict) else None)
