@@ -164,6 +164,8 @@ class StudentConfig(Section):
     emb_dim: int = Field(16, ge=1, description="Embedding width.")
     hidden: int = Field(64, ge=1, description="Width of the backbone and the towers.")
     depth: int = Field(2, ge=1, description="Linear+SiLU layers of the backbone (towers get depth-1, at least 1).")
+    interactions: bool = Field(True, description="Add FM-style pairwise dot products of the field embeddings to "
+                               "the backbone input.")
     history_len: int = Field(64, ge=0, le=MAX_HISTORY, description="Most recent history events the student's "
                              "target attention sees (0: no history).")
     beta: float | Literal["auto"] = Field(1.0, description="Weight of the distillation loss, or 'auto' (keeps "
@@ -178,6 +180,10 @@ class StudentConfig(Section):
                                                        "heads predict log1p(value)).")
     lr: float = Field(3e-3, gt=0, description="Adam learning rate (dense layers and embedding tables).")
     epochs: int = Field(1, ge=1, description="Passes over the student's training days.")
+    train_days: int | None = Field(None, ge=1, description="Train on the last N training days only (None: all). "
+                                   "Signals of a teacher that trained from scratch over all days are weak in its "
+                                   "first days (forward distillation stores each sample's first, out-of-sample "
+                                   "prediction); a production teacher has trained long before its students start.")
     batch_size: int | None = Field(None, ge=1, description="Student batch size (None: data.batch_size).")
     device: str = Field("auto", description="'auto' (cuda:0 if present, else cpu), or a torch device string.")
     signals_uri: str | None = Field(None, description="Teacher signal store to join (None: signals.uri).")
@@ -270,7 +276,21 @@ class Config(Section):
 
     def digest(self) -> str:
         """Short stable hash of the resolved config."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+        return _hash(self.model_dump(mode="json"))
+
+    def teacher_digest(self) -> str:
+        """Hash of what determines the teacher's training and its signals: data, the teacher's view, the teacher
+        section and the signal windows. The teacher version recorded in its signals and the key a checkpoint is
+        resumed under: students, tracking, paths and logging can change without invalidating either; a longer
+        `teacher.steps` continues a run."""
+        t = self.teacher.model_dump(mode="json", exclude={"checkpoint_dir", "checkpoint_every", "resume",
+                                                          "log_every", "steps"})
+        return _hash({"data": self.data.model_dump(mode="json"), "sampling": self.sampling.teacher.model_dump(
+            mode="json"), "teacher": t, "window_steps": self.signals.window_steps})
+
+
+def _hash(tree: dict) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,12 +373,26 @@ def _apply(tree: dict, path: list[str], value: Any, origin: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"{origin}: '{'.'.join(path[: i + 1])}' is a value, not a section")
         node = nxt
-    node[path[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
+        _merge(node[path[-1]], value)
+    else:
+        node[path[-1]] = value
+
+
+def _merge(base: dict, update: dict) -> None:
+    """Recursively merge `update` into `base` (mappings merge, anything else replaces)."""
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a :class:`Config` from defaults, an optional YAML file and ``KEY=VALUE`` overrides."""
-    tree: dict = {}
+    # Start from the defaults so that YAML sections and overrides merge field by field: `--set
+    # sampling.teacher.r=1.0` changes r and keeps the teacher view's other fields (name, q, ...).
+    tree: dict = Config().model_dump(mode="json")
     sources: dict[str, str] = {}
     if path is not None:
         p = Path(path)
@@ -370,7 +404,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        tree = copy.deepcopy(loaded)
+        _merge(tree, copy.deepcopy(loaded))
         sources.update({k: str(p) for k in _flat_keys(loaded)})
         sources[""] = str(p)
     for text in overrides or []:

@@ -108,3 +108,21 @@ def test_cli_config_error_exits_2_and_names_key(capsys):
     assert cli_main(["data", "export", "/tmp/never-written", "--set", "data.bogus=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'data.bogus'" in err and "--set data.bogus=1" in err
+
+
+def test_overrides_and_yaml_merge_field_by_field(tmp_path):
+    cfg = load_config(None, ["sampling.teacher.r=1.0"])
+    assert (cfg.sampling.teacher.name, cfg.sampling.teacher.r, cfg.sampling.teacher.q) == ("teacher", 1.0, 1.0)
+    p = tmp_path / "c.yaml"
+    p.write_text("sampling:\n  student: {r: 0.2}\n")
+    cfg = load_config(p, ["sampling.student={q: 0.5}"])
+    assert (cfg.sampling.student.name, cfg.sampling.student.r, cfg.sampling.student.q) == ("student", 0.2, 0.5)
+
+
+def test_teacher_digest_ignores_students_paths_and_logging():
+    a = load_config(None, [])
+    same = load_config(None, ["student.beta=7", "tracking.run_dir=/x", "teacher.checkpoint_dir=/c",
+                              "teacher.log_every=3", "signals.uri=/s", "experiment.teacher_procs=4"])
+    assert same.teacher_digest() == a.teacher_digest() and same.digest() != a.digest()
+    for change in ("teacher.lr=0.5", "sampling.teacher.r=0.9", "data.seed=3", "signals.window_steps=7"):
+        assert load_config(None, [change]).teacher_digest() != a.teacher_digest(), change

@@ -157,7 +157,7 @@ class TeacherTrainer:
         self.control = dist.new_group(backend="gloo")  # CPU-side agreement on step counts, also under NCCL
         self.writer = None
         if cfg.teacher.write_signals:
-            meta = SignalMeta(run_id=cfg.experiment.name, teacher_version=cfg.digest(), tasks=self.tasks,
+            meta = SignalMeta(run_id=cfg.experiment.name, teacher_version=cfg.teacher_digest(), tasks=self.tasks,
                               sampling=cfg.sampling.teacher)
             self.writer = SignalWriter(cfg.signals.uri, info.rank, meta, queue_size=cfg.signals.queue_size)
         self.metrics = StreamingMetrics(self.kinds, window=20_000)
@@ -290,7 +290,7 @@ class TeacherTrainer:
         if self.writer is not None:
             self.writer.flush()  # the commit markers of every sealed window are on the store before the checkpoint
         ws = self.cfg.signals.window_steps
-        meta = {"digest": self.cfg.digest(), "steps": self.steps, "data_position_batches": self.steps,
+        meta = {"digest": self.cfg.teacher_digest(), "steps": self.steps, "data_position_batches": self.steps,
                 "last_committed_window": self.steps // ws - 1 if self.steps % ws == 0 else self.steps // ws,
                 "window_steps": ws, "experiment": self.cfg.experiment.name}
         self._saved_step = self.steps
@@ -306,7 +306,7 @@ class TeacherTrainer:
         dist.broadcast_object_list(pick, src=0, group=self.control)  # one decision, whatever each rank lists
         if not pick[0]:
             return 0
-        meta, mine = load_checkpoint(pick[0], dmp=self.dmp, engine=self.engine, digest=self.cfg.digest())
+        meta, mine = load_checkpoint(pick[0], dmp=self.dmp, engine=self.engine, digest=self.cfg.teacher_digest())
         if meta["window_steps"] != self.cfg.signals.window_steps:
             raise RuntimeError(f"checkpoint {pick[0]}: window_steps {meta['window_steps']} != "
                                f"{self.cfg.signals.window_steps}")

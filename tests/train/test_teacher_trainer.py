@@ -38,7 +38,7 @@ def test_torchrun_teacher_writes_one_row_per_trained_sample(tmp_path, sharding, 
     assert reader.stats.rows == trained and reader.stats.duplicates == 0 and reader.stats.non_finite_rows == 0
     ids = reader._ids
     cfg = load_config("configs/teacher/tiny.yaml", sets)
-    assert reader.meta.sampling == cfg.sampling.teacher and reader.meta.teacher_version == cfg.digest()
+    assert reader.meta.sampling == cfg.sampling.teacher and reader.meta.teacher_version == cfg.teacher_digest()
     days = ids >> 40
     assert set(days.tolist()) <= {0, 1}  # day 2 is the evaluation day: never trained, never written
     # every stored sample is one the teacher's view keeps

@@ -1,0 +1,65 @@
+"""`recdistill demo` / `recdistill experiment` end to end: a real 2-rank torchrun teacher writing signals, real
+students joining them, the comparison report, plots, metrics.jsonl and an offline W&B run."""
+
+import json
+
+import numpy as np
+import pytest
+
+from recdistill.cli import main
+from recdistill.signals.reader import SignalReader
+
+TINY = ["--config", "configs/teacher/tiny.yaml", "--set", "data.num_days=3", "--set", "data.samples_per_day=6000",
+        "--set", "data.batch_size=128", "--set", "tracking.progress=false", "--set", "student.history_len=16",
+        "--set", "data.world.num_users=400", "--set", "data.world.num_items=800"]
+
+
+@pytest.mark.multiproc
+def test_demo_then_an_experiment_on_its_signals(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(["demo", *TINY, "--set", f"tracking.run_dir={tmp_path}", "--set", "tracking.run_name=d"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "d"
+    report = (run / "report.md").read_text()
+    for row in ("| teacher |", "| base |", "| distilled |", "| Bayes-optimal (ceiling) |", "| distilled | ctr |"):
+        assert row in report, row
+    assert "report " in out and "W&B " in out and "| transferability |" in out
+    for png in ("auc_by_model.png", "transferability.png"):
+        assert (run / png).stat().st_size > 5000
+    teacher = json.loads((run / "teacher.rank0.json").read_text())
+    trained = teacher["trained_samples"] + json.loads((run / "teacher.rank1.json").read_text())["trained_samples"]
+    reader = SignalReader(str(run / "signals"))
+    assert reader.stats.rows == trained > 0 and reader.stats.duplicates == 0
+    summary = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["summary"]
+    for k in ("teacher/auc/ctr", "base/auc/ctr", "distilled/auc/ctr", "distilled/transferability/ctr"):
+        assert k in summary and np.isfinite(summary[k]), k
+    # a few dozen student steps learn little (quality is the full-size demo's job); the ceiling is the world's
+    assert 0.0 < summary["base/auc/ctr"] < 1.0 and 0.7 < summary["base/bayes_auc/ctr"] < 0.95
+    assert (run / "students" / "distilled_main_tower.pt2").stat().st_size > 0
+    assert list((run / "wandb").glob("offline-run-*"))
+    # one teacher, N students: more students on the same committed signals, no teacher run
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    students = ("[{name: base, set: [student.towers=single, student.tower_loss=task]}, "
+                "{name: none, set: [student.debias=none]}, {name: exact, set: [student.debias=exact]}]")
+    assert main(["experiment", *TINY, "--set", f"tracking.run_dir={tmp_path}", "--set", "tracking.run_name=e",
+                 "--set", f"experiment.teacher_signals={run / 'signals'}",
+                 "--set", f"experiment.students={students}"]) == 0
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert "| none | ctr |" in report and "| exact | ctr |" in report and "(reused signals)" in report
+    assert not (tmp_path / "e" / "signals").exists()
+
+
+@pytest.mark.multiproc
+def test_demo_on_exported_parquet(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    small = TINY[2:]
+    assert main(["data", "export", str(tmp_path / "pq"), "--view", "teacher", *small]) == 0
+    assert main(["demo", *TINY, "--set", "data.source=parquet", "--set", f"data.path={tmp_path / 'pq'}",
+                 "--set", f"tracking.run_dir={tmp_path}", "--set", "tracking.run_name=p"]) == 0
+    report = (tmp_path / "p" / "report.md").read_text()
+    assert "`teacher`: r=0.5" in report and "`student`: r=0.1" in report and "| distilled | ctr |" in report
+
+
+def test_bad_student_list_is_a_config_error(capsys):
+    assert main(["demo", "--set", "experiment.students=[{name: a}, {name: a}]"]) == 2
+    assert "names must be unique" in capsys.readouterr().err
