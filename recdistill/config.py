@@ -388,13 +388,15 @@ def _merge(base: dict, update: dict) -> None:
             base[k] = v
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a :class:`Config` from defaults, an optional YAML file and ``KEY=VALUE`` overrides."""
+def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from defaults, optional YAML files (later ones merge over earlier ones) and
+    ``KEY=VALUE`` overrides."""
     # Start from the defaults so that YAML sections and overrides merge field by field: `--set
     # sampling.teacher.r=1.0` changes r and keeps the teacher view's other fields (name, q, ...).
     tree: dict = Config().model_dump(mode="json")
     sources: dict[str, str] = {}
-    if path is not None:
+    paths = path if isinstance(path, list | tuple) else ([] if path is None else [path])
+    for path in paths:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
@@ -427,7 +429,8 @@ def save_config(cfg: Config, run_dir: str | Path) -> Path:
 
 def add_config_arguments(parser) -> None:  # noqa: ANN001 - argparse.ArgumentParser
     """Add the standard ``--config FILE`` and repeatable ``--set KEY=VALUE`` options to a CLI parser."""
-    parser.add_argument("--config", "-c", default=None, help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--config", "-c", action="append", default=None,
+                        help="YAML config file (default: built-in defaults); repeat to merge several in order")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set data.batch_size=256 (repeatable)")
 

@@ -227,10 +227,11 @@ def default_config_path() -> Path | None:
 
 def cli(args) -> int:  # noqa: ANN001 - argparse.Namespace
     """`recdistill demo` / `recdistill experiment`: run, then print where everything went."""
-    path = args.config if args.config is not None else (default_config_path() if args.command == "demo" else None)
+    default = default_config_path() if args.command == "demo" else None
+    path = args.config if args.config else ([default] if default else None)
     cfg = load_config(path, args.overrides)
     run_dir = make_run_dir(cfg)
-    console(f"{args.command}: run directory {run_dir} (config: {path or 'built-in defaults'})")
+    console(f"{args.command}: run directory {run_dir} (config: {', '.join(map(str, path or [])) or 'defaults'})")
     t0 = time.perf_counter()
     with Tracker(cfg.tracking, run_dir, cfg.model_dump(mode="json"), name=run_dir.name) as tracker:
         out = run_experiment(cfg, run_dir, tracker)

@@ -105,7 +105,8 @@ def run_teacher(args) -> int:  # noqa: ANN001 - argparse.Namespace
     if not args.dry_run:
         from recdistill.train.teacher import main as train_main
 
-        argv = (["--config", args.config] if args.config else []) + [a for s in args.overrides for a in ("--set", s)]
+        argv = [a for c in args.config or [] for a in ("--config", c)] + [a for s in args.overrides
+                                                                          for a in ("--set", s)]
         return train_main(argv)
     from recdistill.data.loader import build_source
 
