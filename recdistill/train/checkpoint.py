@@ -5,14 +5,17 @@ Layout (one directory per checkpoint, zero-padded step so names sort; STYLE 'Che
     {checkpoint_dir}/step=000000123/dense/...        engine.save_checkpoint (ZeRO partitions, per rank)
     {checkpoint_dir}/step=000000123/sparse/...       DCP: the DMP-sharded tables *and* the fused in-backward
                                                      optimizer state (RowWiseAdagrad momentum), as ShardedTensors
-    {checkpoint_dir}/step=000000123/rank{r}.json     per rank: samples trained, RNG state
+    {checkpoint_dir}/step=000000123/rank{r}.json     per rank: data position (real batches consumed,
+                                                     loader exhausted), valid samples trained, RNG state
     {checkpoint_dir}/step=000000123/meta.json        written last, atomically, by rank 0 after a barrier: a
                                                      directory without it is incomplete and never loaded
     {checkpoint_dir}/latest                          'step=000000123', replaced (atomically) after meta.json
 
-The trainer checkpoints right after a signal window is committed and flushed (SignalWriter docstring): the data
-position is then "steps done", the loader is deterministic, so a resumed rank skips that many batches and the
-writer's first window is the uncommitted one, rewritten from its start. Resume is refused when the config digest or
+The trainer checkpoints right after a signal window is committed and flushed (SignalWriter docstring). The data
+position is per rank, not "steps done": ranks step together, but a rank that has run out forwards filler batches
+while others still train, so each rank records the real batches it took from its (deterministic) loader and
+whether it is exhausted; a resumed rank skips exactly that many batches, and the writer's first window is the
+uncommitted one, rewritten from its start. Resume is refused when the config digest or
 the world size differ (the signal store's teacher version is the digest; each rank's data position depends on the
 world size).
 """
@@ -95,7 +98,7 @@ def save_checkpoint(root: str | Path, *, step: int, dmp: torch.nn.Module, engine
                     meta: dict[str, Any], rank_state: dict[str, Any]) -> Path:
     """Collective (every rank calls it at the same step): save dense, sparse, per-rank state, then meta.json and
     the `latest` pointer. `meta` (rank 0's is written): run-level facts (step, last committed window, digest);
-    `rank_state`: this rank's own (samples trained); the RNG state is added here."""
+    `rank_state`: this rank's own (data position, samples trained); the RNG state is added here."""
     rank = dist.get_rank()
     d = Path(root) / step_name(step)
     if rank == 0 and d.exists() and not (d / META).is_file():

@@ -11,13 +11,15 @@
 Forward distillation: each step's raw logits go to the rank's SignalWriter *before* backward, so the stored
 logit is the out-of-sample prediction of the step that first trains on that sample (one pass over the training
 days: no sample is trained twice). A window is committed after its last step (every `signals.window_steps`).
-Ranks can run out of batches at different steps (their sampled chunks differ in size): every step first agrees
-on "all ranks still have a batch" over a small gloo group, so collectives never mismatch; a rank's leftover
-batches, and each day's last partial batch, are neither trained nor written.
+Every sample of the teacher's view of the training days is trained once and gets exactly one committed row.
+DMP's forward runs collectives (row-wise: an all-gather that on gloo needs equal local batch sizes), so all ranks
+step together with batches of `data.batch_size` rows: a day's last partial batch is padded by repeating its rows,
+and while any rank still has data (agreed each step over a small gloo group) a rank that has run out forwards a
+filler batch (a copy of its last real batch). Padded and filler rows are invalid: no loss, no signal, no metrics.
 
 Checkpoints (recdistill/train/checkpoint.py): every `teacher.checkpoint_every` committed windows, and at the end,
 into `teacher.checkpoint_dir`; running the same command again resumes from the newest complete one (skipping the
-batches it trained on; the writer keeps committed windows and rewrites the open one). After an error the open
+real batches each rank consumed; the writer keeps committed windows and rewrites the open one). After an error the open
 window is not committed. Next-day evaluation: the unsampled last `data.eval_days` days, predictions in the true
 space (the teacher's own sampling correction), `eval/<metric>/<task>` in the summary; `--eval-out` keeps the rows.
 Logging: rank 0's progress bar and Tracker (metrics.jsonl + W&B, offline by default) every `teacher.log_every`.
@@ -129,6 +131,11 @@ class TrainLog:
             self.tracker = None
 
 
+def pad_rows(batch, size: int):  # noqa: ANN001, ANN201 - Batch
+    """`batch` with its rows repeated up to `size` rows, the real ones first (so `[:len(batch)]` are the real)."""
+    return batch if len(batch) == size else batch.select(torch.arange(size) % len(batch))
+
+
 def stacked_logits(out: dict[str, torch.Tensor], tasks: list[str]) -> torch.Tensor:
     """[B, num_tasks] raw logits in task order (what the signal store records)."""
     return torch.stack([out[t].detach().float() for t in tasks], dim=1)
@@ -161,8 +168,11 @@ class TeacherTrainer:
                               sampling=cfg.sampling.teacher)
             self.writer = SignalWriter(cfg.signals.uri, info.rank, meta, queue_size=cfg.signals.queue_size)
         self.metrics = StreamingMetrics(self.kinds, window=20_000)
-        self.trained = 0
-        self.steps = 0
+        self.trained = 0  # valid (real) rows trained by this rank
+        self.steps = 0  # global steps: every rank takes each one, with or without data
+        self.batches = 0  # real batches this rank took from its loader: its data position (checkpoints)
+        self.exhausted = False  # this rank's loader has run out (it forwards filler batches from then on)
+        self._filler = None  # this rank's last real batch: what it forwards once exhausted
         self.resumed_from: int | None = None
         self._saved_step: int | None = None
         self.rows_before = 0
@@ -171,12 +181,23 @@ class TeacherTrainer:
     def loader(self) -> BatchLoader:
         return BatchLoader(self.source, self.train_days, self.cfg.data.batch_size, view=self.cfg.sampling.teacher,
                            rank=self.info.rank, world_size=self.info.world_size, prefetch=self.cfg.data.prefetch,
-                           drop_last=True)  # equal local batch sizes: gloo's all-gather (row-wise) needs them
+                           drop_last=False)  # each day's last partial batch is padded by _next_batch
 
-    def _all_have_batch(self, has: bool) -> bool:
-        flag = torch.tensor([1 if has else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.control)
-        return bool(flag.item())
+    def _next_batch(self, it) -> tuple | None:  # noqa: ANN001 - Iterator[Batch]; returns (Batch, int) | None
+        """(batch of exactly `data.batch_size` rows, number of valid rows first in it), or None once no rank has
+        data. Collective (every rank calls it at every step): the ranks agree whether any still has a batch."""
+        batch = None if self.exhausted else next(it, None)
+        self.exhausted = batch is None
+        if not self._any_has_batch(batch is not None):
+            return None
+        if batch is None:
+            # A rank whose chunks hold no rows at all still needs a batch to forward: one row of the data.
+            filler = self._filler if self._filler is not None else self.source.read(self.train_days[0], 0, 1)
+            batch, valid = filler, 0
+        else:
+            self.batches += 1
+            self._filler, valid = batch, len(batch)
+        return pad_rows(batch, self.cfg.data.batch_size), valid
 
     def _any_has_batch(self, has: bool) -> bool:
         flag = torch.tensor([1 if has else 0])
@@ -211,9 +232,7 @@ class TeacherTrainer:
                 batch, real = filler, 0
             else:
                 filler, real = batch, len(batch)
-            if len(batch) != bs:
-                batch = batch.select(torch.arange(bs) % len(batch))
-            yield batch, real
+            yield pad_rows(batch, bs), real
 
     @torch.no_grad()  # not inference_mode: gloo collectives fail inside it (DESIGN §5)
     def predict(self, days: list[int]) -> dict[str, np.ndarray]:
@@ -258,21 +277,46 @@ class TeacherTrainer:
         metrics = evaluate(pick["label"], pick["pred"], self.kinds, p_true=pick["p_true"] or None)
         return {"samples": int(len(cols["sample_id"])), **metrics}
 
-    def train_step(self, batch) -> torch.Tensor:  # noqa: ANN001 - Batch
-        """Forward, write signals (before backward: the out-of-sample logit), backward, step."""
+    def valid_loss(self, out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], valid: int) -> torch.Tensor:
+        """Task loss over the first `valid` rows only (padded / filler rows get exactly zero gradient).
+
+        Each rank's loss is the mean over its valid rows; DeepSpeed then averages dense gradients over ranks and
+        TorchRec divides the summed embedding gradients by the world size (tests/train/test_parallel_teacher.py).
+        With full batches everywhere that is the gradient of the global-batch mean, as before. On a step where a
+        rank has no data (valid=0: zero loss, zero gradients) the average still divides by the world size, so the
+        step's gradient is the mean gradient of the ranks with data scaled by (ranks with data) / world; and a
+        padded last batch of a day weighs its rows 1/valid instead of 1/batch_size. Both happen on a few steps
+        (one partial batch per rank and day, filler steps only at the end of the pass), Adam's and RowWiseAdagrad's
+        normalisation absorb most of the scale, and the alternative (dropping those samples) loses them: accepted.
+        """
+        if valid == 0:
+            # Zero that keeps the graph: backward still runs DMP's and DeepSpeed's collectives on this rank.
+            return sum(v.sum() for v in out.values()) * 0.0
+        out = {t: v[:valid] for t, v in out.items()}
+        labels = {t: v[:valid] for t, v in labels.items()}
+        return task_loss(out, labels, self.kinds, continuous="log_mse")  # heads predict log1p(value)
+
+    def train_step(self, batch, valid: int | None = None) -> torch.Tensor:  # noqa: ANN001 - Batch
+        """Forward, write the valid rows' signals (before backward: the out-of-sample logit), backward, step.
+        `valid`: rows [0, valid) are real samples (default all); the rest are padding and train / write nothing."""
+        valid = len(batch) if valid is None else valid
         batch = batch.to(self.info.device)
         out = self.dmp(batch)
         if self.writer is not None:
             window = self.steps // self.cfg.signals.window_steps
             if self.writer.window != window:
-                self.writer.begin_window(window)
-            self.writer.write(batch.sample_id, stacked_logits(out, self.tasks), self.steps)
+                self.writer.begin_window(window)  # also with no valid rows: every rank commits every window
+            if valid:  # never a padded row: it would duplicate a sample id
+                self.writer.write(batch.sample_id[:valid], stacked_logits(out, self.tasks)[:valid], self.steps)
         _test_kill_hook(self.info.rank, self.steps)
-        loss = task_loss(out, batch.labels, self.kinds, continuous="log_mse")  # heads predict log1p(value)
+        loss = self.valid_loss(out, batch.labels, valid)
         self.engine.backward(loss)
         self.engine.step()
-        probs = {t: torch.sigmoid(v) if self.kinds[t] == "binary" else torch.expm1(v) for t, v in out.items()}
-        self.metrics.update(batch.labels, {t: v.detach() for t, v in probs.items()})
+        if valid:
+            probs = {t: torch.sigmoid(v[:valid]) if self.kinds[t] == "binary" else torch.expm1(v[:valid])
+                     for t, v in out.items()}
+            self.metrics.update({t: v[:valid] for t, v in batch.labels.items()},
+                                {t: v.detach() for t, v in probs.items()})
         return loss.detach()
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
@@ -290,15 +334,19 @@ class TeacherTrainer:
         if self.writer is not None:
             self.writer.flush()  # the commit markers of every sealed window are on the store before the checkpoint
         ws = self.cfg.signals.window_steps
-        meta = {"digest": self.cfg.teacher_digest(), "steps": self.steps, "data_position_batches": self.steps,
+        meta = {"digest": self.cfg.teacher_digest(), "steps": self.steps, "data_position": "per rank",
                 "last_committed_window": self.steps // ws - 1 if self.steps % ws == 0 else self.steps // ws,
                 "window_steps": ws, "experiment": self.cfg.experiment.name}
         self._saved_step = self.steps
+        # The data position is per rank: ranks hold different numbers of real batches, so after a filler step
+        # "steps done" is no longer "batches consumed" on every rank.
+        mine = {"trained": self.trained, "batches": self.batches, "exhausted": self.exhausted}
         return save_checkpoint(self.cfg.teacher.checkpoint_dir, step=self.steps, dmp=self.dmp, engine=self.engine,
-                               group=self.control, meta=meta, rank_state={"trained": self.trained})
+                               group=self.control, meta=meta, rank_state=mine)
 
     def maybe_resume(self) -> int:
-        """Load the newest complete checkpoint when teacher.resume and there is one; returns the steps done."""
+        """Load the newest complete checkpoint when teacher.resume and there is one; returns the steps done. Sets
+        this rank's data position (`batches`, `exhausted`): :meth:`run` skips that many loader batches."""
         root = self.cfg.teacher.checkpoint_dir
         if not (root and self.cfg.teacher.resume):
             return 0
@@ -310,7 +358,12 @@ class TeacherTrainer:
         if meta["window_steps"] != self.cfg.signals.window_steps:
             raise RuntimeError(f"checkpoint {pick[0]}: window_steps {meta['window_steps']} != "
                                f"{self.cfg.signals.window_steps}")
+        if "batches" not in mine:
+            raise RuntimeError(f"checkpoint {pick[0]}: no per-rank data position (written by a teacher that dropped "
+                               "each day's last partial batch: its position does not map onto this data order); "
+                               "start afresh (teacher.resume=false or another checkpoint_dir)")
         self.steps, self.trained = int(meta["steps"]), int(mine["trained"])
+        self.batches, self.exhausted = int(mine["batches"]), bool(mine["exhausted"])
         ws = self.cfg.signals.window_steps
         lost = [w for w in range(self.steps // ws) if self.writer is not None and not self.writer.is_committed(w)]
         if lost:  # the checkpoint vouches for rows the store does not have (another signals.uri, deleted files)
@@ -319,7 +372,8 @@ class TeacherTrainer:
                                "have no signal (resume with the store the checkpoint was written with)")
         self.resumed_from = self.steps
         self.rows_before = self.trained  # a checkpoint follows a commit: each sample trained so far has its row
-        console(f"teacher: resumed from {pick[0]} (step {self.steps})", self.info.rank)
+        console(f"teacher: resumed from {pick[0]} (step {self.steps}, rank {self.info.rank} at batch "
+                f"{self.batches}{', exhausted' if self.exhausted else ''})", self.info.rank)
         return self.steps
 
     # ---- the loop ----------------------------------------------------------------------------------------------
@@ -327,20 +381,24 @@ class TeacherTrainer:
         """One pass over the training days (or teacher.steps steps), resuming from a checkpoint if configured,
         then the next-day evaluation; returns the summary (`eval/<metric>/<task>` keys from :meth:`evaluate`)."""
         start = self.maybe_resume()
-        it = iter(self.loader())
-        for _ in range(start):  # the loader is deterministic: skip the batches the checkpoint trained on
-            if next(it, None) is None:
-                raise RuntimeError(f"resume: the data has fewer than {start} batches for rank {self.info.rank}")
+        it, trained0 = iter(self.loader()), self.trained
+        for _ in range(self.batches):  # the loader is deterministic: skip the batches the checkpoint trained on
+            self._filler = next(it, None)  # the last one is the filler an exhausted rank forwards, as before
+            if self._filler is None:
+                raise RuntimeError(f"resume: the data has fewer than {self.batches} batches for rank {self.info.rank}")
         t0 = time.perf_counter()
         self.log.start(self.steps, self.trained)
-        last_loss = torch.tensor(float("nan"))
+        last_loss = torch.tensor(float("nan"))  # of this rank's last step with data (a filler step's is 0)
         ws = self.cfg.signals.window_steps
         while self.cfg.teacher.steps is None or self.steps < self.cfg.teacher.steps:
-            batch = next(it, None)
-            if not self._all_have_batch(batch is not None):
+            nxt = self._next_batch(it)
+            if nxt is None:
                 break
-            last_loss = self.train_step(batch)
-            self.trained += len(batch)
+            batch, valid = nxt
+            loss = self.train_step(batch, valid)
+            if valid:
+                last_loss = loss
+            self.trained += valid
             self.steps += 1
             if self.steps % ws == 0:
                 self._window_done()
@@ -353,8 +411,8 @@ class TeacherTrainer:
         self.log.close()
         stats = self.writer.stats if self.writer is not None else None
         summary = {"rank": self.info.rank, "steps": self.steps, "trained_samples": self.trained,
-                   "resumed_from_step": self.resumed_from, "seconds": secs,
-                   "samples_per_s": (self.trained - start * self.cfg.data.batch_size) / max(secs, 1e-9),
+                   "batches": self.batches, "resumed_from_step": self.resumed_from, "seconds": secs,
+                   "samples_per_s": (self.trained - trained0) / max(secs, 1e-9),
                    "loss": float(last_loss),
                    "signals/rows_written": stats.rows_written if stats else 0,
                    "signals/rows_dropped_committed": stats.rows_dropped_committed if stats else 0,
