@@ -76,7 +76,8 @@ def run_teacher(cfg_path: Path, run_dir: Path, nproc: int) -> dict:
         for line in proc.stdout:
             log.write(line)
             tail.append(line.rstrip())
-            if line.startswith(("teacher step", "teacher: ", "teacher done")) or "Error" in line:
+            # the teacher's own progress lines and its summary; its progress bar and library chatter stay in the log
+            if line.startswith(("teacher step", "teacher: resum")) or "Error" in line:
                 console("[teacher] " + line.rstrip()[:300])
         code = proc.wait()
     if code != 0:
@@ -145,6 +146,9 @@ def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker) -> dict:
     else:
         teacher_sum = run_teacher(cfg_path, run_dir, teacher_procs(cfg))
         signals, teacher_eval = run_dir / "signals", run_dir / "teacher_eval.npz"
+        aucs = ", ".join(f"{k[len('eval/auc/'):]} {v:.4f}" for k, v in teacher_sum.items() if k.startswith("eval/auc/"))
+        console(f"experiment: teacher done: {teacher_sum['steps']} steps per rank, {teacher_sum['seconds']:.0f} s; "
+                f"next-day AUC {aucs}")
         tracker.log({f"teacher/{k}": v for k, v in teacher_sum.items() if isinstance(v, int | float)}, step=0)
     times = {"teacher_s": time.perf_counter() - t0}
     students, preds = {}, {}

@@ -84,8 +84,8 @@ class StudentModel(nn.Module):
     """Decoupled-tower student over a data Schema (see module docstring)."""
 
     def __init__(self, schema: Schema, *, features: list[str] | None = None, emb_dim: int = 16, hidden: int = 64,
-                 depth: int = 2, history_len: int = 64, decoupled: bool = True, target_feature: str = "item_id"
-                 ) -> None:
+                 depth: int = 2, history_len: int = 64, decoupled: bool = True, target_feature: str = "item_id",
+                 interactions: bool = True) -> None:
         super().__init__()
         unknown = sorted(set(features or []) - set(schema.sparse))
         if unknown:
@@ -102,7 +102,11 @@ class StudentModel(nn.Module):
         self.pos_emb = nn.Parameter(torch.zeros(history_len, emb_dim))
         self.attn = TargetAttention(emb_dim) if self.hist_fields else None
         self.dense_proj = nn.Linear(len(schema.dense), emb_dim) if schema.dense else None
-        d_in = emb_dim * (len(self.features) + (1 if schema.dense else 0) + (2 if self.hist_fields else 0))
+        n_vec = len(self.features) + (1 if schema.dense else 0) + (2 if self.hist_fields else 0)
+        # FM-style pairwise dot products of the field vectors: an MLP over concatenated embeddings approximates a
+        # product of two of them (user x category affinity, say) poorly; ranking models add explicit crosses.
+        self.interactions = interactions
+        d_in = emb_dim * n_vec + (n_vec * (n_vec - 1) // 2 if interactions else 0)
         self.backbone = mlp(d_in, hidden, depth)
         self.main = self._tower(hidden, depth)
         self.aux = self._tower(hidden, depth) if decoupled else None
@@ -139,6 +143,11 @@ class StudentModel(nn.Module):
             mean = events.sum(1) / count
             query = self.hist_emb["item"](target) if target is not None else mean
             parts += [self.attn(query, events, hist_mask), mean]
+        if self.interactions:
+            vecs = torch.stack(parts, dim=1)  # [B, n, E]
+            dots = torch.bmm(vecs, vecs.transpose(1, 2))
+            i, j = torch.triu_indices(vecs.shape[1], vecs.shape[1], offset=1, device=vecs.device)
+            parts.append(dots[:, i, j])
         return self.backbone(torch.cat(parts, dim=1))
 
     def without_aux(self) -> StudentModel:

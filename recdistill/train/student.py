@@ -86,11 +86,14 @@ class StudentTrainer:
         self.num_traffic = schema.num_traffic
         days = self.source.days()
         self.train_days, self.eval_days = days[: -cfg.data.eval_days], days[-cfg.data.eval_days:]
+        if self.s.train_days is not None:
+            self.train_days = self.train_days[-self.s.train_days:]
         self.view = cfg.sampling.student
         torch.manual_seed(self.s.seed if self.s.seed is not None else cfg.experiment.seed)
         self.model = StudentModel(schema, features=self.s.features, emb_dim=self.s.emb_dim, hidden=self.s.hidden,
                                   depth=self.s.depth, history_len=self.s.history_len,
-                                  decoupled=self.s.towers == "decoupled").to(self.device)
+                                  decoupled=self.s.towers == "decoupled",
+                                  interactions=self.s.interactions).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.s.lr)
         self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
         self.counts = SignalCounts()
