@@ -9,6 +9,12 @@ the deterministic loader) has exactly one committed row; the windows committed b
 deterministic on CPU: fixed data order, fp32, gloo's fixed reduction order, restored optimizer states (Adam in
 DeepSpeed's checkpoint, the fused RowWiseAdagrad momentum in DCP); a state left out of the checkpoint shows up as
 a mismatch in the windows after the resume.
+
+The data is uneven (rank 0: 12 batches of 64, rank 1: 10, each day's last one partial), so the run takes 12 steps and
+rank 1 forwards filler batches at steps 10 and 11. Case `mid_window`: windows of 3, the kill at step 4 (window 1,
+after its first step), resume from step 3. Case `exhausted`: windows of 11, the kill at rank 1's filler step 11, resume
+from the checkpoint at step 11, which records rank 1 as exhausted after 10 batches: the resumed rank 1 must forward
+the same filler (its last real batch) and write nothing, rank 0 trains its last batch.
 """
 
 import hashlib
@@ -29,23 +35,24 @@ from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import COMMITS
 from recdistill.train.checkpoint import LATEST, META, complete_checkpoints, step_name
 
-BS, WINDOW, KILL_STEP = 64, 3, 4  # windows [0,1,2] [3,4,5] [6,7]: the kill is in window 1, after its first step
+BS = 64
+CASES = {"mid_window": (3, 4), "exhausted": (11, 11)}  # (signals.window_steps, step at which rank 1 is killed)
 
 
-def sets(root: Path) -> list[str]:
+def sets(root: Path, window: int) -> list[str]:
     return ["data.samples_per_day=1200", "data.num_days=3", f"data.batch_size={BS}", f"signals.uri={root}/sig",
-            f"signals.window_steps={WINDOW}", "teacher.sharding=row_wise", f"teacher.checkpoint_dir={root}/ckpt",
+            f"signals.window_steps={window}", "teacher.sharding=row_wise", f"teacher.checkpoint_dir={root}/ckpt",
             "teacher.checkpoint_every=1", "tracking.mode=disabled", "tracking.progress=false"]
 
 
-def teacher(root: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def teacher(root: Path, window: int, env: dict | None = None) -> subprocess.CompletedProcess:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "-m", "recdistill.train.teacher", "--config", "configs/teacher/tiny.yaml", "--summary", str(root / "sum"),
            "--eval-out", str(root / "eval.npz"), "--run-dir", str(root / "run"),
-           *[a for s in sets(root) for a in ("--set", s)]]
+           *[a for s in sets(root, window) for a in ("--set", s)]]
     base = {k: v for k, v in os.environ.items() if k != "RECDISTILL_TEST_KILL_AT"}
     env = {**base, "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
@@ -62,49 +69,52 @@ def store_state(sig: Path) -> dict[str, tuple]:
     return out
 
 
-def trained_ids(root: Path, steps: int) -> np.ndarray:
-    """The sample ids the teacher trained on: the first `steps` batches of each rank's deterministic loader."""
-    cfg = load_config("configs/teacher/tiny.yaml", sets(root))
+def loader_batches(root: Path, window: int) -> list[list[np.ndarray]]:
+    """Each rank's batches (sample ids) of its deterministic loader over the training days: what it must train."""
+    cfg = load_config("configs/teacher/tiny.yaml", sets(root, window))
     src = build_source(cfg.data)
-    ids = []
-    for rank in range(2):
-        loader = BatchLoader(src, src.days()[:-1], BS, view=cfg.sampling.teacher, rank=rank, world_size=2,
-                             prefetch=0, drop_last=True)
-        for step, batch in enumerate(loader):
-            if step == steps:
-                break
-            ids.append(batch.sample_id.numpy())
-    return np.sort(np.concatenate(ids))
+    return [[b.sample_id.numpy() for b in BatchLoader(src, src.days()[:-1], BS, view=cfg.sampling.teacher, rank=r,
+                                                       world_size=2, prefetch=0)] for r in range(2)]
 
 
 @pytest.mark.multiproc
-def test_sigkill_mid_window_then_resume_matches_a_run_without_crash(tmp_path):
+@pytest.mark.parametrize("case", list(CASES))
+def test_sigkill_then_resume_matches_a_run_without_crash(tmp_path, case):
+    window, kill_step = CASES[case]
     ref, crash = tmp_path / "ref", tmp_path / "crash"
-    done = teacher(ref)
+    per_rank = loader_batches(crash, window)
+    steps = max(map(len, per_rank))
+    assert len(per_rank[1]) < kill_step < steps or case == "mid_window"  # 'exhausted': killed on a filler step
+    done = teacher(ref, window)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    killed = teacher(crash, env={"RECDISTILL_TEST_KILL_AT": f"1:{KILL_STEP}"})
+    killed = teacher(crash, window, env={"RECDISTILL_TEST_KILL_AT": f"1:{kill_step}"})
     assert killed.returncode != 0, "torchrun should fail when rank 1 is SIGKILLed"
     before = store_state(crash / "sig")
     # Window 0 is committed by both ranks; window 1 (open at the kill) by neither: the surviving rank 0 fails in
     # the next collective and leaves without committing its partial window.
     assert sorted(before) == ["window=0.rank=0.json", "window=0.rank=1.json"], sorted(before)
-    assert [d.name for d in complete_checkpoints(crash / "ckpt")] == [step_name(WINDOW)]
-    assert (crash / "ckpt" / LATEST).read_text().strip() == step_name(WINDOW)
+    assert [d.name for d in complete_checkpoints(crash / "ckpt")] == [step_name(window)]
+    assert (crash / "ckpt" / LATEST).read_text().strip() == step_name(window)
+    position = [json.loads((crash / "ckpt" / step_name(window) / f"rank{r}.json").read_text()) for r in range(2)]
+    # the per-rank data position: real batches taken (rank 1 has run out in the 'exhausted' case)
+    assert [(p["batches"], p["exhausted"]) for p in position] == [
+        (min(window, len(b)), window > len(b)) for b in per_rank]
 
-    resumed = teacher(crash)
+    resumed = teacher(crash, window)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     sums = [json.loads((crash / f"sum.rank{r}.json").read_text()) for r in range(2)]
     ref_sums = [json.loads((ref / f"sum.rank{r}.json").read_text()) for r in range(2)]
-    assert [s["resumed_from_step"] for s in sums] == [WINDOW, WINDOW]
-    assert sums[0]["steps"] == sums[1]["steps"] == ref_sums[0]["steps"] > KILL_STEP + WINDOW
+    assert [s["resumed_from_step"] for s in sums] == [window, window]
+    assert sums[0]["steps"] == sums[1]["steps"] == ref_sums[0]["steps"] == steps > kill_step
     assert all(s["signals/rows_dropped_committed"] == 0 for s in sums)  # nothing committed was replayed
 
-    # exactly one committed row per trained sample, and the trained samples are the loader's first `steps` batches
+    # exactly one committed row per sample of every rank's loader (partial batches included), none for padding
     reader = SignalReader(str(crash / "sig"))
+    want_ids = np.sort(np.concatenate([ids for rank in per_rank for ids in rank]))
     trained = sum(s["trained_samples"] for s in sums)
-    assert reader.stats.rows == trained == 2 * sums[0]["steps"] * BS and reader.stats.duplicates == 0
-    np.testing.assert_array_equal(np.sort(reader.sample_ids), trained_ids(crash, sums[0]["steps"]))
+    assert reader.stats.rows == trained == len(want_ids) and reader.stats.duplicates == 0
+    np.testing.assert_array_equal(np.sort(reader.sample_ids), want_ids)
 
     # committed windows from before the crash: untouched (marker bytes, shard bytes, shard mtimes)
     after = store_state(crash / "sig")
@@ -123,8 +133,13 @@ def test_sigkill_mid_window_then_resume_matches_a_run_without_crash(tmp_path):
                         .read_all().replace_schema_metadata() for r in (crash, ref))
         assert mine.equals(theirs), f"committed rows of window {window} rank {rank} differ from the run without a crash"
 
-    kept = complete_checkpoints(crash / "ckpt")  # after windows 1 and 2 and the end: the newest two are kept
-    assert [d.name for d in kept] == [step_name(2 * WINDOW), step_name(sums[0]["steps"])]
+    kept = complete_checkpoints(crash / "ckpt")  # one after each window and one at the end: the newest two kept
+    assert [d.name for d in kept] == [step_name(s) for s in sorted({*range(window, steps + 1, window), steps})[-2:]]
     assert (crash / "ckpt" / LATEST).read_text().strip() == kept[-1].name
     meta = json.loads((kept[-1] / META).read_text())
-    assert meta["steps"] == sums[0]["steps"] and meta["world_size"] == 2
+    assert meta["steps"] == steps and meta["world_size"] == 2
+    final = [json.loads((kept[-1] / f"rank{r}.json").read_text()) for r in range(2)]
+    # every batch taken; a rank with fewer batches than steps is exhausted (the one with most may not know yet when
+    # the last checkpoint falls on a window end, before the loop's final look at the loader)
+    assert [p["batches"] for p in final] == [len(b) for b in per_rank]
+    assert all(p["exhausted"] for p, b in zip(final, per_rank, strict=True) if len(b) < steps)
