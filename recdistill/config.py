@@ -191,9 +191,9 @@ class StudentConfig(Section):
                          "that it reproduces the model's outputs.")
     seed: int | None = Field(None, description="Seed of initialisation (None: experiment.seed); students compared "
                              "against each other should share it.")
-    signal_min_auc: float = Field(0.55, ge=0.0, le=1.0, description="Quality gate: a batch whose teacher logits "
-                                  "rank its own labels with an AUC below this is garbage and gets no distillation "
-                                  "loss (counted). 0 turns the gate off.")
+    signal_min_auc: float = Field(0.5, ge=0.0, le=1.0, description="Quality gate: a batch whose teacher logits "
+                                  "do not rank its own labels with an AUC two standard errors above this is "
+                                  "garbage and gets no distillation loss (counted). 0 turns the gate off.")
     log_every: int = Field(20, ge=1, description="Steps between W&B points / training-AUC updates.")
 
 
@@ -379,6 +379,20 @@ def _apply(tree: dict, path: list[str], value: Any, origin: str) -> None:
         node[path[-1]] = value
 
 
+def _factory_values(model: BaseModel) -> dict:
+    """The explicitly set fields of `model` and, recursively, of its sub-models (JSON-ready)."""
+    out = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            sub = _factory_values(value)
+            if sub:
+                out[name] = sub
+        elif name in model.model_fields_set:
+            out[name] = model.model_dump(mode="json", include={name})[name]
+    return out
+
+
 def _merge(base: dict, update: dict) -> None:
     """Recursively merge `update` into `base` (mappings merge, anything else replaces)."""
     for k, v in update.items():
@@ -391,9 +405,11 @@ def _merge(base: dict, update: dict) -> None:
 def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
     """Build a :class:`Config` from defaults, optional YAML files (later ones merge over earlier ones) and
     ``KEY=VALUE`` overrides."""
-    # Start from the defaults so that YAML sections and overrides merge field by field: `--set
-    # sampling.teacher.r=1.0` changes r and keeps the teacher view's other fields (name, q, ...).
-    tree: dict = Config().model_dump(mode="json")
+    # Start from the values that sections' default factories set (e.g. the teacher view's name 'teacher' and
+    # r=0.5), so that YAML and overrides merge field by field: `--set sampling.teacher.r=1.0` changes r and keeps
+    # the view's other fields. Only explicitly set values are seeded: which fields a user set stays visible
+    # (`model_fields_set`; MovieLens reads it for data.tasks).
+    tree: dict = _factory_values(Config())
     sources: dict[str, str] = {}
     paths = path if isinstance(path, list | tuple) else ([] if path is None else [path])
     for path in paths:

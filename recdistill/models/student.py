@@ -105,7 +105,7 @@ class StudentModel(nn.Module):
         n_vec = len(self.features) + (1 if schema.dense else 0) + (2 if self.hist_fields else 0)
         # FM-style pairwise dot products of the field vectors: an MLP over concatenated embeddings approximates a
         # product of two of them (user x category affinity, say) poorly; ranking models add explicit crosses.
-        self.interactions = interactions
+        self.interactions, self.dot_scale = interactions, 1.0 / math.sqrt(emb_dim)
         d_in = emb_dim * n_vec + (n_vec * (n_vec - 1) // 2 if interactions else 0)
         self.backbone = mlp(d_in, hidden, depth)
         self.main = self._tower(hidden, depth)
@@ -145,7 +145,7 @@ class StudentModel(nn.Module):
             parts += [self.attn(query, events, hist_mask), mean]
         if self.interactions:
             vecs = torch.stack(parts, dim=1)  # [B, n, E]
-            dots = torch.bmm(vecs, vecs.transpose(1, 2))
+            dots = torch.bmm(vecs, vecs.transpose(1, 2)) * self.dot_scale  # 1/sqrt(E): unit-size inputs
             i, j = torch.triu_indices(vecs.shape[1], vecs.shape[1], offset=1, device=vecs.device)
             parts.append(dots[:, i, j])
         return self.backbone(torch.cat(parts, dim=1))

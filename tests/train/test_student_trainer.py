@@ -12,12 +12,13 @@ from recdistill.distill import metrics
 from recdistill.train.student import StudentTrainer, batch_signal_auc, run_student
 
 # 3 training days + 1 eval day; small tables so that a few thousand samples teach something.
-SMALL = ["data.num_days=4", "data.samples_per_day=6000", "data.history_len=32", "data.batch_size=128",
+SMALL = ["data.num_days=4", "data.samples_per_day=12000", "data.history_len=32", "data.batch_size=64",
          "data.prefetch=0", "data.world.num_users=400", "data.world.num_items=800", "student.history_len=16",
          "student.export=false", "tracking.progress=false", "student.lr=0.01"]
 BASE = ["student.towers=single", "student.tower_loss=task"]
 # Tolerance of risk isolation: a broken teacher may cost the served tower at most this much AUC against the
-# no-distillation student trained on the same data with the same seed (eval AUC noise at 6,000 rows is ~0.007).
+# no-distillation student trained on the same data with the same seed (eval AUC noise at 12,000 rows is ~0.005;
+# the base student reaches ~0.64 here, the Bayes ceiling ~0.83).
 TOL = 0.015
 
 
@@ -44,6 +45,10 @@ def test_batch_signal_auc_matches_metrics_auc():
     s, y = torch.randn(300, generator=g), (torch.rand(300, generator=g) < 0.3).float()
     mask = torch.rand(300, generator=g) < 0.8
     assert batch_signal_auc(s, y, mask) == pytest.approx(metrics.auc(y[mask], s[mask]), abs=1e-6)  # torchmetrics: fp32
+    # the standard error of a random score's AUC: sqrt((P + N + 1) / (12 P N)) under no signal (Mann-Whitney)
+    a, se = batch_signal_auc(s, y, mask, with_se=True)
+    p, n = int(y[mask].sum()), int((1 - y[mask]).sum())
+    assert se == pytest.approx(((p + n + 1) / (12 * p * n)) ** 0.5, rel=0.1)
     assert np.isnan(batch_signal_auc(s, y, torch.zeros(300, dtype=torch.bool)))  # too few labels to judge
 
 
@@ -59,7 +64,7 @@ def test_every_student_sample_joins_a_signal_and_distillation_helps(tmp_path, ba
 
 @pytest.mark.parametrize("kind", ["garbage", "nan", "missing"])
 def test_a_broken_window_is_counted_and_the_served_tower_survives(tmp_path, base_auc, kind):
-    # Three teacher windows of 8 steps (3 x 8 x 128 teacher samples, ~900 of them in the student's view, ~7
+    # Three teacher windows of 8 steps (3 x 8 x 64 teacher samples, ~460 of them in the student's view, ~7
     # student batches). The gate judges whole student batches, so the batches at the edges of the broken span,
     # half good and half garbage, may pass it; the decoupled towers keep those away from the served tower.
     summary, info = distilled(tmp_path, corrupt={1: kind, 2: kind, 3: kind}, window_steps=8)
@@ -78,8 +83,8 @@ def test_a_broken_window_is_counted_and_the_served_tower_survives(tmp_path, base
 def test_gate_rejects_an_all_garbage_teacher(tmp_path, base_auc):
     summary, info = distilled(tmp_path, corrupt={w: "garbage" for w in range(100)})
     steps = summary["train/steps"]
-    # random logits pass an AUC >= 0.55 test on ~3% of 128-sample batches by chance; nearly all are rejected
-    assert summary["signals/rejected_batches"] >= 0.85 * steps
+    # random logits pass the gate (AUC two standard errors above 0.5) on ~2% of batches by chance
+    assert summary["signals/rejected_batches"] >= 0.9 * steps
     assert summary["eval/auc/ctr"] >= base_auc - TOL
 
 
