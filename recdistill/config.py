@@ -166,6 +166,8 @@ class StudentConfig(Section):
     depth: int = Field(2, ge=1, description="Linear+SiLU layers of the backbone (towers get depth-1, at least 1).")
     interactions: bool = Field(True, description="Add FM-style pairwise dot products of the field embeddings to "
                                "the backbone input.")
+    match_features: bool = Field(True, description="Add target-match statistics of the student's history window "
+                                 "(share and count of events in the candidate's category) as one more field.")
     history_len: int = Field(64, ge=0, le=MAX_HISTORY, description="Most recent history events the student's "
                              "target attention sees (0: no history).")
     beta: float | Literal["auto"] = Field(1.0, description="Weight of the distillation loss, or 'auto' (keeps "

@@ -56,6 +56,23 @@ def mlp(d_in: int, hidden: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+MATCH_WINDOWS = (8, 64)  # plus the whole window the student sees
+
+
+def match_statistics(cand_cat: torch.Tensor, hist_cat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, 2 * len(MATCH_WINDOWS) + 3] over right-aligned padded history categories [B, n] and their mask: for the
+    last w events (each window, then all n) the share and log1p(count) of events in the candidate's category, and
+    log1p(history length). Parameter-free."""
+    match = ((hist_cat == cand_cat.unsqueeze(1)) & mask).float()
+    valid = mask.float()
+    out = []
+    for w in (*MATCH_WINDOWS, hist_cat.shape[1]):
+        count, n = match[:, -w:].sum(1), valid[:, -w:].sum(1)
+        out += [count / n.clamp(min=1), torch.log1p(count)]
+    out.append(torch.log1p(valid.sum(1)))
+    return torch.stack(out, 1)
+
+
 class TargetAttention(nn.Module):
     """One query (the candidate) attending over the recent history; rows with no history give zeros."""
 
@@ -85,7 +102,7 @@ class StudentModel(nn.Module):
 
     def __init__(self, schema: Schema, *, features: list[str] | None = None, emb_dim: int = 16, hidden: int = 64,
                  depth: int = 2, history_len: int = 64, decoupled: bool = True, target_feature: str = "item_id",
-                 interactions: bool = True) -> None:
+                 interactions: bool = True, match_features: bool = True) -> None:
         super().__init__()
         unknown = sorted(set(features or []) - set(schema.sparse))
         if unknown:
@@ -102,7 +119,13 @@ class StudentModel(nn.Module):
         self.pos_emb = nn.Parameter(torch.zeros(history_len, emb_dim))
         self.attn = TargetAttention(emb_dim) if self.hist_fields else None
         self.dense_proj = nn.Linear(len(schema.dense), emb_dim) if schema.dense else None
-        n_vec = len(self.features) + (1 if schema.dense else 0) + (2 if self.hist_fields else 0)
+        # Target-match statistics (SIM-style hard search by category, the teacher has them too over its longer
+        # window): how much of the student's own recent history is in the candidate's category.
+        self.match_cat = "item_cat" if match_features and "cat" in self.hist_fields and "item_cat" in self.features \
+            else None
+        self.match_proj = nn.Linear(2 * len(MATCH_WINDOWS) + 3, emb_dim) if self.match_cat else None
+        n_vec = len(self.features) + (1 if schema.dense else 0) + (2 if self.hist_fields else 0) \
+            + (1 if self.match_cat else 0)
         # FM-style pairwise dot products of the field vectors: an MLP over concatenated embeddings approximates a
         # product of two of them (user x category affinity, say) poorly; ranking models add explicit crosses.
         self.interactions, self.dot_scale = interactions, 1.0 / math.sqrt(emb_dim)
@@ -127,10 +150,12 @@ class StudentModel(nn.Module):
                      else ({}, None))
         target = (batch.sparse[self.target_feature].to_padded_dense(1).squeeze(1)
                   if self.target_feature is not None else None)
-        return self.encode_parts(pooled, batch.dense, ids, mask, target)
+        cand_cat = batch.sparse[self.match_cat].to_padded_dense(1).squeeze(1) if self.match_cat else None
+        return self.encode_parts(pooled, batch.dense, ids, mask, target, cand_cat)
 
     def encode_parts(self, pooled: dict[str, torch.Tensor], dense: torch.Tensor, hist_ids: dict[str, torch.Tensor],
-                     hist_mask: torch.Tensor | None, target: torch.Tensor | None) -> torch.Tensor:
+                     hist_mask: torch.Tensor | None, target: torch.Tensor | None,
+                     cand_cat: torch.Tensor | None = None) -> torch.Tensor:
         """The backbone on plain tensors: pooled [B, E] per feature, dense [B, Fd], right-aligned history ids
         [B, n] per field with their mask, target item ids [B]. Shared by `encode` and the served module."""
         parts = [pooled[f] for f in self.features]
@@ -143,6 +168,8 @@ class StudentModel(nn.Module):
             mean = events.sum(1) / count
             query = self.hist_emb["item"](target) if target is not None else mean
             parts += [self.attn(query, events, hist_mask), mean]
+        if self.match_proj is not None:
+            parts.append(self.match_proj(match_statistics(cand_cat, hist_ids["cat"], hist_mask)))
         if self.interactions:
             vecs = torch.stack(parts, dim=1)  # [B, n, E]
             dots = torch.bmm(vecs, vecs.transpose(1, 2)) * self.dot_scale  # 1/sqrt(E): unit-size inputs
@@ -212,7 +239,9 @@ class ServedStudent(nn.Module):
         target = None
         if m.target_feature is not None:  # the candidate item: first id of the target feature
             target = sparse_ids[:, m.features.index(m.target_feature), 0].clamp(min=0)
-        z = m._run_tower(m.main, m.encode_parts(pooled, dense, hist, hist_mask if m.hist_fields else None, target))
+        cand_cat = sparse_ids[:, m.features.index(m.match_cat), 0] if m.match_cat else None
+        z = m._run_tower(m.main, m.encode_parts(pooled, dense, hist, hist_mask if m.hist_fields else None, target,
+                                                cand_cat))
         c = self.correction[traffic]
         cols = []
         for t, is_binary in zip(m.tasks, self.binary, strict=True):

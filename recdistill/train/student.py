@@ -99,7 +99,8 @@ class StudentTrainer:
         self.model = StudentModel(schema, features=self.s.features, emb_dim=self.s.emb_dim, hidden=self.s.hidden,
                                   depth=self.s.depth, history_len=self.s.history_len,
                                   decoupled=self.s.towers == "decoupled",
-                                  interactions=self.s.interactions).to(self.device)
+                                  interactions=self.s.interactions,
+                                  match_features=self.s.match_features).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.s.lr)
         self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
         self.counts = SignalCounts()

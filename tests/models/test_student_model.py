@@ -64,3 +64,22 @@ def test_feature_subset_student():
     assert small(b).main["ctr"].shape == (9,)
     with pytest.raises(ValueError, match=r"student features \['nope'\] are not in the data"):
         StudentModel(SCHEMA, features=["nope"])
+
+
+def test_match_statistics_against_a_per_row_count():
+    from recdistill.models.student import MATCH_WINDOWS, match_statistics
+
+    b = make_batch(seed=3)
+    n = 20
+    ids, mask = recent_padded(b.history, n, ("cat",))
+    cand = torch.arange(len(b)) % 7
+    got = match_statistics(cand, ids["cat"], mask)
+    for i in range(len(b)):
+        cats = b.history.fields["cat"][b.history.offsets[i]:b.history.offsets[i + 1]][-n:].tolist()
+        want = []
+        for w in (*MATCH_WINDOWS, n):
+            last = cats[-w:]
+            hits = sum(c == int(cand[i]) for c in last)
+            want += [hits / max(len(last), 1), float(torch.log1p(torch.tensor(float(hits))))]
+        want.append(float(torch.log1p(torch.tensor(float(len(cats))))))
+        torch.testing.assert_close(got[i], torch.tensor(want), msg=f"row {i}")
