@@ -42,7 +42,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / max(float(ref.norm()), floor))
 
 
-def check(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+def assert_rel_close(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten poisoned output or NaN)"
     err = rel_err(out, ref)
@@ -66,7 +66,7 @@ def run_both(fn_ref, fn_tri, inputs: list[torch.Tensor], dtype: torch.dtype, ups
 # ---------------------------------------------------------------------------------------------- compressed attention
 
 
-def attention_case(seed, events, n_q, heads, d, merge_k, limit_mode, dtype, scale=None):
+def assert_attention_matches_reference(seed, events, n_q, heads, d, merge_k, limit_mode, dtype, scale=None):
     g = torch.Generator().manual_seed(seed)
     b = len(events)
     offsets = torch.tensor([0, *torch.tensor(events, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int64)
@@ -85,10 +85,9 @@ def attention_case(seed, events, n_q, heads, d, merge_k, limit_mode, dtype, scal
         lambda q_, k_, v_: compressed_attention(q_, k_, v_, off, lim, scale, merge_k, backend="triton"),
         [x.to(DEVICE) for x in (q, k, v)], dtype, seed + 1)
     (out, grads), (ref, ref_grads) = res
-    check("out", out, ref, dtype)
+    assert_rel_close("out", out, ref, dtype)
     for name, gr, rg in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
-        check(name, gr, rg, dtype)
-    return out, grads
+        assert_rel_close(name, gr, rg, dtype)
 
 
 @SETTINGS
@@ -97,7 +96,7 @@ def attention_case(seed, events, n_q, heads, d, merge_k, limit_mode, dtype, scal
        merge_k=st.sampled_from([1, 1, 2, 3]), limit_mode=st.sampled_from(["none", "random", "masked"]),
        dtype=DTYPES, scale=st.sampled_from([None, 0.3]))
 def test_compressed_attention_matches_reference(seed, events, n_q, heads, d, merge_k, limit_mode, dtype, scale):
-    attention_case(seed, events, n_q, heads, d, merge_k, limit_mode, dtype, scale)
+    assert_attention_matches_reference(seed, events, n_q, heads, d, merge_k, limit_mode, dtype, scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -109,7 +108,7 @@ def test_compressed_attention_matches_reference(seed, events, n_q, heads, d, mer
     ([130], 2),             # merged length 65: two key blocks after the merge
 ])
 def test_compressed_attention_edge_cases(events, merge_k, dtype):
-    attention_case(7, events, 3, 2, 8, merge_k, "random", dtype)
+    assert_attention_matches_reference(7, events, 3, 2, 8, merge_k, "random", dtype)
 
 
 def test_compressed_attention_masked_queries_are_exact_zeros():
@@ -132,7 +131,7 @@ def test_compressed_attention_masked_queries_are_exact_zeros():
 # ---------------------------------------------------------------------------------------------------- token mixer
 
 
-def mixer_case(seed, b, t, dh, f, dtype):
+def assert_mixer_matches_reference(seed, b, t, dh, f, dtype):
     g = torch.Generator().manual_seed(seed)
     d = t * dh
     x = torch.randn(b, t, d, generator=g)
@@ -141,22 +140,22 @@ def mixer_case(seed, b, t, dh, f, dtype):
     (out, grads), (ref, ref_grads) = run_both(
         token_mixer_reference, lambda *a: token_mixer(*a, backend="triton"),
         [x.to(DEVICE), w_in.to(DEVICE), w_out.to(DEVICE)], dtype, seed + 1)
-    check("y", out, ref, dtype)
+    assert_rel_close("y", out, ref, dtype)
     for name, gr, rg in zip(("dx", "dW_in", "dW_out"), grads, ref_grads, strict=True):
-        check(name, gr, rg, dtype)
+        assert_rel_close(name, gr, rg, dtype)
 
 
 @SETTINGS
 @given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 7), t=st.integers(1, 4), dh=st.integers(1, 6),
        f=st.integers(1, 9), dtype=DTYPES)
 def test_token_mixer_matches_reference(seed, b, t, dh, f, dtype):
-    mixer_case(seed, b, t, dh, f, dtype)
+    assert_mixer_matches_reference(seed, b, t, dh, f, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b, t, dh, f", [(1, 1, 1, 1), (3, 5, 7, 19), (70, 2, 9, 40)])  # the last spans 2 M tiles
 def test_token_mixer_fixed_shapes(b, t, dh, f, dtype):
-    mixer_case(11, b, t, dh, f, dtype)
+    assert_mixer_matches_reference(11, b, t, dh, f, dtype)
 
 
 # ------------------------------------------------------------------------------------------------------- dispatch
