@@ -264,8 +264,19 @@ class SyntheticWorld:
         x["p_watch_time"] = p_ctr * np.exp(mu_wt + wt_sigma**2 / 2)
         return x
 
-    def _logits(self, day: int, x: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Ground-truth logits of click and of conversion given click, and the log-mean of watch time."""
+    def ctr_components(self, day: int, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The click logit's additive parts, by name (they sum, in this order, to the ground-truth click logit;
+        `base` is the constant). What each part needs from a model is in the module docstring: `interest` needs
+        long histories, `cell` and `dense_nonlinear` need crossing of fields, the rest an additive model learns.
+        `x` is what `_samples` builds (`components` below takes a day range)."""
+        return self._parts(day, x)[0]
+
+    def components(self, day: int, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(sample_id, ctr_components) of rows [start, stop) of `day`, unsampled."""
+        x = self._samples(day, start, stop)
+        return x["sid"], self.ctr_components(day, x)
+
+    def _parts(self, day: int, x: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         w, s, n = self.w, self.seed, len(x["sid"])
         item, cat = x["item"], x["cat"]
         quality = 0.3 * _normal(item, s, 40)
@@ -284,12 +295,25 @@ class SyntheticWorld:
         recent = ((ev["cat"].reshape(n, RECENT) == cat[:, None]) & seen).sum(1) / np.maximum(seen.sum(1), 1)
         cell = self.cells[x["useg"], x["iseg"], x["context"] // (NUM_CONTEXT // NUM_SLOTS)]
         dense = x["dense"]
-        dense_term = dense @ self.dense_w if w.num_dense else 0.0
-        nonlinear = 0.3 * np.sin(2.0 * dense[:, 0]) * dense[:, 1] if w.num_dense >= 2 else 0.0
-        logit_ctr = (self.base + self.traffic_bias[x["traffic"]] + quality + tag_term + self.item_popularity(day)[item]
-                     + self.cat_popularity(day)[cat] + w.long_range * 1.2 * interest + 0.8 * recent
-                     + w.interactions * 0.7 * cell + self.context_bias[x["context"]] + dense_term + nonlinear)
-        logit_cvr = -1.5 + 0.8 * quality + 0.6 * w.long_range * interest + 0.5 * w.interactions * cell
+        zero = np.zeros(n)
+        return {
+            "base": np.full(n, self.base), "traffic": self.traffic_bias[x["traffic"]], "quality": quality,
+            "tags": tag_term, "item_popularity": self.item_popularity(day)[item],
+            "cat_popularity": self.cat_popularity(day)[cat], "interest": w.long_range * 1.2 * interest,
+            "recent": 0.8 * recent, "cell": w.interactions * 0.7 * cell, "context": self.context_bias[x["context"]],
+            "dense_linear": dense @ self.dense_w if w.num_dense else zero,
+            "dense_nonlinear": 0.3 * np.sin(2.0 * dense[:, 0]) * dense[:, 1] if w.num_dense >= 2 else zero,
+        }, {"interest": interest, "quality": quality, "cell": cell}
+
+    def _logits(self, day: int, x: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ground-truth logits of click and of conversion given click, and the log-mean of watch time."""
+        c, latent = self._parts(day, x)
+        logit_ctr = c["base"]
+        for name, part in c.items():
+            if name != "base":
+                logit_ctr = logit_ctr + part
+        quality, interest, cell = latent["quality"], latent["interest"], latent["cell"]
+        logit_cvr = -1.5 + 0.8 * quality + 0.6 * self.w.long_range * interest + 0.5 * self.w.interactions * cell
         mu_wt = 3.0 + 0.5 * quality + 0.3 * interest
         return logit_ctr, logit_cvr, mu_wt
 

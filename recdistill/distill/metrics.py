@@ -163,6 +163,32 @@ def relative_gain(value: float, base: float) -> float:
     return (value - base) / base if base else float("nan")
 
 
+def component_capture(probs: torch.Tensor, components: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How much of each known part of the true logit a model's predictions follow (synthetic data only).
+
+    Least squares of the model's logit (of its true-space probability) on the ground-truth logit components
+    (`SyntheticWorld.ctr_components`; constant ones are skipped) plus an intercept: a coefficient of 1 means the
+    model's logit moves one-for-one with that part of the truth, 0 that the model does not see it at all (the
+    components are nearly independent, so each coefficient reads alone). Also returns 'r2', the share of the
+    model logit's variance the components explain. Used by the teacher scaling benchmark to tell *which* part of
+    the world an extra model size, history or data bought.
+    """
+    _check_probs(probs, "probs")
+    p = _flat(probs).double().clamp(_EPS, 1 - _EPS)
+    z = torch.log(p) - torch.log1p(-p)
+    bad = {k: _flat(v).numel() for k, v in components.items() if _flat(v).numel() != z.numel()}
+    if bad:
+        raise ValueError(f"components {bad} (rows) do not match the {z.numel()} predictions")
+    names = [k for k, v in components.items() if float(_flat(v).double().std()) > 0]
+    if not names or z.numel() <= len(names) + 1:
+        return {**{k: float("nan") for k in components}, "r2": float("nan")}
+    x = torch.stack([_flat(components[k]).double() for k in names] + [torch.ones_like(z)], 1)
+    coef = torch.linalg.lstsq(x, z.unsqueeze(1)).solution.squeeze(1)
+    resid = z - x @ coef
+    out = {k: float("nan") for k in components} | {k: float(c) for k, c in zip(names, coef[:-1], strict=True)}
+    return out | {"r2": float(1 - resid.var() / z.var()) if float(z.var()) > 0 else float("nan")}
+
+
 def transferability(auc_distilled: float, auc_base: float, auc_teacher: float, *, min_gain: float = 0.0,
                     strict: bool = False) -> float:
     """Share of the teacher's AUC gain that the distilled student keeps:

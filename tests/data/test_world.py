@@ -265,3 +265,31 @@ def test_small_and_empty_shapes():
     assert all(torch.isfinite(p).all() and ((p > 0) & (p < 1)).all() for k, p in b.p_true.items() if k != "watch_time")
     empty = world().read(1, 7, 7)
     assert len(empty) == 0 and empty.dense.shape == (0, 8) and empty.history.offsets.tolist() == [0]
+
+
+def test_ctr_components_sum_to_the_ground_truth_and_are_read_back():
+    """`components` is what the scaling benchmark attributes a model's AUC to: the parts must add up to p_true's
+    logit exactly, and component_capture must read 1 for every part of the truth itself and the right share of a
+    constructed model that follows some parts only."""
+    from recdistill.distill.metrics import component_capture
+
+    w = world(samples_per_day=4000)
+    sid, comps = w.components(2, 0, 4000)
+    b = w.read(2, 0, 4000)
+    assert torch.equal(torch.from_numpy(sid), b.sample_id)
+    p = b.p_true["ctr"].double()
+    z = torch.log(p) - torch.log1p(-p)
+    total = sum(torch.from_numpy(v) for v in comps.values())
+    assert float((total - z).abs().max()) < 1e-5  # p_true is stored as float32
+    for name in ("interest", "cell", "dense_nonlinear", "item_popularity"):
+        assert float(torch.from_numpy(comps[name]).std()) > 0.1, name  # every part the benchmark reads is present
+    t = {k: torch.from_numpy(v) for k, v in comps.items()}
+    truth = component_capture(b.p_true["ctr"], t)
+    assert all(abs(truth[k] - 1) < 1e-3 for k in t if k != "base"), truth
+    assert math.isnan(truth["base"]) and truth["r2"] > 0.999
+    # a "model" with half the interest effect, none of the cell, the rest exact
+    fake = z - 0.5 * t["interest"] - t["cell"]
+    got = component_capture(torch.sigmoid(fake).float(), t)
+    assert abs(got["interest"] - 0.5) < 1e-3 and abs(got["cell"]) < 1e-3 and abs(got["quality"] - 1) < 1e-3, got
+    with pytest.raises(ValueError, match="do not match"):
+        component_capture(b.p_true["ctr"][:10], t)
