@@ -132,6 +132,8 @@ class TeacherConfig(Section):
                                        "signal window); None: no checkpoints.")
     checkpoint_every: int = Field(1, ge=1, description="Signal windows between checkpoints; a checkpoint is taken "
                                   "right after a window commits, so a restart replays no committed window.")
+    checkpoint_keep: int = Field(2, ge=1, description="Complete checkpoints kept (older ones are deleted once a "
+                                 "newer one is complete; 2 leaves one to fall back on if the newest is damaged).")
     resume: bool = Field(True, description="Resume from the newest complete checkpoint in checkpoint_dir, if any.")
     log_every: int = Field(20, ge=1, description="Steps between progress lines / W&B points.")
 
@@ -285,8 +287,8 @@ class Config(Section):
         section and the signal windows. The teacher version recorded in its signals and the key a checkpoint is
         resumed under: students, tracking, paths and logging can change without invalidating either; a longer
         `teacher.steps` continues a run."""
-        t = self.teacher.model_dump(mode="json", exclude={"checkpoint_dir", "checkpoint_every", "resume",
-                                                          "log_every", "steps"})
+        t = self.teacher.model_dump(mode="json", exclude={"checkpoint_dir", "checkpoint_every", "checkpoint_keep",
+                                                          "resume", "log_every", "steps"})
         return _hash({"data": self.data.model_dump(mode="json"), "sampling": self.sampling.teacher.model_dump(
             mode="json"), "teacher": t, "window_steps": self.signals.window_steps})
 

@@ -122,7 +122,8 @@ def test_overrides_and_yaml_merge_field_by_field(tmp_path):
 def test_teacher_digest_ignores_students_paths_and_logging():
     a = load_config(None, [])
     same = load_config(None, ["student.beta=7", "tracking.run_dir=/x", "teacher.checkpoint_dir=/c",
-                              "teacher.log_every=3", "signals.uri=/s", "experiment.teacher_procs=4"])
+                              "teacher.log_every=3", "signals.uri=/s", "experiment.teacher_procs=4",
+                              "teacher.checkpoint_keep=5"])
     assert same.teacher_digest() == a.teacher_digest() and same.digest() != a.digest()
     for change in ("teacher.lr=0.5", "sampling.teacher.r=0.9", "data.seed=3", "signals.window_steps=7"):
         assert load_config(None, [change]).teacher_digest() != a.teacher_digest(), change

@@ -95,9 +95,9 @@ def _set_rng_state(state: dict[str, str]) -> None:
 
 
 def save_checkpoint(root: str | Path, *, step: int, dmp: torch.nn.Module, engine: Any, group: dist.ProcessGroup,
-                    meta: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+                    meta: dict[str, Any], rank_state: dict[str, Any], keep: int = KEEP) -> Path:
     """Collective (every rank calls it at the same step): save dense, sparse, per-rank state, then meta.json and
-    the `latest` pointer. `meta` (rank 0's is written): run-level facts (step, last committed window, digest);
+    the `latest` pointer, then delete all but the newest `keep` complete checkpoints. `meta` (rank 0's is written): run-level facts (step, last committed window, digest);
     `rank_state`: this rank's own (data position, samples trained); the RNG state is added here."""
     rank = dist.get_rank()
     d = Path(root) / step_name(step)
@@ -115,7 +115,7 @@ def save_checkpoint(root: str | Path, *, step: int, dmp: torch.nn.Module, engine
                 "save_s": time.perf_counter() - t0}
         _atomic_write_text(d / META, json.dumps(full, indent=1))
         _atomic_write_text(Path(root) / LATEST, d.name + "\n")
-        prune(root, keep=KEEP)
+        prune(root, keep=keep)
     dist.barrier(group=group)
     return d
 
@@ -123,6 +123,8 @@ def save_checkpoint(root: str | Path, *, step: int, dmp: torch.nn.Module, engine
 def prune(root: str | Path, keep: int = KEEP) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than the newest complete
     one (left by a crash while saving); returns what was deleted. Rank 0 only, after `latest` moved on."""
+    if keep < 1:
+        raise ValueError(f"keep={keep}: at least the newest checkpoint must be kept")
     complete = complete_checkpoints(root)
     if not complete:
         return []

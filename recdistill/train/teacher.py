@@ -342,7 +342,8 @@ class TeacherTrainer:
         # "steps done" is no longer "batches consumed" on every rank.
         mine = {"trained": self.trained, "batches": self.batches, "exhausted": self.exhausted}
         return save_checkpoint(self.cfg.teacher.checkpoint_dir, step=self.steps, dmp=self.dmp, engine=self.engine,
-                               group=self.control, meta=meta, rank_state=mine)
+                               group=self.control, meta=meta, rank_state=mine,
+                               keep=self.cfg.teacher.checkpoint_keep)
 
     def maybe_resume(self) -> int:
         """Load the newest complete checkpoint when teacher.resume and there is one; returns the steps done. Sets

@@ -143,3 +143,23 @@ def test_sigkill_then_resume_matches_a_run_without_crash(tmp_path, case):
     # the last checkpoint falls on a window end, before the loop's final look at the loader)
     assert [p["batches"] for p in final] == [len(b) for b in per_rank]
     assert all(p["exhausted"] for p, b in zip(final, per_rank, strict=True) if len(b) < steps)
+
+
+def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
+    """teacher.checkpoint_keep: the newest `keep` complete checkpoints stay, older ones and incomplete ones older
+    than the newest complete one go; an incomplete one newer than it (a save in progress) is never touched."""
+    from recdistill.train.checkpoint import prune
+
+    for step in (1, 2, 3, 4, 5):
+        d = tmp_path / step_name(step)
+        d.mkdir()
+        if step != 2:
+            (d / META).write_text("{}")
+    (tmp_path / step_name(6)).mkdir()  # being written right now
+    gone = prune(tmp_path, keep=3)
+    assert sorted(p.name for p in gone) == [step_name(1), step_name(2)]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_name(s) for s in (3, 4, 5)]
+    assert (tmp_path / step_name(6)).is_dir()
+    assert [p.name for p in prune(tmp_path, keep=1)] == [step_name(3), step_name(4)]
+    with pytest.raises(ValueError, match="keep=0"):
+        prune(tmp_path, keep=0)
