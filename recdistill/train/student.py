@@ -131,7 +131,6 @@ class StudentTrainer:
         c.looked_up += len(batch)
         c.missing, c.rejected_non_finite = self.reader.stats.missing, self.reader.stats.rejected_non_finite
         mask = valid_signal(logits, found.unsqueeze(1).expand_as(logits))  # a NaN in any column rejects that one
-        c.joined += int(mask.all(1).sum())
         gate_task = next(iter(self.distill_cols))
         col = self.distill_cols[gate_task]
         # The gate is a one-sided test: the batch's signals pass only if their AUC is two standard errors above
@@ -142,8 +141,8 @@ class StudentTrainer:
         if batch_auc == batch_auc and batch_auc - 2 * se < self.s.signal_min_auc:  # NaN (too few labels) passes
             c.rejected_batches += 1
             c.rejected_batch_samples += int(mask[:, col].sum())
-            c.joined -= int(mask.all(1).sum())
-            mask = torch.zeros_like(mask)
+            return logits, torch.zeros_like(mask)
+        c.joined += int(mask.all(1).sum())  # samples whose every signal column is used
         return logits, mask
 
     def _distill(self, z: dict[str, torch.Tensor], batch: Batch, t_logits: torch.Tensor, t_mask: torch.Tensor
