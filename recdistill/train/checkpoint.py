@@ -97,8 +97,9 @@ def _set_rng_state(state: dict[str, str]) -> None:
 def save_checkpoint(root: str | Path, *, step: int, dmp: torch.nn.Module, engine: Any, group: dist.ProcessGroup,
                     meta: dict[str, Any], rank_state: dict[str, Any], keep: int = KEEP) -> Path:
     """Collective (every rank calls it at the same step): save dense, sparse, per-rank state, then meta.json and
-    the `latest` pointer, then delete all but the newest `keep` complete checkpoints. `meta` (rank 0's is written): run-level facts (step, last committed window, digest);
-    `rank_state`: this rank's own (data position, samples trained); the RNG state is added here."""
+    the `latest` pointer, then delete all but the newest `keep` complete checkpoints. `meta` (rank 0's is
+    written): run-level facts (step, last committed window, digest); `rank_state`: this rank's own (data position,
+    samples trained); the RNG state is added here."""
     rank = dist.get_rank()
     d = Path(root) / step_name(step)
     if rank == 0 and d.exists() and not (d / META).is_file():
