@@ -1,7 +1,7 @@
 """Teacher scaling on the synthetic world (issue 4): does the teacher beat the base model, and does each scaling
 axis — (a) dense size, (b) history length, (c) data (higher negative keep-rate) — raise its next-day AUC?
 
-    python benchmarks/teacher_scaling.py --from-head   # the full grid at demo size (~60 min on a shared 2-core box)
+    python benchmarks/teacher_scaling.py --from-head   # the full grid at demo size (~70 min on a 2-core box)
     python benchmarks/teacher_scaling.py --quick         # tiny smoke run (-quick result and plot: not committed)
     python benchmarks/teacher_scaling.py --only reference,history_short --set data.samples_per_day=30000
     python benchmarks/teacher_scaling.py --from-head --reuse --run-dir runs/X   # finish / re-score a grid in place
@@ -14,18 +14,24 @@ scored unsampled) and is scored on the identical evaluation rows:
 
 * `base`: the student architecture without distillation (`student.towers=single student.tower_loss=task`, the
   demo's student view and its last 2 training days) — the baseline of `recdistill demo`.
-* `reference`: the demo teacher (preset 'small', history 1024, r=0.5), launched by `experiment.run_teacher`
-  (torchrun, 2 gloo ranks, DMP + ZeRO-2), one pass over the 7 training days.
-* (a) `dense_large`: a bigger TokenMixer-Large (d_model 128, 3 layers).
+* `reference`: the demo teacher (preset 'small', history 1024, r=0.5, batch 128 per rank), launched by
+  `experiment.run_teacher` (torchrun, 2 gloo ranks, DMP + ZeRO-2), one pass over the 7 training days.
+* (a) dense size: `dense_small` (TokenMixer d_model 32, 1 layer), `dense_large` (d_model 128, 3 layers),
+  `dense_longer` (LONGER width 64, 4 heads); `dense_large_lr` / `dense_large_r1`: dense_large with half the lr /
+  on data_r1's view (against data_r1).
 * (b) `history_short`: the reference with a 128-event history; "raising history" = reference minus this one.
-* (c) `data_r1`: the reference keeping every negative (sampling.teacher r 0.5 -> 1.0, ~1.8x the samples/steps).
-* `reference_seed1`: the reference with another initialisation seed — the run-to-run noise of a teacher AUC.
-* `dense_large_lr`: (a) with the dense lr halved (0.003 -> 0.0015) for the doubled width.
-* `dense_large_r1`: (a) again on data_r1's view, against data_r1: is the bigger dense part data-limited?
+* (c) data: the negative keep-rate of the teacher's view, `data_r01` (r=0.1), `data_r025`, reference (0.5),
+  `data_r1` (every negative; ~1.8x the samples of the reference). Every positive is kept in all of them.
+* `<variant>_seed1`: the variant with experiment.seed=1 (training noise).
 
 Noise is reported two ways: the paired bootstrap standard error of each AUC difference on the evaluation rows
-(sampling noise of the evaluation day), and the reference's seed repeat (training noise, which includes the
-former). An axis "raises AUC" when its gain exceeds 2x the larger of them.
+(sampling noise of the evaluation day), and training noise: a variant X may have seed repeats X_seed1, ...
+(another experiment.seed); the run-to-run sd of a teacher AUC is pooled over every such pair, and an axis's
+gain is the difference of its seed means. An axis "raises AUC" when that gain exceeds 2x the larger of the
+paired bootstrap SE and the training-noise SE of the difference (run_sd * sqrt(1/n_scaled + 1/n_unscaled)).
+
+Each model's CTR predictions are also regressed on the world's true logit components (`capture_ctr`;
+recdistill.distill.metrics.component_capture; PNG '-capture'): which part of the world an axis bought.
 Signals are not written (`teacher.write_signals=false`: this measures the teacher, not distillation) and only the
 final checkpoint is taken. Result: results/teacher_scaling-<cpu>.json and a PNG beside it; the last stdout line
 is one JSON object.
@@ -47,6 +53,8 @@ from _common import RESULTS, cpu_name, write_result  # benchmarks/ is sys.path[0
 
 from recdistill.config import load_config, save_config
 from recdistill.data.loader import build_source
+from recdistill.data.world import SyntheticWorld
+from recdistill.distill.metrics import component_capture
 from recdistill.experiment import load_preds, run_teacher, score
 from recdistill.models.teacher import TeacherDense
 from recdistill.train.student import run_student
@@ -55,22 +63,41 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["tracking.mode=disabled", "tracking.progress=false", "teacher.write_signals=false",
           "teacher.checkpoint_every=100000"]
 BASE_STUDENT = ["student.towers=single", "student.tower_loss=task", "student.export=false"]
+
+
+def _view(r: float) -> list[str]:
+    """The teacher's view with negative keep-rate r (every positive kept)."""
+    return ["sampling.teacher.name=teacher", f"sampling.teacher.r={r}", "sampling.teacher.q=1.0"]
+
+
 # name: (axis, overrides on top of the demo config). Order = priority: the grid can be cut short.
 VARIANTS = {
     "reference": ("reference", []),
     "history_short": ("history", ["teacher.history_len=128"]),
     "dense_large": ("dense", ["teacher.d_model=128", "teacher.num_layers=3"]),
-    "data_r1": ("data", ["sampling.teacher.name=teacher", "sampling.teacher.r=1.0", "sampling.teacher.q=1.0"]),
+    "data_r1": ("data", _view(1.0)),
     "reference_seed1": ("noise", ["experiment.seed=1"]),
+    "dense_longer": ("dense_longer", ["teacher.longer_dim=64", "teacher.longer_heads=4"]),
+    "dense_small": ("dense_small", ["teacher.d_model=32", "teacher.num_layers=1"]),
+    "data_r025": ("data_small", _view(0.25)),
+    "data_r01": ("data_small", _view(0.1)),
+    # seed repeats (training noise of each axis's end points; see runs_of / run_sd in summarise)
+    "dense_small_seed1": ("dense_small", ["teacher.d_model=32", "teacher.num_layers=1", "experiment.seed=1"]),
+    "data_r01_seed1": ("data_small", [*_view(0.1), "experiment.seed=1"]),
+    "data_r025_seed1": ("data_small", [*_view(0.25), "experiment.seed=1"]),
+    "dense_large_seed1": ("dense", ["teacher.d_model=128", "teacher.num_layers=3", "experiment.seed=1"]),
+    "data_r1_seed1": ("data", [*_view(1.0), "experiment.seed=1"]),
     # the dense axis with the dense learning rate halved for the doubled width (Adam: a wider layer moves its output
     # more per step at the same lr)
     "dense_large_lr": ("dense_lr", ["teacher.d_model=128", "teacher.num_layers=3", "teacher.lr=0.0015"]),
     # the dense axis again where data is less scarce: dense_large on data_r1's view, against data_r1
-    "dense_large_r1": ("dense_at_r1", ["teacher.d_model=128", "teacher.num_layers=3", "sampling.teacher.name=teacher",
-                                       "sampling.teacher.r=1.0", "sampling.teacher.q=1.0"]),
+    "dense_large_r1": ("dense_at_r1", ["teacher.d_model=128", "teacher.num_layers=3", *_view(1.0)]),
 }
 # axis: (scaled-up variant, not-scaled variant): its gain is AUC(scaled) - AUC(not scaled)
-AXES = {"dense": ("dense_large", "reference"), "history": ("reference", "history_short"),
+AXES = {"dense_small_to_reference": ("reference", "dense_small"), "dense": ("dense_large", "reference"),
+        "dense_longer": ("dense_longer", "reference"), "history": ("reference", "history_short"),
+        "data_r01_to_r1": ("data_r1", "data_r01"), "data_r01_to_r05": ("reference", "data_r01"),
+        "data_r025_to_r05": ("reference", "data_r025"),
         "data": ("data_r1", "reference"), "dense_at_r1": ("dense_large_r1", "data_r1"),
         "dense_lr": ("dense_large_lr", "reference")}
 QUICK = ["data.num_days=3", "data.samples_per_day=8192", "data.history_len=256", "teacher.history_len=256"]
@@ -125,6 +152,9 @@ def snapshot_and_reexec() -> None:
     subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
     shutil.copy2(Path(__file__).resolve(), snap / "benchmarks" / "teacher_scaling.py")
     argv = [a for a in sys.argv[1:] if a != "--from-head"]
+    for i, a in enumerate(argv[:-1]):  # paths given relative to the caller's cwd, which is about to change
+        if a in ("--run-dir", "--out", "--config"):
+            argv[i + 1] = str(Path(argv[i + 1]).resolve())
     if "--run-dir" not in argv:
         argv += ["--run-dir", str(ROOT / "runs" / f"teacher_scaling-{time.strftime('%Y%m%d-%H%M%S')}")]
     if "--out" not in argv:
@@ -216,6 +246,8 @@ def main() -> None:
     base_preds = load_preds(root / "base" / "base.eval_preds.npz")
     ids = base_preds["sample_id"]
     base_res = score(base_preds, kinds, ids)
+    comps = eval_components(source, ids)
+    base_capture = capture(base_preds, ids, comps)
     log(f"base student: {base_secs:.0f} s, " + ", ".join(f"auc/{t} {base_res[f'auc/{t}']:.4f}" for t in binary))
 
     # -- teachers ---------------------------------------------------------------------------------------------
@@ -255,27 +287,58 @@ def main() -> None:
             "exit_note": exit_note,
             "stream": {k[len("stream/"):]: v for k, v in summ.items() if k.startswith("stream/")},
             "eval": {k: v for k, v in res.items() if k.split("/")[0] in ("auc", "ne", "bayes_auc", "bayes_ne")},
+            "capture_ctr": capture(preds[name], ids, comps),
         }
         log(f"teacher {name}: {summ['steps']} steps, {summ['trained_samples']} samples, {wall:.0f} s; "
             + ", ".join(f"auc/{t} {res[f'auc/{t}']:.4f}" for t in binary)
             + f"; elapsed {time.perf_counter() - t_start:.0f} s")
         # a partial result after every teacher: the grid may be cut short
         res_json = summarise(args, root, common, base_sum, base_res, base_secs, out_rows, preds, ids, binary,
-                             base_preds, t_start, partial=True)
+                             base_preds, t_start, partial=True, base_capture=base_capture)
         write_result("teacher_scaling", res_json, args.quick, args.out)
 
     res_json = summarise(args, root, common, base_sum, base_res, base_secs, out_rows, preds, ids, binary, base_preds,
-                         t_start, partial=False)
+                         t_start, partial=False, base_capture=base_capture)
     path = write_result("teacher_scaling", res_json, args.quick, args.out)
     png = plot(path.with_suffix(".png"), res_json, binary)
+    if base_capture:
+        plot_capture(path.with_name(path.stem + "-capture.png"), res_json)
+    plot_axes(path.with_name(path.stem + "-axes.png"), res_json, binary[0])
     log(f"teacher_scaling: {path}, {png}; {time.perf_counter() - t_start:.0f} s")
     print(json.dumps({"result": str(path), "plot": str(png), "checks": res_json["checks"],
                       "auc": {n: r.get("eval", {}).get(f"auc/{binary[0]}") for n, r in res_json["variants"].items()},
                       "base_auc": base_res[f"auc/{binary[0]}"], "bayes_auc": res_json["bayes"][f"auc/{binary[0]}"]}))
 
 
+def eval_components(source, ids: np.ndarray) -> dict[str, np.ndarray] | None:  # noqa: ANN001
+    """The synthetic world's click-logit components on the evaluation rows `ids` (sorted); None for other data."""
+    if not isinstance(source, SyntheticWorld):
+        return None
+    sids, parts = [], []
+    for day in sorted({int(i) >> 40 for i in ids}):
+        sid, c = source.components(day, 0, source.num_rows(day))
+        sids.append(sid)
+        parts.append(c)
+    sid = np.concatenate(sids)
+    order = np.argsort(sid, kind="stable")
+    pos = np.searchsorted(sid[order], ids)
+    if not np.array_equal(sid[order][pos], ids):
+        raise ValueError("evaluation rows are not all rows of the world's evaluation days")
+    return {k: np.concatenate([p[k] for p in parts])[order][pos] for k in parts[0]}
+
+
+def capture(preds: dict[str, np.ndarray], ids: np.ndarray, comps: dict[str, np.ndarray] | None) -> dict | None:
+    """component_capture of a model's CTR predictions on the evaluation rows (see recdistill.distill.metrics)."""
+    if comps is None or "pred_ctr" not in preds:
+        return None
+    pos = np.searchsorted(preds["sample_id"], ids)
+    got = component_capture(torch.from_numpy(preds["pred_ctr"][pos]),
+                            {k: torch.from_numpy(v) for k, v in comps.items()})
+    return {k: v for k, v in got.items() if not np.isnan(v)}
+
+
 def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, ids, binary, base_preds,  # noqa: ANN001
-              t_start, partial: bool) -> dict:
+              t_start, partial: bool, base_capture: dict | None = None) -> dict:
     """The result document: variants, deltas per axis against the reference, noise, checks."""
     ref = preds.get("reference")
     y = {t: base_preds[f"label_{t}"].astype(bool) for t in binary}
@@ -285,20 +348,34 @@ def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, id
                                         for t in binary}}
     deltas: dict = {}
     pos = {n: np.searchsorted(p["sample_id"], ids) for n, p in preds.items()}
-    nb = 40 if args.quick else args.bootstrap
+    # the bootstrap (the slow part: ~1 min per grid) is left to the final write; partial writes carry NaN SEs
+    nb = 0 if partial else 40 if args.quick else args.bootstrap
 
     def compare(x: str, z: str) -> dict:
         out = {}
         for t in binary:
             out[f"auc_delta/{t}"] = rows[x]["eval"][f"auc/{t}"] - rows[z]["eval"][f"auc/{t}"]
             out[f"paired_se/{t}"] = paired_bootstrap(y[t], preds[x][f"pred_{t}"][pos[x]],
-                                                     preds[z][f"pred_{t}"][pos[z]], nb)
+                                                     preds[z][f"pred_{t}"][pos[z]], nb) if nb else float("nan")
         return out
 
     if ref is not None:
         for name in preds:
             if name != "reference":
                 deltas[name] = {"axis": rows[name]["axis"], **compare(name, "reference")}
+    # Training noise: every variant X may have repeats X_seed1, X_seed2, ... (another experiment.seed); the
+    # run-to-run sd of a teacher AUC is pooled over all (X, X_seedK) pairs: sd^2 = mean((a - b)^2 / 2).
+    def runs_of(name: str) -> list[str]:
+        return [name] + sorted(n for n in preds if n.startswith(name + "_seed"))
+
+    def auc_of(name: str, t: str) -> float:
+        return rows[name]["eval"][f"auc/{t}"]
+
+    pairs = [(n, r) for n in preds if "_seed" not in n for r in runs_of(n)[1:]]
+    run_sd = {t: float(np.sqrt(np.mean([(auc_of(a, t) - auc_of(b, t)) ** 2 / 2 for a, b in pairs]))) if pairs
+              else 0.0 for t in binary}
+    noise["seed_pairs"] = [f"{b} - {a}" for a, b in pairs]
+    noise["run_sd"] = run_sd
     seed = deltas.get("reference_seed1", {})
     if seed:
         noise["seed_repeat_auc_delta"] = {t: seed[f"auc_delta/{t}"] for t in binary}
@@ -306,12 +383,16 @@ def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, id
     for axis, (up, down) in AXES.items():
         if up not in preds or down not in preds:
             continue
+        ups, downs = runs_of(up), runs_of(down)
         c = compare(up, down)
-        a = axes[axis] = {"scaled_minus_unscaled": f"{up} - {down}",
-                          **{f"auc_gain/{t}": c[f"auc_delta/{t}"] for t in binary},
+        a = axes[axis] = {"scaled_minus_unscaled": f"{up} - {down}", "runs": {"scaled": ups, "unscaled": downs},
+                          **{f"auc_gain/{t}": float(np.mean([auc_of(n, t) for n in ups])
+                                                    - np.mean([auc_of(n, t) for n in downs])) for t in binary},
                           **{f"paired_se/{t}": c[f"paired_se/{t}"] for t in binary}}
         for t in binary:
-            thr = 2 * max(c[f"paired_se/{t}"], abs(seed.get(f"auc_delta/{t}", 0.0)))
+            # gain of seed means; its training noise sd is run_sd * sqrt(1/n_up + 1/n_down)
+            train_se = run_sd[t] * np.sqrt(1 / len(ups) + 1 / len(downs))
+            thr = 2 * float(np.nanmax([c[f"paired_se/{t}"], train_se]))
             a[f"threshold/{t}"] = thr
             a[f"raises/{t}"] = bool(a[f"auc_gain/{t}"] > thr)
     checks = {}
@@ -335,7 +416,8 @@ def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, id
         | {f"ne/{t}": base_res[f"bayes_ne/{t}"] for t in binary},
         "base": {"overrides": BASE_STUDENT, "seconds": base_secs,
                  "train_samples": base_sum.get("train/samples"),
-                 "eval": {k: v for k, v in base_res.items() if k.split("/")[0] in ("auc", "ne")}},
+                 "eval": {k: v for k, v in base_res.items() if k.split("/")[0] in ("auc", "ne")},
+                 "capture_ctr": base_capture},
         "variants": rows, "deltas_vs_reference": deltas, "axes": axes, "noise": noise, "checks": checks,
     }
 
@@ -355,6 +437,76 @@ def plot(path: Path, res: dict, binary: list[str]) -> Path:
     return plot_bars(path, binary, series, title="Teacher scaling: next-day AUC (unsampled eval day)",
                      ylabel="AUC", ref={"Bayes-optimal": [res["bayes"][f"auc/{t}"] for t in binary]},
                      value_fmt="{:.4f}")
+
+
+# per axis panel: (x label, [(variant, x value of the variant's row)]); x values are read from the rows
+AXIS_PANELS = {
+    "(a) dense size": ("dense parameters (TokenMixer + LONGER + heads)",
+                       ["dense_small", "reference", "dense_large", "dense_longer"]),
+    "(b) history length": ("history events", ["history_short", "reference"]),
+    "(c) data: negative keep-rate r": ("r (every positive kept)", ["data_r01", "data_r025", "reference", "data_r1"]),
+}
+
+
+def plot_axes(path: Path, res: dict, task: str) -> Path:
+    """One panel per scaling axis: next-day AUC (every seed a dot, the seed mean a line) against the axis value;
+    the base student as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["variants"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110, sharey=True)
+    for ax, (title, (xlabel, names)) in zip(axes, AXIS_PANELS.items(), strict=True):
+        pts = []
+        for n in names:
+            runs = [m for m in rows if (m == n or m.startswith(n + "_seed")) and "eval" in rows[m]]
+            if not runs:
+                continue
+            r = rows[n] if n in rows else rows[runs[0]]
+            x = (r["dense_params"] if title.startswith("(a)") else r["shape"]["history_len"]
+                 if title.startswith("(b)") else r["sampling_teacher"]["r"])
+            aucs = [rows[m]["eval"][f"auc/{task}"] for m in runs]
+            ax.scatter([x] * len(aucs), aucs, color="tab:blue", s=18, zorder=3)
+            pts.append((x, float(np.mean(aucs)), n))
+        if title.startswith("(a)"):
+            ax.set_xscale("log")
+            for x, y_, n in pts:
+                ax.annotate(n, (x, y_), textcoords="offset points", xytext=(4, 6), fontsize=7)
+            line = sorted(p for p in pts if p[2] != "dense_longer")  # TokenMixer size; dense_longer is a side point
+        else:
+            ax.set_xscale("log", base=2)
+            line = sorted(pts)
+        if line:
+            ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:blue", alpha=0.6)
+        ax.axhline(res["base"]["eval"][f"auc/{task}"], color="gray", linestyle="--", linewidth=1,
+                   label="base student")
+        ax.set(title=title, xlabel=xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"next-day AUC ({task}); Bayes {res['bayes'][f'auc/{task}']:.3f}")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Teacher scaling on the demo world (dots: seeds, line: seed mean)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_capture(path: Path, res: dict) -> Path:
+    """Per world component (x), the coefficient of each model's CTR logit on it (1 = follows that part of the
+    truth fully, 0 = blind to it): where a scaling axis's AUC came from, or why it did not move."""
+    from recdistill.report import plot_bars
+
+    models = {"base (student)": res["base"]["capture_ctr"]} | {
+        n: r["capture_ctr"] for n, r in res["variants"].items() if r.get("capture_ctr") and "_seed" not in n}
+    # 'recent' is left out of the plot (its sd is ~0.04 logit: the coefficient is unstable, it is in the JSON)
+    names = [k for k in next(iter(models.values())) if k not in ("r2", "recent")]
+    return plot_bars(path, [k.replace("_", "\n") for k in names],
+                     {m: [c.get(k, float("nan")) for k in names] for m, c in models.items()},
+                     title="What each model learned of the world (CTR logit ~ true components)",
+                     ylabel="coefficient (1 = fully followed)", ylim=(-0.3, 1.3), value_fmt="{:.2f}", figsize=(13, 4.5))
 
 
 if __name__ == "__main__":

@@ -91,11 +91,12 @@ def plot_lines(path: str | Path, x: Sequence[float], series: dict[str, Sequence[
 
 def plot_bars(path: str | Path, groups: Sequence[str], series: dict[str, Sequence[float]], title: str = "",
               ylabel: str = "", ref: dict[str, Sequence[float]] | None = None,
-              ylim: tuple[float, float] | None = None, value_fmt: str = "{:.3f}") -> Path:
+              ylim: tuple[float, float] | None = None, value_fmt: str = "{:.3f}",
+              figsize: tuple[float, float] = (6.4, 4.0)) -> Path:
     """Grouped bars: one group per entry of `groups` (e.g. tasks), one bar per series (e.g. models), each labelled
     with its value; `ref` draws a black reference tick per group (e.g. the Bayes-optimal AUC per task). The y axis
     is zoomed onto the values unless `ylim` is given. Saved as PNG at `path`; returns the path."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = plt.subplots(figsize=figsize, dpi=110)
     n = max(len(series), 1)
     width = 0.8 / n
     for i, (name, ys) in enumerate(series.items()):
