@@ -208,6 +208,8 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every model (after the demo config)")
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all; base always runs)")
+    p.add_argument("--no-reference", action="store_true", help="do not add the reference to --only (deltas and "
+                   "axes against it are then left out)")
     p.add_argument("--nproc", type=int, default=2, help="teacher ranks (torchrun)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the paired AUC noise")
     p.add_argument("--run-dir", default=None, help="where the runs go (default runs/teacher_scaling-<time>)")
@@ -225,7 +227,7 @@ def main() -> None:
     common = [*COMMON, *(QUICK if args.quick else []), *args.overrides]
     only = set(args.only.split(",")) if args.only else None
     variants = [(n, a, QUICK_VARIANT.get(n, o) if args.quick else o) for n, (a, o) in VARIANTS.items()
-                if only is None or n in only or n == "reference"]  # every delta is relative to the reference
+                if only is None or n in only or (n == "reference" and not args.no_reference)]  # deltas are vs it
     root = Path(args.run_dir or ROOT / "runs" / f"teacher_scaling-{time.strftime('%Y%m%d-%H%M%S')}")
     root.mkdir(parents=True, exist_ok=True)
     log(f"teacher_scaling: runs under {root}; variants {[n for n, _, _ in variants]}; common overrides {common}")
