@@ -95,6 +95,7 @@ VARIANTS = {
 }
 # axis: (scaled-up variant, not-scaled variant): its gain is AUC(scaled) - AUC(not scaled)
 AXES = {"dense_small_to_reference": ("reference", "dense_small"), "dense": ("dense_large", "reference"),
+        "dense_small_to_large": ("dense_large", "dense_small"),
         "dense_longer": ("dense_longer", "reference"), "history": ("reference", "history_short"),
         "data_r01_to_r1": ("data_r1", "data_r01"), "data_r01_to_r05": ("reference", "data_r01"),
         "data_r025_to_r05": ("reference", "data_r025"),
