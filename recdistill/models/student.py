@@ -24,6 +24,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recdistill.data.batch import Batch, History, Schema
 from recdistill.models.embedding import _default_device
+from recdistill.models.match import NUM_MATCH, target_match_padded
 
 #: History fields the student embeds when present (timestamps and free-form fields are left out).
 HISTORY_FIELDS = ("item", "cat", "action")
@@ -54,23 +55,6 @@ def mlp(d_in: int, hidden: int, depth: int) -> nn.Sequential:
     for i in range(depth):
         layers += [nn.Linear(d_in if i == 0 else hidden, hidden), nn.SiLU()]
     return nn.Sequential(*layers)
-
-
-MATCH_WINDOWS = (8, 64)  # plus the whole window the student sees
-
-
-def match_statistics(cand_cat: torch.Tensor, hist_cat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, 2 * len(MATCH_WINDOWS) + 3] over right-aligned padded history categories [B, n] and their mask: for the
-    last w events (each window, then all n) the share and log1p(count) of events in the candidate's category, and
-    log1p(history length). Parameter-free."""
-    match = ((hist_cat == cand_cat.unsqueeze(1)) & mask).float()
-    valid = mask.float()
-    out = []
-    for w in (*MATCH_WINDOWS, hist_cat.shape[1]):
-        count, n = match[:, -w:].sum(1), valid[:, -w:].sum(1)
-        out += [count / n.clamp(min=1), torch.log1p(count)]
-    out.append(torch.log1p(valid.sum(1)))
-    return torch.stack(out, 1)
 
 
 class TargetAttention(nn.Module):
@@ -123,7 +107,7 @@ class StudentModel(nn.Module):
         # window): how much of the student's own recent history is in the candidate's category.
         self.match_cat = "item_cat" if match_features and "cat" in self.hist_fields and "item_cat" in self.features \
             else None
-        self.match_proj = nn.Linear(2 * len(MATCH_WINDOWS) + 3, emb_dim) if self.match_cat else None
+        self.match_proj = nn.Linear(NUM_MATCH, emb_dim) if self.match_cat else None
         n_vec = len(self.features) + (1 if schema.dense else 0) + (2 if self.hist_fields else 0) \
             + (1 if self.match_cat else 0)
         # FM-style pairwise dot products of the field vectors: an MLP over concatenated embeddings approximates a
@@ -169,7 +153,7 @@ class StudentModel(nn.Module):
             query = self.hist_emb["item"](target) if target is not None else mean
             parts += [self.attn(query, events, hist_mask), mean]
         if self.match_proj is not None:
-            parts.append(self.match_proj(match_statistics(cand_cat, hist_ids["cat"], hist_mask)))
+            parts.append(self.match_proj(target_match_padded(cand_cat, hist_ids["cat"], hist_mask)))
         if self.interactions:
             vecs = torch.stack(parts, dim=1)  # [B, n, E]
             dots = torch.bmm(vecs, vecs.transpose(1, 2)) * self.dot_scale  # 1/sqrt(E): unit-size inputs

@@ -27,30 +27,10 @@ from torch import nn
 from recdistill.data.batch import Batch, Schema
 from recdistill.models.embedding import HistoryEmbeddings, SparseEmbeddings
 from recdistill.models.longer import LongerEncoder
+from recdistill.models.match import NUM_MATCH, target_match
 from recdistill.models.tokenmixer import TokenMixerLarge
 
 HISTORY_FIELDS = ("item", "cat", "action")
-MATCH_WINDOWS = (8, 64)  # plus the whole visible history: windows of the target-match statistics
-NUM_MATCH = 2 * (len(MATCH_WINDOWS) + 1) + 1
-
-
-def target_match(cand_cat: torch.Tensor, hist_cat: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[B, NUM_MATCH] statistics of each row's history (oldest first, jagged by `offsets`) against the row's candidate
-    category: for the last w events (w in MATCH_WINDOWS, then all), the share and log1p(count) of events in that
-    category; last, log1p(history length). Parameter-free, no gradient."""
-    lengths = offsets[1:] - offsets[:-1]
-    b = lengths.numel()
-    row = torch.repeat_interleave(torch.arange(b, device=offsets.device), lengths, output_size=hist_cat.numel())
-    back = offsets[1:][row] - 1 - torch.arange(hist_cat.numel(), device=offsets.device)  # 0 = most recent
-    match = (hist_cat == cand_cat[row]).float()
-    out = []
-    for w in (*MATCH_WINDOWS, None):
-        keep = match if w is None else match * (back < w)
-        count = torch.zeros(b, device=offsets.device).index_add_(0, row, keep)
-        n = lengths.float() if w is None else lengths.clamp(max=w).float()
-        out += [count / n.clamp(min=1), torch.log1p(count)]
-    out.append(torch.log1p(lengths.float()))
-    return torch.stack(out, 1)
 
 
 class TeacherEmbeddings(nn.Module):

@@ -67,13 +67,13 @@ def test_feature_subset_student():
 
 
 def test_match_statistics_against_a_per_row_count():
-    from recdistill.models.student import MATCH_WINDOWS, match_statistics
+    from recdistill.models.match import MATCH_WINDOWS, target_match_padded
 
     b = make_batch(seed=3)
     n = 20
     ids, mask = recent_padded(b.history, n, ("cat",))
     cand = torch.arange(len(b)) % 7
-    got = match_statistics(cand, ids["cat"], mask)
+    got = target_match_padded(cand, ids["cat"], mask)
     for i in range(len(b)):
         cats = b.history.fields["cat"][b.history.offsets[i]:b.history.offsets[i + 1]][-n:].tolist()
         want = []

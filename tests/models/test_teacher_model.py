@@ -73,16 +73,3 @@ def test_longer_cross_attention_is_causal_for_recent_queries():
     torch.testing.assert_close(out2[0, 1:3], out[0, 1:3])  # recent queries at merged positions 2 and 3
     assert not torch.allclose(out2[0, 3], out[0, 3]) and not torch.allclose(out2[0, 0], out[0, 0])
 
-
-def test_target_match_statistics():
-    from recdistill.models.teacher import target_match
-
-    offsets = torch.tensor([0, 0, 3, 13])  # an empty history, 3 events, 10 events (oldest first)
-    cat = torch.tensor([1, 2, 1, 5, 5, 1, 5, 5, 5, 5, 5, 5, 1])
-    m = target_match(torch.tensor([1, 1, 5]), cat, offsets)
-    assert m[0].abs().sum() == 0
-    torch.testing.assert_close(m[1, :2], torch.tensor([2 / 3, torch.log1p(torch.tensor(2.0)).item()]))
-    # row 2, last 8 events: 1 5 5 5 5 5 5 1 -> 6 of 8 in category 5; all 10: 8 of 10
-    torch.testing.assert_close(m[2, 0], torch.tensor(0.75))
-    torch.testing.assert_close(m[2, 4], torch.tensor(0.8))
-    torch.testing.assert_close(m[2, -1], torch.log1p(torch.tensor(10.0)))

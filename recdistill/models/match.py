@@ -1,0 +1,44 @@
+"""Target-match statistics (SIM-style hard search by category), shared by the teacher and the student.
+
+For a candidate and a user's history: over the last w events (w in MATCH_WINDOWS, then the whole history the
+model sees) the share and log1p(count) of events in the candidate's category, and last log1p(history length):
+NUM_MATCH numbers per row, parameter-free, no gradient. The teacher computes them on its jagged history
+(`target_match`), the student on its right-aligned padded window (`target_match_padded`, export-friendly);
+both give the same numbers for the same events (tests/models/test_match.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MATCH_WINDOWS = (8, 64)
+NUM_MATCH = 2 * (len(MATCH_WINDOWS) + 1) + 1
+
+
+def target_match(cand_cat: torch.Tensor, hist_cat: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[B, NUM_MATCH] for jagged history categories (oldest first, rows delimited by `offsets` [B+1])."""
+    lengths = offsets[1:] - offsets[:-1]
+    b = lengths.numel()
+    row = torch.repeat_interleave(torch.arange(b, device=offsets.device), lengths, output_size=hist_cat.numel())
+    back = offsets[1:][row] - 1 - torch.arange(hist_cat.numel(), device=offsets.device)  # 0 = most recent
+    match = (hist_cat == cand_cat[row]).float()
+    out = []
+    for w in (*MATCH_WINDOWS, None):
+        keep = match if w is None else match * (back < w)
+        count = torch.zeros(b, device=offsets.device).index_add_(0, row, keep)
+        n = lengths.float() if w is None else lengths.clamp(max=w).float()
+        out += [count / n.clamp(min=1), torch.log1p(count)]
+    out.append(torch.log1p(lengths.float()))
+    return torch.stack(out, 1)
+
+
+def target_match_padded(cand_cat: torch.Tensor, hist_cat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, NUM_MATCH] for right-aligned padded history categories [B, n] (newest last) and their mask."""
+    match = ((hist_cat == cand_cat.unsqueeze(1)) & mask).float()
+    valid = mask.float()
+    out = []
+    for w in (*MATCH_WINDOWS, hist_cat.shape[1]):
+        count, n = match[:, -w:].sum(1), valid[:, -w:].sum(1)
+        out += [count / n.clamp(min=1), torch.log1p(count)]
+    out.append(torch.log1p(valid.sum(1)))
+    return torch.stack(out, 1)
