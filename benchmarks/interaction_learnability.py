@@ -32,6 +32,7 @@ from _common import cpu_name, write_result  # benchmarks/ is sys.path[0] when ru
 from recdistill.config import load_config
 from recdistill.data.sampling import keep_mask
 from recdistill.data.world import NUM_CONTEXT, NUM_SEGMENTS, NUM_SLOTS, SyntheticWorld
+from recdistill.distill.metrics import auc
 from recdistill.models.tokenmixer import TokenMixerLarge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,13 +90,6 @@ def train(model: Model, data: dict[str, torch.Tensor], y: torch.Tensor, epochs: 
     return steps
 
 
-def auc(y: np.ndarray, s: np.ndarray) -> float:
-    ranks = np.empty(len(s))
-    ranks[np.argsort(s, kind="stable")] = np.arange(1, len(s) + 1)
-    npos = y.sum()
-    return float((ranks[y].sum() - npos * (npos + 1) / 2) / (npos * (len(y) - npos)))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
@@ -135,7 +129,8 @@ def main() -> None:
             z = model({k: ev[k] for k in INPUTS[inputs]}).numpy()
         row = {"inputs": inputs, "model": kind, "width": width, "layers": layers, "epochs": epochs, "steps": steps,
                "dense_params": sum(q.numel() for q in model.body.parameters()),
-               "corr_logit_cell": float(np.corrcoef(z, cell_e)[0, 1]), "auc_ctr": auc(ye > 0, z),
+               "corr_logit_cell": float(np.corrcoef(z, cell_e)[0, 1]),
+               "auc_ctr": auc(torch.from_numpy(ye), torch.from_numpy(z)),
                "seconds": time.perf_counter() - t0}
         rows.append(row)
         print(f"[{time.strftime('%H:%M:%S')}] {inputs:11s} {kind:10s} {width}x{layers} epochs={epochs}: "

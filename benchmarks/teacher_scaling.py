@@ -54,7 +54,7 @@ from _common import RESULTS, cpu_name, write_result  # benchmarks/ is sys.path[0
 from recdistill.config import load_config, save_config
 from recdistill.data.loader import build_source
 from recdistill.data.world import SyntheticWorld
-from recdistill.distill.metrics import component_capture
+from recdistill.distill.metrics import auc, auc_standard_error, component_capture
 from recdistill.experiment import load_preds, run_teacher, score
 from recdistill.models.teacher import TeacherDense
 from recdistill.train.student import run_student
@@ -178,28 +178,15 @@ def dense_params(cfg, schema) -> dict[str, int]:  # noqa: ANN001
     return {"dense_params": count(dense), "longer_params": count(dense.longer), "mixer_params": count(dense.mixer)}
 
 
-def auc_np(y: np.ndarray, s: np.ndarray) -> float:
-    """ROC AUC by ranks (predictions are continuous: ties are negligible)."""
-    ranks = np.empty(len(s))
-    ranks[np.argsort(s, kind="stable")] = np.arange(1, len(s) + 1)
-    npos = y.sum()
-    return float((ranks[y].sum() - npos * (npos + 1) / 2) / (npos * (len(y) - npos)))
-
-
 def paired_bootstrap(y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int, seed: int = 0) -> float:
     """Standard error of AUC(a) - AUC(b) on the same rows (rows resampled jointly)."""
     rng = np.random.default_rng(seed)
+    yt, at, bt = (torch.from_numpy(v) for v in (y, a, b))
     diffs = []
     for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        diffs.append(auc_np(y[idx], a[idx]) - auc_np(y[idx], b[idx]))
+        idx = torch.from_numpy(rng.integers(0, len(y), len(y)))
+        diffs.append(auc(yt[idx], at[idx]) - auc(yt[idx], bt[idx]))
     return float(np.std(diffs, ddof=1))
-
-
-def hanley_mcneil(auc: float, npos: int, nneg: int) -> float:
-    """Unpaired standard error of one AUC (Hanley & McNeil 1982)."""
-    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
-    return float(np.sqrt((auc * (1 - auc) + (npos - 1) * (q1 - auc**2) + (nneg - 1) * (q2 - auc**2)) / (npos * nneg)))
 
 
 def main() -> None:
@@ -343,11 +330,12 @@ def capture(preds: dict[str, np.ndarray], ids: np.ndarray, comps: dict[str, np.n
 def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, ids, binary, base_preds,  # noqa: ANN001
               t_start, partial: bool, base_capture: dict | None = None) -> dict:
     """The result document: variants, deltas per axis against the reference, noise, checks."""
+    world = load_config(args.config, common).data
     ref = preds.get("reference")
     y = {t: base_preds[f"label_{t}"].astype(bool) for t in binary}
     npos = {t: int(y[t].sum()) for t in binary}
     noise: dict = {"eval_rows": len(ids), "positives": npos,
-                   "hanley_mcneil_se": {t: hanley_mcneil(base_res[f"auc/{t}"], npos[t], len(ids) - npos[t])
+                   "hanley_mcneil_se": {t: auc_standard_error(base_res[f"auc/{t}"], npos[t], len(ids) - npos[t])
                                         for t in binary}}
     deltas: dict = {}
     pos = {n: np.searchsorted(p["sample_id"], ids) for n, p in preds.items()}
@@ -369,7 +357,7 @@ def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, id
     # Training noise: every variant X may have repeats X_seed1, X_seed2, ... (another experiment.seed); the
     # run-to-run sd of a teacher AUC is pooled over all (X, X_seedK) pairs: sd^2 = mean((a - b)^2 / 2).
     def runs_of(name: str) -> list[str]:
-        return [name] + sorted(n for n in preds if n.startswith(name + "_seed"))
+        return seed_runs(name, preds)
 
     def auc_of(name: str, t: str) -> float:
         return rows[name]["eval"][f"auc/{t}"]
@@ -412,9 +400,8 @@ def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, id
         "command": " ".join(["python", "benchmarks/teacher_scaling.py", *sys.argv[1:]]),
         "config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT) else args.config,
         "common_overrides": common, "teacher_ranks": args.nproc, "run_dir": str(root),
-        "world": {"num_days": base_cfg_val(args, common, "num_days"),
-                  "samples_per_day": base_cfg_val(args, common, "samples_per_day"),
-                  "data_history_len": base_cfg_val(args, common, "history_len")},
+        "world": {"num_days": world.num_days, "samples_per_day": world.samples_per_day,
+                  "data_history_len": world.history_len},
         "bayes": {f"auc/{t}": base_res[f"bayes_auc/{t}"] for t in binary}
         | {f"ne/{t}": base_res[f"bayes_ne/{t}"] for t in binary},
         "base": {"overrides": BASE_STUDENT, "seconds": base_secs,
@@ -423,10 +410,6 @@ def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, id
                  "capture_ctr": base_capture},
         "variants": rows, "deltas_vs_reference": deltas, "axes": axes, "noise": noise, "checks": checks,
     }
-
-
-def base_cfg_val(args, common, key: str):  # noqa: ANN001, ANN201
-    return getattr(load_config(args.config, common).data, key)
 
 
 def plot(path: Path, res: dict, binary: list[str]) -> Path:
@@ -442,13 +425,22 @@ def plot(path: Path, res: dict, binary: list[str]) -> Path:
                      value_fmt="{:.4f}")
 
 
-# per axis panel: (x label, [(variant, x value of the variant's row)]); x values are read from the rows
+# per axis panel: x label, the variants on it, where a row keeps its x value, x log base, and side points that
+# are drawn but not on the line (dense_longer scales LONGER, the line is TokenMixer size)
 AXIS_PANELS = {
     "(a) dense size": ("dense parameters (TokenMixer + LONGER + heads)",
-                       ["dense_small", "reference", "dense_large", "dense_longer"]),
-    "(b) history length": ("history events", ["history_short", "reference"]),
-    "(c) data: negative keep-rate r": ("r (every positive kept)", ["data_r01", "data_r025", "reference", "data_r1"]),
+                       ["dense_small", "reference", "dense_large", "dense_longer"], lambda r: r["dense_params"], 10,
+                       {"dense_longer"}),
+    "(b) history length": ("history events", ["history_short", "reference"], lambda r: r["shape"]["history_len"],
+                           2, set()),
+    "(c) data: negative keep-rate r": ("r (every positive kept)", ["data_r01", "data_r025", "reference", "data_r1"],
+                                       lambda r: r["sampling_teacher"]["r"], 2, set()),
 }
+
+
+def seed_runs(name: str, names) -> list[str]:  # noqa: ANN001 - any iterable of variant names
+    """`name` and its seed repeats `name_seed1`, ... among `names` (name first if present)."""
+    return [n for n in names if n == name] + sorted(n for n in names if n.startswith(name + "_seed"))
 
 
 def plot_axes(path: Path, res: dict, task: str) -> Path:
@@ -459,28 +451,22 @@ def plot_axes(path: Path, res: dict, task: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = res["variants"]
+    rows = {n: r for n, r in res["variants"].items() if "eval" in r}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110, sharey=True)
-    for ax, (title, (xlabel, names)) in zip(axes, AXIS_PANELS.items(), strict=True):
+    for ax, (title, (xlabel, names, x_of, log_base, side)) in zip(axes, AXIS_PANELS.items(), strict=True):
         pts = []
         for n in names:
-            runs = [m for m in rows if (m == n or m.startswith(n + "_seed")) and "eval" in rows[m]]
+            runs = seed_runs(n, rows)
             if not runs:
                 continue
-            r = rows[n] if n in rows else rows[runs[0]]
-            x = (r["dense_params"] if title.startswith("(a)") else r["shape"]["history_len"]
-                 if title.startswith("(b)") else r["sampling_teacher"]["r"])
+            x = x_of(rows[runs[0]])
             aucs = [rows[m]["eval"][f"auc/{task}"] for m in runs]
             ax.scatter([x] * len(aucs), aucs, color="tab:blue", s=18, zorder=3)
             pts.append((x, float(np.mean(aucs)), n))
-        if title.startswith("(a)"):
-            ax.set_xscale("log")
-            for x, y_, n in pts:
-                ax.annotate(n, (x, y_), textcoords="offset points", xytext=(4, 6), fontsize=7)
-            line = sorted(p for p in pts if p[2] != "dense_longer")  # TokenMixer size; dense_longer is a side point
-        else:
-            ax.set_xscale("log", base=2)
-            line = sorted(pts)
+            if side or log_base == 10:
+                ax.annotate(n, (x, pts[-1][1]), textcoords="offset points", xytext=(4, 6), fontsize=7)
+        ax.set_xscale("log", base=log_base)
+        line = sorted(p for p in pts if p[2] not in side)
         if line:
             ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:blue", alpha=0.6)
         ax.axhline(res["base"]["eval"][f"auc/{task}"], color="gray", linestyle="--", linewidth=1,

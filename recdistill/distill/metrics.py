@@ -93,6 +93,17 @@ def auc(labels: torch.Tensor, scores: torch.Tensor, weights: torch.Tensor | None
     return float(binary_auroc(s, y.long(), validate_args=False))
 
 
+def auc_standard_error(auc_value: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUC measured on n_pos positives and n_neg negatives (Hanley & McNeil 1982). NaN when
+    either count is 0 or the AUC is NaN."""
+    a = auc_value
+    if not n_pos or not n_neg or a != a:
+        return float("nan")
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return max(var, 0.0) ** 0.5
+
+
 def bayes_auc(labels: torch.Tensor, p_true: torch.Tensor, weights: torch.Tensor | None = None) -> float:
     """Bayes-optimal AUC on synthetic data: the AUC of the ground-truth probability against the sampled labels.
     No model can beat it in expectation; on a finite sample a model can exceed it by noise."""

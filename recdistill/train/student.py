@@ -59,11 +59,7 @@ def batch_signal_auc(teacher_logit: torch.Tensor, labels: torch.Tensor, mask: to
     ranks = torch.empty_like(s)
     ranks[torch.argsort(s)] = torch.arange(1, len(s) + 1, dtype=s.dtype)
     a = float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    if not with_se:
-        return a
-    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
-    return a, max(var, 0.0) ** 0.5
+    return (a, metrics.auc_standard_error(a, n_pos, n_neg)) if with_se else a
 
 
 @dataclass
