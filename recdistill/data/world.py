@@ -21,11 +21,15 @@ The generative process, and why each part is there:
   effect), traffic source, context slot and the dense features add to the logit; an additive model learns them.
 * **High-order interaction (capacity matters).** A random effect per cell of user segment x item segment x
   context slot, with every one- and two-field part removed: additive models and pairwise crosses see none of
-  it, models that cross all three fields do.
+  it, models that cross all three fields do. The slot is a feature of its own (`context_slot`, 4 day parts of
+  the 24 `context` ids): from `context` alone a model would have to find the grouping too, 1,536 combinations
+  instead of 256, and at demo scale none does (benchmarks/interaction_learnability.py).
 * **Drift (streaming matters).** Category and item popularity follow mean-reverting day-level random walks, and
   which of a user's interests is active (strongest) changes day by day; a model fit on an early day loses AUC
   later. Mean reversion keeps the world stationary: day 500 looks like day 5, only different.
-* **Traffic sources** have different base rates (and get different positive keep-rates in the default views).
+* **Traffic sources** have different base rates (and get different positive keep-rates in the default views). The
+  source is a feature too (`traffic_source`, as in real logs): a model that cannot see it has only its sampling
+  correction to rank by traffic, and that runs against the bias (its keep-rate falls as the base rate falls).
 * **Tasks.** ctr: click ~ Bernoulli(p_ctr). cvr: conversion per impression, click x Bernoulli(p_cvr|click), so
   p_true = p_ctr * p_cvr|click. watch_time: click x LogNormal(mu(x), 0.5), p_true = its expectation.
 
@@ -45,9 +49,11 @@ from recdistill.data.batch import Batch, History, Schema, TaskSpec
 from recdistill.data.sampling import SamplingConfig, hash_uniform, keep_mask, splitmix64
 
 KNOWN_TASKS = {"ctr": "binary", "cvr": "binary", "watch_time": "continuous"}
-SPARSE = ("user_id", "item_id", "item_cat", "item_tags", "user_segment", "item_segment", "context")
+SPARSE = ("user_id", "item_id", "item_cat", "item_tags", "user_segment", "item_segment", "context", "context_slot",
+          "traffic_source")
 HISTORY = ("item", "cat", "action", "ts")
 NUM_SEGMENTS, NUM_CONTEXT, NUM_SLOTS, NUM_ACTIONS, NUM_INTERESTS, NUM_TAGS = 8, 24, 4, 4, 3, 256
+SLOT_WIDTH = NUM_CONTEXT // NUM_SLOTS  # context ids per context slot: slot = context // SLOT_WIDTH
 RECENT = 8  # events of session context in the ground truth
 TS0, EVENT_GAP_S = 1_600_000_000, 600  # history timestamps: timeline position j happens at TS0 + j * gap
 RHO, WALK_MEMORY = 0.8, 60  # popularity drift: day-to-day persistence, days of memory kept
@@ -93,7 +99,8 @@ class SyntheticWorld:
             tasks=tuple(TaskSpec(t.name, t.kind) for t in data_cfg.tasks),
             dense=tuple(f"x{i}" for i in range(w.num_dense)),
             sparse={"user_id": w.num_users, "item_id": w.num_items, "item_cat": c, "item_tags": NUM_TAGS,
-                    "user_segment": NUM_SEGMENTS, "item_segment": NUM_SEGMENTS, "context": NUM_CONTEXT},
+                    "user_segment": NUM_SEGMENTS, "item_segment": NUM_SEGMENTS, "context": NUM_CONTEXT,
+                    "context_slot": NUM_SLOTS, "traffic_source": w.num_traffic},
             history={"item": w.num_items, "cat": c, "action": NUM_ACTIONS, "ts": 2**62},
             num_traffic=w.num_traffic, max_history=data_cfg.history_len)
         # Small tables, hashed from the seed alone (never from num_days: more days must not change the old ones).
@@ -293,7 +300,7 @@ class SyntheticWorld:
         ev = self.events(x["user"][row], (pos - k).clip(min=0).reshape(-1), x["interests"], row)
         seen = (pos - k >= 0)
         recent = ((ev["cat"].reshape(n, RECENT) == cat[:, None]) & seen).sum(1) / np.maximum(seen.sum(1), 1)
-        cell = self.cells[x["useg"], x["iseg"], x["context"] // (NUM_CONTEXT // NUM_SLOTS)]
+        cell = self.cells[x["useg"], x["iseg"], x["context"] // SLOT_WIDTH]
         dense = x["dense"]
         zero = np.zeros(n)
         return {
@@ -322,7 +329,9 @@ class SyntheticWorld:
         n, t = len(x["sid"]), torch.from_numpy
         tag_len, tags = self.item_tags(x["item"])
         feats = {"user_id": x["user"], "item_id": x["item"], "item_cat": x["cat"], "item_tags": tags,
-                 "user_segment": x["useg"], "item_segment": x["iseg"], "context": x["context"]}
+                 "user_segment": x["useg"], "item_segment": x["iseg"], "context": x["context"],
+                 "context_slot": x["context"] // SLOT_WIDTH,  # the slot the cell is defined on (a day part)
+                 "traffic_source": x["traffic"]}  # also Batch.traffic (the sampling correction's index)
         lengths = [tag_len if k == "item_tags" else np.ones(n, dtype=np.int64) for k in SPARSE]
         return Batch(
             sample_id=t(x["sid"]), day=torch.full((n,), day, dtype=torch.int32), traffic=t(x["traffic"]),

@@ -135,9 +135,14 @@ def test_ground_truth_calibrated_and_ceiling_in_range():
 
 
 def test_traffic_sources_have_different_base_rates():
-    b = world(history_len=16).read(1, 0, 20000)
+    w = world(history_len=16)
+    b = w.read(1, 0, 20000)
     rates = [float(b.labels["ctr"][b.traffic == t].mean()) for t in range(3)]
     assert rates[0] > rates[1] + 0.015 and rates[1] > rates[2] + 0.015, rates  # seen: 0.118, 0.080, 0.045
+    # the source is also a model input (one id per row), the same id the sampling correction reads
+    assert w.schema.sparse["traffic_source"] == w.schema.num_traffic == 3
+    assert torch.equal(b.sparse["traffic_source"].lengths(), torch.ones(len(b.traffic), dtype=torch.int64))
+    assert torch.equal(ids(b, "traffic_source"), b.traffic)
 
 
 def test_low_order_and_high_order_effects():
