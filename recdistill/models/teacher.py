@@ -76,6 +76,7 @@ class TeacherDense(nn.Module):
         self.match_proj = nn.Linear(NUM_MATCH, e) if has_match else None
         n_global = 1 + sum(x is not None for x in (self.target_feature, self.category_feature, self.user_feature,
                                                    self.dense_proj))
+        self.n_global = n_global  # LONGER's global query tokens: CLS, target item, category, user, dense
         self.cls = nn.Parameter(torch.randn(1, 1, dl) * 0.02)
         self.global_proj = nn.Linear(e, dl)
         self.longer = LongerEncoder(e, dl, heads=cfg.longer_heads, layers=cfg.longer_layers, merge_k=cfg.merge_k,

@@ -33,13 +33,13 @@ def param_table(model: torch.nn.Module) -> OrderedDict[str, dict[str, int]]:
     return out
 
 
-def flops_per_sample(cfg: Config, schema: Schema, n_in: int) -> OrderedDict[str, float]:
-    """Forward FLOPs per sample by module (2 per multiply-add), for a full history of `history_len` events."""
+def flops_per_sample(cfg: Config, schema: Schema, n_in: int, n_global: int) -> OrderedDict[str, float]:
+    """Forward FLOPs per sample by module (2 per multiply-add), for a full history of `history_len` events;
+    `n_in` / `n_global`: the mixer's input width and LONGER's global query tokens, read off the built model."""
     t = cfg.teacher
     h = min(t.history_len, cfg.data.history_len)
     m = math.ceil(h / t.merge_k)  # merged tokens
     dl, e = t.longer_dim, t.emb_dim
-    n_global = 1 + sum(f in schema.sparse for f in ("item_id", "user_id")) + (1 if schema.dense else 0)
     nq = n_global + t.recent_k
     f = max(1, int(t.d_model * t.ffn_mult))
     experts = (t.moe_experts + 1) if t.moe_experts else 1  # reference MoE runs every expert + the shared one
@@ -78,7 +78,8 @@ def dry_run(cfg: Config, schema: Schema, world_size: int) -> dict:
     dense = sum(r["dense"] for r in params.values())
     emb = sum(r["embedding"] for r in params.values())
     largest = max(p.numel() for n, p in model.named_parameters() if not n.startswith(EMBEDDING_PREFIXES))
-    flops = flops_per_sample(cfg, schema, model.dense.mixer.tokenizer.chunk * cfg.teacher.num_tokens)
+    flops = flops_per_sample(cfg, schema, model.dense.mixer.tokenizer.chunk * cfg.teacher.num_tokens,
+                             model.dense.n_global)
     return {"preset": cfg.teacher.preset, "dense_params": dense, "embedding_params": emb, "params": params,
             "flops_per_sample": flops, "gflops_per_sample": sum(flops.values()) / 1e9, "world_size": world_size,
             "zero_memory": zero_estimates(dense, largest, world_size)}

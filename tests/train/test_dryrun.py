@@ -26,3 +26,28 @@ def test_preset_dense_size_within_10_percent(name, target, capsys):
     print_report(report)
     out = capsys.readouterr().out
     assert f"teacher preset '{name}'" in out and "mixer.blocks.0" in out and "zero3_offload" in out
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_flops_estimate_matches_a_counted_forward(preset):
+    """The analytic FLOPs per sample agree with torch's FLOP counter on a real forward with full histories."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from recdistill.models.match import NUM_MATCH
+    from recdistill.models.teacher import TeacherModel
+    from recdistill.train.dryrun import flops_per_sample
+
+    cfg = load_config(PRESETS / f"{preset}.yaml", ["teacher.embedding_backend=torch"])
+    schema = SyntheticWorld(cfg.data).schema
+    dense = TeacherModel(schema, cfg.teacher).dense
+    b, h, e = 2, min(cfg.teacher.history_len, cfg.data.history_len), cfg.teacher.emb_dim
+    with FlopCounterMode(display=False) as counter:
+        dense({f: torch.randn(b, e) for f in dense.features}, torch.randn(b, len(schema.dense)),
+              torch.randn(b * h, e), torch.arange(0, b * h + 1, h), torch.randn(b, NUM_MATCH))
+    counted = counter.get_flop_counts()  # module -> {op: flops}, for the whole batch
+    est = flops_per_sample(cfg, schema, dense.mixer.tokenizer.chunk * cfg.teacher.num_tokens, dense.n_global)
+    for part in ("longer", "mixer"):
+        got = sum(v for k, v in est.items() if k.startswith(part + "."))
+        want = sum(counted[f"TeacherDense.{part}"].values()) / b
+        assert abs(got / want - 1) < 0.03, (part, got, want)
