@@ -107,6 +107,10 @@ class TeacherConfig(Section):
     emb_dim: int = Field(16, ge=1, description="Embedding width of categorical features and history events.")
     num_tokens: int = Field(8, ge=1, description="TokenMixer tokens T (also the number of mixing heads).")
     d_model: int = Field(64, ge=1, description="TokenMixer token width D (divisible by num_tokens).")
+    feature_tokens: int = Field(0, ge=0, description="TokenMixer tokens of the categorical, dense and "
+                                "target-match features; the other num_tokens - feature_tokens take LONGER's "
+                                "outputs. 0: one concatenation chunked evenly, where the features get tokens "
+                                "only in proportion to their width (one or two of eight in the presets).")
     ffn_mult: float = Field(2.0, gt=0, description="Per-token SwiGLU hidden width F = ffn_mult * D.")
     num_layers: int = Field(2, ge=1, description="TokenMixer blocks.")
     moe_experts: int = Field(0, ge=0, description="Per-token MoE experts (0: dense FFN).")
@@ -141,6 +145,9 @@ class TeacherConfig(Section):
     def _check(self) -> TeacherConfig:
         if self.d_model % self.num_tokens:
             raise ValueError(f"d_model={self.d_model} must be divisible by num_tokens={self.num_tokens}")
+        if self.feature_tokens >= self.num_tokens:
+            raise ValueError(f"teacher.feature_tokens={self.feature_tokens} must be below num_tokens="
+                             f"{self.num_tokens} (LONGER's outputs need at least one token), or 0")
         if self.longer_dim % self.longer_heads:
             raise ValueError(f"longer_dim={self.longer_dim} must be divisible by longer_heads={self.longer_heads}")
         if self.moe_experts and self.moe_topk > self.moe_experts:

@@ -81,10 +81,13 @@ class TeacherDense(nn.Module):
         self.global_proj = nn.Linear(e, dl)
         self.longer = LongerEncoder(e, dl, heads=cfg.longer_heads, layers=cfg.longer_layers, merge_k=cfg.merge_k,
                                     recent=cfg.recent_k, merge_kind=cfg.merge_kind)
-        n_in = e * len(schema.sparse) + (e if schema.dense else 0) + (e if has_match else 0) \
-            + dl * (n_global + cfg.recent_k)
-        self.mixer = TokenMixerLarge(n_in, tokens=cfg.num_tokens, dim=cfg.d_model, ffn_mult=cfg.ffn_mult,
-                                     layers=cfg.num_layers, experts=cfg.moe_experts, topk=cfg.moe_topk)
+        n_feat = e * len(schema.sparse) + (e if schema.dense else 0) + (e if has_match else 0)
+        n_seq = dl * (n_global + cfg.recent_k)
+        groups = [(n_feat, cfg.feature_tokens), (n_seq, cfg.num_tokens - cfg.feature_tokens)] \
+            if cfg.feature_tokens else None  # features first: forward concatenates them before LONGER's outputs
+        self.mixer = TokenMixerLarge(n_feat + n_seq, tokens=cfg.num_tokens, dim=cfg.d_model, ffn_mult=cfg.ffn_mult,
+                                     layers=cfg.num_layers, experts=cfg.moe_experts, topk=cfg.moe_topk,
+                                     groups=groups)
         self.heads = nn.ModuleDict({t: nn.Linear(cfg.d_model, 1) for t in self.tasks})
 
     def forward(self, pooled: dict[str, torch.Tensor], dense: torch.Tensor, events: torch.Tensor,

@@ -33,12 +33,34 @@ class Tokenizer(nn.Module):
         super().__init__()
         self.t, self.chunk = t, math.ceil(n_in / t)
         self.pad = self.chunk * t - n_in
+        self.padded_in = self.chunk * t  # inputs after padding: the tokenizer's FLOPs are 2 * padded_in * D
         self.weight = nn.Parameter(torch.randn(t, self.chunk, d) / math.sqrt(self.chunk))
         self.bias = nn.Parameter(torch.zeros(t, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, self.pad)).view(x.shape[0], self.t, self.chunk)
         return torch.einsum("btc,tcd->btd", x, self.weight) + self.bias
+
+
+class GroupedTokenizer(nn.Module):
+    """Feature groups -> their own tokens: the input [B, sum n_g] is cut into consecutive groups of n_g inputs, and
+    group g is chunked into t_g tokens of width D (a Tokenizer each); tokens are concatenated in group order.
+
+    Why: chunking one long concatenation gives each group tokens in proportion to its width. In the teacher the
+    LONGER outputs are ~80% of the input, so every categorical and dense feature lands in one or two of the T
+    tokens; after token mixing each per-token FFN sees only a D/T-wide slice of them, and crosses of those
+    features are not learned at all (benchmarks/interaction_learnability.py, docs/LOG.md)."""
+
+    def __init__(self, groups: list[tuple[int, int]], d: int) -> None:
+        super().__init__()
+        self.sizes = [n for n, _ in groups]
+        self.parts = nn.ModuleList([Tokenizer(n, t, d) for n, t in groups])
+        self.t = sum(t for _, t in groups)
+        self.padded_in = sum(p.padded_in for p in self.parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tok(g) for tok, g in zip(self.parts, torch.split(x, self.sizes, dim=1), strict=True)],
+                         dim=1)
 
 
 class TokenMoE(nn.Module):
@@ -91,12 +113,21 @@ class TokenMixerLarge(nn.Module):
     """Tokenizer + a stack of TokenMixer blocks with inter-layer residuals; returns the final tokens [B, T, D]."""
 
     def __init__(self, n_in: int, *, tokens: int, dim: int, ffn_mult: float, layers: int, experts: int = 0,
-                 topk: int = 1, interlayer: int = 2) -> None:
+                 topk: int = 1, interlayer: int = 2, groups: list[tuple[int, int]] | None = None) -> None:
+        """groups: optional (inputs, tokens) per consecutive feature group (GroupedTokenizer); their inputs must
+        sum to n_in and their tokens to `tokens`. None: one group, chunked evenly (Tokenizer)."""
         super().__init__()
         if dim % tokens:
             raise ValueError(f"token mixing needs d_model % num_tokens == 0, got {dim} % {tokens}")
         f = max(1, int(dim * ffn_mult))
-        self.tokenizer = Tokenizer(n_in, tokens, dim)
+        if groups is None:
+            self.tokenizer = Tokenizer(n_in, tokens, dim)
+        else:
+            if sum(n for n, _ in groups) != n_in or sum(t for _, t in groups) != tokens or min(
+                    min(n, t) for n, t in groups) < 1:
+                raise ValueError(f"token groups {groups} must each have >= 1 input and token, and sum to "
+                                 f"{n_in} inputs and {tokens} tokens")
+            self.tokenizer = GroupedTokenizer(groups, dim)
         self.blocks = nn.ModuleList([TokenMixerBlock(tokens, dim, f, experts, topk) for _ in range(layers)])
         self.interlayer = interlayer
         self.norm = nn.RMSNorm(dim)

@@ -78,8 +78,7 @@ def dry_run(cfg: Config, schema: Schema, world_size: int) -> dict:
     dense = sum(r["dense"] for r in params.values())
     emb = sum(r["embedding"] for r in params.values())
     largest = max(p.numel() for n, p in model.named_parameters() if not n.startswith(EMBEDDING_PREFIXES))
-    flops = flops_per_sample(cfg, schema, model.dense.mixer.tokenizer.chunk * cfg.teacher.num_tokens,
-                             model.dense.n_global)
+    flops = flops_per_sample(cfg, schema, model.dense.mixer.tokenizer.padded_in, model.dense.n_global)
     return {"preset": cfg.teacher.preset, "dense_params": dense, "embedding_params": emb, "params": params,
             "flops_per_sample": flops, "gflops_per_sample": sum(flops.values()) / 1e9, "world_size": world_size,
             "zero_memory": zero_estimates(dense, largest, world_size)}

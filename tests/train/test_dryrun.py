@@ -46,7 +46,7 @@ def test_flops_estimate_matches_a_counted_forward(preset):
         dense({f: torch.randn(b, e) for f in dense.features}, torch.randn(b, len(schema.dense)),
               torch.randn(b * h, e), torch.arange(0, b * h + 1, h), torch.randn(b, NUM_MATCH))
     counted = counter.get_flop_counts()  # module -> {op: flops}, for the whole batch
-    est = flops_per_sample(cfg, schema, dense.mixer.tokenizer.chunk * cfg.teacher.num_tokens, dense.n_global)
+    est = flops_per_sample(cfg, schema, dense.mixer.tokenizer.padded_in, dense.n_global)
     for part in ("longer", "mixer"):
         got = sum(v for k, v in est.items() if k.startswith(part + "."))
         want = sum(counted[f"TeacherDense.{part}"].values()) / b
