@@ -32,7 +32,8 @@ def test_torchrec_and_torch_backends_agree():
         torch.testing.assert_close(out, b(batch)[task], msg=f"task {task}")
 
 
-@pytest.mark.parametrize("kw", [{}, {"moe_experts": 3, "moe_topk": 2, "merge_kind": "transformer"}])
+@pytest.mark.parametrize("kw", [{}, {"moe_experts": 3, "moe_topk": 2, "merge_kind": "transformer"},
+                                {"feature_tokens": 3}])
 def test_every_parameter_gets_gradient_and_outputs_finite(kw):
     torch.manual_seed(1)
     model = TeacherModel(SCHEMA, TeacherConfig(**CFG, **kw, embedding_backend="torch"))
@@ -73,3 +74,28 @@ def test_longer_cross_attention_is_causal_for_recent_queries():
     torch.testing.assert_close(out2[0, 1:3], out[0, 1:3])  # recent queries at merged positions 2 and 3
     assert not torch.allclose(out2[0, 3], out[0, 3]) and not torch.allclose(out2[0, 0], out[0, 0])
 
+
+
+def test_grouped_tokenizer_keeps_each_group_in_its_own_tokens():
+    """feature_tokens: the features' tokens depend on the features only, LONGER's on its outputs only."""
+    from recdistill.models.tokenmixer import GroupedTokenizer, TokenMixerLarge
+
+    torch.manual_seed(0)
+    tok = GroupedTokenizer([(10, 3), (25, 1)], 8)
+    x = torch.randn(5, 35)
+    y = x.clone()
+    y[:, 10:] += torch.randn(5, 25)  # change the second group only
+    a, b = tok(x), tok(y)
+    assert a.shape == (5, 4, 8) and tok.padded_in == 12 + 25
+    torch.testing.assert_close(a[:, :3], b[:, :3], rtol=0, atol=0)
+    assert (a[:, 3] - b[:, 3]).abs().min() > 0
+    # it is exactly one Tokenizer per group on its slice of the input
+    torch.testing.assert_close(a[:, 3:], tok.parts[1](x[:, 10:]))
+    model = TeacherModel(SCHEMA, TeacherConfig(**CFG, feature_tokens=1, embedding_backend="torch"))
+    feats, seq = model.dense.mixer.tokenizer.parts
+    assert (feats.t, seq.t) == (1, CFG["num_tokens"] - 1)
+    assert model.dense.mixer.tokenizer.sizes[1] == CFG["longer_dim"] * (model.dense.n_global + CFG["recent_k"])
+    with pytest.raises(ValueError, match="token groups"):
+        TokenMixerLarge(35, tokens=4, dim=8, ffn_mult=2, layers=1, groups=[(10, 3), (20, 1)])
+    with pytest.raises(ValueError, match="feature_tokens=4 must be below num_tokens=4"):
+        TeacherConfig(**CFG, feature_tokens=4)
