@@ -77,6 +77,12 @@ def _key(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
     return (np.asarray(a).astype(np.uint64) << np.uint64(32)) | np.asarray(b).astype(np.uint64)
 
 
+def _centred(t: np.ndarray) -> np.ndarray:
+    """A two-field table with both one-field marginals removed (a pure two-way interaction)."""
+    t = t - t.mean(axis=0, keepdims=True)
+    return t - t.mean(axis=1, keepdims=True)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -116,6 +122,17 @@ class SyntheticWorld:
         for axis in range(3):
             cells = cells - cells.mean(axis=axis, keepdims=True)
         self.cells = cells / cells.std()
+        if w.interaction_heredity > 0:
+            # Effect heredity (real interactions come with lower-order ones): a share of the cell's variance moves
+            # into its three two-field parts, which pairwise crosses can learn and which lead gradient descent to
+            # the fields the three-way part is made of. The cell keeps unit sd.
+            n, k = NUM_SEGMENTS, NUM_SLOTS
+            uv = _centred(_normal(np.arange(n * n), s, 54).reshape(n, n))[:, :, None]
+            us = _centred(_normal(np.arange(n * k), s, 55).reshape(n, k))[:, None, :]
+            vs = _centred(_normal(np.arange(n * k), s, 56).reshape(n, k))[None, :, :]
+            two = uv + us + vs
+            h = w.interaction_heredity
+            self.cells = np.sqrt(1 - h) * self.cells + np.sqrt(h) * two / two.std()
         self.base = -3.5  # puts the CTR base rate near 9%
         self._event_salt = splitmix64(np.uint64((s * 0x9E3779B1 + 0xE7E7) & 0xFFFFFFFF))
         self._pop_cache: dict[int, np.ndarray] = {}
