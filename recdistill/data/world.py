@@ -22,8 +22,8 @@ The generative process, and why each part is there:
 * **High-order interaction (capacity matters).** A random effect per cell of user segment x item segment x
   context slot, with every one- and two-field part removed: additive models and pairwise crosses see none of
   it, models that cross all three fields do. The slot is a feature of its own (`context_slot`, 4 day parts of
-  the 24 `context` ids): from `context` alone a model would have to find the grouping too, 1,536 combinations
-  instead of 256, and at demo scale none does (benchmarks/interaction_learnability.py).
+  the 24 `context` ids): from `context` alone a model has to find the grouping too, 1,536 combinations instead of
+  256, and learns the cell later (benchmarks/interaction_learnability.py).
 * **Drift (streaming matters).** Category and item popularity follow mean-reverting day-level random walks, and
   which of a user's interests is active (strongest) changes day by day; a model fit on an early day loses AUC
   later. Mean reversion keeps the world stationary: day 500 looks like day 5, only different.
