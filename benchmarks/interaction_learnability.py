@@ -38,12 +38,12 @@ from _common import cpu_name, write_result  # benchmarks/ is sys.path[0] when ru
 
 from recdistill.config import load_config
 from recdistill.data.sampling import keep_mask
-from recdistill.data.world import NUM_CONTEXT, NUM_SEGMENTS, NUM_SLOTS, SLOT_WIDTH, SyntheticWorld
+from recdistill.data.world import SyntheticWorld
 from recdistill.distill.metrics import auc
+from recdistill.models.teacher import TeacherDense
 from recdistill.models.tokenmixer import TokenMixerLarge
 
 ROOT = Path(__file__).resolve().parents[1]
-CROWD = 672  # LONGER's outputs in the demo teacher: 32 wide x (5 global + 16 recent) query tokens
 TABLE_LR = 0.05  # teacher.sparse_lr (the fused row-wise Adagrad on the teacher's tables)
 INPUTS = {"cell_fields": ["useg", "iseg", "slot"], "id_fields": ["useg", "iseg", "slot", "user", "item", "cat",
                                                                  "context"],
@@ -51,31 +51,35 @@ INPUTS = {"cell_fields": ["useg", "iseg", "slot"], "id_fields": ["useg", "iseg",
           "id_fields_no_slot": ["useg", "iseg", "user", "item", "cat", "context"]}
 
 
-def fields(w: SyntheticWorld, day: int, n: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
-    """(field ids, click label, traffic, true cell value) of every row of `day`."""
+# the harness's short field names -> the world's sample arrays and the schema's feature names (for cardinalities)
+FIELDS = {"useg": "user_segment", "iseg": "item_segment", "slot": "context_slot", "user": "user_id",
+          "item": "item_id", "cat": "item_cat", "context": "context"}
+
+
+def fields(w: SyntheticWorld, day: int, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(field ids, every per-sample array of the world: labels, traffic, sample ids, ...) of the rows of `day`."""
     x = w._samples(day, 0, n)
-    f = {"useg": x["useg"], "iseg": x["iseg"], "slot": x["context"] // SLOT_WIDTH, "user": x["user"], "item": x["item"],
-         "cat": x["cat"], "context": x["context"]}
-    return f, x["label_ctr"], x["traffic"], w.cells[x["useg"], x["iseg"], x["context"] // SLOT_WIDTH]
+    return {k: x[k] for k in FIELDS}, x
 
 
 class Model(torch.nn.Module):
     """Embeddings of the chosen fields (TorchRec's default init, as the teacher's tables) -> a dense block -> logit."""
 
-    def __init__(self, sizes: dict[str, int], kind: str, width: int, layers: int, emb: int = 16) -> None:
+    def __init__(self, sizes: dict[str, int], kind: str, width: int, layers: int, emb: int = 16,
+                 crowd: int = 0) -> None:
         super().__init__()
         self.names = list(sizes)
         self.emb = torch.nn.ModuleDict({k: torch.nn.Embedding(n, emb) for k, n in sizes.items()})
         for k, e in self.emb.items():
             torch.nn.init.uniform_(e.weight, -sizes[k] ** -0.5, sizes[k] ** -0.5)
         n_in = emb * len(sizes)
-        # crowded / grouped: CROWD zero inputs appended, as wide as LONGER's outputs in the demo teacher's mixer
-        # input (they carry nothing here, so all that changes is where the features sit): chunked evenly, the
-        # features land in ~1.2 of the 8 tokens (as in the teacher); grouped, they keep 6 tokens of their own.
-        self.crowd = CROWD if kind in ("crowded", "grouped") else 0
+        # crowded / grouped: `crowd` zero inputs appended, as wide as LONGER's outputs in the teacher's mixer input
+        # (they carry nothing here, so all that changes is where the features sit): chunked evenly, the features
+        # land in ~1.2 of the 8 tokens (as in the teacher); grouped, they keep 6 tokens of their own.
+        self.crowd = crowd if kind in ("crowded", "grouped") else 0
         if kind != "mlp":
             self.body = TokenMixerLarge(n_in + self.crowd, tokens=8, dim=width, ffn_mult=2, layers=layers,
-                                        groups=[(n_in, 6), (CROWD, 2)] if kind == "grouped" else None)
+                                        groups=[(n_in, 6), (self.crowd, 2)] if kind == "grouped" else None)
         else:
             mods = [torch.nn.Linear(n_in, width), torch.nn.ReLU()]
             for _ in range(layers - 1):
@@ -125,16 +129,19 @@ def main() -> None:
     view, nt = cfg.sampling.teacher, w.w.num_traffic
     parts = []
     for day in train_days:
-        f, y, traffic, _ = fields(w, day, n)
-        sid = (np.int64(day) << np.int64(40)) | np.arange(n, dtype=np.int64)
-        keep = keep_mask(sid, y > 0, traffic, view, nt)  # the teacher's view, as BatchLoader applies it
-        parts.append(({k: v[keep] for k, v in f.items()}, y[keep]))
+        f, x = fields(w, day, n)
+        keep = keep_mask(x["sid"], x["label_ctr"] > 0, x["traffic"], view, nt)  # the teacher's view, as BatchLoader
+        parts.append(({k: v[keep] for k, v in f.items()}, x["label_ctr"][keep]))
     tr = {k: torch.from_numpy(np.concatenate([p_[0][k] for p_ in parts])) for k in parts[0][0]}
     ytr = torch.from_numpy(np.concatenate([p_[1] for p_ in parts]).astype(np.float32))
-    fe, ye, _, cell_e = fields(w, cfg.data.num_days - 1, n)
+    eval_day = cfg.data.num_days - 1
+    fe, xe = fields(w, eval_day, n)
+    ye, cell_e = xe["label_ctr"], w.ctr_components(eval_day, xe)["cell"]  # the cell's part of the true click logit
     ev = {k: torch.from_numpy(v) for k, v in fe.items()}
-    sizes = {"useg": NUM_SEGMENTS, "iseg": NUM_SEGMENTS, "slot": NUM_SLOTS, "user": w.w.num_users,
-             "item": w.w.num_items, "cat": w.w.num_categories, "context": NUM_CONTEXT}
+    sizes = {k: w.schema.sparse[name] for k, name in FIELDS.items()}
+    # the zero block of `crowded` / `grouped`: as wide as LONGER's outputs in this config's teacher mixer input
+    teacher = TeacherDense(w.schema, cfg.teacher)
+    crowd = cfg.teacher.longer_dim * (teacher.n_global + cfg.teacher.recent_k)
     lrs = (3e-3, 1e-3, 3e-4, 1e-4)  # 3e-3: the demo teacher's dense lr
     runs = [("cell_fields", "tokenmixer", 64, 2, 1, 3e-3), ("cell_fields", "mlp", 256, 2, 1, 3e-3),
             *[("id_fields", "tokenmixer", w_, n_, 1, lr) for w_, n_ in ((32, 1), (64, 2), (128, 3)) for lr in lrs],
@@ -148,7 +155,7 @@ def main() -> None:
     t_start, rows = time.perf_counter(), []
     for inputs, kind, width, layers, epochs, lr in runs:
         torch.manual_seed(0)
-        model = Model({k: sizes[k] for k in INPUTS[inputs]}, kind, width, layers)
+        model = Model({k: sizes[k] for k in INPUTS[inputs]}, kind, width, layers, crowd=crowd)
         t0 = time.perf_counter()
         steps = train(model, {k: tr[k] for k in INPUTS[inputs]}, ytr, epochs, bs=128, lr=lr)
         with torch.no_grad():
@@ -168,7 +175,7 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_seconds": time.perf_counter() - t_start,
            "command": " ".join(["python", "benchmarks/interaction_learnability.py", *sys.argv[1:]]),
            "config": args.config, "train_rows": len(ytr), "eval_rows": len(ye), "batch_size": 128, "table_lr": TABLE_LR,
-           "cell_sd_logit": float(0.7 * cfg.data.world.interactions * cell_e.std()), "runs": rows,
+           "cell_sd_logit": float(cell_e.std()), "crowd_inputs": crowd, "runs": rows,
            "best_lr": best_lr(rows)}
     path = write_result("interaction_learnability", res, args.quick, args.out)
     print(json_line(path, rows))

@@ -81,7 +81,7 @@ VARIANTS = {
     "dense_small": ("dense_small", ["teacher.d_model=32", "teacher.num_layers=1"]),
     "data_r025": ("data_small", _view(0.25)),
     "data_r01": ("data_small", _view(0.1)),
-    # seed repeats (training noise of each axis's end points; see runs_of / run_sd in summarise)
+    # seed repeats (training noise of each axis's end points; see seed_runs / run_sd in summarise)
     "dense_small_seed1": ("dense_small", ["teacher.d_model=32", "teacher.num_layers=1", "experiment.seed=1"]),
     "data_r01_seed1": ("data_small", [*_view(0.1), "experiment.seed=1"]),
     "data_r025_seed1": ("data_small", [*_view(0.25), "experiment.seed=1"]),
@@ -350,13 +350,10 @@ def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, id
                 deltas[name] = {"axis": rows[name]["axis"], **compare(name, "reference")}
     # Training noise: every variant X may have repeats X_seed1, X_seed2, ... (another experiment.seed); the
     # run-to-run sd of a teacher AUC is pooled over all (X, X_seedK) pairs: sd^2 = mean((a - b)^2 / 2).
-    def runs_of(name: str) -> list[str]:
-        return seed_runs(name, preds)
-
     def auc_of(name: str, t: str) -> float:
         return rows[name]["eval"][f"auc/{t}"]
 
-    pairs = [(n, r) for n in preds if "_seed" not in n for r in runs_of(n)[1:]]
+    pairs = [(n, r) for n in preds if "_seed" not in n for r in seed_runs(n, preds)[1:]]
     run_sd = {t: float(np.sqrt(np.mean([(auc_of(a, t) - auc_of(b, t)) ** 2 / 2 for a, b in pairs]))) if pairs
               else 0.0 for t in binary}
     noise["seed_pairs"] = [f"{b} - {a}" for a, b in pairs]
@@ -368,7 +365,7 @@ def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, id
     for axis, (up, down) in AXES.items():
         if up not in preds or down not in preds:
             continue
-        ups, downs = runs_of(up), runs_of(down)
+        ups, downs = seed_runs(up, preds), seed_runs(down, preds)
         c = compare(up, down)
         a = axes[axis] = {"scaled_minus_unscaled": f"{up} - {down}", "runs": {"scaled": ups, "unscaled": downs},
                           **{f"auc_gain/{t}": float(np.mean([auc_of(n, t) for n in ups])

@@ -77,10 +77,12 @@ def _key(a: np.ndarray | int, b: np.ndarray | int) -> np.ndarray:
     return (np.asarray(a).astype(np.uint64) << np.uint64(32)) | np.asarray(b).astype(np.uint64)
 
 
-def _centred(t: np.ndarray) -> np.ndarray:
-    """A two-field table with both one-field marginals removed (a pure two-way interaction)."""
-    t = t - t.mean(axis=0, keepdims=True)
-    return t - t.mean(axis=1, keepdims=True)
+def _pure_interaction(t: np.ndarray) -> np.ndarray:
+    """A table over k fields (one axis each) with every lower-order part removed: centring along each axis in turn
+    zeroes every marginal over fewer than k fields (a pure k-way interaction)."""
+    for axis in range(t.ndim):
+        t = t - t.mean(axis=axis, keepdims=True)
+    return t
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -116,20 +118,18 @@ class SyntheticWorld:
         self.context_bias = 0.3 * _normal(np.arange(NUM_CONTEXT), s, 50)
         self.tag_effect = 0.3 * _normal(np.arange(NUM_TAGS), s, 51)
         self.dense_w = 0.15 * _normal(np.arange(w.num_dense), s, 52)
-        cells = _normal(np.arange(NUM_SEGMENTS**2 * NUM_SLOTS), s, 53).reshape(NUM_SEGMENTS, NUM_SEGMENTS, NUM_SLOTS)
-        # Centre along each axis in turn: every one- and two-field marginal becomes zero (a pure three-way
-        # interaction), so neither additive models nor pairwise crosses (FM-style) can learn any of it.
-        for axis in range(3):
-            cells = cells - cells.mean(axis=axis, keepdims=True)
+        # A pure three-way interaction: neither additive models nor pairwise crosses (FM-style) learn any of it.
+        cells = _pure_interaction(_normal(np.arange(NUM_SEGMENTS**2 * NUM_SLOTS), s, 53).reshape(
+            NUM_SEGMENTS, NUM_SEGMENTS, NUM_SLOTS))
         self.cells = cells / cells.std()
         if w.interaction_heredity > 0:
             # Effect heredity (real interactions come with lower-order ones): a share of the cell's variance moves
             # into its three two-field parts, which pairwise crosses can learn and which lead gradient descent to
             # the fields the three-way part is made of. The cell keeps unit sd.
             n, k = NUM_SEGMENTS, NUM_SLOTS
-            uv = _centred(_normal(np.arange(n * n), s, 54).reshape(n, n))[:, :, None]
-            us = _centred(_normal(np.arange(n * k), s, 55).reshape(n, k))[:, None, :]
-            vs = _centred(_normal(np.arange(n * k), s, 56).reshape(n, k))[None, :, :]
+            uv = _pure_interaction(_normal(np.arange(n * n), s, 54).reshape(n, n))[:, :, None]
+            us = _pure_interaction(_normal(np.arange(n * k), s, 55).reshape(n, k))[:, None, :]
+            vs = _pure_interaction(_normal(np.arange(n * k), s, 56).reshape(n, k))[None, :, :]
             two = uv + us + vs
             h = w.interaction_heredity
             self.cells = np.sqrt(1 - h) * self.cells + np.sqrt(h) * two / two.std()
@@ -270,8 +270,10 @@ class SyntheticWorld:
         int_cat = interests[np.arange(n), (_u(sid, s, 4) * NUM_INTERESTS).astype(np.int64)]
         int_item = int_cat + w.num_categories * (_u(sid, s, 5) * per_cat).astype(np.int64)
         item = np.minimum(np.where(_u(sid, s, 6) < 0.3, int_item, pop_item), w.num_items - 1)
+        context = (_u(sid, s, 7) * NUM_CONTEXT).astype(np.int64)
         x = {"sid": sid, "user": user, "interests": interests, "traffic": traffic.astype(np.int64), "item": item,
-             "cat": self.item_cat(item), "context": (_u(sid, s, 7) * NUM_CONTEXT).astype(np.int64),
+             "cat": self.item_cat(item), "context": context,
+             "slot": context // SLOT_WIDTH,  # the context slot (a day part): the cell's third field
              "useg": (_u(user, s, 8) * NUM_SEGMENTS).astype(np.int64),
              "iseg": (_u(item, s, 9) * NUM_SEGMENTS).astype(np.int64),
              "dense": np.stack([_normal(sid, s, 100 + k) for k in range(w.num_dense)], 1) if w.num_dense
@@ -317,7 +319,7 @@ class SyntheticWorld:
         ev = self.events(x["user"][row], (pos - k).clip(min=0).reshape(-1), x["interests"], row)
         seen = (pos - k >= 0)
         recent = ((ev["cat"].reshape(n, RECENT) == cat[:, None]) & seen).sum(1) / np.maximum(seen.sum(1), 1)
-        cell = self.cells[x["useg"], x["iseg"], x["context"] // SLOT_WIDTH]
+        cell = self.cells[x["useg"], x["iseg"], x["slot"]]
         dense = x["dense"]
         zero = np.zeros(n)
         return {
@@ -347,7 +349,7 @@ class SyntheticWorld:
         tag_len, tags = self.item_tags(x["item"])
         feats = {"user_id": x["user"], "item_id": x["item"], "item_cat": x["cat"], "item_tags": tags,
                  "user_segment": x["useg"], "item_segment": x["iseg"], "context": x["context"],
-                 "context_slot": x["context"] // SLOT_WIDTH,  # the slot the cell is defined on (a day part)
+                 "context_slot": x["slot"],
                  "traffic_source": x["traffic"]}  # also Batch.traffic (the sampling correction's index)
         lengths = [tag_len if k == "item_tags" else np.ones(n, dtype=np.int64) for k in SPARSE]
         return Batch(

@@ -74,15 +74,15 @@ class TeacherDense(nn.Module):
         self.dense_proj = nn.Linear(len(schema.dense), e) if schema.dense else None
         has_match = self.category_feature is not None and "cat" in schema.history
         self.match_proj = nn.Linear(NUM_MATCH, e) if has_match else None
-        n_global = 1 + sum(x is not None for x in (self.target_feature, self.category_feature, self.user_feature,
-                                                   self.dense_proj))
-        self.n_global = n_global  # LONGER's global query tokens: CLS, target item, category, user, dense
+        # LONGER's global query tokens: CLS, target item, category, user, dense context (those present)
+        self.n_global = 1 + sum(x is not None for x in (self.target_feature, self.category_feature,
+                                                        self.user_feature, self.dense_proj))
         self.cls = nn.Parameter(torch.randn(1, 1, dl) * 0.02)
         self.global_proj = nn.Linear(e, dl)
         self.longer = LongerEncoder(e, dl, heads=cfg.longer_heads, layers=cfg.longer_layers, merge_k=cfg.merge_k,
                                     recent=cfg.recent_k, merge_kind=cfg.merge_kind)
         n_feat = e * len(schema.sparse) + (e if schema.dense else 0) + (e if has_match else 0)
-        n_seq = dl * (n_global + cfg.recent_k)
+        n_seq = dl * (self.n_global + cfg.recent_k)
         groups = [(n_feat, cfg.feature_tokens), (n_seq, cfg.num_tokens - cfg.feature_tokens)] \
             if cfg.feature_tokens else None  # features first: forward concatenates them before LONGER's outputs
         self.mixer = TokenMixerLarge(n_feat + n_seq, tokens=cfg.num_tokens, dim=cfg.d_model, ffn_mult=cfg.ffn_mult,

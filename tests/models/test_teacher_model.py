@@ -75,7 +75,6 @@ def test_longer_cross_attention_is_causal_for_recent_queries():
     assert not torch.allclose(out2[0, 3], out[0, 3]) and not torch.allclose(out2[0, 0], out[0, 0])
 
 
-
 def test_grouped_tokenizer_keeps_each_group_in_its_own_tokens():
     """feature_tokens: the features' tokens depend on the features only, LONGER's on its outputs only."""
     from recdistill.models.tokenmixer import GroupedTokenizer, TokenMixerLarge
