@@ -123,8 +123,9 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)  # small models: a second thread buys little, and leaves a core to a neighbour
-    # The question here is the pure three-way cell (heredity 0); the demo world now has the pairwise form.
-    pure = ["data.world.interaction_heredity=0.0"]
+    # The question here is the pure three-way cell at its original strength (the world's defaults); the demo world
+    # now has a stronger, pairwise form.
+    pure = ["data.world.interaction_heredity=0.0", "data.world.interactions=1.0"]
     cfg = load_config(args.config, pure + (["data.num_days=3"] if args.quick else []))
     w = SyntheticWorld(cfg.data)
     n, train_days = cfg.data.samples_per_day, range(cfg.data.num_days - cfg.data.eval_days)

@@ -52,7 +52,8 @@ class WorldConfig(Section):
     interactions: float = Field(1.0, ge=0.0, description="Strength of the high-order feature-interaction effect.")
     interaction_heredity: float = Field(0.0, ge=0.0, le=1.0, description="Share of the interaction cell's "
                                         "variance in its two-field parts (0: a pure three-way effect that no "
-                                        "one- or two-field model sees).")
+                                        "one- or two-field model sees; 1: pairwise crosses only, the demo's "
+                                        "setting).")
     interest_share: float = Field(0.06, gt=0.0, le=1.0, description="Share of history events drawn from the "
                                   "user's long-term interests (small: the last 64 events hold about one event per "
                                   "interest, so telling interests from noise needs thousands of events).")
