@@ -9,8 +9,9 @@ axis — (a) dense size, (b) history length, (c) data (higher negative keep-rate
 `--from-head` runs the committed code (a `git archive HEAD` plus this script), so the grid is consistent while
 others edit a shared working tree.
 
-Every model trains on configs/demo.yaml's world (8 days x 60K samples, 2000 users/items; days 0-6 train, day 7 is
-scored unsampled) and is scored on the identical evaluation rows:
+Every model trains on configs/demo.yaml's world (8 days x 60K samples, 2000 users/items, the interaction cell as
+pairwise crosses at strength 1.5; days 0-6 train, day 7 is scored unsampled) and is scored on the identical
+evaluation rows:
 
 * `base`: the student architecture without distillation (`student.towers=single student.tower_loss=task`, the
   demo's student view and its last 2 training days) — the baseline of `recdistill demo`.
