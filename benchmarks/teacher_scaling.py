@@ -88,6 +88,9 @@ VARIANTS = {
     "data_r025_seed1": ("data_small", [*_view(0.25), "experiment.seed=1"]),
     "dense_large_seed1": ("dense", ["teacher.d_model=128", "teacher.num_layers=3", "experiment.seed=1"]),
     "data_r1_seed1": ("data", [*_view(1.0), "experiment.seed=1"]),
+    # a third seed at the dense axis's end points (on the demo world the axis gain is ~2 run-to-run sds)
+    "dense_small_seed2": ("dense_small", ["teacher.d_model=32", "teacher.num_layers=1", "experiment.seed=2"]),
+    "dense_large_seed2": ("dense", ["teacher.d_model=128", "teacher.num_layers=3", "experiment.seed=2"]),
 }
 # axis: (scaled-up variant, not-scaled variant): its gain is AUC(scaled) - AUC(not scaled)
 AXES = {"dense_small_to_reference": ("reference", "dense_small"), "dense": ("dense_large", "reference"),
