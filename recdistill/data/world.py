@@ -26,7 +26,7 @@ The generative process, and why each part is there:
   256, and learns the cell later (benchmarks/interaction_learnability.py). `interaction_heredity` h moves a share
   h of the cell's variance into its two-field parts (pairwise crosses of the three fields, still with no one-field
   part). The demo world uses h = 1 and strength 1.5: the pure three-way form is found by no teacher of any size in
-  one pass at demo scale, the pairwise form is, and the more so the larger the teacher's dense part (docs/LOG.md).
+  one pass at demo scale, the pairwise form is, by larger dense parts more on average (docs/LOG.md).
 * **Drift (streaming matters).** Category and item popularity follow mean-reverting day-level random walks, and
   which of a user's interests is active (strongest) changes day by day; a model fit on an early day loses AUC
   later. Mean reversion keeps the world stationary: day 500 looks like day 5, only different.
