@@ -96,10 +96,8 @@ class Model(torch.nn.Module):
 
 def train(model: Model, data: dict[str, torch.Tensor], y: torch.Tensor, epochs: int, bs: int, lr: float) -> int:
     """`epochs` passes; Adam(lr) on the dense block and head, Adagrad(TABLE_LR) on the tables (as the teacher)."""
-    tables = list(model.emb.parameters())
-    table_ids = {id(q) for q in tables}
-    opts = [torch.optim.Adagrad(tables, lr=TABLE_LR),
-            torch.optim.Adam([q for q in model.parameters() if id(q) not in table_ids], lr=lr)]
+    opts = [torch.optim.Adagrad(model.emb.parameters(), lr=TABLE_LR),
+            torch.optim.Adam([*model.body.parameters(), *model.head.parameters()], lr=lr)]
     steps = 0
     for _ in range(epochs):
         perm = torch.randperm(len(y))
@@ -143,8 +141,7 @@ def main() -> None:
     ev = {k: torch.from_numpy(v) for k, v in fe.items()}
     sizes = {k: w.schema.sparse[name] for k, name in FIELDS.items()}
     # the zero block of `crowded` / `grouped`: as wide as LONGER's outputs in this config's teacher mixer input
-    teacher = TeacherDense(w.schema, cfg.teacher)
-    crowd = cfg.teacher.longer_dim * (teacher.n_global + cfg.teacher.recent_k)
+    crowd = TeacherDense(w.schema, cfg.teacher).n_seq
     lrs = (3e-3, 1e-3, 3e-4, 1e-4)  # 3e-3: the demo teacher's dense lr
     runs = [("cell_fields", "tokenmixer", 64, 2, 1, 3e-3), ("cell_fields", "mlp", 256, 2, 1, 3e-3),
             *[("id_fields", "tokenmixer", w_, n_, 1, lr) for w_, n_ in ((32, 1), (64, 2), (128, 3)) for lr in lrs],

@@ -82,16 +82,12 @@ VARIANTS = {
     "dense_small": ("dense_small", ["teacher.d_model=32", "teacher.num_layers=1"]),
     "data_r025": ("data_small", _view(0.25)),
     "data_r01": ("data_small", _view(0.1)),
-    # seed repeats (training noise of each axis's end points; see seed_runs / run_sd in summarise)
-    "dense_small_seed1": ("dense_small", ["teacher.d_model=32", "teacher.num_layers=1", "experiment.seed=1"]),
-    "data_r01_seed1": ("data_small", [*_view(0.1), "experiment.seed=1"]),
-    "data_r025_seed1": ("data_small", [*_view(0.25), "experiment.seed=1"]),
-    "dense_large_seed1": ("dense", ["teacher.d_model=128", "teacher.num_layers=3", "experiment.seed=1"]),
-    "data_r1_seed1": ("data", [*_view(1.0), "experiment.seed=1"]),
-    # a third seed at the dense axis's end points (on the demo world the axis gain is ~2 run-to-run sds)
-    "dense_small_seed2": ("dense_small", ["teacher.d_model=32", "teacher.num_layers=1", "experiment.seed=2"]),
-    "dense_large_seed2": ("dense", ["teacher.d_model=128", "teacher.num_layers=3", "experiment.seed=2"]),
 }
+# Seed repeats X_seedK: X with experiment.seed=K (training noise of each axis's end points; see seed_runs / run_sd in
+# summarise). The third seed at the dense end points: on the demo world that axis's gain is ~1-2 run-to-run sds.
+for _name, _k in (("dense_small", 1), ("data_r01", 1), ("data_r025", 1), ("dense_large", 1), ("data_r1", 1),
+                  ("dense_small", 2), ("dense_large", 2)):
+    VARIANTS[f"{_name}_seed{_k}"] = (VARIANTS[_name][0], [*VARIANTS[_name][1], f"experiment.seed={_k}"])
 # axis: (scaled-up variant, not-scaled variant): its gain is AUC(scaled) - AUC(not scaled)
 AXES = {"dense_small_to_reference": ("reference", "dense_small"), "dense": ("dense_large", "reference"),
         "dense_small_to_large": ("dense_large", "dense_small"),

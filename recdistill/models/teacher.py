@@ -82,7 +82,7 @@ class TeacherDense(nn.Module):
         self.longer = LongerEncoder(e, dl, heads=cfg.longer_heads, layers=cfg.longer_layers, merge_k=cfg.merge_k,
                                     recent=cfg.recent_k, merge_kind=cfg.merge_kind)
         n_feat = e * len(schema.sparse) + (e if schema.dense else 0) + (e if has_match else 0)
-        n_seq = dl * (self.n_global + cfg.recent_k)
+        self.n_seq = n_seq = dl * (self.n_global + cfg.recent_k)  # LONGER's outputs in the mixer input
         groups = [(n_feat, cfg.feature_tokens), (n_seq, cfg.num_tokens - cfg.feature_tokens)] \
             if cfg.feature_tokens else None  # features first: forward concatenates them before LONGER's outputs
         self.mixer = TokenMixerLarge(n_feat + n_seq, tokens=cfg.num_tokens, dim=cfg.d_model, ffn_mult=cfg.ffn_mult,
