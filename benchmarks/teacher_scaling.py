@@ -5,6 +5,7 @@ axis — (a) dense size, (b) history length, (c) data (higher negative keep-rate
     python benchmarks/teacher_scaling.py --quick         # tiny smoke run (-quick result and plot: not committed)
     python benchmarks/teacher_scaling.py --only reference,history_short --set data.samples_per_day=30000
     python benchmarks/teacher_scaling.py --from-head --reuse --run-dir runs/X   # finish / re-score a grid in place
+    python benchmarks/teacher_scaling.py --from-head --select-only --run-dir runs/X   # the lr selection alone
 
 `--from-head` runs the committed code (a `git archive HEAD` plus this script), so the grid is consistent while
 others edit a shared working tree.
@@ -18,8 +19,12 @@ evaluation rows:
 * `reference`: the demo teacher (preset 'small', history 1024, r=0.5, batch 128 per rank), launched by
   `experiment.run_teacher` (torchrun, 2 gloo ranks, DMP + ZeRO-2), one pass over the 7 training days.
 * (a) dense size: `dense_small` (TokenMixer d_model 32, 1 layer), `dense_large` (d_model 128, 3 layers),
-  `dense_longer` (LONGER width 64, 4 heads). The dense learning rate is the demo's for every size; the lr sweep
-  (docs/LOG.md) is this script with `--set teacher.lr=X --only dense_small,dense_large`.
+  `dense_longer` (LONGER width 64, 4 heads).
+* Dense learning rate: chosen per dense architecture among `--lr-grid` (default 1e-3, 3e-3) on held-out training
+  data before any variant trains (select_lr: train on days 0-5, score day 6 unsampled, `--select-seeds` seeds
+  each); every variant then trains at its architecture's chosen lr (history and data variants at the
+  reference's). The best Adam lr falls with width, so one lr for every size would measure the lr, not the size.
+  `--lr-grid ''` gives the config's lr to every model (the old behaviour).
 * (b) `history_short`: the reference with a 128-event history; "raising history" = reference minus this one.
 * (c) data: the negative keep-rate of the teacher's view, `data_r01` (r=0.1), `data_r025`, reference (0.5),
   `data_r1` (every negative; ~1.8x the samples of the reference). Every positive is kept in all of them.
@@ -95,6 +100,10 @@ AXES = {"dense_small_to_reference": ("reference", "dense_small"), "dense": ("den
         "data_r01_to_r1": ("data_r1", "data_r01"), "data_r01_to_r05": ("reference", "data_r01"),
         "data_r025_to_r05": ("reference", "data_r025"),
         "data": ("data_r1", "reference")}
+# The dense learning rate is chosen per dense architecture (these keys; history length and data are not
+# architecture) on held-out training data: see select_lr. The grid is the one the earlier sweeps used (docs/LOG.md).
+ARCH_KEYS = ("teacher.d_model", "teacher.num_layers", "teacher.longer_dim", "teacher.longer_heads")
+LR_GRID = "0.001,0.003"
 QUICK = ["data.num_days=3", "data.samples_per_day=8192", "data.history_len=256", "teacher.history_len=256"]
 QUICK_VARIANT = {"history_short": ["teacher.history_len=32"]}
 
@@ -200,6 +209,11 @@ def main() -> None:
                    "whose resolved config is unchanged (config.yaml is rewritten identically) and train the rest")
     p.add_argument("--from-head", action="store_true", help="run the committed code (git archive HEAD) rather "
                    "than the working tree, which others may be editing")
+    p.add_argument("--lr-grid", default=LR_GRID, help="dense learning rates to choose from, per dense architecture, "
+                   "on held-out training data (comma-separated; '' = the config's lr for every model, no selection)")
+    p.add_argument("--select-seeds", type=int, default=2, help="seeds per (architecture, lr) in the lr selection")
+    p.add_argument("--select-only", action="store_true", help="stop after the lr selection (its result JSON has "
+                   "'lr_selection' and no variants); a later --reuse run in the same --run-dir picks it up")
     args = p.parse_args()
     if args.from_head:
         snapshot_and_reexec()
@@ -234,6 +248,22 @@ def main() -> None:
     base_capture = capture(base_preds, ids, comps)
     log(f"base student: {base_secs:.0f} s, " + ", ".join(f"auc/{t} {base_res[f'auc/{t}']:.4f}" for t in binary))
 
+    # -- dense lr per architecture, chosen on held-out training data (never on the evaluation day) ------------
+    grid = [float(v) for v in args.lr_grid.split(",") if v.strip()]
+    selection = select_lr(args, root, common, variants, grid, kinds, binary) if grid else None
+    if selection:
+        variants = [(n, a, [*o, f"teacher.lr={selection['chosen'][arch_name(o, variants)]}"]) for n, a, o in variants]
+    if args.select_only:
+        path = write_result("teacher_scaling", {"bench": "teacher_scaling", "select_only": True, "device": cpu_name(),
+                                                "code": os.environ.get("TEACHER_SCALING_CODE", git_rev()),
+                                                "command": " ".join(sys.argv), "common_overrides": common,
+                                                "run_dir": str(root), "lr_selection": selection}, args.quick, args.out)
+        if selection:
+            plot_lr_selection(path.with_name(path.stem + "-lr.png"), selection, binary)
+        log(f"teacher_scaling: lr selection only: {path}")
+        print(json.dumps({"result": str(path), "chosen": selection and selection["chosen"]}))
+        return
+
     # -- teachers ---------------------------------------------------------------------------------------------
     out_rows, preds = {}, {}
     for name, axis, over in variants:
@@ -249,10 +279,12 @@ def main() -> None:
         t0 = time.perf_counter()
         done = run_dir / "teacher.rank0.json"
         try:
-            if args.reuse and done.exists() and (run_dir / "teacher_eval.npz").exists():
-                log(f"teacher {name}: reusing {run_dir} (finished; config unchanged: {same_cfg})")
+            if args.reuse and same_cfg and done.exists() and (run_dir / "teacher_eval.npz").exists():
+                log(f"teacher {name}: reusing {run_dir} (finished, same resolved config)")
                 summ, exit_note = json.loads(done.read_text()), "reused"
             else:
+                if args.reuse and before is not None and not same_cfg:
+                    log(f"teacher {name}: {run_dir} was trained with another config: training again")
                 summ, exit_note = train_teacher(cfg_path, run_dir, args.nproc)
         except RuntimeError as exc:
             log(f"teacher {name} failed: {exc}")
@@ -278,20 +310,77 @@ def main() -> None:
             + f"; elapsed {time.perf_counter() - t_start:.0f} s")
         # a partial result after every teacher: the grid may be cut short
         res_json = summarise(args, root, common, base_sum, base_res, base_secs, out_rows, preds, ids, binary,
-                             base_preds, t_start, partial=True, base_capture=base_capture)
+                             base_preds, t_start, partial=True, base_capture=base_capture, lr_selection=selection)
         write_result("teacher_scaling", res_json, args.quick, args.out)
 
     res_json = summarise(args, root, common, base_sum, base_res, base_secs, out_rows, preds, ids, binary, base_preds,
-                         t_start, partial=False, base_capture=base_capture)
+                         t_start, partial=False, base_capture=base_capture, lr_selection=selection)
     path = write_result("teacher_scaling", res_json, args.quick, args.out)
     png = plot(path.with_suffix(".png"), res_json, binary)
     if base_capture:
         plot_capture(path.with_name(path.stem + "-capture.png"), res_json)
     plot_axes(path.with_name(path.stem + "-axes.png"), res_json, binary[0])
+    if selection:
+        plot_lr_selection(path.with_name(path.stem + "-lr.png"), selection, binary)
     log(f"teacher_scaling: {path}, {png}; {time.perf_counter() - t_start:.0f} s")
     print(json.dumps({"result": str(path), "plot": str(png), "checks": res_json["checks"],
                       "auc": {n: r.get("eval", {}).get(f"auc/{binary[0]}") for n, r in res_json["variants"].items()},
                       "base_auc": base_res[f"auc/{binary[0]}"], "bayes_auc": res_json["bayes"][f"auc/{binary[0]}"]}))
+
+
+def arch_name(over: list[str], variants) -> str:  # noqa: ANN001 - [(name, axis, overrides)]
+    """The dense architecture of a variant's overrides, named after the first variant that has it."""
+    key = [o for o in over if o.split("=")[0] in ARCH_KEYS]
+    return next(n for n, _, o in variants if [v for v in o if v.split("=")[0] in ARCH_KEYS] == key)
+
+
+def select_lr(args, root: Path, common: list[str], variants, grid: list[float], kinds: dict,  # noqa: ANN001
+              binary: list[str]) -> dict:
+    """Choose the dense lr of each dense architecture among `grid` on held-out *training* data.
+
+    The best Adam lr falls with width (the large teacher is hurt by the small one's lr), so one lr for every size
+    measures the lr, not the size. Each (architecture, lr, seed) teacher trains on the training days minus the last
+    `eval_days` and is scored, unsampled, on those held-out days (data.num_days - eval_days: the world's days do
+    not depend on num_days). The lr with the best mean AUC (over seeds and binary tasks) is chosen; the evaluation
+    day is never seen. Runs go to root/lr_select/<arch>-lr<lr>-seed<k>; --reuse applies to them too."""
+    data = load_config(args.config, common).data
+    n_days = data.num_days - data.eval_days
+    if n_days - data.eval_days < 1:
+        raise SystemExit(f"--lr-grid: data.num_days={data.num_days} with eval_days={data.eval_days} leaves no "
+                         "training day once the held-out days are taken out (pass --lr-grid '' to skip selection)")
+    archs: dict[str, list[str]] = {}
+    for _, _, over in variants:
+        archs.setdefault(arch_name(over, variants), [o for o in over if o.split("=")[0] in ARCH_KEYS])
+    runs, val_ids = [], None
+    for arch, arch_over in archs.items():
+        for lr in grid:
+            for seed in range(args.select_seeds):
+                name = f"{arch}-lr{lr:g}-seed{seed}"
+                over = [*arch_over, f"teacher.lr={lr}", f"experiment.seed={seed}", f"data.num_days={n_days}"]
+                run_dir = root / "lr_select" / name
+                before = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else None
+                cfg_path = save_config(load_config(args.config, [*common, *over]), run_dir)
+                if (args.reuse and before == cfg_path.read_text() and (run_dir / "teacher.rank0.json").exists()
+                        and (run_dir / "teacher_eval.npz").exists()):
+                    log(f"lr selection {name}: reusing {run_dir}")
+                else:
+                    log(f"lr selection {name}: training on days 0-{n_days - data.eval_days - 1}, "
+                        f"scoring held-out day(s) {n_days - data.eval_days}-{n_days - 1}")
+                    train_teacher(cfg_path, run_dir, args.nproc)
+                p = load_preds(run_dir / "teacher_eval.npz")
+                val_ids = p["sample_id"] if val_ids is None else val_ids
+                res = score(p, kinds, val_ids)  # raises if the held-out rows differ between runs
+                runs.append({"arch": arch, "lr": lr, "seed": seed, "overrides": over,
+                             **{f"val_auc/{t}": res[f"auc/{t}"] for t in binary}})
+                log(f"lr selection {name}: " + ", ".join(f"val auc/{t} {res[f'auc/{t}']:.4f}" for t in binary))
+    mean = {a: {lr: float(np.mean([r[f"val_auc/{t}"] for r in runs if r["arch"] == a and r["lr"] == lr
+                                   for t in binary])) for lr in grid} for a in archs}
+    chosen = {a: max(m, key=m.get) for a, m in mean.items()}
+    log(f"lr selection: chosen {chosen} (mean held-out AUC {mean})")
+    return {"grid": grid, "seeds": args.select_seeds, "train_days": n_days - data.eval_days,
+            "held_out_days": list(range(n_days - data.eval_days, n_days)), "held_out_rows": int(len(val_ids)),
+            "criterion": f"mean held-out AUC over seeds and tasks {binary}", "mean_val_auc": mean, "chosen": chosen,
+            "architectures": archs, "runs": runs}
 
 
 def eval_components(source, ids: np.ndarray) -> dict[str, np.ndarray] | None:  # noqa: ANN001
@@ -322,7 +411,7 @@ def capture(preds: dict[str, np.ndarray], ids: np.ndarray, comps: dict[str, np.n
 
 
 def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, ids, binary, base_preds,  # noqa: ANN001
-              t_start, partial: bool, base_capture: dict | None = None) -> dict:
+              t_start, partial: bool, base_capture: dict | None = None, lr_selection: dict | None = None) -> dict:
     """The result document: variants, deltas per axis against the reference, noise, checks."""
     world = load_config(args.config, common).data
     ref = preds.get("reference")
@@ -399,6 +488,7 @@ def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, id
                  "train_samples": base_sum.get("train/samples"),
                  "eval": {k: v for k, v in base_res.items() if k.split("/")[0] in ("auc", "ne")},
                  "capture_ctr": base_capture},
+        "lr_selection": lr_selection,
         "variants": rows, "deltas_vs_reference": deltas, "axes": axes, "noise": noise, "checks": checks,
     }
 
@@ -467,6 +557,36 @@ def plot_axes(path: Path, res: dict, task: str) -> Path:
     axes[0].set_ylabel(f"next-day AUC ({task}); Bayes {res['bayes'][f'auc/{task}']:.3f}")
     axes[0].legend(fontsize=8)
     fig.suptitle("Teacher scaling on the demo world (dots: seeds, line: seed mean)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_lr_selection(path: Path, sel: dict, binary: list[str]) -> Path:
+    """Held-out AUC against the dense lr, one panel per task, one line per architecture (dots: seeds); the chosen
+    lr ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(binary), figsize=(5.5 * len(binary), 4), dpi=110, squeeze=False)
+    for ax, t in zip(axes[0], binary, strict=True):
+        for i, arch in enumerate(sel["architectures"]):
+            color = f"C{i}"
+            pts = [(r["lr"], r[f"val_auc/{t}"]) for r in sel["runs"] if r["arch"] == arch]
+            ax.scatter(*zip(*pts, strict=True), color=color, s=16)
+            means = [(lr, np.mean([a for x, a in pts if x == lr])) for lr in sel["grid"]]
+            ax.plot(*zip(*means, strict=True), color=color, label=arch)
+            best = sel["chosen"][arch]
+            ax.scatter([best], [dict(means)[best]], s=140, facecolors="none", edgecolors=color, linewidths=1.5)
+        ax.set_xscale("log")
+        ax.set(title=f"held-out day(s) {sel['held_out_days']}: {t}", xlabel="dense lr (Adam)", ylabel="AUC")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Dense lr per architecture, chosen on held-out training data (ring: chosen)", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
