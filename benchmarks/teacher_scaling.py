@@ -20,11 +20,12 @@ evaluation rows:
   `experiment.run_teacher` (torchrun, 2 gloo ranks, DMP + ZeRO-2), one pass over the 7 training days.
 * (a) dense size: `dense_small` (TokenMixer d_model 32, 1 layer), `dense_large` (d_model 128, 3 layers),
   `dense_longer` (LONGER width 64, 4 heads).
-* Dense learning rate: chosen per dense architecture among `--lr-grid` (default 1e-3, 3e-3) on held-out training
-  data before any variant trains (select_lr: train on days 0-5, score day 6 unsampled, `--select-seeds` seeds
-  each); every variant then trains at its architecture's chosen lr (history and data variants at the
-  reference's). The best Adam lr falls with width, so one lr for every size would measure the lr, not the size.
-  `--lr-grid ''` gives the config's lr to every model (the old behaviour).
+* Dense learning rate: chosen per variant family (a variant and its seed repeats) among `--lr-grid` (default 1e-3,
+  3e-3) on held-out training data before any variant trains (select_lr: train on days 0-5, score day 6
+  unsampled, `--select-seeds` seeds each); every variant then trains at its family's chosen lr. The best Adam lr
+  falls with width and rises as the steps get fewer, so one lr for every model would measure the lr, not the
+  axis. `--lr-per arch` chooses per dense architecture instead (history and data variants take the
+  reference's); `--lr-grid ''` gives the config's lr to every model (the old behaviour).
 * (b) `history_short`: the reference with a 128-event history; "raising history" = reference minus this one.
 * (c) data: the negative keep-rate of the teacher's view, `data_r01` (r=0.1), `data_r025`, reference (0.5),
   `data_r1` (every negative; ~1.8x the samples of the reference). Every positive is kept in all of them.
@@ -100,8 +101,8 @@ AXES = {"dense_small_to_reference": ("reference", "dense_small"), "dense": ("den
         "data_r01_to_r1": ("data_r1", "data_r01"), "data_r01_to_r05": ("reference", "data_r01"),
         "data_r025_to_r05": ("reference", "data_r025"),
         "data": ("data_r1", "reference")}
-# The dense learning rate is chosen per dense architecture (these keys; history length and data are not
-# architecture) on held-out training data: see select_lr. The grid is the one the earlier sweeps used (docs/LOG.md).
+# The dense learning rate is chosen on held-out training data (select_lr) per variant family (a variant and its seed
+# repeats), or with --lr-per arch per dense architecture (these keys). The grid is the earlier sweeps' (docs/LOG.md).
 ARCH_KEYS = ("teacher.d_model", "teacher.num_layers", "teacher.longer_dim", "teacher.longer_heads")
 LR_GRID = "0.001,0.003"
 QUICK = ["data.num_days=3", "data.samples_per_day=8192", "data.history_len=256", "teacher.history_len=256"]
@@ -211,6 +212,9 @@ def main() -> None:
                    "than the working tree, which others may be editing")
     p.add_argument("--lr-grid", default=LR_GRID, help="dense learning rates to choose from, per dense architecture, "
                    "on held-out training data (comma-separated; '' = the config's lr for every model, no selection)")
+    p.add_argument("--lr-per", choices=("variant", "arch"), default="variant", help="choose the lr per variant "
+                   "family (its overrides but the seed: the best lr moves with the data size as well as the width) "
+                   "or per dense architecture (history and data variants then take the reference's)")
     p.add_argument("--select-seeds", type=int, default=2, help="seeds per (architecture, lr) in the lr selection")
     p.add_argument("--select-only", action="store_true", help="stop after the lr selection (its result JSON has "
                    "'lr_selection' and no variants); a later --reuse run in the same --run-dir picks it up")
@@ -252,7 +256,8 @@ def main() -> None:
     grid = [float(v) for v in args.lr_grid.split(",") if v.strip()]
     selection = select_lr(args, root, common, variants, grid, kinds, binary) if grid else None
     if selection:
-        variants = [(n, a, [*o, f"teacher.lr={selection['chosen'][arch_name(o, variants)]}"]) for n, a, o in variants]
+        variants = [(n, a, [*o, f"teacher.lr={selection['chosen'][unit_name(o, variants, args.lr_per)]}"])
+                    for n, a, o in variants]
     if args.select_only:
         path = write_result("teacher_scaling", {"bench": "teacher_scaling", "select_only": True, "device": cpu_name(),
                                                 "code": os.environ.get("TEACHER_SCALING_CODE", git_rev()),
@@ -328,18 +333,27 @@ def main() -> None:
                       "base_auc": base_res[f"auc/{binary[0]}"], "bayes_auc": res_json["bayes"][f"auc/{binary[0]}"]}))
 
 
-def arch_name(over: list[str], variants) -> str:  # noqa: ANN001 - [(name, axis, overrides)]
-    """The dense architecture of a variant's overrides, named after the first variant that has it."""
-    key = [o for o in over if o.split("=")[0] in ARCH_KEYS]
-    return next(n for n, _, o in variants if [v for v in o if v.split("=")[0] in ARCH_KEYS] == key)
+def unit_key(over: list[str], per: str) -> list[str]:
+    """What the lr is chosen for: the overrides but the seed (per='variant') or the dense architecture's ('arch')."""
+    if per == "arch":
+        return [o for o in over if o.split("=")[0] in ARCH_KEYS]
+    return [o for o in over if o.split("=")[0] != "experiment.seed"]
+
+
+def unit_name(over: list[str], variants, per: str) -> str:  # noqa: ANN001 - [(name, axis, overrides)]
+    """The selection unit of a variant's overrides, named after the first variant that has it."""
+    key = unit_key(over, per)
+    return next(n for n, _, o in variants if unit_key(o, per) == key)
 
 
 def select_lr(args, root: Path, common: list[str], variants, grid: list[float], kinds: dict,  # noqa: ANN001
               binary: list[str]) -> dict:
-    """Choose the dense lr of each dense architecture among `grid` on held-out *training* data.
+    """Choose the dense lr of each variant family (or dense architecture: --lr-per) among `grid` on held-out
+    *training* data.
 
-    The best Adam lr falls with width (the large teacher is hurt by the small one's lr), so one lr for every size
-    measures the lr, not the size. Each (architecture, lr, seed) teacher trains on the training days minus the last
+    The best Adam lr falls with width (the large teacher is hurt by the small one's lr) and rises as the steps get
+    fewer (r=0.1 has a third of the reference's), so one lr for every model measures the lr, not the axis. Each
+    (unit, lr, seed) teacher trains on the training days minus the last
     `eval_days` and is scored, unsampled, on those held-out days (data.num_days - eval_days: the world's days do
     not depend on num_days). The lr with the best mean AUC (over seeds and binary tasks) is chosen; the evaluation
     day is never seen. Runs go to root/lr_select/<arch>-lr<lr>-seed<k>; --reuse applies to them too."""
@@ -348,9 +362,9 @@ def select_lr(args, root: Path, common: list[str], variants, grid: list[float], 
     if n_days - data.eval_days < 1:
         raise SystemExit(f"--lr-grid: data.num_days={data.num_days} with eval_days={data.eval_days} leaves no "
                          "training day once the held-out days are taken out (pass --lr-grid '' to skip selection)")
-    archs: dict[str, list[str]] = {}
+    archs: dict[str, list[str]] = {}  # selection unit -> its overrides (a dense architecture with --lr-per arch)
     for _, _, over in variants:
-        archs.setdefault(arch_name(over, variants), [o for o in over if o.split("=")[0] in ARCH_KEYS])
+        archs.setdefault(unit_name(over, variants, args.lr_per), unit_key(over, args.lr_per))
     runs, val_ids = [], None
     for arch, arch_over in archs.items():
         for lr in grid:
@@ -377,10 +391,10 @@ def select_lr(args, root: Path, common: list[str], variants, grid: list[float], 
                                    for t in binary])) for lr in grid} for a in archs}
     chosen = {a: max(m, key=m.get) for a, m in mean.items()}
     log(f"lr selection: chosen {chosen} (mean held-out AUC {mean})")
-    return {"grid": grid, "seeds": args.select_seeds, "train_days": n_days - data.eval_days,
+    return {"per": args.lr_per, "grid": grid, "seeds": args.select_seeds, "train_days": n_days - data.eval_days,
             "held_out_days": list(range(n_days - data.eval_days, n_days)), "held_out_rows": int(len(val_ids)),
             "criterion": f"mean held-out AUC over seeds and tasks {binary}", "mean_val_auc": mean, "chosen": chosen,
-            "architectures": archs, "runs": runs}
+            "units": archs, "runs": runs}
 
 
 def eval_components(source, ids: np.ndarray) -> dict[str, np.ndarray] | None:  # noqa: ANN001
@@ -574,7 +588,7 @@ def plot_lr_selection(path: Path, sel: dict, binary: list[str]) -> Path:
 
     fig, axes = plt.subplots(1, len(binary), figsize=(5.5 * len(binary), 4), dpi=110, squeeze=False)
     for ax, t in zip(axes[0], binary, strict=True):
-        for i, arch in enumerate(sel["architectures"]):
+        for i, arch in enumerate(sel["units"]):
             color = f"C{i}"
             pts = [(r["lr"], r[f"val_auc/{t}"]) for r in sel["runs"] if r["arch"] == arch]
             ax.scatter(*zip(*pts, strict=True), color=color, s=16)
