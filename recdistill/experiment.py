@@ -72,7 +72,7 @@ def run_teacher(cfg_path: Path, run_dir: Path, nproc: int) -> dict:
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))}
     tail: deque[str] = deque(maxlen=40)
     with open(run_dir / "teacher.log", "w") as log, subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) as proc:
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         for line in proc.stdout:
             log.write(line)
             tail.append(line.rstrip())

@@ -2,6 +2,7 @@
 students joining them, the comparison report, plots, metrics.jsonl and an offline W&B run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from recdistill.cli import main
 from recdistill.signals.reader import SignalReader
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/teacher/tiny.yaml", "--set", "data.num_days=3", "--set", "data.samples_per_day=6000",
         "--set", "data.batch_size=128", "--set", "tracking.progress=false", "--set", "student.history_len=16",
         "--set", "data.world.num_users=400", "--set", "data.world.num_items=800"]
@@ -51,12 +53,15 @@ def test_demo_then_an_experiment_on_its_signals(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.multiproc
 def test_demo_on_exported_parquet(tmp_path, monkeypatch):
+    """Also run from another directory with relative paths: the teacher ranks run in the repo root and must get
+    them resolved (a relative run dir once reached them as-is: 'config file not found')."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    small = TINY[2:]
-    assert main(["data", "export", str(tmp_path / "pq"), "--view", "teacher", *small]) == 0
-    assert main(["demo", *TINY, "--set", "data.source=parquet", "--set", f"data.path={tmp_path / 'pq'}",
-                 "--set", f"tracking.run_dir={tmp_path}", "--set", "tracking.run_name=p"]) == 0
-    report = (tmp_path / "p" / "report.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--config", str(ROOT / "configs" / "teacher" / "tiny.yaml"), *TINY[2:]]
+    assert main(["data", "export", "pq", "--view", "teacher", *tiny[2:]]) == 0
+    assert main(["demo", *tiny, "--set", "data.source=parquet", "--set", "data.path=pq",
+                 "--set", "tracking.run_dir=runs", "--set", "tracking.run_name=p"]) == 0
+    report = (tmp_path / "runs" / "p" / "report.md").read_text()
     assert "`teacher`: r=0.5" in report and "`student`: r=0.1" in report and "| distilled | ctr |" in report
 
 
