@@ -1,7 +1,7 @@
 """Teacher scaling on the synthetic world (issue 4): does the teacher beat the base model, and does each scaling
 axis — (a) dense size, (b) history length, (c) data (higher negative keep-rate) — raise its next-day AUC?
 
-    python benchmarks/teacher_scaling.py --from-head   # the full grid at demo size (~70 min on a 2-core box)
+    python benchmarks/teacher_scaling.py --from-head   # the full grid at demo size, lr selection first (~3 h, 2 cores)
     python benchmarks/teacher_scaling.py --quick         # tiny smoke run (-quick result and plot: not committed)
     python benchmarks/teacher_scaling.py --only reference,history_short --set data.samples_per_day=30000
     python benchmarks/teacher_scaling.py --from-head --reuse --run-dir runs/X   # finish / re-score a grid in place
@@ -210,12 +210,12 @@ def main() -> None:
                    "whose resolved config is unchanged (config.yaml is rewritten identically) and train the rest")
     p.add_argument("--from-head", action="store_true", help="run the committed code (git archive HEAD) rather "
                    "than the working tree, which others may be editing")
-    p.add_argument("--lr-grid", default=LR_GRID, help="dense learning rates to choose from, per dense architecture, "
+    p.add_argument("--lr-grid", default=LR_GRID, help="dense learning rates to choose from, per --lr-per unit, "
                    "on held-out training data (comma-separated; '' = the config's lr for every model, no selection)")
     p.add_argument("--lr-per", choices=("variant", "arch"), default="variant", help="choose the lr per variant "
                    "family (its overrides but the seed: the best lr moves with the data size as well as the width) "
                    "or per dense architecture (history and data variants then take the reference's)")
-    p.add_argument("--select-seeds", type=int, default=2, help="seeds per (architecture, lr) in the lr selection")
+    p.add_argument("--select-seeds", type=int, default=2, help="seeds per (unit, lr) in the lr selection")
     p.add_argument("--select-only", action="store_true", help="stop after the lr selection (its result JSON has "
                    "'lr_selection' and no variants); a later --reuse run in the same --run-dir picks it up")
     args = p.parse_args()
@@ -252,7 +252,7 @@ def main() -> None:
     base_capture = capture(base_preds, ids, comps)
     log(f"base student: {base_secs:.0f} s, " + ", ".join(f"auc/{t} {base_res[f'auc/{t}']:.4f}" for t in binary))
 
-    # -- dense lr per architecture, chosen on held-out training data (never on the evaluation day) ------------
+    # -- dense lr per variant family (--lr-per), chosen on held-out training data (never the evaluation day) --
     grid = [float(v) for v in args.lr_grid.split(",") if v.strip()]
     selection = select_lr(args, root, common, variants, grid, kinds, binary) if grid else None
     if selection:
@@ -356,21 +356,21 @@ def select_lr(args, root: Path, common: list[str], variants, grid: list[float], 
     (unit, lr, seed) teacher trains on the training days minus the last
     `eval_days` and is scored, unsampled, on those held-out days (data.num_days - eval_days: the world's days do
     not depend on num_days). The lr with the best mean AUC (over seeds and binary tasks) is chosen; the evaluation
-    day is never seen. Runs go to root/lr_select/<arch>-lr<lr>-seed<k>; --reuse applies to them too."""
+    day is never seen. Runs go to root/lr_select/<unit>-lr<lr>-seed<k>; --reuse applies to them too."""
     data = load_config(args.config, common).data
     n_days = data.num_days - data.eval_days
     if n_days - data.eval_days < 1:
         raise SystemExit(f"--lr-grid: data.num_days={data.num_days} with eval_days={data.eval_days} leaves no "
                          "training day once the held-out days are taken out (pass --lr-grid '' to skip selection)")
-    archs: dict[str, list[str]] = {}  # selection unit -> its overrides (a dense architecture with --lr-per arch)
+    units: dict[str, list[str]] = {}  # selection unit -> its overrides (a dense architecture with --lr-per arch)
     for _, _, over in variants:
-        archs.setdefault(unit_name(over, variants, args.lr_per), unit_key(over, args.lr_per))
+        units.setdefault(unit_name(over, variants, args.lr_per), unit_key(over, args.lr_per))
     runs, val_ids = [], None
-    for arch, arch_over in archs.items():
+    for unit, unit_over in units.items():
         for lr in grid:
             for seed in range(args.select_seeds):
-                name = f"{arch}-lr{lr:g}-seed{seed}"
-                over = [*arch_over, f"teacher.lr={lr}", f"experiment.seed={seed}", f"data.num_days={n_days}"]
+                name = f"{unit}-lr{lr:g}-seed{seed}"
+                over = [*unit_over, f"teacher.lr={lr}", f"experiment.seed={seed}", f"data.num_days={n_days}"]
                 run_dir = root / "lr_select" / name
                 before = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else None
                 cfg_path = save_config(load_config(args.config, [*common, *over]), run_dir)
@@ -384,17 +384,17 @@ def select_lr(args, root: Path, common: list[str], variants, grid: list[float], 
                 p = load_preds(run_dir / "teacher_eval.npz")
                 val_ids = p["sample_id"] if val_ids is None else val_ids
                 res = score(p, kinds, val_ids)  # raises if the held-out rows differ between runs
-                runs.append({"arch": arch, "lr": lr, "seed": seed, "overrides": over,
+                runs.append({"unit": unit, "lr": lr, "seed": seed, "overrides": over,
                              **{f"val_auc/{t}": res[f"auc/{t}"] for t in binary}})
                 log(f"lr selection {name}: " + ", ".join(f"val auc/{t} {res[f'auc/{t}']:.4f}" for t in binary))
-    mean = {a: {lr: float(np.mean([r[f"val_auc/{t}"] for r in runs if r["arch"] == a and r["lr"] == lr
-                                   for t in binary])) for lr in grid} for a in archs}
+    mean = {u: {lr: float(np.mean([r[f"val_auc/{t}"] for r in runs if r["unit"] == u and r["lr"] == lr
+                                   for t in binary])) for lr in grid} for u in units}
     chosen = {a: max(m, key=m.get) for a, m in mean.items()}
     log(f"lr selection: chosen {chosen} (mean held-out AUC {mean})")
     return {"per": args.lr_per, "grid": grid, "seeds": args.select_seeds, "train_days": n_days - data.eval_days,
             "held_out_days": list(range(n_days - data.eval_days, n_days)), "held_out_rows": int(len(val_ids)),
             "criterion": f"mean held-out AUC over seeds and tasks {binary}", "mean_val_auc": mean, "chosen": chosen,
-            "units": archs, "runs": runs}
+            "units": units, "runs": runs}
 
 
 def eval_components(source, ids: np.ndarray) -> dict[str, np.ndarray] | None:  # noqa: ANN001
@@ -579,7 +579,7 @@ def plot_axes(path: Path, res: dict, task: str) -> Path:
 
 
 def plot_lr_selection(path: Path, sel: dict, binary: list[str]) -> Path:
-    """Held-out AUC against the dense lr, one panel per task, one line per architecture (dots: seeds); the chosen
+    """Held-out AUC against the dense lr, one panel per task, one line per selection unit (dots: seeds); the chosen
     lr ringed."""
     import matplotlib
 
@@ -588,19 +588,21 @@ def plot_lr_selection(path: Path, sel: dict, binary: list[str]) -> Path:
 
     fig, axes = plt.subplots(1, len(binary), figsize=(5.5 * len(binary), 4), dpi=110, squeeze=False)
     for ax, t in zip(axes[0], binary, strict=True):
-        for i, arch in enumerate(sel["units"]):
+        for i, unit in enumerate(sel["units"]):
             color = f"C{i}"
-            pts = [(r["lr"], r[f"val_auc/{t}"]) for r in sel["runs"] if r["arch"] == arch]
+            pts = [(r["lr"], r[f"val_auc/{t}"]) for r in sel["runs"] if r["unit"] == unit]
             ax.scatter(*zip(*pts, strict=True), color=color, s=16)
             means = [(lr, np.mean([a for x, a in pts if x == lr])) for lr in sel["grid"]]
-            ax.plot(*zip(*means, strict=True), color=color, label=arch)
-            best = sel["chosen"][arch]
+            ax.plot(*zip(*means, strict=True), color=color, label=unit)
+            best = sel["chosen"][unit]
             ax.scatter([best], [dict(means)[best]], s=140, facecolors="none", edgecolors=color, linewidths=1.5)
         ax.set_xscale("log")
         ax.set(title=f"held-out day(s) {sel['held_out_days']}: {t}", xlabel="dense lr (Adam)", ylabel="AUC")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Dense lr per architecture, chosen on held-out training data (ring: chosen)", fontsize=11)
+    unit = "variant family" if sel.get("per") == "variant" else "dense architecture"
+    fig.suptitle(f"Dense lr per {unit}, chosen on held-out training data (ring: chosen on the mean over tasks)",
+                 fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
