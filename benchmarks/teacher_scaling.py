@@ -259,10 +259,8 @@ def main() -> None:
         variants = [(n, a, [*o, f"teacher.lr={selection['chosen'][unit_name(o, variants, args.lr_per)]}"])
                     for n, a, o in variants]
     if args.select_only:
-        path = write_result("teacher_scaling", {"bench": "teacher_scaling", "select_only": True, "device": cpu_name(),
-                                                "code": os.environ.get("TEACHER_SCALING_CODE", git_rev()),
-                                                "command": " ".join(sys.argv), "common_overrides": common,
-                                                "run_dir": str(root), "lr_selection": selection}, args.quick, args.out)
+        path = write_result("teacher_scaling", {**provenance(args, root, common), "select_only": True,
+                                                "lr_selection": selection}, args.quick, args.out)
         if selection:
             plot_lr_selection(path.with_name(path.stem + "-lr.png"), selection, binary)
         log(f"teacher_scaling: lr selection only: {path}")
@@ -274,22 +272,17 @@ def main() -> None:
     for name, axis, over in variants:
         cfg = load_config(args.config, [*common, *over])
         run_dir = root / name
-        before = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else None
-        cfg_path = save_config(cfg, run_dir)
-        same_cfg = before == cfg_path.read_text()
+        cfg_path, reusable = prepare_run(cfg, run_dir, args.reuse)
         shape = {k: getattr(cfg.teacher, k) for k in ("emb_dim", "num_tokens", "d_model", "ffn_mult", "num_layers",
                                                        "history_len", "merge_k", "longer_dim", "longer_layers",
                                                        "recent_k", "lr")}
         log(f"teacher {name} ({axis}): {over or 'demo config'}; r={cfg.sampling.teacher.r} q={cfg.sampling.teacher.q}")
         t0 = time.perf_counter()
-        done = run_dir / "teacher.rank0.json"
         try:
-            if args.reuse and same_cfg and done.exists() and (run_dir / "teacher_eval.npz").exists():
+            if reusable:
                 log(f"teacher {name}: reusing {run_dir} (finished, same resolved config)")
-                summ, exit_note = json.loads(done.read_text()), "reused"
+                summ, exit_note = json.loads((run_dir / "teacher.rank0.json").read_text()), "reused"
             else:
-                if args.reuse and before is not None and not same_cfg:
-                    log(f"teacher {name}: {run_dir} was trained with another config: training again")
                 summ, exit_note = train_teacher(cfg_path, run_dir, args.nproc)
         except RuntimeError as exc:
             log(f"teacher {name} failed: {exc}")
@@ -333,6 +326,30 @@ def main() -> None:
                       "base_auc": base_res[f"auc/{binary[0]}"], "bayes_auc": res_json["bayes"][f"auc/{binary[0]}"]}))
 
 
+def prepare_run(cfg, run_dir: Path, reuse: bool) -> tuple[Path, bool]:  # noqa: ANN001 - a Config
+    """Write run_dir/config.yaml; returns its path and whether the finished teacher already there can be kept:
+    --reuse and the same resolved config as the one it was trained with."""
+    old = run_dir / "config.yaml"
+    before = old.read_text() if old.exists() else None
+    cfg_path = save_config(cfg, run_dir)
+    finished = (run_dir / "teacher.rank0.json").exists() and (run_dir / "teacher_eval.npz").exists()
+    same = before == cfg_path.read_text()
+    if reuse and finished and not same:
+        log(f"{run_dir} was trained with another config: training again")
+    return cfg_path, reuse and finished and same
+
+
+def provenance(args, root: Path, common: list[str]) -> dict:  # noqa: ANN001 - argparse.Namespace
+    """What ran, where and on what: the head of every result document (grid or --select-only)."""
+    cfg = Path(args.config)
+    return {"bench": "teacher_scaling", "quick": args.quick, "device": cpu_name(), "cpu_count": os.cpu_count(),
+            "versions": versions(), "code": os.environ.get("TEACHER_SCALING_CODE", f"working tree at {git_rev()}"),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": " ".join(["python", "benchmarks/teacher_scaling.py", *sys.argv[1:]]),
+            "config": str(cfg.relative_to(ROOT)) if cfg.is_relative_to(ROOT) else args.config,
+            "common_overrides": common, "teacher_ranks": args.nproc, "run_dir": str(root)}
+
+
 def unit_key(over: list[str], per: str) -> list[str]:
     """What the lr is chosen for: the overrides but the seed (per='variant') or the dense architecture's ('arch')."""
     if per == "arch":
@@ -372,10 +389,8 @@ def select_lr(args, root: Path, common: list[str], variants, grid: list[float], 
                 name = f"{unit}-lr{lr:g}-seed{seed}"
                 over = [*unit_over, f"teacher.lr={lr}", f"experiment.seed={seed}", f"data.num_days={n_days}"]
                 run_dir = root / "lr_select" / name
-                before = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else None
-                cfg_path = save_config(load_config(args.config, [*common, *over]), run_dir)
-                if (args.reuse and before == cfg_path.read_text() and (run_dir / "teacher.rank0.json").exists()
-                        and (run_dir / "teacher_eval.npz").exists()):
+                cfg_path, reusable = prepare_run(load_config(args.config, [*common, *over]), run_dir, args.reuse)
+                if reusable:
                     log(f"lr selection {name}: reusing {run_dir}")
                 else:
                     log(f"lr selection {name}: training on days 0-{n_days - data.eval_days - 1}, "
@@ -487,13 +502,7 @@ def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, id
     for ax, a in axes.items():
         checks[f"{ax}_raises"] = {t: a[f"raises/{t}"] for t in binary}
     return {
-        "bench": "teacher_scaling", "partial": partial, "quick": args.quick, "device": cpu_name(),
-        "cpu_count": os.cpu_count(), "versions": versions(),
-        "code": os.environ.get("TEACHER_SCALING_CODE", f"working tree at {git_rev()}"),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_seconds": time.perf_counter() - t_start,
-        "command": " ".join(["python", "benchmarks/teacher_scaling.py", *sys.argv[1:]]),
-        "config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT) else args.config,
-        "common_overrides": common, "teacher_ranks": args.nproc, "run_dir": str(root),
+        **provenance(args, root, common), "partial": partial, "wall_seconds": time.perf_counter() - t_start,
         "world": {"num_days": world.num_days, "samples_per_day": world.samples_per_day,
                   "data_history_len": world.history_len},
         "bayes": {f"auc/{t}": base_res[f"bayes_auc/{t}"] for t in binary}

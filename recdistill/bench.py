@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from recdistill.config import ROOT
+
 BENCHES = {
     "data": [str(ROOT / "benchmarks" / "data_bench.py")],
     "signals": [str(ROOT / "benchmarks" / "signals_bench.py")],

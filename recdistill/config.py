@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from recdistill.data.sampling import SamplingConfig
 
+# the checkout (configs/, benchmarks/): shipped files and the demo config are found from here, whatever the cwd
+ROOT = Path(__file__).resolve().parents[1]
+
 MAX_HISTORY = 20_000
 
 

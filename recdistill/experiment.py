@@ -28,14 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recdistill.config import Config, load_config, save_config
+from recdistill.config import ROOT, Config, load_config, save_config
 from recdistill.data.loader import build_source
 from recdistill.distill import metrics
 from recdistill.report import markdown_table, plot_bars, write_report
 from recdistill.tracking import Tracker, console
 from recdistill.train.student import run_student
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_run_dir(cfg: Config) -> Path:

@@ -53,12 +53,13 @@ def test_demo_then_an_experiment_on_its_signals(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.multiproc
 def test_demo_on_exported_parquet(tmp_path, monkeypatch):
-    """Also run from another directory with relative paths: the teacher ranks run in the repo root and must get
-    them resolved (a relative run dir once reached them as-is: 'config file not found')."""
+    """Also run from another directory with relative paths: the teacher ranks must resolve them from the caller's
+    cwd (they once ran in the repo root: 'config file not found'), the shipped DeepSpeed JSON from the repo."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(tmp_path)
-    tiny = ["--config", str(ROOT / "configs" / "teacher" / "tiny.yaml"), *TINY[2:]]
-    assert main(["data", "export", "pq", "--view", "teacher", *tiny[2:]]) == 0
+    small = TINY[2:]
+    tiny = ["--config", str(ROOT / "configs" / "teacher" / "tiny.yaml"), *small]
+    assert main(["data", "export", "pq", "--view", "teacher", *small]) == 0
     assert main(["demo", *tiny, "--set", "data.source=parquet", "--set", "data.path=pq",
                  "--set", "tracking.run_dir=runs", "--set", "tracking.run_name=p"]) == 0
     report = (tmp_path / "runs" / "p" / "report.md").read_text()

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from recdistill.config import Config, add_config_arguments, config_from_args, save_config
+from recdistill.config import ROOT, Config, add_config_arguments, config_from_args, save_config
 from recdistill.data.loader import BatchLoader, build_source
 from recdistill.distill.debias import to_true
 from recdistill.distill.losses import task_loss
@@ -52,17 +52,15 @@ from recdistill.train.checkpoint import latest_checkpoint, load_checkpoint, save
 from recdistill.train.distributed import DistInfo, destroy_distributed, init_distributed
 from recdistill.train.parallelize import parallelize_teacher
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def deepspeed_config(cfg: Config, path: str) -> dict:
     """The DeepSpeed JSON with what the run decides filled in: micro batch, clipping (explicit), precision."""
     p = Path(path)
-    if not p.is_file() and not p.is_absolute() and (REPO / p).is_file():
-        p = REPO / p  # the shipped configs/deepspeed/*.json, when run from another directory
+    if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
+        p = ROOT / p  # the shipped configs/deepspeed/*.json, when run from another directory
     if not p.is_file():
         raise FileNotFoundError(f"teacher.deepspeed: no such DeepSpeed config file: {p} (relative paths are looked "
-                                f"up from the working directory, then from {REPO})")
+                                f"up from the working directory, then from {ROOT})")
     ds = json.loads(p.read_text())
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds["gradient_clipping"] = cfg.teacher.grad_clip
