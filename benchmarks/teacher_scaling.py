@@ -59,7 +59,7 @@ import torch
 from _common import RESULTS, cpu_name, write_result  # benchmarks/ is sys.path[0] when run as a script
 
 from recdistill.config import load_config, save_config
-from recdistill.data.loader import build_source
+from recdistill.data.source import build_source
 from recdistill.data.world import SyntheticWorld
 from recdistill.distill.metrics import auc, auc_standard_error, component_capture
 from recdistill.experiment import load_preds, run_teacher, score

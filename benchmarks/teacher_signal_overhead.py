@@ -39,7 +39,8 @@ import torch
 from _common import cpu_name, write_result  # benchmarks/ is sys.path[0] when run as a script
 
 from recdistill.config import load_config
-from recdistill.data.loader import BatchLoader, build_source
+from recdistill.data.loader import BatchLoader
+from recdistill.data.source import build_source
 from recdistill.train.distributed import destroy_distributed, init_distributed
 from recdistill.train.teacher import TeacherTrainer
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from recdistill.data.sampling import SamplingConfig
 
 # the checkout (configs/, benchmarks/): shipped files and the demo config are found from here, whatever the cwd
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,53 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingConfig(BaseModel):
+    """How one view of the data was sampled. Recorded with every Batch, Parquet file and signal shard.
+
+    Keep/drop and the correction it implies are explained in recdistill/data/sampling.py (DESIGN §4)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("full", description="Id of this view (e.g. 'teacher', 'student'); shown in reports.")
+    r: float = Field(1.0, gt=0.0, le=1.0, description="Negative keep-rate.")
+    q: float = Field(1.0, gt=0.0, le=1.0, description="Nominal positive keep-rate.")
+    q_eff: list[float] | None = Field(
+        None,
+        description="Effective positive keep-rate per traffic source (index = traffic id); None means q for all. "
+        "This is what the sampler really applies and what debias uses.",
+    )
+    b: float = Field(0.0, description="Additive bias of the correction g(z) = z + log r - log q_eff + b.")
+    seed: int = Field(0, description="Keep/drop hash seed. Views must share it to nest.")
+    task: str = Field("ctr", description="Binary task whose label decides positive vs negative.")
+
+    @model_validator(mode="after")
+    def _check_q_eff(self) -> SamplingConfig:
+        for i, v in enumerate(self.q_eff or []):
+            if not (0.0 < v <= 1.0):
+                raise ValueError(f"q_eff[{i}]={v} must be in (0, 1]")
+        return self
+
+    def q_for(self, num_traffic: int) -> np.ndarray:
+        """Effective positive keep-rate per traffic id, length num_traffic (float64)."""
+        if self.q_eff is None:
+            return np.full(num_traffic, self.q, dtype=np.float64)
+        if len(self.q_eff) < num_traffic:
+            raise ValueError(f"sampling '{self.name}': q_eff has {len(self.q_eff)} entries, "
+                             f"data has {num_traffic} traffic sources")
+        return np.asarray(self.q_eff[:num_traffic], dtype=np.float64)
+
+    def correction(self, traffic: torch.Tensor, num_traffic: int) -> torch.Tensor:
+        """Per-sample additive term c so that true-space logit = sampled-space logit + c (float32, traffic's device)."""
+        q = self.q_for(num_traffic)
+        table = torch.as_tensor(math.log(self.r) - np.log(q) + self.b, dtype=torch.float32, device=traffic.device)
+        return table[traffic.long()]
+
+    def is_full(self) -> bool:
+        """True if this view keeps everything (no correction needed)."""
+        return self.r == 1.0 and self.q == 1.0 and all(v == 1.0 for v in (self.q_eff or [])) and self.b == 0.0
+
 
 
 class TaskConfig(Section):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from recdistill.config import ROOT, Config, load_config, save_config
-from recdistill.data.loader import build_source
+from recdistill.data.source import build_source
 from recdistill.distill import metrics
 from recdistill.report import markdown_table, plot_bars, write_report
 from recdistill.tracking import Tracker, console
@@ -225,36 +225,3 @@ def default_config_path() -> Path | None:
     """configs/demo.yaml of this checkout (the embedded default of `recdistill demo`)."""
     p = ROOT / "configs" / "demo.yaml"
     return p if p.is_file() else None
-
-
-def cli(args) -> int:  # noqa: ANN001 - argparse.Namespace
-    """`recdistill demo` / `recdistill experiment`: run, then print where everything went."""
-    default = default_config_path() if args.command == "demo" else None
-    path = args.config if args.config else ([default] if default else None)
-    cfg = load_config(path, args.overrides)
-    run_dir = make_run_dir(cfg)
-    console(f"{args.command}: run directory {run_dir} (config: {', '.join(map(str, path or [])) or 'defaults'})")
-    t0 = time.perf_counter()
-    with Tracker(cfg.tracking, run_dir, cfg.model_dump(mode="json"), name=run_dir.name) as tracker:
-        out = run_experiment(cfg, run_dir, tracker)
-        wandb_dir = tracker.wandb_dir
-    console("\n" + markdown_table(out["auc_rows"]) + "\n")
-    if out["gain_rows"]:
-        console(markdown_table(out["gain_rows"]) + "\n")
-    console(f"{args.command}: done in {time.perf_counter() - t0:.0f} s")
-    console(f"{args.command}: report {out['report']}; plots {run_dir}/*.png; metrics {run_dir / 'metrics.jsonl'}")
-    console(f"{args.command}: teacher signals {run_dir / 'signals'}; students and exported main towers "
-            f"{run_dir / 'students'}; W&B {wandb_dir or 'off'}")
-    return 0
-
-
-def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
-    """Add `recdistill demo` and `recdistill experiment`."""
-    from recdistill.config import add_config_arguments
-
-    p = sub.add_parser("demo", help="the main job end to end on the embedded default (configs/demo.yaml)")
-    add_config_arguments(p)
-    p.set_defaults(func=cli)
-    p = sub.add_parser("experiment", help="one teacher and the students of experiment.students, compared")
-    add_config_arguments(p)
-    p.set_defaults(func=cli)

@@ -59,7 +59,8 @@ def write_oracle_signals(cfg, uri: str, *, window_steps: int = 4, corrupt: dict 
     `corrupt` = {window: 'garbage' | 'nan' | 'missing'}: that whole window is random N(0, 3) logits, NaN, or never
     written. Returns {'rows': written, 'windows': n}.
     """
-    from recdistill.data.loader import BatchLoader, build_source
+    from recdistill.data.loader import BatchLoader
+    from recdistill.data.source import build_source
     from recdistill.distill.debias import to_sampled
     from recdistill.signals.writer import SignalWriter
 

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recdistill.data.sampling import SamplingConfig
+from recdistill.config import SamplingConfig
 
 
 @dataclass(frozen=True)

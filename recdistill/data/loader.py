@@ -1,6 +1,7 @@
 """Batches from any data source: sampled view, sharded by rank, prepared on a background thread.
 
-    from recdistill.data.loader import BatchLoader, build_source
+    from recdistill.data.loader import BatchLoader
+    from recdistill.data.source import build_source
     src = build_source(cfg.data)
     for batch in BatchLoader(src, src.days()[:-1], 512, view=cfg.sampling.teacher, rank=r, world_size=w):
         ...
@@ -15,58 +16,12 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
 
-import numpy as np
 import torch
 
-from recdistill.data.batch import Batch, Schema
-from recdistill.data.sampling import SamplingConfig, keep_mask
-
-
-@runtime_checkable
-class DataSource(Protocol):
-    """What a sample source provides (synthetic world, Parquet directory, MovieLens)."""
-
-    schema: Schema
-    #: The view that produced the stored rows (None: unsampled, every row of the population).
-    sampling: SamplingConfig | None
-
-    def days(self) -> list[int]:
-        """Day numbers available, ascending."""
-        ...
-
-    def num_rows(self, day: int) -> int:
-        """Rows stored for `day`."""
-        ...
-
-    def read(self, day: int, start: int, stop: int) -> Batch:
-        """Rows [start, stop) of `day` as a Batch, in a fixed order."""
-        ...
-
-
-def check_nested(view: SamplingConfig, base: SamplingConfig | None, num_traffic: int) -> None:
-    """A view can only be applied to stored data that was sampled at rates >= the view's (same seed)."""
-    if base is None:
-        return
-    if view.seed != base.seed:
-        raise ValueError(f"sampling view '{view.name}' has seed {view.seed}, data was sampled with seed {base.seed}: "
-                         "views with different seeds do not nest")
-    if view.r > base.r or np.any(view.q_for(num_traffic) > base.q_for(num_traffic)):
-        raise ValueError(f"sampling view '{view.name}' (r={view.r}, q_eff={view.q_for(num_traffic).tolist()}) keeps "
-                         f"more than the data's own sampling '{base.name}' (r={base.r}, "
-                         f"q_eff={base.q_for(num_traffic).tolist()}): dropped rows cannot be recovered")
-
-
-def apply_view(batch: Batch, view: SamplingConfig | None, num_traffic: int) -> Batch:
-    """Rows of `batch` kept by `view` (deterministic in sample_id, so nested views give subsets)."""
-    if view is None:
-        return batch
-    positive = batch.labels[view.task].numpy() > 0.5
-    keep = keep_mask(batch.sample_id.numpy(), positive, batch.traffic.numpy(), view, num_traffic)
-    out = batch.select(torch.from_numpy(keep))
-    out.sampling = view
-    return out
+from recdistill.config import SamplingConfig
+from recdistill.data.batch import Batch
+from recdistill.data.source import DataSource, apply_view, check_nested
 
 
 class BatchLoader:
@@ -156,20 +111,3 @@ def _background(gen: Iterator[Batch], depth: int) -> Iterator[Batch]:
             yield item
     finally:
         stop.set()
-
-
-def build_source(data_cfg) -> DataSource:  # noqa: ANN001 - DataConfig (avoid importing config here)
-    """The data source named by `data_cfg.source`."""
-    if data_cfg.source == "synthetic":
-        from recdistill.data.world import SyntheticWorld
-
-        return SyntheticWorld(data_cfg)
-    if data_cfg.source == "parquet":
-        from recdistill.data.parquet import ParquetSource
-
-        return ParquetSource(data_cfg.path, history_len=data_cfg.history_len)
-    if data_cfg.source == "movielens":
-        from recdistill.data.movielens import MovieLensSource
-
-        return MovieLensSource(data_cfg)
-    raise ValueError(f"unknown data.source {data_cfg.source!r}")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recdistill.config import DataConfig
 from recdistill.data.batch import Batch, History, Schema, TaskSpec, offsets_from_lengths
 
 TASKS = {"ctr": "binary", "rating": "continuous"}
@@ -45,7 +46,7 @@ def _codes(values: list[str]) -> np.ndarray:
     return np.array([index[v] for v in values], dtype=np.int64)
 
 
-def _tasks(data_cfg) -> tuple[TaskSpec, ...]:  # noqa: ANN001 - DataConfig
+def _tasks(data_cfg: DataConfig) -> tuple[TaskSpec, ...]:
     if "tasks" not in data_cfg.model_fields_set:  # the default list describes the synthetic world
         return tuple(TaskSpec(n, k) for n, k in TASKS.items())
     bad = [f"{t.name} ({t.kind})" for t in data_cfg.tasks if TASKS.get(t.name) != t.kind]
@@ -61,7 +62,7 @@ class MovieLensSource:
     sampling = None  # every rating, unsampled
     list_sparse = ("genres",)  # several ids per row: exported as list<int64> even if a first chunk has one each
 
-    def __init__(self, data_cfg) -> None:  # noqa: ANN001 - DataConfig
+    def __init__(self, data_cfg: DataConfig) -> None:
         self.history_len, self.num_days = data_cfg.history_len, data_cfg.num_days
         self.tasks = _tasks(data_cfg)
         raw = np.array([[int(x) for x in r[:4]] for r in _read_tsv("ml-100k.inter")], dtype=np.int64)

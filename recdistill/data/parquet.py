@@ -35,8 +35,10 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recdistill.config import DataConfig, SamplingConfig
 from recdistill.data.batch import Batch, History, Schema, TaskSpec, offsets_from_lengths
-from recdistill.data.sampling import SamplingConfig
+from recdistill.data.source import DataSource, apply_view, check_nested
+from recdistill.tracking import progress as bar
 
 META_SAMPLING, META_TASKS, META_SCHEMA = b"recdistill.sampling", b"recdistill.tasks", b"recdistill.schema"
 REQUIRED = {"sample_id": pa.int64(), "day": pa.int32(), "traffic": pa.int32()}
@@ -136,6 +138,11 @@ class ParquetSource:
         except ValueError as exc:
             raise DataError(f"{self.files[0]}: metadata 'recdistill.sampling' is not a SamplingConfig: {exc}") from None
         self.schema = self._schema(first_meta)
+
+    @classmethod
+    def from_config(cls, data_cfg: DataConfig) -> ParquetSource:
+        """The source for `data.source=parquet` (the registry's entry point)."""
+        return cls(data_cfg.path, history_len=data_cfg.history_len)
 
     # ---- file access -----------------------------------------------------------------------------------------
     def _open(self, f: str) -> pq.ParquetFile:
@@ -461,8 +468,7 @@ def write_parquet(source_or_batches, out_dir: str, days: list[int] | None = None
     `recdistill.sampling`; otherwise the source's own sampling is recorded. Files hold at most about
     `rows_per_file` rows (written rows, after sampling).
     """
-    from recdistill.data.loader import DataSource, apply_view, check_nested
-    from recdistill.tracking import progress as bar
+
 
     is_source = isinstance(source_or_batches, DataSource)
     if is_source:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recdistill.config import DataConfig
 from recdistill.data.batch import Batch, History, Schema, TaskSpec
 from recdistill.data.sampling import SamplingConfig, hash_uniform, keep_mask, splitmix64
 
@@ -97,7 +98,7 @@ class SyntheticWorld:
 
     sampling = None  # the population itself, unsampled
 
-    def __init__(self, data_cfg) -> None:  # noqa: ANN001 - DataConfig (config imports stay one-way)
+    def __init__(self, data_cfg: DataConfig) -> None:
         w = data_cfg.world
         bad = [t.name for t in data_cfg.tasks if t.name not in KNOWN_TASKS or KNOWN_TASKS[t.name] != t.kind]
         if bad:

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from recdistill.data.sampling import SamplingConfig
+from recdistill.config import SamplingConfig
 
 DebiasMode = Literal["none", "teacher_debiased", "student_space", "exact"]
 MODES: tuple[str, ...] = ("none", "teacher_debiased", "student_space", "exact")

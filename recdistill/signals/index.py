@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recdistill.data.sampling import splitmix64
+from recdistill.hashing import splitmix64
 
 
 def _mix(ids: np.ndarray) -> np.ndarray:

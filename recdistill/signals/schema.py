@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from recdistill.data.sampling import SamplingConfig
+from recdistill.config import SamplingConfig
 
 SCHEMA_VERSION = 1
 META_KEY = b"recdistill.signals"

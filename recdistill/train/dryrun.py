@@ -1,4 +1,4 @@
-"""`recdistill teacher --dry-run`: size a teacher without memory.
+"""Size a teacher without memory (what `recdistill teacher --dry-run` prints).
 
     recdistill teacher --dry-run --config configs/teacher/7b.yaml --world-size 8
 
@@ -9,13 +9,12 @@ estimates per GPU for the given world size. Training itself is the teacher train
 
 from __future__ import annotations
 
-import json
 import math
 from collections import OrderedDict
 
 import torch
 
-from recdistill.config import Config, add_config_arguments, config_from_args
+from recdistill.config import Config
 from recdistill.data.batch import Schema
 from recdistill.models.teacher import TeacherModel
 
@@ -97,32 +96,3 @@ def print_report(r: dict) -> None:
     print(f"\nDeepSpeed ZeRO model-state memory estimate, world size {r['world_size']} (per GPU / CPU per node):")
     for k, v in r["zero_memory"].items():
         print(f"  {k:<16}{v['gpu_gib']:>10.1f} GiB GPU {v['cpu_gib']:>10.1f} GiB CPU")
-
-
-def run_teacher(args) -> int:  # noqa: ANN001 - argparse.Namespace
-    """`recdistill teacher`: train (this process; use torchrun for several ranks) or, with --dry-run, size."""
-    cfg = config_from_args(args)
-    if not args.dry_run:
-        from recdistill.train.teacher import main as train_main
-
-        argv = [a for c in args.config or [] for a in ("--config", c)] + [a for s in args.overrides
-                                                                          for a in ("--set", s)]
-        return train_main(argv)
-    from recdistill.data.loader import build_source
-
-    report = dry_run(cfg, build_source(cfg.data).schema, args.world_size)
-    print(json.dumps(report) if args.json else "", end="\n" if args.json else "")
-    if not args.json:
-        print_report(report)
-    return 0
-
-
-def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
-    """Add `recdistill teacher`."""
-    p = sub.add_parser("teacher", help="train the teacher in this process (torchrun -m recdistill.train.teacher for "
-                       "several ranks), or size it with --dry-run")
-    add_config_arguments(p)
-    p.add_argument("--dry-run", action="store_true", help="build on the meta device and print sizes, no training")
-    p.add_argument("--world-size", type=int, default=8, help="GPUs for the ZeRO memory estimate")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.set_defaults(func=run_teacher)

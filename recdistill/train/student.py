@@ -1,9 +1,9 @@
 """Student trainer: one device, its own sampled view, teacher signals joined by sample id (DESIGN §4).
 
-    python -m recdistill.train.student --config configs/demo.yaml --set student.signals_uri=runs/demo-x/signals
-    python -m recdistill.train.student --config configs/demo.yaml \\
+    recdistill student --config configs/demo.yaml --set student.signals_uri=runs/demo-x/signals
+    recdistill student --config configs/demo.yaml \\
         --set student.towers=single --set student.tower_loss=task          # the base student: no distillation
-    python -m recdistill.train.student --config configs/demo.yaml --set student.debias=exact --set student.beta=auto
+    recdistill student --config configs/demo.yaml --set student.debias=exact --set student.beta=auto
 
 The student reads its own (more down-sampled) view of the training days, looks up the teacher's raw logits of
 each batch in the signal store, maps them with the configured debias mode (recdistill/distill/debias.py) and
@@ -20,9 +20,7 @@ distillation loss (counted); and a batch whose teacher logits do not rank the ba
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recdistill.config import Config, add_config_arguments, config_from_args, save_config
+from recdistill.config import Config
 from recdistill.data.batch import Batch
-from recdistill.data.loader import BatchLoader, DataSource, build_source
+from recdistill.data.loader import BatchLoader
+from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
 from recdistill.distill.debias import distill_pair, to_true
 from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
@@ -315,23 +314,3 @@ def run_student(cfg: Config, run_dir: str | Path, *, name: str = "student", sour
     if tracker is not None:
         tracker.summary({f"{name}/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: one student, a run directory under tracking.run_dir."""
-    p = argparse.ArgumentParser(description="recdistill student trainer (one device)")
-    add_config_arguments(p)
-    p.add_argument("--name", default="student", help="name of this student in logs and file names")
-    args = p.parse_args(argv)
-    cfg = config_from_args(args)
-    run_dir = Path(cfg.tracking.run_dir) / (cfg.tracking.run_name or f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    save_config(cfg, run_dir)
-    with Tracker(cfg.tracking, run_dir, cfg.model_dump(mode="json"), name=run_dir.name) as tracker:
-        summary = run_student(cfg, run_dir, name=args.name, tracker=tracker)
-    console(json.dumps({k: v for k, v in summary.items() if k.startswith(("eval/auc", "eval/ne", "signals/"))}))
-    console(f"student: outputs in {run_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

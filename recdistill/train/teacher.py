@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 
 from recdistill.config import ROOT, Config, add_config_arguments, config_from_args, save_config
-from recdistill.data.loader import BatchLoader, build_source
+from recdistill.data.loader import BatchLoader
+from recdistill.data.source import build_source
 from recdistill.distill.debias import to_true
 from recdistill.distill.losses import task_loss
 from recdistill.distill.metrics import StreamingMetrics, evaluate

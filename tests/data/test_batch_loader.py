@@ -8,8 +8,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.data.batch import Batch, History, Schema, TaskSpec, offsets_from_lengths
-from recdistill.data.loader import BatchLoader, apply_view
+from recdistill.data.loader import BatchLoader
 from recdistill.data.sampling import SAMPLING_SALT, SamplingConfig, hash_uniform, keep_mask
+from recdistill.data.source import apply_view
 
 
 def rand_batch(n: int, gen: torch.Generator, day: int = 0, start: int = 0) -> Batch:

@@ -11,9 +11,10 @@ from helpers import SCHEMA, make_batch
 
 from recdistill.config import load_config
 from recdistill.data.batch import Batch
-from recdistill.data.loader import BatchLoader, apply_view
+from recdistill.data.loader import BatchLoader
 from recdistill.data.parquet import DataError, ParquetSource, batch_to_table, layout_metadata, write_parquet
 from recdistill.data.sampling import SamplingConfig
+from recdistill.data.source import apply_view
 
 
 def assert_same(a: Batch, b: Batch) -> None:

@@ -9,8 +9,9 @@ import torch
 
 from recdistill.config import load_config
 from recdistill.data.batch import Batch
-from recdistill.data.loader import BatchLoader, apply_view
+from recdistill.data.loader import BatchLoader
 from recdistill.data.sampling import SamplingConfig
+from recdistill.data.source import apply_view
 from recdistill.data.world import SyntheticWorld
 from recdistill.distill.metrics import auc
 

@@ -22,7 +22,7 @@ from helpers import META, ids_of, logits_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recdistill.signals.cli import verify
+from recdistill.signals.check import verify
 from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import commit_path, shard_path
 from recdistill.signals.writer import _STOP, SignalWriter

@@ -9,7 +9,7 @@ import torch
 from helpers import META, ids_of, logits_of
 
 from recdistill.cli import main
-from recdistill.signals.cli import verify
+from recdistill.signals.check import verify
 from recdistill.signals.compact import compact
 from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import SignalError, shard_path

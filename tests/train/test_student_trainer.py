@@ -7,7 +7,7 @@ import torch
 from helpers import write_oracle_signals
 
 from recdistill.config import load_config
-from recdistill.data.loader import build_source
+from recdistill.data.source import build_source
 from recdistill.distill import metrics
 from recdistill.train.student import StudentTrainer, batch_signal_auc, run_student
 

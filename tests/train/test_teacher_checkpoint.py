@@ -30,7 +30,8 @@ import pyarrow as pa
 import pytest
 
 from recdistill.config import load_config
-from recdistill.data.loader import BatchLoader, build_source
+from recdistill.data.loader import BatchLoader
+from recdistill.data.source import build_source
 from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import COMMITS
 from recdistill.train.checkpoint import LATEST, META, complete_checkpoints, step_name

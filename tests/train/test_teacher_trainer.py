@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from recdistill.config import load_config
-from recdistill.data.loader import BatchLoader, build_source
+from recdistill.data.loader import BatchLoader
 from recdistill.data.sampling import keep_mask
+from recdistill.data.source import build_source
 from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import COMMITS
 

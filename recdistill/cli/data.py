@@ -25,7 +25,7 @@ def _fail(command: str, msg: str, code: int) -> int:
 
 def run_export(args) -> int:  # noqa: ANN001 - argparse.Namespace
     """Write the configured source (days, view) under DIR and print what was written."""
-    from recdistill.data.loader import build_source
+    from recdistill.data.source import build_source
 
     cfg = config_from_args(args)
     try:

@@ -1,0 +1,97 @@
+"""What a sample source is, which sources exist, and how a sampled view is applied to what one returns.
+
+    from recdistill.data.source import build_source, register_source
+    src = build_source(cfg.data)            # the source named by data.source
+    register_source("mine", "mypkg.data:MySource")   # a source of your own: a class taking the DataConfig
+
+The registry maps names to "module:attribute" strings, imported on first use: this module imports no source, so
+sources (and the loader, and the Parquet writer) can import it without cycles.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from recdistill.config import DataConfig, SamplingConfig
+from recdistill.data.batch import Batch, Schema
+from recdistill.data.sampling import keep_mask
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """What a sample source provides (synthetic world, Parquet directory, MovieLens)."""
+
+    schema: Schema
+    #: The view that produced the stored rows (None: unsampled, every row of the population).
+    sampling: SamplingConfig | None
+
+    def days(self) -> list[int]:
+        """Day numbers available, ascending."""
+        ...
+
+    def num_rows(self, day: int) -> int:
+        """Rows stored for `day`."""
+        ...
+
+    def read(self, day: int, start: int, stop: int) -> Batch:
+        """Rows [start, stop) of `day` as a Batch, in a fixed order."""
+        ...
+
+
+def check_nested(view: SamplingConfig, base: SamplingConfig | None, num_traffic: int) -> None:
+    """A view can only be applied to stored data that was sampled at rates >= the view's (same seed)."""
+    if base is None:
+        return
+    if view.seed != base.seed:
+        raise ValueError(f"sampling view '{view.name}' has seed {view.seed}, data was sampled with seed {base.seed}: "
+                         "views with different seeds do not nest")
+    if view.r > base.r or np.any(view.q_for(num_traffic) > base.q_for(num_traffic)):
+        raise ValueError(f"sampling view '{view.name}' (r={view.r}, q_eff={view.q_for(num_traffic).tolist()}) keeps "
+                         f"more than the data's own sampling '{base.name}' (r={base.r}, "
+                         f"q_eff={base.q_for(num_traffic).tolist()}): dropped rows cannot be recovered")
+
+
+def apply_view(batch: Batch, view: SamplingConfig | None, num_traffic: int) -> Batch:
+    """Rows of `batch` kept by `view` (deterministic in sample_id, so nested views give subsets)."""
+    if view is None:
+        return batch
+    positive = batch.labels[view.task].numpy() > 0.5
+    keep = keep_mask(batch.sample_id.numpy(), positive, batch.traffic.numpy(), view, num_traffic)
+    out = batch.select(torch.from_numpy(keep))
+    out.sampling = view
+    return out
+
+
+#: data.source name -> "module:attribute" of a callable taking the DataConfig and returning a DataSource.
+SOURCES: dict[str, str] = {
+    "synthetic": "recdistill.data.world:SyntheticWorld",
+    "parquet": "recdistill.data.parquet:ParquetSource.from_config",
+    "movielens": "recdistill.data.movielens:MovieLensSource",
+}
+
+
+def register_source(name: str, target: str) -> None:
+    """Make `data.source=name` build `target` ("module:attribute", called with the DataConfig)."""
+    if ":" not in target:
+        raise ValueError(f"register_source({name!r}, {target!r}): expected 'module:attribute'")
+    SOURCES[name] = target
+
+
+def _resolve(target: str) -> Callable[[DataConfig], DataSource]:
+    module, attr = target.split(":", 1)
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_source(data_cfg: DataConfig) -> DataSource:
+    """The data source named by `data_cfg.source`."""
+    if data_cfg.source not in SOURCES:
+        raise ValueError(f"unknown data.source {data_cfg.source!r}; known sources: {sorted(SOURCES)}")
+    return _resolve(SOURCES[data_cfg.source])(data_cfg)
