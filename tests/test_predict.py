@@ -43,9 +43,11 @@ def with_tags(b, seed: int, most: int = 3):
     return b
 
 
-def parquet_days(out, *, tags: bool, drop: str | None = None, days: int = 3, rows: int = 300) -> str:
+def parquet_days(out, *, tags: bool, drop: str | None = None, days: int = 3, rows: int = 300,
+                 dense_reversed: bool = False) -> str:
     """A Parquet directory of `days` days of random rows in the helpers' SCHEMA (single-id sparse features),
-    plus the list<int64> feature 'tags' when asked, minus sparse feature `drop`."""
+    plus the list<int64> feature 'tags' when asked, minus sparse feature `drop`, with the dense columns in reverse
+    order when asked (same values under the same names)."""
     batches = []
     for d in range(days):
         b = make_batch(n=rows, seed=d)
@@ -54,13 +56,16 @@ def parquet_days(out, *, tags: bool, drop: str | None = None, days: int = 3, row
         b.traffic = torch.arange(rows) % SCHEMA.num_traffic
         if tags:
             b = with_tags(b, seed=100 + d)
+        if dense_reversed:
+            b.dense = b.dense.flip(1)
         if drop:
             jts = b.sparse.to_dict()
             keep = [k for k in b.sparse.keys() if k != drop]
             b.sparse = KeyedJaggedTensor.from_jt_dict({k: jts[k] for k in keep})
         batches.append(b)
     sparse = {k: v for k, v in SCHEMA.sparse.items() if k != drop} | ({"tags": TAGS} if tags else {})
-    schema = Schema(tasks=SCHEMA.tasks, dense=SCHEMA.dense, sparse=sparse, history=SCHEMA.history,
+    dense = SCHEMA.dense[::-1] if dense_reversed else SCHEMA.dense
+    schema = Schema(tasks=SCHEMA.tasks, dense=dense, sparse=sparse, history=SCHEMA.history,
                     num_traffic=SCHEMA.num_traffic, max_history=SCHEMA.max_history)
     write_parquet(batches, str(out), schema=schema, list_sparse=["tags"] if tags else (), progress=False)
     return str(out)
@@ -110,17 +115,25 @@ def test_predict_on_parquet_equals_the_trainers_eval(tmp_path, tags, history_len
     assert len(preds["sample_id"]) == 300  # the last day: all of its rows
 
 
-def test_missing_feature_and_missing_sidecar_are_errors_naming_them(tmp_path, capsys):
+def test_dense_by_name_and_missing_feature_or_sidecar_are_errors_naming_them(tmp_path, capsys):
     data = parquet_days(tmp_path / "data", tags=False, days=2, rows=50)
     summary, _ = train(tmp_path, ["data.source=parquet", f"data.path={data}", "student.history_len=4"])
+    model = summary["export/path"]
+    # the same rows with the dense columns stored in the other order: matched by name, the same predictions
+    reordered = parquet_days(tmp_path / "reordered", tags=False, days=2, rows=50, dense_reversed=True)
+    outs = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    for d, out in zip((data, reordered), outs, strict=True):
+        assert main(["predict", "--model", model, "--data", d, "--days", "0,1", "--out", str(out)]) == 0
+    a, b = (pq.read_table(o).to_pydict() for o in outs)
+    assert len(a["sample_id"]) == 100 and a == b
     lacking = parquet_days(tmp_path / "lacking", tags=False, drop="item_cat", days=1, rows=20)
     out = tmp_path / "p.parquet"
-    assert main(["predict", "--model", summary["export/path"], "--data", lacking, "--out", str(out)]) == 1
+    assert main(["predict", "--model", model, "--data", lacking, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "sparse feature 'item_cat'" in err and "lacking/day=0/part-00000.parquet" in err, err
-    assert not out.exists() and not list(tmp_path.glob("p.parquet*"))
+    assert not list(tmp_path.glob("p.parquet*"))  # nothing written, not even a temporary file
     (tmp_path / "run" / "s_main_tower.json").unlink()
-    assert main(["predict", "--model", summary["export/path"], "--data", data, "--out", str(out)]) == 1
+    assert main(["predict", "--model", model, "--data", data, "--out", str(out)]) == 1
     assert "s_main_tower.json: no such file" in capsys.readouterr().err
 
 
