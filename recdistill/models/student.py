@@ -129,19 +129,38 @@ class StudentModel(nn.Module):
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """Shared backbone representation [B, hidden]."""
-        pooled = self.ebc(batch.sparse).to_dict()  # index by key: sharded/ordered outputs differ (DESIGN §5)
-        ids, mask = (recent_padded(batch.history, self.history_len, self.hist_fields) if self.hist_fields
-                     else ({}, None))
-        target = (batch.sparse[self.target_feature].to_padded_dense(1).squeeze(1)
-                  if self.target_feature is not None else None)
-        cand_cat = batch.sparse[self.match_cat].to_padded_dense(1).squeeze(1) if self.match_cat else None
-        return self.encode_parts(pooled, batch.dense, ids, mask, target, cand_cat)
+        return self.encode_tensors(*model_inputs(self, batch))
+
+    def pool(self, values: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum-pooled embeddings [B, E] per feature from its ids `values[f]` [N_f] and per-row counts `lengths[f]` [B].
+
+        Each feature's table is the EBC's own EmbeddingBag, called on (values, offsets) exactly as
+        EmbeddingBagCollection.forward calls it, so parameters, state-dict names and numbers are the EBC's. The
+        EBC's forward itself is not used: it takes a KeyedJaggedTensor, whose stride and per-key lengths are Python
+        ints, so torch.export specialises the batch size on it; plain tensors keep every size dynamic, and training
+        and serving then run this one function.
+        """
+        out = {}
+        for f in self.features:
+            bag = self.ebc.embedding_bags[f"t_{f}"]
+            out[f] = bag(input=values[f], offsets=_offsets(lengths[f])).float()
+        return out
+
+    def encode_tensors(self, values: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor], dense: torch.Tensor,
+                       hist_ids: dict[str, torch.Tensor], hist_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone on plain tensors (`model_inputs` builds them from a Batch): what `encode` and the served
+        module both run. Target item / candidate category: the first id of that feature in the row (0 if none)."""
+        pooled = self.pool(values, lengths)
+        target = first_id(values[self.target_feature], lengths[self.target_feature]) \
+            if self.target_feature is not None else None
+        cand_cat = first_id(values[self.match_cat], lengths[self.match_cat]) if self.match_cat else None
+        return self.encode_parts(pooled, dense, hist_ids, hist_mask if self.hist_fields else None, target, cand_cat)
 
     def encode_parts(self, pooled: dict[str, torch.Tensor], dense: torch.Tensor, hist_ids: dict[str, torch.Tensor],
                      hist_mask: torch.Tensor | None, target: torch.Tensor | None,
                      cand_cat: torch.Tensor | None = None) -> torch.Tensor:
-        """The backbone on plain tensors: pooled [B, E] per feature, dense [B, Fd], right-aligned history ids
-        [B, n] per field with their mask, target item ids [B]. Shared by `encode` and the served module."""
+        """The backbone from pooled [B, E] per feature, dense [B, Fd], right-aligned history ids [B, n] per field
+        with their mask, target item ids [B] and candidate categories [B]."""
         parts = [pooled[f] for f in self.features]
         if self.dense_proj is not None:
             parts.append(self.dense_proj(dense))
@@ -175,32 +194,46 @@ class StudentModel(nn.Module):
                              aux=self._run_tower(self.aux, h) if self.aux is not None else None)
 
 
-def serving_inputs(model: StudentModel, batch: Batch) -> tuple[torch.Tensor, ...]:
-    """A Batch as the plain tensors `ServedStudent` takes: (sparse_ids [B, F, M] padded with -1 (F = the
-    student's features, M = most ids of one feature in one row), dense [B, Fd], hist_ids [B, n, H] right-aligned,
-    hist_mask [B, n] bool, traffic [B])."""
-    b = len(batch)
-    cols = []
-    for f in model.features:
-        jt = batch.sparse[f]
-        m = max(int(jt.lengths().max()) if b else 1, 1)
-        cols.append(jt.to_padded_dense(m, padding_value=-1))
-    width = max(c.shape[1] for c in cols)
-    sparse = torch.stack([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=-1) for c in cols], dim=1)
-    if model.hist_fields:
-        ids, mask = recent_padded(batch.history, model.history_len, model.hist_fields)
-        hist = torch.stack([ids[f] for f in model.hist_fields], dim=-1)
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """[B] lengths -> [B+1] offsets; a cat rather than an `out=` slice, which torch.export traces as a mutation."""
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+
+
+def first_id(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The first id of each row of a jagged feature, 0 for rows with none (what `to_padded_dense(1)` gives).
+
+    One zero is appended so that the start of an empty last row (== N, or 0 when N == 0) can be read without a
+    data-dependent branch, which would specialise an exported program."""
+    padded = torch.cat([values, values.new_zeros(1)])
+    return torch.where(lengths > 0, padded[_offsets(lengths)[:-1]], torch.zeros_like(lengths))
+
+
+def model_inputs(spec, batch: Batch) -> tuple:  # noqa: ANN001 - StudentModel or anything with its three attributes
+    """A Batch as the plain tensors the student runs on (`StudentModel.encode_tensors`):
+    (values {feature: ids [N_f]}, lengths {feature: [B]}, dense [B, Fd], hist_ids {field: [B, n]} right-aligned,
+    hist_mask [B, n] bool). `spec` names the features, history fields and history length (n): a StudentModel, or
+    the ServingSpec of an exported one. With no history fields the history is {} and a [B, 0] mask."""
+    jts = batch.sparse.to_dict()
+    values = {f: jts[f].values() for f in spec.features}
+    lengths = {f: jts[f].lengths().to(torch.int64) for f in spec.features}
+    if spec.hist_fields:
+        hist_ids, mask = recent_padded(batch.history, spec.history_len, tuple(spec.hist_fields))
     else:
-        hist, mask = torch.zeros(b, 0, 0, dtype=torch.int64), torch.zeros(b, 0, dtype=torch.bool)
-    return sparse, batch.dense, hist, mask, batch.traffic
+        hist_ids, mask = {}, torch.zeros(len(batch), 0, dtype=torch.bool, device=batch.dense.device)
+    return values, lengths, batch.dense, hist_ids, mask
+
+
+def serving_inputs(spec, batch: Batch) -> tuple:  # noqa: ANN001 - see model_inputs
+    """A Batch as the arguments of `ServedStudent`: `model_inputs` plus traffic [B] (for the sampling correction)."""
+    return (*model_inputs(spec, batch), batch.traffic)
 
 
 class ServedStudent(nn.Module):
     """What is served: the backbone and the main tower alone, on plain tensors (see `serving_inputs`), returning
     [B, num_tasks] true-space predictions: sigmoid(z + correction[traffic]) for binary tasks (the student's own
     sampling correction g, DESIGN §4), expm1 of the output for continuous tasks trained with log-MSE (the raw
-    output otherwise). The auxiliary tower is not part of it. Embedding tables are the trained ones (shared
-    storage); the KeyedJaggedTensor lookup is replaced by a padded-id sum, which torch.export handles."""
+    output otherwise). The auxiliary tower is not part of it. It runs the model's own `encode_tensors` and tower
+    on the trained parameters (shared storage), so serving and training share one code path."""
 
     def __init__(self, model: StudentModel, correction: torch.Tensor, kinds: dict[str, str],
                  continuous: str = "log_mse") -> None:
@@ -210,22 +243,10 @@ class ServedStudent(nn.Module):
         self.binary = [kinds[t] == "binary" for t in model.tasks]
         self.log_space = continuous == "log_mse"
 
-    def forward(self, sparse_ids: torch.Tensor, dense: torch.Tensor, hist_ids: torch.Tensor, hist_mask: torch.Tensor,
-                traffic: torch.Tensor) -> torch.Tensor:
+    def forward(self, values: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor], dense: torch.Tensor,
+                hist_ids: dict[str, torch.Tensor], hist_mask: torch.Tensor, traffic: torch.Tensor) -> torch.Tensor:
         m = self.model
-        pooled = {}
-        for i, f in enumerate(m.features):
-            ids = sparse_ids[:, i]
-            valid = (ids >= 0).unsqueeze(-1)
-            table = m.ebc.embedding_bags[f"t_{f}"].weight
-            pooled[f] = (table[ids.clamp(min=0)] * valid).sum(1)  # sum pooling, as the EBC does
-        hist = {f: hist_ids[..., j] for j, f in enumerate(m.hist_fields)}
-        target = None
-        if m.target_feature is not None:  # the candidate item: first id of the target feature
-            target = sparse_ids[:, m.features.index(m.target_feature), 0].clamp(min=0)
-        cand_cat = sparse_ids[:, m.features.index(m.match_cat), 0] if m.match_cat else None
-        z = m._run_tower(m.main, m.encode_parts(pooled, dense, hist, hist_mask if m.hist_fields else None, target,
-                                                cand_cat))
+        z = m._run_tower(m.main, m.encode_tensors(values, lengths, dense, hist_ids, hist_mask))
         c = self.correction[traffic]
         cols = []
         for t, is_binary in zip(m.tasks, self.binary, strict=True):

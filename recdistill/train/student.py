@@ -35,9 +35,10 @@ from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
 from recdistill.distill.debias import distill_pair, to_true
 from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
-from recdistill.models.student import ServedStudent, StudentModel, serving_inputs
+from recdistill.models.student import ServedStudent, StudentModel
+from recdistill.serve import EXAMPLE_BATCH, ServingSpec, export_served, load_served
 from recdistill.signals.reader import SignalReader
-from recdistill.tracking import Tracker, console, progress
+from recdistill.tracking import Tracker, progress
 
 
 def pick_device(name: str) -> torch.device:
@@ -264,37 +265,23 @@ class StudentTrainer:
         return ServedStudent(self.model, corr.to(self.device), self.kinds, self.s.continuous_loss).eval()
 
     def export(self, path: str | Path) -> dict:
-        """Export the served module with torch.export (TorchScript tracing as the fallback), save it at `path`,
-        reload it and check it against the model's main tower on an evaluation batch of another size than the
-        one it was exported with. Returns {'export/format', 'export/max_abs_diff', 'export/path'}."""
-        path = Path(path)
-        served = self.served()
-        it = iter(self.loader(self.eval_days, None))
-        example, check = next(it).to(self.device), None
-        check = next(it, example).to(self.device)
-        ex_args = serving_inputs(self.model, example)
-        fmt = "torch.export"
-        try:
-            batch_dim = torch.export.Dim("batch", min=1, max=1 << 20)
-            ids_dim = torch.export.Dim("ids_per_feature", min=1, max=4096)
-            dyn = ({0: batch_dim, 2: ids_dim}, {0: batch_dim}, {0: batch_dim}, {0: batch_dim}, {0: batch_dim})
-            program = torch.export.export(served, ex_args, dynamic_shapes=dyn, strict=False)
-            path = path.with_suffix(".pt2")
-            torch.export.save(program, str(path))
-            loaded = torch.export.load(str(path)).module()
-        except Exception as exc:  # noqa: BLE001 - any export failure falls back to TorchScript, reported
-            console(f"{self.name}: torch.export failed ({type(exc).__name__}: {exc}); falling back to TorchScript")
-            fmt = "torchscript"
-            path = path.with_suffix(".ts")
-            torch.jit.save(torch.jit.trace(served, ex_args, check_trace=False), str(path))
-            loaded = torch.jit.load(str(path))
+        """Export the served module with torch.export as `path`.pt2 plus its serving spec `path`.json
+        (recdistill/serve.py), reload both and check the program against the model's main tower on an evaluation
+        batch of another size than the one it was traced with. A failed export raises (ServeError, with the cause).
+        Returns {'export/format', 'export/max_abs_diff', 'export/path'}."""
+        spec = ServingSpec.of(self.model, self.source.schema)
+        path = export_served(self.served(), spec, path)
+        loaded = load_served(path)
+        check = next(iter(self.loader(self.eval_days, None))).to(self.device)
+        if len(check) == EXAMPLE_BATCH:  # the traced size proves nothing: take fewer
+            check = check.select(torch.arange(len(check) - 1, device=self.device))
         with torch.no_grad():
-            got = loaded(*serving_inputs(self.model, check))
+            got = loaded(check)
             want = torch.stack(list(self._true_space(self.model(check).main, check).values()), dim=1)
         diff = float((got - want).abs().max())
         if not diff <= 1e-4:  # NaN fails too
             raise RuntimeError(f"exported student {path} differs from the model by {diff:.3g} (max abs)")
-        return {"export/format": fmt, "export/max_abs_diff": diff, "export/path": str(path)}
+        return {"export/format": "torch.export", "export/max_abs_diff": diff, "export/path": str(path)}
 
 
 def run_student(cfg: Config, run_dir: str | Path, *, name: str = "student", source: DataSource | None = None,

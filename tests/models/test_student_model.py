@@ -83,3 +83,24 @@ def test_match_statistics_against_a_per_row_count():
             want += [hits / max(len(last), 1), float(torch.log1p(torch.tensor(float(hits))))]
         want.append(float(torch.log1p(torch.tensor(float(len(cats))))))
         torch.testing.assert_close(got[i], torch.tensor(want), msg=f"row {i}")
+
+
+def test_pooling_and_target_ids_are_the_ebc_and_kjt_ones_exactly():
+    """Training and serving pool through `StudentModel.pool` on plain tensors: it must give what the
+    EmbeddingBagCollection gives on the KeyedJaggedTensor, bit for bit, with multi-id and empty rows."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recdistill.models.student import first_id, model_inputs
+
+    torch.manual_seed(0)
+    model, b = StudentModel(SCHEMA, history_len=8), make_batch(n=12, seed=4)
+    lengths = torch.cat([torch.arange(12) % 3, torch.ones(12, dtype=torch.int64), torch.arange(12) % 2])
+    values = torch.cat([torch.arange(int(lengths[:12].sum())) % 50, b.sparse["item_id"].values(),
+                        torch.arange(6) % 7])
+    b.sparse = KeyedJaggedTensor(keys=list(SCHEMA.sparse), values=values, lengths=lengths)
+    vals, lens, *_ = model_inputs(model, b)
+    want = model.ebc(b.sparse).to_dict()
+    got = model.pool(vals, lens)
+    for f in model.features:
+        assert torch.equal(got[f], want[f]), f
+        assert torch.equal(first_id(vals[f], lens[f]), b.sparse[f].to_padded_dense(1).squeeze(1)), f
