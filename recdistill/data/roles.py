@@ -67,7 +67,8 @@ def resolve_roles(cfg: RolesConfig, source) -> Roles:  # noqa: ANN001 - a DataSo
     return roles
 
 
-def _message(role: str, roles: Roles, schema: Schema, model: str) -> str:
+def _message(role: str, schema: Schema, model: str) -> str:
+    """What a missing `role` costs `model`, and the key to set."""
     lost = LOSSES[role][model]
     conventional, names = getattr(CONVENTIONAL_ROLES, role), _names(schema, role)
     kind = "sparse feature" if role in Roles.SPARSE else "history field"
@@ -83,7 +84,7 @@ def missing_roles(roles: Roles, schema: Schema, model: str) -> tuple[list[str], 
     lost, required = [], []
     for role, value in roles.as_dict().items():
         if value is None and model in LOSSES[role]:
-            (required if LOSSES[role][model] == REQUIRED else lost).append(_message(role, roles, schema, model))
+            (required if LOSSES[role][model] == REQUIRED else lost).append(_message(role, schema, model))
     return lost, required
 
 
