@@ -110,6 +110,30 @@ class WorldConfig(Section):
                                   "interest, so telling interests from noise needs thousands of events).")
 
 
+class RolesConfig(Section):
+    """Which features play which part in the models (DESIGN §4 'Feature roles'): the teacher's LONGER queries for
+    the candidate item, its category and the user, the target-match statistics (candidate category against the
+    events' categories) and the student's target attention read features by role, not by literal name.
+
+    Every role left unset (None) takes the source's default: the synthetic world and MovieLens declare their own,
+    Parquet reads `roles` from its `recdistill.schema` metadata and otherwise uses the conventional names
+    (user_id, item_id, item_cat; history item, cat, action) where those columns exist. A role that resolves to
+    nothing is reported at start with the capability it costs (an error with `strict`).
+    """
+
+    user: str | None = Field(None, description="Sparse feature holding the user id (the part after `sparse_`).")
+    item: str | None = Field(None, description="Sparse feature holding the candidate item id (after `sparse_`).")
+    category: str | None = Field(None, description="Sparse feature holding the candidate item's category (after "
+                                 "`sparse_`); matched against `hist_category`.")
+    hist_item: str | None = Field(None, description="History field holding the events' item ids (the part after "
+                                  "`hist_`); ids in the same space as `item`.")
+    hist_category: str | None = Field(None, description="History field holding the events' category ids (after "
+                                      "`hist_`); ids in the same space as `category`.")
+    hist_action: str | None = Field(None, description="History field holding the events' action ids (after "
+                                    "`hist_`), optional.")
+    strict: bool = Field(False, description="A role that resolves to nothing is an error instead of a warning.")
+
+
 class DataConfig(Section):
     """Where samples come from and how they are batched."""
 
@@ -131,6 +155,8 @@ class DataConfig(Section):
         description="Tasks, in order; the first binary task is the primary one.",
     )
     world: WorldConfig = Field(default_factory=WorldConfig, description="Synthetic-world knobs.")
+    roles: RolesConfig = Field(default_factory=RolesConfig, description="Feature roles (which sparse features and "
+                               "history fields are the user, the item and its category); unset: the source's.")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -351,7 +377,13 @@ class Config(Section):
         `teacher.steps` continues a run."""
         t = self.teacher.model_dump(mode="json", exclude={"checkpoint_dir", "checkpoint_every", "checkpoint_keep",
                                                           "resume", "log_every", "steps"})
-        return _hash({"data": self.data.model_dump(mode="json"), "sampling": self.sampling.teacher.model_dump(
+        # data.roles counts once a role is set (it changes the model); `strict` changes nothing the teacher learns,
+        # and leaving roles out when none is set keeps the versions of configs written before roles existed.
+        roles = self.data.roles.model_dump(exclude={"strict"})
+        data = self.data.model_dump(mode="json", exclude=None if any(roles.values()) else {"roles"})
+        if "roles" in data:
+            data["roles"].pop("strict")
+        return _hash({"data": data, "sampling": self.sampling.teacher.model_dump(
             mode="json"), "teacher": t, "window_steps": self.signals.window_steps})
 
 

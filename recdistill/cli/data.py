@@ -58,7 +58,7 @@ def run_export(args) -> int:  # noqa: ANN001 - argparse.Namespace
 
 
 def run_inspect(args) -> int:  # noqa: ANN001 - argparse.Namespace
-    """Print days, rows, column roles, tasks, sampling and label rates of a Parquet directory."""
+    """Print days, rows, column roles, tasks, feature roles, sampling and label rates of a Parquet directory."""
     try:
         src = ParquetSource(args.dir)
     except DataError as exc:
@@ -80,6 +80,12 @@ def run_inspect(args) -> int:  # noqa: ANN001 - argparse.Namespace
     print(f"sparse cardinalities: {s.sparse}")
     print(f"history cardinalities: {s.history}")
     print(f"traffic sources: {s.num_traffic}")
+    print("feature roles (data.roles overrides them):")
+    for role, value in src.roles.as_dict().items():
+        origin = src.role_origin[role]
+        shown = {"declared": f"{value} (declared in metadata)" if value else "none (declared in metadata)",
+                 "default": f"{value} (default: the conventional name)", "missing": "missing"}[origin]
+        print(f"  {role}: {shown}")
     print(f"sampling: {src.sampling.model_dump_json() if src.sampling else 'none recorded (unsampled)'}")
     labels = [f"label_{t.name}" for t in s.tasks]
     for d in src.days():

@@ -22,9 +22,11 @@ def run_teacher(args) -> int:  # noqa: ANN001 - argparse.Namespace
         argv = [a for c in args.config or [] for a in ("--config", c)] + [a for s in args.overrides
                                                                           for a in ("--set", s)]
         return train_main(argv)
+    from recdistill.data.roles import roles_for
     from recdistill.data.source import build_source
 
-    report = dry_run(cfg, build_source(cfg.data).schema, args.world_size)
+    source = build_source(cfg.data)
+    report = dry_run(cfg, source.schema, args.world_size, roles_for(cfg.data.roles, source, "teacher"))
     print(json.dumps(report) if args.json else "", end="\n" if args.json else "")
     if not args.json:
         print_report(report)

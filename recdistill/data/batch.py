@@ -45,6 +45,54 @@ class Schema:
         return next(t.name for t in self.tasks if t.kind == "binary")
 
 
+@dataclass(frozen=True)
+class Roles:
+    """Which features play which part in the models (DESIGN §4 'Feature roles'), resolved for one data source.
+
+    user / item / category name sparse features (Schema.sparse keys), hist_item / hist_category / hist_action
+    history fields (Schema.history keys, no `hist_` prefix). None: the data has no such feature and the models do
+    without what needs it. Built from config and source defaults by recdistill/data/roles.py; models take it as
+    it is, so they know nothing of config.
+    """
+
+    user: str | None = None
+    item: str | None = None
+    category: str | None = None
+    hist_item: str | None = None
+    hist_category: str | None = None
+    hist_action: str | None = None
+
+    #: Roles naming a sparse feature; the others name history fields.
+    SPARSE = ("user", "item", "category")
+    HISTORY = ("hist_item", "hist_category", "hist_action")
+
+    def present_in(self, schema: Schema) -> Roles:
+        """These roles with every name `schema` does not have set to None."""
+        return Roles(**{k: v if v in (schema.sparse if k in Roles.SPARSE else schema.history) else None
+                        for k, v in self.as_dict().items()})
+
+    def check(self, schema: Schema) -> None:
+        """ValueError naming the role and what the data has, for a role naming a feature `schema` does not have."""
+        for k, v in self.as_dict().items():
+            names = schema.sparse if k in Roles.SPARSE else schema.history
+            if v is not None and v not in names:
+                kind = "sparse feature" if k in Roles.SPARSE else "history field"
+                raise ValueError(f"role {k}={v!r}: the data has no {kind} {v!r} (it has {sorted(names)})")
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {k: getattr(self, k) for k in (*Roles.SPARSE, *Roles.HISTORY)}
+
+    @property
+    def history_fields(self) -> tuple[str, ...]:
+        """The history fields the models embed, in the fixed order item, category, action (those present)."""
+        return tuple(f for f in (self.hist_item, self.hist_category, self.hist_action) if f is not None)
+
+
+#: The conventional names (DESIGN §4 Parquet layout): what a source without declared roles is read with.
+CONVENTIONAL_ROLES = Roles(user="user_id", item="item_id", category="item_cat", hist_item="item", hist_category="cat",
+                           hist_action="action")
+
+
 def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     """[B] lengths -> [B+1] int64 offsets."""
     out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)

@@ -26,7 +26,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.config import DataConfig
-from recdistill.data.batch import Batch, History, Schema, TaskSpec, offsets_from_lengths
+from recdistill.data.batch import Batch, History, Roles, Schema, TaskSpec, offsets_from_lengths
 
 TASKS = {"ctr": "binary", "rating": "continuous"}
 SPARSE = ("user_id", "item_id", "item_cat", "genres", "age", "gender", "occupation", "release_year")
@@ -61,6 +61,9 @@ class MovieLensSource:
 
     sampling = None  # every rating, unsampled
     list_sparse = ("genres",)  # several ids per row: exported as list<int64> even if a first chunk has one each
+    #: Feature roles: the category is the movie's first genre (item_cat, hist_cat), the action its rating.
+    roles = Roles(user="user_id", item="item_id", category="item_cat", hist_item="item", hist_category="cat",
+                  hist_action="action")
 
     def __init__(self, data_cfg: DataConfig) -> None:
         self.history_len, self.num_days = data_cfg.history_len, data_cfg.num_days

@@ -12,8 +12,10 @@ row groups of at most `row_group_rows` rows:
 
 Key-value metadata: ``recdistill.sampling`` (SamplingConfig JSON: the view that produced the rows),
 ``recdistill.tasks`` (JSON list of {name, kind}), ``recdistill.schema`` (JSON: sparse / history cardinalities,
-num_traffic, max_history). Without them the reader infers: binary when every label is 0/1, cardinality = max
-id + 1. Every problem is a :class:`DataError` naming the file and the column.
+num_traffic, max_history, and `roles`: {user, item, category, hist_item, hist_category, hist_action}, each a sparse
+feature / history field name without its prefix, or null for none). Without them the reader infers: binary when
+every label is 0/1, cardinality = max id + 1, a role = its conventional name (user_id, item_id, item_cat; item,
+cat, action) when that column exists. Every problem is a :class:`DataError` naming the file and the column.
 
 Memory: opening a directory reads only the footers, the `day` column where row-group statistics do not already
 pin the day, and `sample_id` (uniqueness check); `read` decodes one row group at a time (one is cached, so a
@@ -36,7 +38,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.config import DataConfig, SamplingConfig
-from recdistill.data.batch import Batch, History, Schema, TaskSpec, offsets_from_lengths
+from recdistill.data.batch import CONVENTIONAL_ROLES, Batch, History, Roles, Schema, TaskSpec, offsets_from_lengths
+from recdistill.data.roles import source_roles
 from recdistill.data.source import DataSource, apply_view, check_nested
 from recdistill.tracking import progress as bar
 
@@ -96,7 +99,9 @@ class ParquetSource:
     detected when the row is read (checking them up front would decode every history), as are ids outside
     [0, cardinality), traffic ids outside [0, num_traffic) and binary labels other than 0/1. Attributes besides the
     DataSource ones: `files` (sorted paths), `columns` (column names of every file), `list_sparse` (sparse features
-    stored as list<int64>; `write_parquet` keeps them lists).
+    stored as list<int64>; `write_parquet` keeps them lists), `roles` (feature roles, recdistill/data/batch.py) and
+    `role_origin` (per role: 'declared' in the metadata, 'default' (the conventional name's column exists) or
+    'missing').
     """
 
     def __init__(self, path: str, history_len: int | None = None) -> None:
@@ -137,7 +142,9 @@ class ParquetSource:
                 if META_SAMPLING in first_meta else None
         except ValueError as exc:
             raise DataError(f"{self.files[0]}: metadata 'recdistill.sampling' is not a SamplingConfig: {exc}") from None
-        self.schema = self._schema(first_meta)
+        declared = self._declared(first_meta)
+        self.schema = self._schema(first_meta, declared)
+        self.roles, self.role_origin = self._roles(declared.get("roles", {}))
 
     @classmethod
     def from_config(cls, data_cfg: DataConfig) -> ParquetSource:
@@ -203,7 +210,39 @@ class ParquetSource:
             raise DataError(f"{', '.join(where)}: column 'sample_id' has duplicates (e.g. {dup})")
 
     # ---- schema --------------------------------------------------------------------------------------------
-    def _schema(self, meta: dict) -> Schema:
+    def _declared(self, meta: dict) -> dict:
+        """The `recdistill.schema` metadata as a dict ({} when absent)."""
+        try:
+            declared = json.loads(meta[META_SCHEMA]) if META_SCHEMA in meta else {}
+            if not isinstance(declared, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise DataError(f"{self.files[0]}: metadata 'recdistill.schema' is not a JSON object: {exc}") from None
+        return declared
+
+    def _roles(self, given: object) -> tuple[Roles, dict[str, str]]:
+        """Feature roles declared in the metadata, else the conventional names where those columns exist; and where
+        each came from ('declared', 'default', 'missing')."""
+        keys = CONVENTIONAL_ROLES.as_dict()
+        if not isinstance(given, dict) or set(given) - set(keys):
+            raise DataError(f"{self.files[0]}: metadata 'recdistill.schema' has roles {given!r}; expected an object "
+                            f"with keys among {list(keys)}")
+        out, origin = {}, {}
+        for role, conventional in keys.items():
+            sparse = role in Roles.SPARSE
+            names, prefix = (self.schema.sparse, "sparse_") if sparse else (self.schema.history, "hist_")
+            if role not in given:
+                out[role] = conventional if conventional in names else None
+                origin[role] = "default" if out[role] is not None else "missing"
+                continue
+            value = given[role]
+            if value is not None and value not in names:
+                raise DataError(f"{self.files[0]}: metadata 'recdistill.schema' declares role {role}={value!r} but "
+                                f"there is no column '{prefix}{value}'; {prefix}* columns: {sorted(names)}")
+            out[role], origin[role] = value, "declared"
+        return Roles(**out), origin
+
+    def _schema(self, meta: dict, declared: dict) -> Schema:
         cols = self.columns
         label_names = [c[len("label_"):] for c in cols if c.startswith("label_")]
         if META_TASKS in meta:
@@ -221,12 +260,6 @@ class ParquetSource:
         else:  # infer: binary when every label is 0 or 1
             tasks = tuple(TaskSpec(n, "binary" if self._all_binary(f"label_{n}") else "continuous")
                           for n in label_names)
-        try:
-            declared = json.loads(meta[META_SCHEMA]) if META_SCHEMA in meta else {}
-            if not isinstance(declared, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            raise DataError(f"{self.files[0]}: metadata 'recdistill.schema' is not a JSON object: {exc}") from None
 
         def card(role: str, prefix: str, name: str) -> int:
             return int(declared.get(role, {}).get(name, 0)) or self._max_id(prefix + name)
@@ -388,11 +421,15 @@ def batch_to_table(b: Batch, schema: Schema, list_sparse: Iterable[str] | None =
     return pa.table(cols)
 
 
-def layout_metadata(schema: Schema, sampling: SamplingConfig | None) -> dict[bytes, bytes]:
-    """The recdistill.* key-value metadata for files of a source with `schema` under view `sampling`."""
+def layout_metadata(schema: Schema, sampling: SamplingConfig | None, roles: Roles | None = None) -> dict[bytes, bytes]:
+    """The recdistill.* key-value metadata for files of a source with `schema` (and feature `roles`, if given)
+    under view `sampling`."""
+    described = {"sparse": schema.sparse, "history": schema.history, "num_traffic": schema.num_traffic,
+                 "max_history": schema.max_history}
+    if roles is not None:
+        described["roles"] = roles.as_dict()
     meta = {META_TASKS: json.dumps([{"name": t.name, "kind": t.kind} for t in schema.tasks]).encode(),
-            META_SCHEMA: json.dumps({"sparse": schema.sparse, "history": schema.history,
-                                     "num_traffic": schema.num_traffic, "max_history": schema.max_history}).encode()}
+            META_SCHEMA: json.dumps(described).encode()}
     if sampling is not None:
         meta[META_SAMPLING] = sampling.model_dump_json().encode()
     return meta
@@ -458,15 +495,17 @@ class _DayFiles:
 
 def write_parquet(source_or_batches, out_dir: str, days: list[int] | None = None,  # noqa: ANN001
                   view: SamplingConfig | None = None, rows_per_file: int = 200_000, *, row_group_rows: int = 4096,
-                  schema: Schema | None = None, list_sparse: Iterable[str] = (), progress: bool = True) -> list[str]:
+                  schema: Schema | None = None, list_sparse: Iterable[str] = (), roles: Roles | None = None,
+                  progress: bool = True) -> list[str]:
     """Write samples in the layout above as DIR/day=D/part-NNNNN.parquet; returns the files written.
 
     `source_or_batches` is a DataSource (its `days`, default all, are read `row_group_rows` rows at a time) or an
     iterable of Batches (then `schema` is required and `days` must be None). Sparse features with several ids in
     some row of the first batch, in `list_sparse` or in the source's `list_sparse` attribute become list<int64>
     columns, the others int64. `view` keeps only the rows a sampled view keeps and records it as
-    `recdistill.sampling`; otherwise the source's own sampling is recorded. Files hold at most about
-    `rows_per_file` rows (written rows, after sampling).
+    `recdistill.sampling`; otherwise the source's own sampling is recorded. `roles` (default: a source's own,
+    none for Batches) are recorded in `recdistill.schema`, so the files are read with them. Files hold at most
+    about `rows_per_file` rows (written rows, after sampling).
     """
 
 
@@ -480,6 +519,7 @@ def write_parquet(source_or_batches, out_dir: str, days: list[int] | None = None
         batches = (src.read(d, s, e) for d, s, e in bar(chunks, desc="export", enabled=progress))
         sampling = src.sampling
         list_sparse = {*list_sparse, *getattr(src, "list_sparse", ())}  # a source may declare its multi-id features
+        roles = roles if roles is not None else source_roles(src)
     else:
         if schema is None or days is not None:
             raise ValueError("write_parquet of Batches needs schema= and takes no days=")
@@ -492,7 +532,9 @@ def write_parquet(source_or_batches, out_dir: str, days: list[int] | None = None
     if view is not None:
         check_nested(view, sampling, schema.num_traffic)
         sampling = view
-    files = _DayFiles(out_dir, layout_metadata(schema, sampling), rows_per_file, set(list_sparse))
+    if roles is not None:
+        roles.check(schema)
+    files = _DayFiles(out_dir, layout_metadata(schema, sampling, roles), rows_per_file, set(list_sparse))
     try:
         for b in batches:
             b = apply_view(b, view, schema.num_traffic)

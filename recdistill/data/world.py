@@ -49,7 +49,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.config import DataConfig
-from recdistill.data.batch import Batch, History, Schema, TaskSpec
+from recdistill.data.batch import Batch, History, Roles, Schema, TaskSpec
 from recdistill.data.sampling import SamplingConfig, hash_uniform, keep_mask, splitmix64
 
 KNOWN_TASKS = {"ctr": "binary", "cvr": "binary", "watch_time": "continuous"}
@@ -97,6 +97,9 @@ class SyntheticWorld:
     """DataSource over the synthetic world (see module docstring); configured by DataConfig (and its .world)."""
 
     sampling = None  # the population itself, unsampled
+    #: Feature roles (recdistill/data/batch.py): the world's own names, which are the conventional ones.
+    roles = Roles(user="user_id", item="item_id", category="item_cat", hist_item="item", hist_category="cat",
+                  hist_action="action")
 
     def __init__(self, data_cfg: DataConfig) -> None:
         w = data_cfg.world

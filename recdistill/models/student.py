@@ -8,6 +8,7 @@ The backbone receives gradients from both towers, so the teacher's knowledge rea
 through shared representations — a broken teacher signal cannot pull the served predictions directly (risk
 isolation). With `decoupled=False` there is one tower and the training code decides which losses it gets.
 A student that sees fewer features than the teacher (pre-ranking) is `features=[...]`: it embeds only those.
+The candidate item, its category and the history fields come from a `Roles` (recdistill/data/batch.py).
 Pure PyTorch: no parallelism, no I/O.
 """
 
@@ -22,12 +23,9 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from recdistill.data.batch import Batch, History, Schema
+from recdistill.data.batch import CONVENTIONAL_ROLES, Batch, History, Roles, Schema
 from recdistill.models.embedding import _default_device
 from recdistill.models.match import NUM_MATCH, target_match_padded
-
-#: History fields the student embeds when present (timestamps and free-form fields are left out).
-HISTORY_FIELDS = ("item", "cat", "action")
 
 
 def recent_padded(history: History, n: int, fields: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -85,17 +83,25 @@ class StudentModel(nn.Module):
     """Decoupled-tower student over a data Schema (see module docstring)."""
 
     def __init__(self, schema: Schema, *, features: list[str] | None = None, emb_dim: int = 16, hidden: int = 64,
-                 depth: int = 2, history_len: int = 64, decoupled: bool = True, target_feature: str = "item_id",
+                 depth: int = 2, history_len: int = 64, decoupled: bool = True, roles: Roles | None = None,
                  interactions: bool = True, match_features: bool = True) -> None:
         super().__init__()
         unknown = sorted(set(features or []) - set(schema.sparse))
         if unknown:
             raise ValueError(f"student features {unknown} are not in the data (it has {sorted(schema.sparse)})")
-        self.tasks = schema.task_names
+        if roles is None:  # built directly: the conventional names the data has (trainers pass resolved roles)
+            roles = CONVENTIONAL_ROLES.present_in(schema)
+        roles.check(schema)
+        self.roles, self.tasks = roles, schema.task_names
         self.features = list(features) if features is not None else list(schema.sparse)
         self.history_len = history_len
-        self.hist_fields = tuple(f for f in HISTORY_FIELDS if f in schema.history) if history_len > 0 else ()
-        self.target_feature = target_feature if target_feature in self.features and "item" in self.hist_fields else None
+        # embedded history fields: the events' items, categories, actions (those the roles name; timestamps and
+        # free-form fields are left out), in that order
+        self.hist_fields = roles.history_fields if history_len > 0 else ()
+        # `target_feature` / `match_cat`: the sparse features (names) of the candidate item and its category, or
+        # None when the student does without target attention / target-match statistics
+        self.target_feature = roles.item if roles.item in self.features and roles.hist_item in self.hist_fields \
+            else None
         self.ebc = EmbeddingBagCollection(tables=[
             EmbeddingBagConfig(name=f"t_{f}", embedding_dim=emb_dim, num_embeddings=schema.sparse[f], feature_names=[f])
             for f in self.features], device=_default_device())
@@ -105,8 +111,8 @@ class StudentModel(nn.Module):
         self.dense_proj = nn.Linear(len(schema.dense), emb_dim) if schema.dense else None
         # Target-match statistics (SIM-style hard search by category, the teacher has them too over its longer
         # window): how much of the student's own recent history is in the candidate's category.
-        self.match_cat = "item_cat" if match_features and "cat" in self.hist_fields and "item_cat" in self.features \
-            else None
+        self.match_cat = roles.category if match_features and roles.hist_category in self.hist_fields \
+            and roles.category in self.features else None
         self.match_proj = nn.Linear(NUM_MATCH, emb_dim) if self.match_cat else None
         n_vec = len(self.features) + (1 if schema.dense else 0) + (2 if self.hist_fields else 0) \
             + (1 if self.match_cat else 0)
@@ -169,10 +175,10 @@ class StudentModel(nn.Module):
             events = events * hist_mask.unsqueeze(-1)
             count = hist_mask.sum(1, keepdim=True).clamp(min=1)
             mean = events.sum(1) / count
-            query = self.hist_emb["item"](target) if target is not None else mean
+            query = self.hist_emb[self.roles.hist_item](target) if target is not None else mean
             parts += [self.attn(query, events, hist_mask), mean]
         if self.match_proj is not None:
-            parts.append(self.match_proj(target_match_padded(cand_cat, hist_ids["cat"], hist_mask)))
+            parts.append(self.match_proj(target_match_padded(cand_cat, hist_ids[self.roles.hist_category], hist_mask)))
         if self.interactions:
             vecs = torch.stack(parts, dim=1)  # [B, n, E]
             dots = torch.bmm(vecs, vecs.transpose(1, 2)) * self.dot_scale  # 1/sqrt(E): unit-size inputs

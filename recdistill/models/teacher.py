@@ -1,7 +1,11 @@
 """The teacher: embeddings -> LONGER over the long history -> TokenMixer-Large -> one raw logit per task.
 
     global tokens = [CLS, target item, target category, user, dense context] (projected to the LONGER width)
-    history events = sum of the events' field embeddings (item, cat, action), the last `history_len` events
+    history events = sum of the events' field embeddings (item, category, action), the last `history_len` events
+
+Which sparse features are the target item, its category and the user, and which history fields hold the events'
+items, categories and actions, comes from a `Roles` (recdistill/data/batch.py), never from literal names; a role
+that is None drops what needs it (the trainers report that at start).
     LONGER(global tokens, events) -> query outputs; flattened with pooled categorical embeddings and the dense
     projection into one feature vector -> TokenMixer-Large -> mean over tokens -> per-task heads (raw logits)
 
@@ -24,26 +28,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recdistill.data.batch import Batch, Schema
+from recdistill.data.batch import CONVENTIONAL_ROLES, Batch, Roles, Schema
 from recdistill.models.embedding import HistoryEmbeddings, SparseEmbeddings
 from recdistill.models.longer import LongerEncoder
 from recdistill.models.match import NUM_MATCH, target_match
 from recdistill.models.tokenmixer import TokenMixerLarge
 
-HISTORY_FIELDS = ("item", "cat", "action")
+
+def teacher_roles(schema: Schema, roles: Roles | None) -> Roles:
+    """`roles` checked against `schema`; None: the conventional names the schema has (callers that build a model
+    directly; the trainers pass resolved roles and report what is missing, recdistill/data/roles.py)."""
+    if roles is None:
+        return CONVENTIONAL_ROLES.present_in(schema)
+    roles.check(schema)
+    return roles
 
 
 class TeacherEmbeddings(nn.Module):
     """The sparse part: pooled categorical embeddings and per-event history embeddings (the modules DMP shards)."""
 
-    def __init__(self, schema: Schema, cfg, category_feature: str = "item_cat") -> None:  # noqa: ANN001
+    def __init__(self, schema: Schema, cfg, roles: Roles | None = None) -> None:  # noqa: ANN001
         super().__init__()
+        roles = teacher_roles(schema, roles)
         self.history_len = cfg.history_len
-        self.category_feature = category_feature if category_feature in schema.sparse and "cat" in schema.history \
-            else None
-        hist_fields = {f: schema.history[f] for f in HISTORY_FIELDS if f in schema.history}
-        if "item" not in hist_fields:
-            raise ValueError(f"the teacher needs the history field 'item'; the data has {sorted(schema.history)}")
+        if roles.hist_item is None:
+            raise ValueError(f"the teacher needs a history field of item ids (data.roles.hist_item); the data has "
+                             f"{sorted(schema.history)}")
+        # the target-match statistics compare the candidate's category with the events' categories: both needed
+        has_match = roles.category is not None and roles.hist_category is not None
+        self.category_feature = roles.category if has_match else None
+        self.hist_category = roles.hist_category if has_match else None
+        hist_fields = {f: schema.history[f] for f in roles.history_fields}
         self.sparse = SparseEmbeddings(schema.sparse, cfg.emb_dim, cfg.embedding_backend)
         self.history = HistoryEmbeddings(hist_fields, cfg.emb_dim, cfg.embedding_backend)
 
@@ -55,24 +70,30 @@ class TeacherEmbeddings(nn.Module):
         if self.category_feature is not None:
             jt = batch.sparse[self.category_feature]  # one category per candidate
             cand = jt.values()[jt.offsets()[:-1]] if jt.values().numel() else jt.values()
-            match = target_match(cand, hist.fields["cat"], hist.offsets)
+            match = target_match(cand, hist.fields[self.hist_category], hist.offsets)
         return self.sparse(batch.sparse), self.history(hist), hist.offsets, match
+
+
+def feature_order(schema: Schema, roles: Roles) -> list[str]:
+    """The order in which the pooled sparse features enter TokenMixer: sorted, with a role's feature sorted under
+    the role's conventional name, so that what a user calls the user, item and category columns does not change
+    the model (the same data under two namings gives the same layout and, under one seed, the same weights)."""
+    alias = {getattr(roles, k): getattr(CONVENTIONAL_ROLES, k) for k in Roles.SPARSE if getattr(roles, k)}
+    return sorted(schema.sparse, key=lambda f: (alias.get(f, f), f))
 
 
 class TeacherDense(nn.Module):
     """The dense part (what DeepSpeed wraps): LONGER + TokenMixer-Large + task heads."""
 
-    def __init__(self, schema: Schema, cfg, target_feature: str = "item_id", user_feature: str = "user_id",  # noqa: ANN001
-                 category_feature: str = "item_cat") -> None:
+    def __init__(self, schema: Schema, cfg, roles: Roles | None = None) -> None:  # noqa: ANN001
         super().__init__()
+        roles = teacher_roles(schema, roles)
         self.tasks = schema.task_names
         e, dl = cfg.emb_dim, cfg.longer_dim
-        self.features = sorted(schema.sparse)
-        self.target_feature = target_feature if target_feature in schema.sparse else None
-        self.category_feature = category_feature if category_feature in schema.sparse else None
-        self.user_feature = user_feature if user_feature in schema.sparse else None
+        self.features = feature_order(schema, roles)
+        self.target_feature, self.category_feature, self.user_feature = roles.item, roles.category, roles.user
         self.dense_proj = nn.Linear(len(schema.dense), e) if schema.dense else None
-        has_match = self.category_feature is not None and "cat" in schema.history
+        has_match = self.category_feature is not None and roles.hist_category is not None
         self.match_proj = nn.Linear(NUM_MATCH, e) if has_match else None
         # LONGER's global query tokens: CLS, target item, category, user, dense context (those present)
         self.n_global = 1 + sum(x is not None for x in (self.target_feature, self.category_feature,
@@ -117,12 +138,12 @@ class TeacherModel(nn.Module):
     by DMP) and `dense` (wrapped by DeepSpeed ZeRO).
     """
 
-    def __init__(self, schema: Schema, cfg, target_feature: str = "item_id", user_feature: str = "user_id",  # noqa: ANN001
-                 category_feature: str = "item_cat") -> None:
+    def __init__(self, schema: Schema, cfg, roles: Roles | None = None) -> None:  # noqa: ANN001
         super().__init__()
         self.tasks = schema.task_names
-        self.embed = TeacherEmbeddings(schema, cfg, category_feature)
-        self.dense = TeacherDense(schema, cfg, target_feature, user_feature, category_feature)
+        self.roles = teacher_roles(schema, roles)
+        self.embed = TeacherEmbeddings(schema, cfg, self.roles)
+        self.dense = TeacherDense(schema, cfg, self.roles)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Raw (teacher sampled-space) logits per task, [B] each."""

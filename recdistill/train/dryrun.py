@@ -15,7 +15,7 @@ from collections import OrderedDict
 import torch
 
 from recdistill.config import Config
-from recdistill.data.batch import Schema
+from recdistill.data.batch import Roles, Schema
 from recdistill.models.teacher import TeacherModel
 
 EMBEDDING_PREFIXES = ("embed.",)
@@ -69,16 +69,18 @@ def zero_estimates(dense_params: int, largest_layer: int, world_size: int) -> di
     return out
 
 
-def dry_run(cfg: Config, schema: Schema, world_size: int) -> dict:
-    """Everything `--dry-run` reports, as a dict."""
+def dry_run(cfg: Config, schema: Schema, world_size: int, roles: Roles | None = None) -> dict:
+    """Everything `--dry-run` reports, as a dict; `roles`: the resolved feature roles (None: the conventional
+    names the schema has)."""
     with torch.device("meta"):
-        model = TeacherModel(schema, cfg.teacher)
+        model = TeacherModel(schema, cfg.teacher, roles)
     params = param_table(model)
     dense = sum(r["dense"] for r in params.values())
     emb = sum(r["embedding"] for r in params.values())
     largest = max(p.numel() for n, p in model.named_parameters() if not n.startswith(EMBEDDING_PREFIXES))
     flops = flops_per_sample(cfg, schema, model.dense.mixer.tokenizer.padded_in, model.dense.n_global)
-    return {"preset": cfg.teacher.preset, "dense_params": dense, "embedding_params": emb, "params": params,
+    return {"preset": cfg.teacher.preset, "roles": model.roles.as_dict(), "dense_params": dense,
+            "embedding_params": emb, "params": params,
             "flops_per_sample": flops, "gflops_per_sample": sum(flops.values()) / 1e9, "world_size": world_size,
             "zero_memory": zero_estimates(dense, largest, world_size)}
 
@@ -87,6 +89,7 @@ def print_report(r: dict) -> None:
     """Human-readable tables of a dry_run() result."""
     print(f"teacher preset '{r['preset']}': {r['dense_params'] / 1e9:.3f} B dense parameters, "
           f"{r['embedding_params'] / 1e6:.1f} M embedding parameters")
+    print("feature roles: " + ", ".join(f"{k}={v or '-'}" for k, v in r["roles"].items()))
     print(f"{'module':<24}{'dense':>16}{'embedding':>16}")
     for k, v in r["params"].items():
         print(f"{k:<24}{v['dense']:>16,}{v['embedding']:>16,}")

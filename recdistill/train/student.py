@@ -31,6 +31,7 @@ import torch
 from recdistill.config import Config
 from recdistill.data.batch import Batch
 from recdistill.data.loader import BatchLoader
+from recdistill.data.roles import roles_for
 from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
 from recdistill.distill.debias import distill_pair, to_true
@@ -95,8 +96,8 @@ class StudentTrainer:
         self.model = StudentModel(schema, features=self.s.features, emb_dim=self.s.emb_dim, hidden=self.s.hidden,
                                   depth=self.s.depth, history_len=self.s.history_len,
                                   decoupled=self.s.towers == "decoupled",
-                                  interactions=self.s.interactions,
-                                  match_features=self.s.match_features).to(self.device)
+                                  interactions=self.s.interactions, match_features=self.s.match_features,
+                                  roles=roles_for(cfg.data.roles, self.source, "student")).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.s.lr)
         self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
         self.counts = SignalCounts()

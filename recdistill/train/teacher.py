@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from recdistill.config import ROOT, Config, add_config_arguments, config_from_args, save_config
 from recdistill.data.loader import BatchLoader
+from recdistill.data.roles import roles_for
 from recdistill.data.source import build_source
 from recdistill.distill.debias import to_true
 from recdistill.distill.losses import task_loss
@@ -159,7 +160,8 @@ class TeacherTrainer:
         self.train_days = days[: -cfg.data.eval_days]
         self.eval_days = days[-cfg.data.eval_days:]
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
-        model = TeacherModel(self.source.schema, cfg.teacher)
+        roles = roles_for(cfg.data.roles, self.source, "teacher", info.rank)  # reports missing roles once, at start
+        model = TeacherModel(self.source.schema, cfg.teacher, roles)
         self.dmp, self.engine = parallelize_teacher(
             model, sharding=cfg.teacher.sharding, device=info.device,
             ds_config=deepspeed_config(cfg, cfg.teacher.deepspeed),
