@@ -56,6 +56,7 @@ _OWN_ERROR = re.compile(r"\b(?:recdistill\.[\w.]+\.)?(ConfigError|DataError|Sign
 #: Any other exception line; the launcher's own (ChildFailedError, SignalException) only repeat a rank's failure.
 _ANY_ERROR = re.compile(r"^(?:\[rank\d+\]:\s*)?([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
 _LAUNCHER = ("torch.distributed.elastic", "ChildFailedError", "SignalException")
+_ROOT_CAUSE = "Root Cause (first observed failure):"
 
 
 def teacher_failure(log: list[str]) -> tuple[str, int]:
@@ -73,6 +74,11 @@ def teacher_failure(log: list[str]) -> tuple[str, int]:
         m = _ANY_ERROR.match(line.strip())
         if m and not any(x in line for x in _LAUNCHER):
             return f"{m.group(1)}: {m.group(2).strip()}", 1
+    # no exception line: a rank died of a signal; torchrun's summary names it
+    text = "\n".join(log[log.index(_ROOT_CAUSE):]) if _ROOT_CAUSE in log else ""
+    m = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(\(SIG\w+\))?\s*$", text, re.S | re.M)
+    if m:
+        return f"rank {m.group(1)} died with exit code {m.group(2)}{' ' + m.group(3) if m.group(3) else ''}", 1
     return "", 1
 
 
@@ -95,6 +101,13 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def _finished(run_dir: Path, nproc: int, since: float) -> bool:
+    """Whether every rank wrote its summary and rank 0 its evaluation predictions after `since`: the teacher's
+    work is done and committed (its ranks write the summary last, after the final signal window and the eval)."""
+    done = [run_dir / f"teacher.rank{r}.json" for r in range(nproc)] + [run_dir / "teacher_eval.npz"]
+    return all(p.exists() and p.stat().st_mtime >= since for p in done)
+
+
 def run_teacher(cfg_path: Path, run_dir: Path, nproc: int, *, append: bool = False) -> dict:
     """Train the teacher with torchrun on `nproc` ranks. Every line the launcher and the ranks print goes to
     <run>/teacher.log (appended to with `append`, a resumed run); the teacher's progress lines are also echoed to
@@ -111,6 +124,7 @@ def run_teacher(cfg_path: Path, run_dir: Path, nproc: int, *, append: bool = Fal
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))}
     lines: list[str] = []
+    started = time.time()
     with open(log_path, "a" if append else "w") as log, subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         try:
@@ -126,6 +140,10 @@ def run_teacher(cfg_path: Path, run_dir: Path, nproc: int, *, append: bool = Fal
     if code != 0:
         if _interrupted(code, lines):
             raise KeyboardInterrupt
+        if _finished(run_dir, nproc, started):
+            console(f"experiment: the teacher exited with code {code} after every rank had written its summary "
+                    f"(a crash at process teardown): its signals and evaluation are kept; details in {log_path}")
+            return json.loads((run_dir / "teacher.rank0.json").read_text())
         cause, status = teacher_failure(lines)
         err = RunError(f"teacher failed: {cause or f'exit code {code}'}", fix=f"full log: {log_path}")
         err.exit_code = status
