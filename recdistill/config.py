@@ -20,14 +20,21 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from recdistill.errors import RecdistillError
+
 # the checkout (configs/, benchmarks/): shipped files and the demo config are found from here, whatever the cwd
 ROOT = Path(__file__).resolve().parents[1]
 
 MAX_HISTORY = 20_000
+#: Teacher presets: `teacher.preset: NAME` loads PRESETS/NAME.yaml underneath the user's own settings.
+PRESETS = ROOT / "configs" / "teacher"
 
 
-class ConfigError(ValueError):
+class ConfigError(RecdistillError, ValueError):
     """A config file or override is invalid; the message names the key, the source and what is allowed."""
+
+    exit_code = 2
+    fix = "`recdistill config` lists every key with its description"
 
 
 class Section(BaseModel):
@@ -182,7 +189,9 @@ class SamplingSection(Section):
 class TeacherConfig(Section):
     """Teacher model (TokenMixer-Large + LONGER) and trainer. Presets under configs/teacher/ set these fields."""
 
-    preset: str = Field("small", description="Name of the preset these values came from (informational).")
+    preset: str = Field("small", description="Teacher preset: setting it loads configs/teacher/<preset>.yaml "
+                        "underneath the other settings (anything set elsewhere wins). The default, 'small', equals "
+                        "the field defaults and loads nothing.")
     embedding_backend: Literal["torchrec", "torch"] = Field(
         "torchrec", description="torchrec (EBC/EC, shardable with DMP) or plain PyTorch embeddings.")
     emb_dim: int = Field(16, ge=1, description="Embedding width of categorical features and history events.")
@@ -500,33 +509,78 @@ def _merge(base: dict, update: dict) -> None:
             base[k] = v
 
 
+def _read_yaml(p: Path) -> dict:
+    """One config file as a mapping of sections (ConfigError naming the file otherwise)."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def preset_names() -> list[str]:
+    """Names of the teacher presets (configs/teacher/NAME.yaml)."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def _preset_tree(user: dict, sources: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """The preset file named by the user's `teacher.preset` (empty when none is named) and its key sources."""
+    teacher = user.get("teacher")
+    name = teacher.get("preset") if isinstance(teacher, dict) else None
+    if name is None:
+        return {}, {}
+    if str(name) not in preset_names():
+        raise ConfigError(f"{_source_of('teacher.preset', sources)}: teacher.preset {name!r} is not a preset; "
+                          f"presets: {', '.join(preset_names())} (configs/teacher/NAME.yaml)")
+    path = PRESETS / f"{name}.yaml"
+    tree = _read_yaml(path)
+    return tree, {k: f"{path} (teacher.preset={name})" for k in _flat_keys(tree)}
+
+
 def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a :class:`Config` from defaults, optional YAML files (later ones merge over earlier ones) and
-    ``KEY=VALUE`` overrides."""
+    """Build a :class:`Config` from defaults, the teacher preset, optional YAML files (later ones merge over earlier
+    ones) and ``KEY=VALUE`` overrides, in that order of precedence (the preset is the one `teacher.preset` names in
+    the files or overrides; it sits underneath them)."""
+    user: dict = {}
+    sources: dict[str, str] = {}
+    paths = path if isinstance(path, list | tuple) else ([] if path is None else [path])
+    for path in paths:
+        loaded = _read_yaml(Path(path))
+        _merge(user, copy.deepcopy(loaded))
+        sources.update({k: str(path) for k in _flat_keys(loaded)})
+        sources[""] = str(path)
+    for text in overrides or []:
+        keypath, value = parse_override(text)
+        _apply(user, keypath, value, f"--set {text}")
+        sources[".".join(keypath)] = f"--set {text}"
+    preset, preset_sources = _preset_tree(user, sources)
     # Start from the values that sections' default factories set (e.g. the teacher view's name 'teacher' and
     # r=0.5), so that YAML and overrides merge field by field: `--set sampling.teacher.r=1.0` changes r and keeps
     # the view's other fields. Only explicitly set values are seeded: which fields a user set stays visible
     # (`model_fields_set`; MovieLens reads it for data.tasks).
     tree: dict = _factory_values(Config())
-    sources: dict[str, str] = {}
-    paths = path if isinstance(path, list | tuple) else ([] if path is None else [path])
-    for path in paths:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        _merge(tree, copy.deepcopy(loaded))
-        sources.update({k: str(p) for k in _flat_keys(loaded)})
-        sources[""] = str(p)
-    for text in overrides or []:
+    _merge(tree, preset)
+    _merge(tree, user)
+    sources = {**preset_sources, **sources}
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, sources)) from None
+
+
+def apply_overrides(cfg: Config, overrides: list[str], origin: str = "") -> Config:
+    """`cfg` with ``KEY=VALUE`` overrides applied (what loading its saved config.yaml with them gives); `origin`
+    prefixes the source named in errors (e.g. "experiment.students[base]")."""
+    tree, sources = cfg.model_dump(mode="json"), {}
+    for text in overrides:
         keypath, value = parse_override(text)
-        _apply(tree, keypath, value, f"--set {text}")
-        sources[".".join(keypath)] = f"--set {text}"
+        where = f"{origin}: --set {text}" if origin else f"--set {text}"
+        _apply(tree, keypath, value, where)
+        sources[".".join(keypath)] = where
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
@@ -541,10 +595,12 @@ def save_config(cfg: Config, run_dir: str | Path) -> Path:
     return out
 
 
-def add_config_arguments(parser) -> None:  # noqa: ANN001 - argparse.ArgumentParser
-    """Add the standard ``--config FILE`` and repeatable ``--set KEY=VALUE`` options to a CLI parser."""
-    parser.add_argument("--config", "-c", action="append", default=None,
-                        help="YAML config file (default: built-in defaults); repeat to merge several in order")
+def add_config_arguments(parser, config_help: str | None = None) -> None:  # noqa: ANN001 - argparse parser
+    """Add the standard ``--config FILE`` and repeatable ``--set KEY=VALUE`` options to a CLI parser
+    (`config_help`: the --config help of a command whose files merge over something other than the defaults)."""
+    parser.add_argument("--config", "-c", action="append", default=None, metavar="FILE",
+                        help=config_help or "YAML config file (default: built-in defaults); repeat to merge several "
+                        "in order")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set data.batch_size=256 (repeatable)")
 

@@ -18,30 +18,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from recdistill.config import ROOT, Config, load_config, save_config
-from recdistill.data.source import build_source
+from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
+from recdistill.errors import RunError
 from recdistill.report import markdown_table, plot_bars, write_report
 from recdistill.tracking import Tracker, console
 from recdistill.train.student import run_student
-
-
-def make_run_dir(cfg: Config) -> Path:
-    """runs/<run_name or experiment-timestamp>/ (created)."""
-    name = cfg.tracking.run_name or f"{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.tracking.run_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def _free_port() -> int:
@@ -57,30 +51,103 @@ def teacher_procs(cfg: Config) -> int:
     return cfg.experiment.teacher_procs
 
 
-def run_teacher(cfg_path: Path, run_dir: Path, nproc: int) -> dict:
-    """Train the teacher with torchrun on `nproc` ranks; its output goes to <run>/teacher.log and, line by line
-    with a prefix, to the console. Returns rank 0's summary; raises with the log's tail if it fails."""
+#: The project's own errors (recdistill/errors.py), as a rank's traceback names them on its last line.
+_OWN_ERROR = re.compile(r"\b(?:recdistill\.[\w.]+\.)?(ConfigError|DataError|SignalError|RunError|UsageError): (.*)$")
+#: Any other exception line; the launcher's own (ChildFailedError, SignalException) only repeat a rank's failure.
+_ANY_ERROR = re.compile(r"^(?:\[rank\d+\]:\s*)?([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
+_LAUNCHER = ("torch.distributed.elastic", "ChildFailedError", "SignalException")
+_ROOT_CAUSE = "Root Cause (first observed failure):"
+
+
+def teacher_failure(log: list[str]) -> tuple[str, int]:
+    """(one-line cause, exit status) of a failed teacher from its log: the first of the project's own errors that a
+    rank raised (a ConfigError is status 2, the others 1), else the first other exception line that is not the
+    launcher's, else ''."""
+    for i, line in enumerate(log):
+        m = _OWN_ERROR.search(line)
+        if m:
+            cause = m.group(2).strip()
+            if cause.endswith(":") and i + 1 < len(log):  # "invalid config:" and its first indented line
+                cause += " " + re.sub(r"^(\[rank\d+\]:)?\s*", "", log[i + 1])
+            return cause, 2 if m.group(1) in ("ConfigError", "UsageError") else 1
+    for line in log:
+        m = _ANY_ERROR.match(line.strip())
+        if m and not any(x in line for x in _LAUNCHER):
+            return f"{m.group(1)}: {m.group(2).strip()}", 1
+    # no exception line: a rank died of a signal; torchrun's summary names it
+    text = "\n".join(log[log.index(_ROOT_CAUSE):]) if _ROOT_CAUSE in log else ""
+    m = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(\(SIG\w+\))?\s*$", text, re.S | re.M)
+    if m:
+        return f"rank {m.group(1)} died with exit code {m.group(2)}{' ' + m.group(3) if m.group(3) else ''}", 1
+    return "", 1
+
+
+def _interrupted(code: int, log: list[str]) -> bool:
+    """Whether the teacher stopped because it was interrupted (Ctrl-C reaches torchrun and its ranks too)."""
+    return code in (-signal.SIGINT, 130, -signal.SIGTERM) or any(
+        "KeyboardInterrupt" in ln or "Received 2 death signal" in ln or "Received Signals.SIGINT" in ln for ln in log)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the teacher's launcher and its ranks: SIGINT (what Ctrl-C sends; torchrun passes it on), then
+    SIGTERM, then SIGKILL, each given a few seconds."""
+    for send, wait in ((lambda: proc.send_signal(signal.SIGINT), 15), (proc.terminate, 10), (proc.kill, 10)):
+        if proc.poll() is not None:
+            return
+        send()
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _finished(run_dir: Path, nproc: int, since: float) -> bool:
+    """Whether every rank wrote its summary and rank 0 its evaluation predictions after `since`: the teacher's
+    work is done and committed (its ranks write the summary last, after the final signal window and the eval)."""
+    done = [run_dir / f"teacher.rank{r}.json" for r in range(nproc)] + [run_dir / "teacher_eval.npz"]
+    return all(p.exists() and p.stat().st_mtime >= since for p in done)
+
+
+def run_teacher(cfg_path: Path, run_dir: Path, nproc: int, *, append: bool = False) -> dict:
+    """Train the teacher with torchrun on `nproc` ranks. Every line the launcher and the ranks print goes to
+    <run>/teacher.log (appended to with `append`, a resumed run); the teacher's progress lines are also echoed to
+    the console. Returns rank 0's summary. A failure raises a RunError with the cause found in the log (the first
+    config, data or signal error of a rank, not the launcher's ChildFailedError) and the log's path; an interrupt
+    (Ctrl-C, in this process or in the teacher's) stops every rank and raises KeyboardInterrupt."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
            "-m", "recdistill.train.teacher", "--config", str(cfg_path),
            "--set", f"signals.uri={run_dir / 'signals'}", "--set", f"teacher.checkpoint_dir={run_dir / 'teacher_ckpt'}",
            "--summary", str(run_dir / "teacher"), "--eval-out", str(run_dir / "teacher_eval.npz"),
            "--run-dir", str(run_dir / "teacher")]
-    console(f"experiment: teacher on {nproc} rank(s): {' '.join(cmd[2:])}")
+    log_path = run_dir / "teacher.log"
+    console(f"experiment: teacher on {nproc} rank(s), log {log_path}: {' '.join(cmd[2:])}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))}
-    tail: deque[str] = deque(maxlen=40)
-    with open(run_dir / "teacher.log", "w") as log, subprocess.Popen(
+    lines: list[str] = []
+    started = time.time()
+    with open(log_path, "a" if append else "w") as log, subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            tail.append(line.rstrip())
-            # the teacher's own progress lines and its summary; its progress bar and library chatter stay in the log
-            if line.startswith(("teacher step", "teacher: resum")) or "Error" in line:
-                console("[teacher] " + line.rstrip()[:300])
-        code = proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                lines.append(line.rstrip())
+                if line.startswith(("teacher step", "teacher: resum")):  # progress; the rest stays in the log
+                    console("[teacher] " + line.rstrip()[:300])
+            code = proc.wait()
+        except KeyboardInterrupt:
+            _stop(proc)
+            raise
     if code != 0:
-        raise RuntimeError(f"teacher failed with exit code {code} (full log: {run_dir / 'teacher.log'}):\n"
-                           + "\n".join(tail))
+        if _interrupted(code, lines):
+            raise KeyboardInterrupt
+        if _finished(run_dir, nproc, started):
+            console(f"experiment: the teacher exited with code {code} after every rank had written its summary "
+                    f"(a crash at process teardown): its signals and evaluation are kept; details in {log_path}")
+            return json.loads((run_dir / "teacher.rank0.json").read_text())
+        cause, status = teacher_failure(lines)
+        err = RunError(f"teacher failed: {cause or f'exit code {code}'}", fix=f"full log: {log_path}")
+        err.exit_code = status
+        raise err
     return json.loads((run_dir / "teacher.rank0.json").read_text())
 
 
@@ -131,18 +198,28 @@ def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] |
     return auc_rows, gain_rows
 
 
-def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker) -> dict:
-    """The whole job (see module docstring); returns {'auc_rows', 'gain_rows', 'teacher', 'students'}."""
+def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker, *, source: DataSource | None = None,
+                   resume: bool = False) -> dict:
+    """The whole job (see module docstring); returns {'auc_rows', 'gain_rows', 'teacher', 'students'}.
+
+    `source`: the opened data source (built from cfg.data when None). `resume`: `run_dir` holds an interrupted
+    run of this config: a teacher that finished there is reused, an unfinished one continues from its newest
+    checkpoint (<run>/teacher_ckpt; committed signal windows are kept), the students train again."""
     cfg_path = save_config(cfg, run_dir)
-    source = build_source(cfg.data)
+    source = source if source is not None else build_source(cfg.data)
     kinds = {t.name: t.kind for t in source.schema.tasks}
     t0 = time.perf_counter()
+    finished = resume and (run_dir / "teacher.rank0.json").exists() and (run_dir / "teacher_eval.npz").exists()
     if cfg.experiment.teacher_signals:
         signals = Path(cfg.experiment.teacher_signals)
         teacher_eval, teacher_sum = signals.parent / "teacher_eval.npz", {}
         console(f"experiment: reusing teacher signals {signals}")
+    elif finished:
+        signals, teacher_eval = run_dir / "signals", run_dir / "teacher_eval.npz"
+        teacher_sum = json.loads((run_dir / "teacher.rank0.json").read_text())
+        console(f"experiment: the teacher of {run_dir} had finished: reusing its signals and evaluation")
     else:
-        teacher_sum = run_teacher(cfg_path, run_dir, teacher_procs(cfg))
+        teacher_sum = run_teacher(cfg_path, run_dir, teacher_procs(cfg), append=resume)
         signals, teacher_eval = run_dir / "signals", run_dir / "teacher_eval.npz"
         aucs = ", ".join(f"{k[len('eval/auc/'):]} {v:.4f}" for k, v in teacher_sum.items() if k.startswith("eval/auc/"))
         console(f"experiment: teacher done: {teacher_sum['steps']} steps per rank, {teacher_sum['seconds']:.0f} s; "

@@ -12,17 +12,28 @@
     recdistill bench data                 # data-generation throughput -> benchmarks/results/
 
 Every command is registered here, one module of this package each (`register(subparsers)` sets `func`).
-Config-taking commands accept --config FILE and repeatable --set KEY=VALUE; config errors exit with status 2 and
-a message naming the key and its source.
+Config-taking commands accept --config FILE and repeatable --set KEY=VALUE.
+
+When something goes wrong, the project's own errors (recdistill/errors.py: config, data, signals, a failed
+teacher, a run directory that cannot be used) reach the terminal as one line, ``recdistill COMMAND: <cause>;
+fix: <fix>``, without a traceback; `recdistill --debug COMMAND ...` keeps the traceback. Exit status:
+
+    0    ok
+    1    unusable data or signal store, a failed run (e.g. the teacher: its log's path is in the message)
+    2    bad config or arguments (the message names the key and where it came from)
+    130  interrupted (Ctrl-C), also while the teacher's processes run
+    141  stdout closed early (e.g. `recdistill config | head`): the rest of the output is dropped quietly
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
-from recdistill.config import ConfigError
+from recdistill.errors import RecdistillError
 
 #: The commands, in help order: module `recdistill.cli.<name>` has `register(subparsers)`. Imported on use, so
 #: `recdistill --help` stays fast and one command's heavy imports do not slow another.
@@ -32,6 +43,7 @@ COMMANDS = ("demo", "experiment", "teacher", "student", "predict", "data", "sign
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (all subcommands)."""
     parser = argparse.ArgumentParser(prog="recdistill", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     done: set[str] = set()
     for name in COMMANDS:
@@ -42,14 +54,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `recdistill` console script."""
-    args = build_parser().parse_args(argv)
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: its reader is gone, and the interpreter's flush at exit would fail again."""
     try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"recdistill {args.command}: {exc}", file=sys.stderr)
-        return 2
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (a test's capture): nothing to flush
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `recdistill` console script; returns the exit status (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    command = " ".join(filter(None, [args.command, getattr(args, f"{args.command}_command", None)]))
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try and not at interpreter exit
+        return code
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"recdistill {command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except RecdistillError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"recdistill {command}: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -34,6 +34,6 @@ def run_bench(args) -> int:  # noqa: ANN001 - argparse.Namespace
 def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
     """Add `recdistill bench`."""
     p = sub.add_parser("bench", help="run benchmarks (results JSON under benchmarks/results)")
-    p.add_argument("name", choices=[*BENCHES, "all"])
+    p.add_argument("name", choices=[*BENCHES, "all"], help="which benchmark: data generation, the signal store, or all")
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     p.set_defaults(func=run_bench)

@@ -3,7 +3,8 @@
     recdistill data export DIR                              # the configured source (default: synthetic world)
     recdistill data export DIR --view student --days 0,1    # a sampled view of some days
     recdistill data export DIR --set data.source=movielens  # MovieLens-100k in the same layout
-    recdistill data inspect DIR
+    recdistill data inspect DIR                             # and a check of the first rows of each file
+    recdistill data inspect DIR --check-rows                # every row: each fault with file, column, sample id
 
 Exit codes: 0 ok, 1 unusable data (the message names the file and the column), 2 bad config or arguments.
 """
@@ -93,7 +94,24 @@ def run_inspect(args) -> int:  # noqa: ANN001 - argparse.Namespace
         means = ", ".join(f"{c[6:]}={pc.mean(t.column(c)).as_py():.4f}" for c in labels)
         hist = pc.mean(pc.list_value_length(t.column("hist_item"))).as_py() or 0.0
         print(f"  day {d}: {t.num_rows} rows, label means {means}, mean history length {hist:.1f}")
-    return 0
+    return _row_check(src, args)
+
+
+def _row_check(src: ParquetSource, args) -> int:  # noqa: ANN001 - argparse.Namespace
+    """Check rows (every row with --check-rows, else the first rows of each file) and print each fault with its
+    file, column and sample ids; 1 if there is any."""
+    from recdistill.data.check import row_faults
+    from recdistill.preflight import SAMPLE_ROWS
+
+    faults = row_faults(src, rows_per_file=None if args.check_rows else SAMPLE_ROWS)
+    for f in faults:
+        print(f"FAULT {f}")
+    checked = "every row" if args.check_rows else f"the first {SAMPLE_ROWS} rows of each file"
+    if not faults:
+        print(f"rows: {checked} checked, no fault" + ("" if args.check_rows else " (--check-rows reads every row)"))
+        return 0
+    hint = "" if args.check_rows else "; --check-rows reads every row"
+    return _fail("inspect", f"{len(faults)} fault(s) in {checked} of {args.dir}{hint}", 1)
 
 
 def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
@@ -105,11 +123,16 @@ def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
     e.add_argument("--days", default=None, help="comma-separated days (default: all)")
     e.add_argument("--view", choices=["none", "teacher", "student"], default="none",
                    help="write only the rows of a sampled view (sampling.teacher / sampling.student) and record it")
-    e.add_argument("--rows-per-file", type=int, default=200_000, help="start a new part after this many rows")
+    e.add_argument("--rows-per-file", type=int, default=200_000,
+                   help="start a new part once a file holds this many rows; files are written a row group at a "
+                   "time, so a part can exceed it by up to --row-group-rows - 1 rows")
     e.add_argument("--row-group-rows", type=int, default=4096,
                    help="source rows read and written per row group (bounds memory with long histories)")
     add_config_arguments(e)
     e.set_defaults(func=run_export)
     i = dsub.add_parser("inspect", help="summarise a Parquet directory")
-    i.add_argument("dir")
+    i.add_argument("dir", help="directory of Parquet files (any fsspec URI), e.g. what `data export` wrote")
+    i.add_argument("--check-rows", action="store_true",
+                   help="read every row and report each fault (null labels or ids, unequal hist_* lists, ids out of "
+                   "range, binary labels other than 0/1) with file, column and sample id; exit 1 on any")
     i.set_defaults(func=run_inspect)

@@ -1,7 +1,9 @@
 """`recdistill signals inspect|verify|compact`: look at, check and materialize a teacher-signal store.
 
-    recdistill signals inspect URI       # windows, ranks, rows, tasks, teacher version, sampling, missing windows
-    recdistill signals verify URI        # checksums, schema, row counts, duplicates, NaNs, orphans; exit 1 on any
+    recdistill signals inspect URI       # windows, ranks, rows, tasks, teacher version, sampling, missing windows,
+                                         # windows missing a rank
+    recdistill signals verify URI        # checksums, schema, row counts, duplicates, NaNs, orphans, no committed
+                                         # shard at all; exit 1 on any
     recdistill signals compact SRC DST   # committed windows -> Parquet partitions + manifest (incremental)
 
 URI is any fsspec URI (a local path, memory://..., s3://... with s3fs installed), a live store or a compacted
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from recdistill.signals.check import entries, verify
+from recdistill.signals.check import entries, missing_ranks, verify
 from recdistill.signals.compact import compact
 from recdistill.signals.schema import SignalError
 
@@ -34,6 +36,8 @@ def run_inspect(args) -> int:  # noqa: ANN001 - argparse.Namespace
     print(f"teacher sampling: {meta.sampling.model_dump_json()}")
     gaps = sorted(set(range(windows[0], windows[-1] + 1)) - set(windows))
     print(f"missing windows: {gaps or 'none'}")
+    short = missing_ranks(found)
+    print("windows missing a rank: " + (", ".join(f"{w} (ranks {r})" for w, r in short.items()) or "none"))
     for w in windows:
         es = [e for e in found if e.window == w]
         line = f"  window {w}: ranks {sorted(r for e in es for r in e.ranks)}, {sum(e.rows for e in es)} rows"
@@ -68,12 +72,13 @@ def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
     p = sub.add_parser("signals", help="inspect, verify or compact a teacher-signal store")
     s = p.add_subparsers(dest="signals_command", required=True, metavar="ACTION")
     i = s.add_parser("inspect", help="windows, ranks, rows, tasks, teacher version, sampling, missing windows")
-    i.add_argument("uri")
+    i.add_argument("uri", help="the store: a live one (a teacher's signals/) or a compacted one (any fsspec URI)")
     i.set_defaults(func=run_inspect)
     v = s.add_parser("verify", help="checksums, schema, duplicates, orphans; exit 1 on any problem")
-    v.add_argument("uri")
+    v.add_argument("uri", help="the store: a live one (a teacher's signals/) or a compacted one (any fsspec URI)")
     v.set_defaults(func=run_verify)
     c = s.add_parser("compact", help="committed windows -> Parquet partitions + manifest (incremental)")
-    c.add_argument("src")
-    c.add_argument("dst")
+    c.add_argument("src", help="a live store with committed shards (a teacher's signals/)")
+    c.add_argument("dst", help="where the Parquet partitions and _manifest.json go (long-term storage; any fsspec "
+                   "URI); windows already there are kept")
     c.set_defaults(func=run_compact)

@@ -11,21 +11,30 @@ Outputs go to a new run directory under tracking.run_dir: config.yaml, <name>.su
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 from recdistill.config import add_config_arguments, config_from_args, save_config
+from recdistill.preflight import new_run_dir, open_source, require_store, with_source_tasks
 from recdistill.tracking import Tracker, console
-from recdistill.train.student import run_student
 
 
 def run(args) -> int:  # noqa: ANN001 - argparse.Namespace
-    """Train one student in a run directory of its own; print its headline numbers and where its files are."""
+    """Train one student in a run directory of its own; print its headline numbers and where its files are.
+
+    Checked before the run directory is made: the data (opened, a sample of rows), the signal store a distilling
+    student reads, a writable run directory that is no other run's (a config loaded from a run's own
+    config.yaml does not make this run reuse that run's name)."""
+    from recdistill.train.student import run_student  # torch and the model code: after the cheap checks' imports
+
     cfg = config_from_args(args)
-    run_dir = Path(cfg.tracking.run_dir) / (cfg.tracking.run_name or f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    source = open_source(cfg)
+    cfg = with_source_tasks(cfg, source)
+    if cfg.student.tower_loss != "task":
+        key = "student.signals_uri" if cfg.student.signals_uri else "signals.uri"  # the student's fallback
+        require_store(cfg.student.signals_uri or cfg.signals.uri, key)
+    run_dir = new_run_dir(cfg, args.config, args.overrides, args.name)
     save_config(cfg, run_dir)
     with Tracker(cfg.tracking, run_dir, cfg.model_dump(mode="json"), name=run_dir.name) as tracker:
-        summary = run_student(cfg, run_dir, name=args.name, tracker=tracker)
+        summary = run_student(cfg, run_dir, name=args.name, tracker=tracker, source=source)
     console(json.dumps({k: v for k, v in summary.items() if k.startswith(("eval/auc", "eval/ne", "signals/"))}))
     console(f"student: outputs in {run_dir}")
     return 0

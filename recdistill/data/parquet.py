@@ -41,14 +41,15 @@ from recdistill.config import DataConfig, SamplingConfig
 from recdistill.data.batch import CONVENTIONAL_ROLES, Batch, History, Roles, Schema, TaskSpec, offsets_from_lengths
 from recdistill.data.roles import source_roles
 from recdistill.data.source import DataSource, apply_view, check_nested
+from recdistill.errors import RecdistillError
 from recdistill.tracking import progress as bar
 
 META_SAMPLING, META_TASKS, META_SCHEMA = b"recdistill.sampling", b"recdistill.tasks", b"recdistill.schema"
 REQUIRED = {"sample_id": pa.int64(), "day": pa.int32(), "traffic": pa.int32()}
 
 
-class DataError(ValueError):
-    """A data file is unusable; the message names the file and the column."""
+class DataError(RecdistillError, ValueError):
+    """A data file is unusable; the message names the file and the column (`recdistill` exits with status 1)."""
 
 
 def _is_int_list(t: pa.DataType) -> bool:

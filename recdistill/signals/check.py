@@ -66,6 +66,16 @@ def entries(uri: str) -> tuple[str, SignalMeta | None, list[Entry], list[str]]:
     return "live", meta, sorted(out, key=lambda e: (e.window, e.rank)), problems
 
 
+def missing_ranks(found: list[Entry]) -> dict[int, list[int]]:
+    """Windows where a rank that committed other windows has no shard: {window: [missing ranks]} (live stores;
+    a compacted partition lists the ranks it came from)."""
+    ranks = {r for e in found for r in e.ranks}
+    by_window: dict[int, set[int]] = {}
+    for e in found:
+        by_window.setdefault(e.window, set()).update(e.ranks)
+    return {w: sorted(ranks - have) for w, have in sorted(by_window.items()) if ranks - have}
+
+
 def verify(uri: str) -> list[str]:
     """Every problem of a store, as messages naming the file (an empty list: healthy)."""
     fs, root = fsspec.core.url_to_fs(uri)
@@ -74,6 +84,10 @@ def verify(uri: str) -> list[str]:
         form, _, found, problems = entries(uri)
     except SignalError as exc:
         return [str(exc)]
+    if not found:  # an empty or mistyped path is not a healthy store
+        exists = fs.exists(root)
+        return problems + [f"{uri}: {'no committed shard' if exists else 'no such signal store'} (a store holds "
+                           "window=W/rank=R.arrow shards with _commits/ markers, or a compacted _manifest.json)"]
     reference, ids, non_finite = None, [], 0
     for e in found:
         try:

@@ -25,6 +25,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from recdistill.config import SamplingConfig
+from recdistill.errors import RecdistillError
 
 SCHEMA_VERSION = 1
 META_KEY = b"recdistill.signals"
@@ -34,8 +35,10 @@ _COMMIT_RE = re.compile(r"window=(\d+)\.rank=(\d+)\.json$")
 _SHARD_RE = re.compile(r"window=(\d+)/rank=(\d+)\.arrow$")
 
 
-class SignalError(RuntimeError):
+class SignalError(RecdistillError, RuntimeError):
     """A signal shard or store is unusable or incompatible; the message names the shard and the problem."""
+
+    fix = "`recdistill signals verify URI` lists every problem of a store"
 
 
 class SignalMeta(BaseModel):
