@@ -348,7 +348,13 @@ def test_window_steps_commits_windows_as_steps_advance():
 def test_full_queue_blocks_write_until_the_serializer_catches_up():
     w = SignalWriter("memory://backpressure", 0, META, queue_size=2, handoff_rows=1)
     release = threading.Event()
-    w._before_commit = lambda window: release.wait(30)  # a slow store: the serializer is stuck in window 0
+    marker = w._write_marker
+
+    def slow_store(commit):  # the serializer is stuck in window 0's commit
+        release.wait(30)
+        marker(commit)
+
+    w._write_marker = slow_store
     w.begin_window(0)
     w.write(ids_of(0), logits_of(ids_of(0)), step=0)
     w.commit_window()
