@@ -167,3 +167,34 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     assert [p.name for p in prune(tmp_path, keep=1)] == [step_name(3), step_name(4)]
     with pytest.raises(ValueError, match="keep=0"):
         prune(tmp_path, keep=0)
+
+
+def test_resumed_teacher_continues_its_wandb_run_and_metrics(tmp_path, monkeypatch):
+    """One process, the real entry point twice: 2 steps with a checkpoint, then teacher.steps=4 resumes from it.
+    The resumed run logs into the first run's directory (no --run-dir, no run name: the default directory has a
+    timestamp, the checkpoint names it), continues the same W&B run id, and appends to its metrics.jsonl."""
+    from recdistill.train.teacher import main
+
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(var, "1" if var == "WORLD_SIZE" else "0")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = tmp_path / "runs"
+    base = ["data.samples_per_day=300", "data.num_days=3", f"data.batch_size={BS}", "signals.window_steps=2",
+            f"signals.uri={tmp_path}/sig", f"teacher.checkpoint_dir={tmp_path}/ckpt", "teacher.log_every=1",
+            f"tracking.run_dir={runs}", "tracking.mode=offline", "tracking.progress=false"]
+    for steps in (2, 4):
+        argv = ["--config", "configs/teacher/tiny.yaml", "--summary", str(tmp_path / f"sum{steps}"),
+                *[a for s in [*base, f"teacher.steps={steps}"] for a in ("--set", s)]]
+        assert main(argv) == 0
+    assert json.loads((tmp_path / "sum4.rank0.json").read_text())["resumed_from_step"] == 2
+    (run_dir,) = runs.iterdir()  # the resumed run opened no directory of its own
+    run_id = json.loads((tmp_path / "ckpt" / step_name(4) / META).read_text())["tracking"]["wandb_run_id"]
+    assert run_id and json.loads((tmp_path / "ckpt" / step_name(2) / META).read_text())["tracking"] == {
+        "run_dir": str(run_dir.resolve()), "wandb_run_id": run_id}
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(d.name.endswith(f"-{run_id}") for d in offline), offline
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x.get("step", "summary") for x in lines] == [1, 2, "summary", 3, 4, "summary"]
