@@ -78,7 +78,7 @@ def one_run(cfg, info, batches: list, write: bool, scratch: str) -> dict:  # noq
             trainer.train_step(batch)
             trainer.steps += 1
             if trainer.steps % ws == 0:
-                trainer._window_done()  # what TeacherTrainer.run does at a window's end (no checkpoint_dir here)
+                trainer.window_done()  # what TeacherTrainer.run does at a window's end (no checkpoint_dir here)
         if trainer.writer is not None:
             trainer.writer.commit_window()
             trainer.writer.flush()  # the last window's shard and marker are part of the cost

@@ -4,6 +4,11 @@ Only rank 0 tracks and prints; other ranks get no-ops, so trainers call these un
 the `rank` argument or, when it is None, from the `RANK` environment variable that torchrun and the deepspeed
 launcher set (0 when absent).
 
+A resumed job continues its W&B run: pass the `run_id` of the first attempt (`Tracker.run_id`, kept e.g. in a
+checkpoint) as `resume_id`, and W&B appends to that run (``resume="allow"``: a new run of that id if the server has
+none). Offline, each attempt gets its own ``offline-run-<time>-<id>`` directory with the same id, and `wandb sync`
+puts them into the one run. metrics.jsonl is opened for appending, so it continues too.
+
 W&B's own files go under the run directory (``run_dir/wandb/``), never the working directory; `WANDB_MODE` in the
 environment wins over the config (so ``WANDB_MODE=disabled make demo`` turns W&B off). W&B keeps a small log of its
 service process under ``~/.cache/wandb/logs`` whatever the mode; nothing else leaves the run directory. An offline
@@ -93,7 +98,8 @@ class Tracker:
     """
 
     def __init__(self, cfg: TrackingConfig, run_dir: str | Path, config: dict | None = None, name: str | None = None,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, resume_id: str | None = None) -> None:
+        """`resume_id`: the W&B run id of an earlier attempt of this job to continue (None: a new run)."""
         self.rank = _rank(rank)
         self.run_dir = Path(run_dir)
         self.mode = os.environ.get("WANDB_MODE") or cfg.mode
@@ -109,8 +115,14 @@ class Tracker:
             import wandb  # imported here: ~0.7 s, and not needed when tracking is off
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            resume = {"id": resume_id, "resume": "allow"} if resume_id else {}
             self._wandb = wandb.init(project=cfg.project, name=name or self.run_dir.name, dir=str(self.run_dir),
-                                     config=config or {}, mode=self.mode, reinit="finish_previous")
+                                     config=config or {}, mode=self.mode, reinit="finish_previous", **resume)
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id (what a resumed attempt passes as `resume_id`); None when W&B is off or on other ranks."""
+        return self._wandb.id if self._wandb is not None else None
 
     @property
     def wandb_dir(self) -> Path | None:

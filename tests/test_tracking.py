@@ -3,6 +3,7 @@
 import json
 import math
 import struct
+import time
 
 import pytest
 import torch
@@ -121,3 +122,28 @@ def test_progress_bar_on_rank0_and_manual_bar(capsys):
     quiet.close()
     assert capsys.readouterr().err == ""
     assert math.isclose(bar.n, 6)
+
+
+def test_resume_id_continues_the_wandb_run_and_metrics(tmp_path, monkeypatch):
+    """A second attempt of a job passes the first one's run id: the same W&B run id (offline: a second
+    offline-run-*-<id> directory, joined by `wandb sync`), and metrics.jsonl continues."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = Tracker(TrackingConfig(mode="offline"), tmp_path / "r")
+    first.log({"x": 0}, step=0)
+    run_id = first.run_id
+    first.finish()
+    fresh = Tracker(TrackingConfig(mode="offline"), tmp_path / "other")  # without resume_id: a new run
+    assert fresh.run_id != run_id
+    fresh.finish()
+    second = int(time.time())
+    while int(time.time()) == second:  # offline run directories are named to the second
+        time.sleep(0.05)
+    again = Tracker(TrackingConfig(mode="offline"), tmp_path / "r", resume_id=run_id)
+    assert again.run_id == run_id and again.wandb_dir.name.endswith(f"-{run_id}")
+    again.log({"x": 1}, step=1)
+    again.finish()
+    dirs = sorted((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert len(dirs) == 2 and all(d.name.endswith(f"-{run_id}") for d in dirs)
+    records, _ = read_metrics(tmp_path / "r")
+    assert [(r["step"], r["x"]) for r in records] == [(0, 0), (1, 1)]

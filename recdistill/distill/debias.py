@@ -48,3 +48,21 @@ def distill_pair(mode: DebiasMode, z_teacher: torch.Tensor, z_student: torch.Ten
     if mode == "exact":
         return to_sampled(to_true(z_teacher, teacher, traffic, num_traffic), student, traffic, num_traffic), z_student
     raise ValueError(f"unknown debias mode {mode!r}; allowed: {', '.join(MODES)}")
+
+
+def true_space(out: dict[str, torch.Tensor], kinds: dict[str, str], view: SamplingConfig, traffic: torch.Tensor,
+               num_traffic: int, continuous_loss: Literal["mse", "log_mse"] = "log_mse") -> dict[str, torch.Tensor]:
+    """A model's raw outputs per task -> what is evaluated, reported and served (DESIGN §4: always the true space).
+
+    Binary tasks: sigmoid(g(z)), g with `view`, the SamplingConfig the model was trained on. Continuous tasks are
+    not down-sampled by label, so no correction: the value itself, expm1(z) when the head was trained with log-MSE
+    (it predicts log1p of the value), z when trained with MSE. fp32 whatever the model's precision.
+    """
+    res = {}
+    for t, z in out.items():
+        z = z.float()
+        if kinds[t] == "binary":
+            res[t] = torch.sigmoid(to_true(z, view, traffic, num_traffic))
+        else:
+            res[t] = torch.expm1(z) if continuous_loss == "log_mse" else z
+    return res

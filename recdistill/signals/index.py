@@ -34,7 +34,12 @@ def take_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 class SignalIndex:
-    """Unique sample ids -> (logits, teacher_step); duplicates keep the row with the highest teacher_step.
+    """Unique sample ids -> (logits, teacher_step); duplicates keep the row with the lowest teacher_step.
+
+    The lowest step is the forward pass that first trained on the sample, before the teacher saw its label: the
+    out-of-sample prediction DESIGN §4 stores. A later row of the same id (a second epoch, a replay) was predicted
+    by a teacher that had already learnt that label. Which of two rows of an equal step stays is unspecified (a
+step writes one row per sample, so such rows are copies).
 
     Attributes (all in hash order, one entry per unique id): `ids` int64, `logits` float32 [n, T], `steps`
     int64, `finite` bool (all logits finite). `duplicates` counts rows superseded so far.
@@ -76,13 +81,13 @@ class SignalIndex:
 
     @staticmethod
     def _dedup(cols: list[np.ndarray]) -> int:
-        """Keep the highest-step row of each run of equal hashes (in place on `cols`); returns rows dropped."""
+        """Keep the lowest-step row of each run of equal hashes (in place on `cols`); returns rows dropped."""
         h, steps = cols[0], cols[3]
         same = np.flatnonzero(h[1:] == h[:-1])
         if same.size == 0:
             return 0
         involved = np.unique(np.concatenate([same, same + 1]))  # every row of a duplicated id (few, usually)
-        o = involved[np.lexsort((-steps[involved], h[involved]))]  # by id, newest step first
+        o = involved[np.lexsort((steps[involved], h[involved]))]  # by id, lowest (first-trained) step first
         first = np.ones(len(o), bool)
         first[1:] = h[o[1:]] != h[o[:-1]]
         keep = np.ones(len(h), bool)

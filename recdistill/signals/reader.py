@@ -6,12 +6,12 @@
 
 Reads both forms: the live store (Arrow IPC shards + commit markers) and a compacted store (Parquet partitions +
 _manifest.json, see compact.py). Duplicates (the same sample id in several rows, e.g. two ranks or two epochs)
-resolve to the highest teacher_step; rows with non-finite logits are never returned as found. Both are counted in
-`stats`. The join is a vectorised bucketed-hash lookup (signals/index.py, no Python dict): ~10M ids/s in
-batches of 64K against 10M stored rows on the shared 2-core dev machine, where a binary search over the sorted ids
-managed under 1M/s. A refresh merges the new windows into what is held (a sort of the new rows and an O(rows)
-merge, ~0.9 s for 1M new rows next to 9M held; the first load of 9M rows ~5 s). Memory: ~50 bytes per unique row
-(id, hash, 3 logits, step, finite flag, directory).
+resolve to the lowest teacher_step (the first training step's out-of-sample logit, DESIGN §4); rows with non-finite
+logits are never returned as found. Both are counted in `stats`. The join is a vectorised bucketed-hash lookup
+(signals/index.py, no Python dict): ~10M ids/s in batches of 64K against 10M stored rows on the shared 2-core dev
+machine, where a binary search over the sorted ids managed under 1M/s. A refresh merges the new windows into what is
+held (a sort of the new rows and an O(rows) merge, ~0.9 s for 1M new rows next to 9M held; the first load of 9M rows
+~5 s). Memory: ~50 bytes per unique row (id, hash, 3 logits, step, finite flag, directory).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class ReaderStats:
     """Counters of one reader (cumulative over lookups)."""
 
     rows: int = 0  # stored rows loaded (before de-duplication)
-    duplicates: int = 0  # rows superseded by a row of the same sample id with a higher teacher_step
+    duplicates: int = 0  # rows superseded by a row of the same sample id with a lower teacher_step
     non_finite_rows: int = 0  # stored unique rows whose logits are NaN or inf
     corrupt_shards: int = 0  # skipped with on_corrupt='skip'
     lookups: int = 0

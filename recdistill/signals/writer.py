@@ -113,7 +113,6 @@ class SignalWriter:
         self._thread = threading.Thread(target=self._serialize, name=f"signal-writer-{rank}", daemon=True)
         self._thread.start()
         self._closed = False
-        self._before_commit = None  # test hook: called after the shard is written, before its commit marker
 
     # ---- restart bookkeeping -------------------------------------------------------------------------------
     def _committed_windows(self) -> set[int]:
@@ -296,16 +295,19 @@ class SignalWriter:
         # a chunk may be read after this line, the trainer refills it at once.
         self._free.extend(chunks)
         atomic_write(self.fs, shard_path(self.root, window, self.rank), data)
-        if self._before_commit is not None:
-            self._before_commit(window)
         commit = Commit(window=window, rank=self.rank, rows=rows, checksum=checksum(data), nbytes=len(data),
                         step_min=steps[0], step_max=steps[1], meta=self.meta)
-        atomic_write(self.fs, commit_path(self.root, window, self.rank), commit.to_json().encode())
+        self._write_marker(commit)
         self.stats.rows_written += rows
         self.stats.bytes_written += data.size
         self.stats.windows_committed += 1
         if self.on_commit is not None:
             self.on_commit(commit, pa.ipc.open_file(data).read_all())  # zero-copy view of the shard's bytes
+
+    def _write_marker(self, commit: Commit) -> None:
+        """The last act of a commit (background thread, after the shard is on the store): the marker that makes
+        the window visible to readers. Until it is written the shard is an orphan the next writer removes."""
+        atomic_write(self.fs, commit_path(self.root, commit.window, self.rank), commit.to_json().encode())
 
 
 class _Chunk:

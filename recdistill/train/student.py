@@ -34,7 +34,7 @@ from recdistill.data.loader import BatchLoader
 from recdistill.data.roles import roles_for
 from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
-from recdistill.distill.debias import distill_pair, to_true
+from recdistill.distill.debias import distill_pair, true_space
 from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
 from recdistill.models.student import ServedStudent, StudentModel
 from recdistill.serve import EXAMPLE_BATCH, ServingSpec, export_served, load_served
@@ -221,13 +221,7 @@ class StudentTrainer:
 
     def _true_space(self, z: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         """Raw outputs -> what is evaluated and served: sigmoid(g(z)) for binary tasks, the value for continuous."""
-        out = {}
-        for t, v in z.items():
-            if self.kinds[t] == "binary":
-                out[t] = torch.sigmoid(to_true(v, self.view, batch.traffic, self.num_traffic))
-            else:
-                out[t] = torch.expm1(v) if self.s.continuous_loss == "log_mse" else v
-        return out
+        return true_space(z, self.kinds, self.view, batch.traffic, self.num_traffic, self.s.continuous_loss)
 
     # ---- evaluation and export ---------------------------------------------------------------------------------
     @torch.no_grad()

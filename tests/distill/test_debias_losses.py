@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recdistill.data.sampling import SamplingConfig, keep_mask
-from recdistill.distill.debias import MODES, distill_pair, to_sampled, to_true
+from recdistill.distill.debias import MODES, distill_pair, to_sampled, to_true, true_space
 from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
 
 TEACHER = SamplingConfig(name="t", r=0.5, q=1.0, b=0.0)
@@ -36,6 +36,20 @@ def test_each_mode_maps_teacher_logit_to_expected_value():
         torch.testing.assert_close(got_p, torch.tensor(pred), msg=f"prediction, mode={mode}")
     with pytest.raises(ValueError, match="unknown debias mode 'bogus'; allowed: none, teacher_debiased"):
         distill_pair("bogus", zt, zs, traffic, TEACHER, STUDENT, 2)
+
+
+def test_true_space_corrects_binary_tasks_and_keeps_continuous_values():
+    """What both trainers evaluate: sigmoid(g(z)) with the model's own view per traffic, continuous values as
+    expm1 (log-MSE heads) or unchanged (MSE heads), fp32 also for a bf16 model."""
+    z = {"ctr": torch.tensor([0.5, 0.5], dtype=torch.bfloat16), "watch": torch.tensor([1.0, 0.0])}
+    kinds, traffic = {"ctr": "binary", "watch": "continuous"}, torch.tensor([0, 1])
+    c_s = [math.log(0.1) - math.log(0.9) + 0.2, math.log(0.1) - math.log(0.5) + 0.2]
+    got = true_space(z, kinds, STUDENT, traffic, num_traffic=2)
+    assert got["ctr"].dtype == torch.float32
+    torch.testing.assert_close(got["ctr"], torch.sigmoid(0.5 + torch.tensor(c_s)))
+    torch.testing.assert_close(got["watch"], torch.tensor([math.e - 1, 0.0]))
+    mse = true_space(z, kinds, STUDENT, traffic, num_traffic=2, continuous_loss="mse")
+    torch.testing.assert_close(mse["watch"], z["watch"])
 
 
 def test_exact_mode_moves_bayes_teacher_into_bayes_student_space():

@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/, for helpers.py
 from helpers import META, ids_of, logits_of  # noqa: E402
 
+from recdistill.signals.schema import Commit  # noqa: E402
 from recdistill.signals.writer import SignalWriter  # noqa: E402
 
 STEPS, ROWS, WINDOW = 40, 2000, 2
@@ -28,13 +29,15 @@ def step_ids(step: int) -> torch.Tensor:
 
 def hang(uri: str, ready: pathlib.Path) -> None:
     w = SignalWriter(uri, 0, META)
+    marker = w._write_marker
 
-    def before_commit(window: int) -> None:
-        if window == 2:
-            ready.write_text(str(window))  # the shard is on disk, its commit marker is not
+    def hang_before_marker(commit: Commit) -> None:  # wraps the real marker write of this writer
+        if commit.window == 2:
+            ready.write_text(str(commit.window))  # the shard is on disk, its commit marker is not
             time.sleep(600)
+        marker(commit)
 
-    w._before_commit = before_commit
+    w._write_marker = hang_before_marker
     for win in range(3):
         w.begin_window(win)
         for s in range(win * 3, win * 3 + 3):

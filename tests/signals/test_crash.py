@@ -97,9 +97,9 @@ def test_interleavings_never_lose_or_duplicate_committed_rows(ops):
             w.close()
         else:
             if op == "crash_before_commit" and w.window is not None:
-                def die(window):
-                    raise Crash(f"killed after writing the shard of window {window}")
-                w._before_commit = die
+                def die(commit):  # in place of the marker write: the shard is on the store, its marker never
+                    raise Crash(f"killed after writing the shard of window {commit.window}")
+                w._write_marker = die
                 w.commit_window()
                 try:
                     w.flush()

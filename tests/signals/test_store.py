@@ -114,19 +114,19 @@ def _write_bad(tmp_path):
         w.close(commit=False)
 
 
-def test_duplicates_resolve_to_highest_step_and_non_finite_rejected(tmp_path):
+def test_duplicates_resolve_to_lowest_step_and_non_finite_rejected(tmp_path):
     uri = str(tmp_path / "s")
     with SignalWriter(uri, 0, META) as w:
         w.begin_window(0)
         w.write(torch.tensor([1, 2, 3]), torch.tensor([[1.0, 1.0], [2.0, 2.0], [float("nan"), 0.0]]), step=5)
         w.commit_window()
         w.begin_window(1)
-        w.write(torch.tensor([1]), torch.tensor([[9.0, 9.0]]), step=7)  # same sample, a later step
+        w.write(torch.tensor([1]), torch.tensor([[9.0, 9.0]]), step=7)  # same sample, a later step: loses
         w.commit_window()
     r = SignalReader(uri)
     logits, found = r.lookup(torch.tensor([1, 2, 3, 4]))
     assert found.tolist() == [True, True, False, False]
-    assert logits[0].tolist() == [9.0, 9.0]
+    assert logits[0].tolist() == [1.0, 1.0]  # the out-of-sample logit of the step that first trained on it
     assert r.stats.duplicates == 1 and r.stats.non_finite_rows == 1
     assert r.stats.rejected_non_finite == 1 and r.stats.missing == 1
     assert verify(uri) == [f"{uri}: 1 duplicate sample ids across committed shards",
@@ -275,22 +275,42 @@ def test_empty_store_finds_nothing():
     assert logits.shape == (2, 2) and not found.any() and r.stats.missing == 2 and r.windows == []
 
 
+@pytest.mark.parametrize("how", ["low_first", "high_first", "one_add"])
+def test_signal_index_keeps_the_lowest_step_of_a_duplicated_id(how):
+    """DESIGN §4: the stored logit is the first training step's (out-of-sample); a later row of the same id loses,
+    whether it is added before, after or together with the earlier one."""
+    from recdistill.signals.index import SignalIndex
+
+    ids, steps = np.array([7, 8, 7, 9, 7]), np.array([12, 3, 4, 5, 30])
+    logits = steps[:, None].astype(np.float32) / 10  # each row's logit names its step
+    index = SignalIndex(1)
+    if how == "one_add":
+        dropped = index.add(ids, logits, steps)
+    else:
+        parts = [np.array([1, 2]), np.array([0, 3, 4])]  # id 7 at step 4 / at steps 12 and 30
+        dropped = sum(index.add(ids[p], logits[p], steps[p]) for p in (parts if how == "low_first" else parts[::-1]))
+    assert dropped == index.duplicates == 2 and len(index) == 3
+    row = index.get(np.array([7, 8, 9]))
+    assert index.steps[row].tolist() == [4, 3, 5]
+    assert index.logits[row, 0].tolist() == pytest.approx([0.4, 0.3, 0.5])
+
+
 def test_signal_index_matches_a_dict_across_incremental_adds_and_duplicates():
     from recdistill.signals.index import SignalIndex
 
     rng = np.random.default_rng(0)
-    ref: dict[int, tuple[int, float]] = {}  # id -> (step, logit) of the newest row
+    ref: dict[int, tuple[int, float]] = {}  # id -> (step, logit) of the lowest-step row
     index, superseded = SignalIndex(1), 0
     for add in range(6):  # refreshes: each adds ids, some already held (older or newer rows), some repeated
         ids = np.concatenate([rng.integers(-(1 << 40), 1 << 40, 3000), np.arange(64) << 20,  # shared low bits
                               rng.choice(np.arange(-50, 50), 40)])
-        steps = rng.permutation(len(ids)) + add * 1000  # unique steps: "newest" is never a tie
+        steps = rng.permutation(len(ids)) + add * 1000  # unique steps: "lowest" is never a tie
         if add == 3:
-            steps -= 5000  # older than everything held: these rows lose every duplicate
+            steps -= 5000  # older than everything held: these rows win every duplicate
         logits = rng.standard_normal((len(ids), 1)).astype(np.float32)
         for i, st, v in zip(ids.tolist(), steps.tolist(), logits[:, 0].tolist(), strict=True):
             superseded += i in ref
-            if i not in ref or st > ref[i][0]:
+            if i not in ref or st < ref[i][0]:
                 ref[i] = (st, v)
         index.add(ids, logits, steps)
     assert len(index) == len(ref) and index.duplicates == superseded
@@ -328,7 +348,13 @@ def test_window_steps_commits_windows_as_steps_advance():
 def test_full_queue_blocks_write_until_the_serializer_catches_up():
     w = SignalWriter("memory://backpressure", 0, META, queue_size=2, handoff_rows=1)
     release = threading.Event()
-    w._before_commit = lambda window: release.wait(30)  # a slow store: the serializer is stuck in window 0
+    marker = w._write_marker
+
+    def slow_store(commit):  # the serializer is stuck in window 0's commit
+        release.wait(30)
+        marker(commit)
+
+    w._write_marker = slow_store
     w.begin_window(0)
     w.write(ids_of(0), logits_of(ids_of(0)), step=0)
     w.commit_window()
@@ -360,14 +386,14 @@ def test_refresh_merges_new_windows_and_resolves_duplicates_across_refreshes():
     w.flush()
     r = SignalReader(uri)
     w.begin_window(1)
-    w.write(torch.tensor([1, 3]), torch.tensor([[5.0, 5.0], [3.0, 3.0]]), step=9)  # id 1 again, newer
+    w.write(torch.tensor([1, 3]), torch.tensor([[5.0, 5.0], [3.0, 3.0]]), step=9)  # id 1 again, later: loses
     w.commit_window()
     w.begin_window(2)
-    w.write(torch.tensor([2]), torch.tensor([[0.0, 0.0]]), step=1)  # id 2 again, older: loses
+    w.write(torch.tensor([2]), torch.tensor([[0.0, 0.0]]), step=1)  # id 2 again, earlier: wins
     w.close()
     assert r.refresh() == 2 and r.refresh() == 0
     logits, found = r.lookup(torch.tensor([1, 2, 3]))
-    assert found.all() and logits[:, 0].tolist() == [5.0, 2.0, 3.0]
+    assert found.all() and logits[:, 0].tolist() == [1.0, 0.0, 3.0]
     assert r.stats.duplicates == 2 and r.stats.rows == 5 and r.windows == [0, 1, 2]
 
 

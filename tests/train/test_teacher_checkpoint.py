@@ -1,14 +1,14 @@
 """Crash and resume of the teacher under torchrun (2 gloo ranks, DMP row-wise + DeepSpeed ZeRO-2).
 
-Rank 1 SIGKILLs itself in the middle of a signal window (the trainer's RECDISTILL_TEST_KILL_AT hook: after the
-step's logits were queued, before its backward), torchrun fails, the same command is run again and resumes from
-the checkpoint taken after the last committed window. Then: every sample the teacher trained on (recomputed from
-the deterministic loader) has exactly one committed row; the windows committed before the crash are untouched
-(same marker bytes, same shard bytes and mtimes); and the resumed run ends bit-identical to a run without a crash
-(same eval predictions, same committed logits in every window). Exact equality holds because everything is
-deterministic on CPU: fixed data order, fp32, gloo's fixed reduction order, restored optimizer states (Adam in
-DeepSpeed's checkpoint, the fused RowWiseAdagrad momentum in DCP); a state left out of the checkpoint shows up as
-a mismatch in the windows after the resume.
+Rank 1 SIGKILLs itself in the middle of a signal window (tests/train/teacher_kill_at.py wraps a trainer method from
+the test side: after the step's logits were queued, before its backward), torchrun fails, the same command is run
+again and resumes from the checkpoint taken after the last committed window. Then: every sample the teacher trained
+on (recomputed from the deterministic loader) has exactly one committed row; the windows committed before the crash
+are untouched (same marker bytes, same shard bytes and mtimes); and the resumed run ends bit-identical to a run
+without a crash (same eval predictions, same committed logits in every window). Exact equality holds because
+everything is deterministic on CPU: fixed data order, fp32, gloo's fixed reduction order, restored optimizer states
+(Adam in DeepSpeed's checkpoint, the fused RowWiseAdagrad momentum in DCP); a state left out of the checkpoint shows
+up as a mismatch in the windows after the resume.
 
 The data is uneven (rank 0: 12 batches of 64, rank 1: 10, each day's last one partial), so the run takes 12 steps and
 rank 1 forwards filler batches at steps 10 and 11. Case `mid_window`: windows of 3, the kill at step 4 (window 1,
@@ -37,6 +37,7 @@ from recdistill.signals.schema import COMMITS
 from recdistill.train.checkpoint import LATEST, META, complete_checkpoints, step_name
 
 BS = 64
+KILL_AT = Path(__file__).with_name("teacher_kill_at.py")
 CASES = {"mid_window": (3, 4), "exhausted": (11, 11)}  # (signals.window_steps, step at which rank 1 is killed)
 
 
@@ -46,16 +47,17 @@ def sets(root: Path, window: int) -> list[str]:
             "teacher.checkpoint_every=1", "tracking.mode=disabled", "tracking.progress=false"]
 
 
-def teacher(root: Path, window: int, env: dict | None = None) -> subprocess.CompletedProcess:
+def teacher(root: Path, window: int, kill_at: tuple[int, int] | None = None) -> subprocess.CompletedProcess:
+    """The teacher under torchrun; `kill_at=(rank, step)`: through KILL_AT, which SIGKILLs that rank at that step."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "recdistill.train.teacher", "--config", "configs/teacher/tiny.yaml", "--summary", str(root / "sum"),
+    entry = [str(KILL_AT), f"{kill_at[0]}:{kill_at[1]}"] if kill_at else ["-m", "recdistill.train.teacher"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *entry,
+           "--config", "configs/teacher/tiny.yaml", "--summary", str(root / "sum"),
            "--eval-out", str(root / "eval.npz"), "--run-dir", str(root / "run"),
            *[a for s in sets(root, window) for a in ("--set", s)]]
-    base = {k: v for k, v in os.environ.items() if k != "RECDISTILL_TEST_KILL_AT"}
-    env = {**base, "WANDB_MODE": "disabled", **(env or {})}
+    env = {**os.environ, "WANDB_MODE": "disabled"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
 
 
@@ -89,8 +91,9 @@ def test_sigkill_then_resume_matches_a_run_without_crash(tmp_path, case):
     done = teacher(ref, window)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    killed = teacher(crash, window, env={"RECDISTILL_TEST_KILL_AT": f"1:{kill_step}"})
+    killed = teacher(crash, window, kill_at=(1, kill_step))
     assert killed.returncode != 0, "torchrun should fail when rank 1 is SIGKILLed"
+    assert "Signals.SIGKILL" in killed.stderr or "exitcode  : -9" in killed.stderr, killed.stderr[-3000:]
     before = store_state(crash / "sig")
     # Window 0 is committed by both ranks; window 1 (open at the kill) by neither: the surviving rank 0 fails in
     # the next collective and leaves without committing its partial window.
@@ -164,3 +167,34 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     assert [p.name for p in prune(tmp_path, keep=1)] == [step_name(3), step_name(4)]
     with pytest.raises(ValueError, match="keep=0"):
         prune(tmp_path, keep=0)
+
+
+def test_resumed_teacher_continues_its_wandb_run_and_metrics(tmp_path, monkeypatch):
+    """One process, the real entry point twice: 2 steps with a checkpoint, then teacher.steps=4 resumes from it.
+    The resumed run logs into the first run's directory (no --run-dir, no run name: the default directory has a
+    timestamp, the checkpoint names it), continues the same W&B run id, and appends to its metrics.jsonl."""
+    from recdistill.train.teacher import main
+
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(var, "1" if var == "WORLD_SIZE" else "0")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = tmp_path / "runs"
+    base = ["data.samples_per_day=300", "data.num_days=3", f"data.batch_size={BS}", "signals.window_steps=2",
+            f"signals.uri={tmp_path}/sig", f"teacher.checkpoint_dir={tmp_path}/ckpt", "teacher.log_every=1",
+            f"tracking.run_dir={runs}", "tracking.mode=offline", "tracking.progress=false"]
+    for steps in (2, 4):
+        argv = ["--config", "configs/teacher/tiny.yaml", "--summary", str(tmp_path / f"sum{steps}"),
+                *[a for s in [*base, f"teacher.steps={steps}"] for a in ("--set", s)]]
+        assert main(argv) == 0
+    assert json.loads((tmp_path / "sum4.rank0.json").read_text())["resumed_from_step"] == 2
+    (run_dir,) = runs.iterdir()  # the resumed run opened no directory of its own
+    run_id = json.loads((tmp_path / "ckpt" / step_name(4) / META).read_text())["tracking"]["wandb_run_id"]
+    assert run_id and json.loads((tmp_path / "ckpt" / step_name(2) / META).read_text())["tracking"] == {
+        "run_dir": str(run_dir.resolve()), "wandb_run_id": run_id}
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(d.name.endswith(f"-{run_id}") for d in offline), offline
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x.get("step", "summary") for x in lines] == [1, 2, "summary", 3, 4, "summary"]

@@ -87,7 +87,7 @@ def test_eval_predictions_are_true_space_with_the_teachers_own_correction(tmp_pa
     try:
         trainer = TeacherTrainer(cfg, info)
         trainer.run()
-        cols = trainer.predict(trainer.eval_days)
+        cols = trainer.evaluator.predict(trainer.dmp, trainer.eval_days)
         batch = trainer.source.read(trainer.eval_days[0], 0, 64)
         with torch.no_grad():
             raw = trainer.dmp(batch)
