@@ -76,15 +76,17 @@ def missing_ranks(found: list[Entry]) -> dict[int, list[int]]:
     return {w: sorted(ranks - have) for w, have in sorted(by_window.items()) if ranks - have}
 
 
-def verify(uri: str) -> list[str]:
-    """Every problem of a store, as messages naming the file (an empty list: healthy)."""
+def verify(uri: str, *, allow_empty: bool = False) -> list[str]:
+    """Every problem of a store, as messages naming the file (an empty list: healthy). A path with no committed
+    shard is a problem (a mistyped or never-written store) unless `allow_empty`: a writer that has not committed
+    yet leaves such a store, which is consistent though empty."""
     fs, root = fsspec.core.url_to_fs(uri)
     root = root.rstrip("/")
     try:
         form, _, found, problems = entries(uri)
     except SignalError as exc:
         return [str(exc)]
-    if not found:  # an empty or mistyped path is not a healthy store
+    if not found and not allow_empty:
         exists = fs.exists(root)
         return problems + [f"{uri}: {'no committed shard' if exists else 'no such signal store'} (a store holds "
                            "window=W/rank=R.arrow shards with _commits/ markers, or a compacted _manifest.json)"]

@@ -118,7 +118,7 @@ def test_interleavings_never_lose_or_duplicate_committed_rows(ops):
     logits, found = r.lookup(q)
     assert bool(found.all()), "a committed row was lost"
     torch.testing.assert_close(logits, logits_of(q))
-    assert verify(uri) == []
+    assert verify(uri, allow_empty=True) == []  # a run of flushes alone commits nothing
 
 
 def run_child(uri: str, ready: Path, mode: str) -> subprocess.Popen:
@@ -167,7 +167,7 @@ def test_sigkill_at_a_random_moment_then_restart_loses_and_duplicates_nothing(de
         proc = run_child(uri, ready, "steps")
         time.sleep(delay)
         kill(proc)
-        problems = verify(uri)  # a kill leaves at most orphans and temp files: nothing a reader would see
+        problems = verify(uri, allow_empty=True)  # a kill leaves at most orphans and temp files: nothing a reader would see
         assert all("orphan" in p or "temp file" in p for p in problems), problems
         before = SignalReader(uri)
         frozen = {p: p.read_bytes() for p in (d / "store").glob("window=*/rank=0.arrow")
