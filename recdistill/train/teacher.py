@@ -222,6 +222,7 @@ class TeacherTrainer:
             self.log.step(self, last_loss)
         if self.writer is not None:
             self.writer.commit_window()  # the last, partial window
+            self.writer.flush()  # its rows are on the store before the summary counts rows_written
         if self.checkpoints.enabled and self.steps > start and self.checkpoints.saved_step != self.steps:
             self.checkpoint()  # a finished run resumes as finished: nothing replayed
         secs = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from recdistill.data.sampling import keep_mask
 from recdistill.data.source import build_source
 from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import COMMITS
+from recdistill.tracking import read_metrics
 
 
 @pytest.mark.multiproc
@@ -85,3 +86,7 @@ def test_single_process_teacher_through_the_cli(tmp_path, monkeypatch):
     assert len(torch.cat(view)) % 50  # a partial last batch: padded, trained, written once
     assert reader.stats.duplicates == 0
     np.testing.assert_array_equal(np.sort(reader.sample_ids), np.sort(torch.cat(view).numpy()))
+    # the summary counts the rows of the last window too (it was read before the writer's final commit)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    _, summary = read_metrics(run_dir)
+    assert summary["signals/rows_written"] == len(reader.sample_ids)
