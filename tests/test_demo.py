@@ -11,8 +11,9 @@ from recdistill.cli import main
 from recdistill.signals.reader import SignalReader
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config", "configs/teacher/tiny.yaml", "--set", "data.num_days=3", "--set", "data.samples_per_day=6000",
-        "--set", "data.batch_size=128", "--set", "tracking.progress=false", "--set", "student.history_len=16",
+TINY = ["--config", str(ROOT / "configs" / "teacher" / "tiny.yaml"),  # absolute: tests run from any cwd
+        "--set", "data.num_days=3", "--set", "data.samples_per_day=6000", "--set", "data.batch_size=128",
+        "--set", "tracking.progress=false", "--set", "student.history_len=16",
         "--set", "data.world.num_users=400", "--set", "data.world.num_items=800"]
 
 
@@ -57,10 +58,8 @@ def test_demo_on_exported_parquet(tmp_path, monkeypatch):
     cwd (they once ran in the repo root: 'config file not found'), the shipped DeepSpeed JSON from the repo."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.chdir(tmp_path)
-    small = TINY[2:]
-    tiny = ["--config", str(ROOT / "configs" / "teacher" / "tiny.yaml"), *small]
-    assert main(["data", "export", "pq", "--view", "teacher", *small]) == 0
-    assert main(["demo", *tiny, "--set", "data.source=parquet", "--set", "data.path=pq",
+    assert main(["data", "export", "pq", "--view", "teacher", *TINY[2:]]) == 0
+    assert main(["demo", *TINY, "--set", "data.source=parquet", "--set", "data.path=pq",
                  "--set", "tracking.run_dir=runs", "--set", "tracking.run_name=p"]) == 0
     report = (tmp_path / "runs" / "p" / "report.md").read_text()
     assert "`teacher`: r=0.5" in report and "`student`: r=0.1" in report and "| distilled | ctr |" in report

@@ -36,6 +36,7 @@ from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import COMMITS
 from recdistill.train.checkpoint import LATEST, META, complete_checkpoints, step_name
 
+TINY_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "teacher" / "tiny.yaml")  # from any cwd
 BS = 64
 CASES = {"mid_window": (3, 4), "exhausted": (11, 11)}  # (signals.window_steps, step at which rank 1 is killed)
 
@@ -51,7 +52,7 @@ def teacher(root: Path, window: int, env: dict | None = None) -> subprocess.Comp
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "recdistill.train.teacher", "--config", "configs/teacher/tiny.yaml", "--summary", str(root / "sum"),
+           "-m", "recdistill.train.teacher", "--config", TINY_CONFIG, "--summary", str(root / "sum"),
            "--eval-out", str(root / "eval.npz"), "--run-dir", str(root / "run"),
            *[a for s in sets(root, window) for a in ("--set", s)]]
     base = {k: v for k, v in os.environ.items() if k != "RECDISTILL_TEST_KILL_AT"}
@@ -72,7 +73,7 @@ def store_state(sig: Path) -> dict[str, tuple]:
 
 def loader_batches(root: Path, window: int) -> list[list[np.ndarray]]:
     """Each rank's batches (sample ids) of its deterministic loader over the training days: what it must train."""
-    cfg = load_config("configs/teacher/tiny.yaml", sets(root, window))
+    cfg = load_config(TINY_CONFIG, sets(root, window))
     src = build_source(cfg.data)
     return [[b.sample_id.numpy() for b in BatchLoader(src, src.days()[:-1], BS, view=cfg.sampling.teacher, rank=r,
                                                        world_size=2, prefetch=0)] for r in range(2)]
