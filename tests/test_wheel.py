@@ -24,9 +24,14 @@ SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "recdistill
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def _call(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run without PYTHONPATH (it would put a checkout's recdistill before the wheel's)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = _call(cmd, cwd, timeout)
     tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{tail}"
     return proc
@@ -77,6 +82,8 @@ def test_wheel_help_and_config(installed):
     for command in ("demo", "experiment", "teacher", "student", "data", "signals", "config", "bench"):
         assert command in help_text
     assert "--set" in _run([cli, "demo", "--help"], cwd=work).stdout
+    bench = _call([cli, "bench", "data", "--quick"], cwd=work)
+    assert bench.returncode == 2 and "checkout" in bench.stderr  # the benchmark scripts are not in the wheel
     defaults = _run([cli, "config"], cwd=work).stdout
     assert "teacher:" in defaults and "  # " in defaults  # sections with their field descriptions
     demo = site / "recdistill" / "_shipped" / "configs" / "demo.yaml"
