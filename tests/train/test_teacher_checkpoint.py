@@ -79,6 +79,7 @@ def loader_batches(root: Path, window: int) -> list[list[np.ndarray]]:
                                                        world_size=2, prefetch=0)] for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("case", list(CASES))
 def test_sigkill_then_resume_matches_a_run_without_crash(tmp_path, case):

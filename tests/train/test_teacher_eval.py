@@ -30,6 +30,7 @@ SETS = ["data.samples_per_day=1200", "data.num_days=3", "data.batch_size=64", "s
         "sampling.teacher={name: teacher, r: 0.5, q_eff: [0.9, 0.6, 0.3]}"]  # a correction that varies by traffic
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_torchrun_eval_counts_every_eval_sample_once_and_logs(tmp_path):
     sets = [*SETS, f"signals.uri={tmp_path}/sig"]

@@ -26,6 +26,7 @@ from recdistill.signals.schema import COMMITS
 TINY_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "teacher" / "tiny.yaml")  # from any cwd
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("sharding,zero", [("row_wise", 3), ("table_wise", 2)])
 def test_torchrun_teacher_writes_one_row_per_trained_sample(tmp_path, sharding, zero):
