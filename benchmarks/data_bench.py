@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="result JSON path (default: benchmarks/results/data_gen-<cpu>.json)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's). The loader's jagged gathers run torch ops; on a "
-                        "busy machine 1 thread was 3-4x faster through BatchLoader than the default")
+                        "busy machine one thread avoids OpenMP barrier waits there (docs/LOG.md)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -52,11 +52,13 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from _common import RESULTS, cpu_name, write_result  # benchmarks/ is sys.path[0] when run as a script
+from teacher_scaling_plots import plot_all, plot_lr_selection, seed_runs
 
 from recdistill.config import load_config, save_config
 from recdistill.data.source import build_source
@@ -90,7 +92,7 @@ VARIANTS = {
     "data_r01": ("data_small", _view(0.1)),
 }
 # Seed repeats X_seedK: X with experiment.seed=K (training noise of each axis's end points; see seed_runs / run_sd in
-# summarise). The third seed at the dense end points: on the demo world that axis's gain is ~1-2 run-to-run sds.
+# summarise). A third seed at the dense end points: that axis's gain is small next to run-to-run noise (docs/LOG.md).
 for _name, _k in (("dense_small", 1), ("data_r01", 1), ("data_r025", 1), ("dense_large", 1), ("data_r1", 1),
                   ("dense_small", 2), ("dense_large", 2)):
     VARIANTS[f"{_name}_seed{_k}"] = (VARIANTS[_name][0], [*VARIANTS[_name][1], f"experiment.seed={_k}"])
@@ -145,7 +147,7 @@ def train_teacher(cfg_path: Path, run_dir: Path, nproc: int) -> tuple[dict, str 
 
 
 def snapshot_and_reexec() -> None:
-    """--from-head: run the committed code (a `git archive HEAD` in a temp dir, plus this script as it is), not a
+    """--from-head: run the committed code (a `git archive HEAD` in a temp dir, plus this bench as it is), not a
     shared working tree that other people edit while the grid runs; outputs still go to this checkout."""
     import shutil
     import subprocess
@@ -155,7 +157,8 @@ def snapshot_and_reexec() -> None:
     snap = Path(tempfile.mkdtemp(prefix="teacher-scaling-code-"))
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
-    shutil.copy2(Path(__file__).resolve(), snap / "benchmarks" / "teacher_scaling.py")
+    for script in ("teacher_scaling.py", "teacher_scaling_plots.py"):
+        shutil.copy2(Path(__file__).resolve().with_name(script), snap / "benchmarks" / script)
     argv = [a for a in sys.argv[1:] if a != "--from-head"]
     for i, a in enumerate(argv[:-1]):  # paths given relative to the caller's cwd, which is about to change
         if a in ("--run-dir", "--out", "--config"):
@@ -193,7 +196,8 @@ def paired_bootstrap(y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int, seed: 
     return float(np.std(diffs, ddof=1))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny world and history: a smoke test of the whole grid")
     p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
@@ -218,12 +222,38 @@ def main() -> None:
     p.add_argument("--select-seeds", type=int, default=2, help="seeds per (unit, lr) in the lr selection")
     p.add_argument("--select-only", action="store_true", help="stop after the lr selection (its result JSON has "
                    "'lr_selection' and no variants); a later --reuse run in the same --run-dir picks it up")
-    args = p.parse_args()
-    if args.from_head:
-        snapshot_and_reexec()
-    os.environ["WANDB_MODE"] = "disabled"
-    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(var, None)
+    return p.parse_args(argv)
+
+
+@dataclass
+class Plan:
+    """What the grid will run: its directory, the overrides every model gets, and the teacher variants as
+    (name, axis, overrides); `t_start` times the whole grid."""
+
+    root: Path
+    common: list[str]
+    variants: list[tuple[str, str, list[str]]]
+    t_start: float
+
+
+@dataclass
+class Base:
+    """The base student's run and the evaluation rows every model is scored on."""
+
+    source: object  # the DataSource of the world (its schema and, for the synthetic world, its components)
+    kinds: dict[str, str]
+    binary: list[str]
+    summary: dict
+    res: dict
+    seconds: float
+    preds: dict[str, np.ndarray]
+    ids: np.ndarray
+    comps: dict[str, np.ndarray] | None
+    capture: dict | None
+
+
+def plan_variants(args: argparse.Namespace) -> Plan:
+    """The variants to train (--only, --quick), the common overrides, the run directory; logs the plan."""
     common = [*COMMON, *(QUICK if args.quick else []), *args.overrides]
     only = set(args.only.split(",")) if args.only else None
     variants = [(n, a, QUICK_VARIANT.get(n, o) if args.quick else o) for n, (a, o) in VARIANTS.items()
@@ -231,99 +261,134 @@ def main() -> None:
     root = Path(args.run_dir or ROOT / "runs" / f"teacher_scaling-{time.strftime('%Y%m%d-%H%M%S')}")
     root.mkdir(parents=True, exist_ok=True)
     log(f"teacher_scaling: runs under {root}; variants {[n for n, _, _ in variants]}; common overrides {common}")
-    t_start = time.perf_counter()
+    return Plan(root, common, variants, time.perf_counter())
 
-    base_cfg = load_config(args.config, common)
+
+def train_base(args: argparse.Namespace, plan: Plan) -> Base:
+    """The base student (the student architecture, task loss only): the baseline, and the evaluation rows."""
+    base_cfg = load_config(args.config, plan.common)
     source = build_source(base_cfg.data)
     kinds = {t.name: t.kind for t in source.schema.tasks}
     binary = [k for k, v in kinds.items() if v == "binary"]
-
-    # -- base student: the student architecture, task loss only ------------------------------------------------
-    bcfg = load_config(args.config, [*common, *BASE_STUDENT])
-    save_config(bcfg, root / "base")
+    bcfg = load_config(args.config, [*plan.common, *BASE_STUDENT])
+    save_config(bcfg, plan.root / "base")
     log("base student: training")
     t0 = time.perf_counter()
-    base_sum = run_student(bcfg, root / "base", name="base", source=source)
-    base_secs = time.perf_counter() - t0
-    base_preds = load_preds(root / "base" / "base.eval_preds.npz")
-    ids = base_preds["sample_id"]
-    base_res = score(base_preds, kinds, ids)
+    summary = run_student(bcfg, plan.root / "base", name="base", source=source)
+    seconds = time.perf_counter() - t0
+    preds = load_preds(plan.root / "base" / "base.eval_preds.npz")
+    ids = preds["sample_id"]
+    res = score(preds, kinds, ids)
     comps = eval_components(source, ids)
-    base_capture = capture(base_preds, ids, comps)
-    log(f"base student: {base_secs:.0f} s, " + ", ".join(f"auc/{t} {base_res[f'auc/{t}']:.4f}" for t in binary))
+    log(f"base student: {seconds:.0f} s, " + ", ".join(f"auc/{t} {res[f'auc/{t}']:.4f}" for t in binary))
+    return Base(source, kinds, binary, summary, res, seconds, preds, ids, comps, capture(preds, ids, comps))
 
-    # -- dense lr per variant family (--lr-per), chosen on held-out training data (never the evaluation day) --
+
+def choose_lr(args: argparse.Namespace, plan: Plan, base: Base) -> dict | None:
+    """Select the dense lr per --lr-per unit on held-out training data (never the evaluation day) and give every
+    variant its unit's lr (plan.variants is updated); None without --lr-grid."""
     grid = [float(v) for v in args.lr_grid.split(",") if v.strip()]
-    selection = select_lr(args, root, common, variants, grid, kinds, binary) if grid else None
+    selection = select_lr(args, plan.root, plan.common, plan.variants, grid, base.kinds, base.binary) if grid else None
     if selection:
-        variants = [(n, a, [*o, f"teacher.lr={selection['chosen'][unit_name(o, variants, args.lr_per)]}"])
-                    for n, a, o in variants]
-    if args.select_only:
-        path = write_result("teacher_scaling", {**provenance(args, root, common), "select_only": True,
-                                                "lr_selection": selection}, args.quick, args.out)
-        if selection:
-            plot_lr_selection(path.with_name(path.stem + "-lr.png"), selection, binary)
-        log(f"teacher_scaling: lr selection only: {path}")
-        print(json.dumps({"result": str(path), "chosen": selection and selection["chosen"]}))
-        return
+        plan.variants = [(n, a, [*o, f"teacher.lr={selection['chosen'][unit_name(o, plan.variants, args.lr_per)]}"])
+                         for n, a, o in plan.variants]
+    return selection
 
-    # -- teachers ---------------------------------------------------------------------------------------------
-    out_rows, preds = {}, {}
-    for name, axis, over in variants:
-        cfg = load_config(args.config, [*common, *over])
-        run_dir = root / name
-        cfg_path, reusable = prepare_run(cfg, run_dir, args.reuse)
-        shape = {k: getattr(cfg.teacher, k) for k in ("emb_dim", "num_tokens", "d_model", "ffn_mult", "num_layers",
-                                                       "history_len", "merge_k", "longer_dim", "longer_layers",
-                                                       "recent_k", "lr")}
-        log(f"teacher {name} ({axis}): {over or 'demo config'}; r={cfg.sampling.teacher.r} q={cfg.sampling.teacher.q}")
-        t0 = time.perf_counter()
-        try:
-            if reusable:
-                log(f"teacher {name}: reusing {run_dir} (finished, same resolved config)")
-                summ, exit_note = json.loads((run_dir / "teacher.rank0.json").read_text()), "reused"
-            else:
-                summ, exit_note = train_teacher(cfg_path, run_dir, args.nproc)
-        except RuntimeError as exc:
-            log(f"teacher {name} failed: {exc}")
-            out_rows[name] = {"axis": axis, "overrides": over, "error": str(exc)[-2000:]}
+
+def write_selection(args: argparse.Namespace, plan: Plan, base: Base, selection: dict | None) -> None:
+    """--select-only: the lr selection's result document and plot, and the final JSON line."""
+    path = write_result("teacher_scaling", {**provenance(args, plan.root, plan.common), "select_only": True,
+                                            "lr_selection": selection}, args.quick, args.out)
+    if selection:
+        plot_lr_selection(path.with_name(path.stem + "-lr.png"), selection, base.binary)
+    log(f"teacher_scaling: lr selection only: {path}")
+    print(json.dumps({"result": str(path), "chosen": selection and selection["chosen"]}))
+
+
+def train_variant(args: argparse.Namespace, plan: Plan, base: Base, name: str, axis: str,
+                  over: list[str]) -> tuple[dict, dict | None]:
+    """Train (or, with --reuse, keep) one teacher variant and score it: (its result row, its eval predictions or
+    None when it failed)."""
+    cfg = load_config(args.config, [*plan.common, *over])
+    run_dir = plan.root / name
+    cfg_path, reusable = prepare_run(cfg, run_dir, args.reuse)
+    shape = {k: getattr(cfg.teacher, k) for k in ("emb_dim", "num_tokens", "d_model", "ffn_mult", "num_layers",
+                                                   "history_len", "merge_k", "longer_dim", "longer_layers",
+                                                   "recent_k", "lr")}
+    log(f"teacher {name} ({axis}): {over or 'demo config'}; r={cfg.sampling.teacher.r} q={cfg.sampling.teacher.q}")
+    t0 = time.perf_counter()
+    try:
+        if reusable:
+            log(f"teacher {name}: reusing {run_dir} (finished, same resolved config)")
+            summ, exit_note = json.loads((run_dir / "teacher.rank0.json").read_text()), "reused"
+        else:
+            summ, exit_note = train_teacher(cfg_path, run_dir, args.nproc)
+    except RuntimeError as exc:
+        log(f"teacher {name} failed: {exc}")
+        return {"axis": axis, "overrides": over, "error": str(exc)[-2000:]}, None
+    wall = time.perf_counter() - t0
+    preds = load_preds(run_dir / "teacher_eval.npz")
+    res = score(preds, base.kinds, base.ids)
+    row = {
+        "axis": axis, "overrides": over, "shape": shape, "sampling_teacher": cfg.sampling.teacher.model_dump(),
+        **dense_params(cfg, base.source.schema),
+        "steps": summ["steps"], "trained_samples": summ["trained_samples"], "train_seconds": summ["seconds"],
+        "samples_per_s": summ["samples_per_s"], "wall_seconds": wall, "final_loss": summ["loss"],
+        "trained_samples_all_ranks": sum(json.loads(f.read_text())["trained_samples"]
+                                         for f in run_dir.glob("teacher.rank*.json")),
+        "exit_note": exit_note,
+        "stream": {k[len("stream/"):]: v for k, v in summ.items() if k.startswith("stream/")},
+        "eval": {k: v for k, v in res.items() if k.split("/")[0] in ("auc", "ne", "bayes_auc", "bayes_ne")},
+        "capture_ctr": capture(preds, base.ids, base.comps),
+    }
+    log(f"teacher {name}: {summ['steps']} steps, {summ['trained_samples']} samples, {wall:.0f} s; "
+        + ", ".join(f"auc/{t} {res[f'auc/{t}']:.4f}" for t in base.binary)
+        + f"; elapsed {time.perf_counter() - plan.t_start:.0f} s")
+    return row, preds
+
+
+def train_variants(args: argparse.Namespace, plan: Plan, base: Base, selection: dict | None) -> tuple[dict, dict]:
+    """Every planned teacher in order, a partial result written after each (the grid may be cut short):
+    (rows by variant, eval predictions by variant that finished)."""
+    rows, preds = {}, {}
+    for name, axis, over in plan.variants:
+        rows[name], p = train_variant(args, plan, base, name, axis, over)
+        if p is None:
             continue
-        wall = time.perf_counter() - t0
-        preds[name] = load_preds(run_dir / "teacher_eval.npz")
-        res = score(preds[name], kinds, ids)
-        out_rows[name] = {
-            "axis": axis, "overrides": over, "shape": shape, "sampling_teacher": cfg.sampling.teacher.model_dump(),
-            **dense_params(cfg, source.schema),
-            "steps": summ["steps"], "trained_samples": summ["trained_samples"], "train_seconds": summ["seconds"],
-            "samples_per_s": summ["samples_per_s"], "wall_seconds": wall, "final_loss": summ["loss"],
-            "trained_samples_all_ranks": sum(json.loads(f.read_text())["trained_samples"]
-                                             for f in run_dir.glob("teacher.rank*.json")),
-            "exit_note": exit_note,
-            "stream": {k[len("stream/"):]: v for k, v in summ.items() if k.startswith("stream/")},
-            "eval": {k: v for k, v in res.items() if k.split("/")[0] in ("auc", "ne", "bayes_auc", "bayes_ne")},
-            "capture_ctr": capture(preds[name], ids, comps),
-        }
-        log(f"teacher {name}: {summ['steps']} steps, {summ['trained_samples']} samples, {wall:.0f} s; "
-            + ", ".join(f"auc/{t} {res[f'auc/{t}']:.4f}" for t in binary)
-            + f"; elapsed {time.perf_counter() - t_start:.0f} s")
-        # a partial result after every teacher: the grid may be cut short
-        res_json = summarise(args, root, common, base_sum, base_res, base_secs, out_rows, preds, ids, binary,
-                             base_preds, t_start, partial=True, base_capture=base_capture, lr_selection=selection)
+        preds[name] = p
+        res_json = summarise(args, plan, base, rows, preds, partial=True, lr_selection=selection)
         write_result("teacher_scaling", res_json, args.quick, args.out)
+    return rows, preds
 
-    res_json = summarise(args, root, common, base_sum, base_res, base_secs, out_rows, preds, ids, binary, base_preds,
-                         t_start, partial=False, base_capture=base_capture, lr_selection=selection)
+
+def report(args: argparse.Namespace, plan: Plan, base: Base, rows: dict, preds: dict, selection: dict | None) -> None:
+    """The final result document (with the bootstrap), its plots, and the one-JSON-object last line."""
+    res_json = summarise(args, plan, base, rows, preds, partial=False, lr_selection=selection)
     path = write_result("teacher_scaling", res_json, args.quick, args.out)
-    png = plot(path.with_suffix(".png"), res_json, binary)
-    if base_capture:
-        plot_capture(path.with_name(path.stem + "-capture.png"), res_json)
-    plot_axes(path.with_name(path.stem + "-axes.png"), res_json, binary[0])
-    if selection:
-        plot_lr_selection(path.with_name(path.stem + "-lr.png"), selection, binary)
-    log(f"teacher_scaling: {path}, {png}; {time.perf_counter() - t_start:.0f} s")
+    png = plot_all(path, res_json, base.binary, selection)
+    log(f"teacher_scaling: {path}, {png}; {time.perf_counter() - plan.t_start:.0f} s")
+    first = base.binary[0]
     print(json.dumps({"result": str(path), "plot": str(png), "checks": res_json["checks"],
-                      "auc": {n: r.get("eval", {}).get(f"auc/{binary[0]}") for n, r in res_json["variants"].items()},
-                      "base_auc": base_res[f"auc/{binary[0]}"], "bayes_auc": res_json["bayes"][f"auc/{binary[0]}"]}))
+                      "auc": {n: r.get("eval", {}).get(f"auc/{first}") for n, r in res_json["variants"].items()},
+                      "base_auc": base.res[f"auc/{first}"], "bayes_auc": res_json["bayes"][f"auc/{first}"]}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Plan the variants, train the base student, select the lr, train the teachers, summarise and plot."""
+    args = parse_args(argv)
+    if args.from_head:
+        snapshot_and_reexec()
+    os.environ["WANDB_MODE"] = "disabled"
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(var, None)
+    plan = plan_variants(args)
+    base = train_base(args, plan)
+    selection = choose_lr(args, plan, base)
+    if args.select_only:
+        write_selection(args, plan, base, selection)
+        return
+    rows, preds = train_variants(args, plan, base, selection)
+    report(args, plan, base, rows, preds, selection)
 
 
 def prepare_run(cfg, run_dir: Path, reuse: bool) -> tuple[Path, bool]:  # noqa: ANN001 - a Config
@@ -439,9 +504,12 @@ def capture(preds: dict[str, np.ndarray], ids: np.ndarray, comps: dict[str, np.n
     return {k: v for k, v in got.items() if not np.isnan(v)}
 
 
-def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, ids, binary, base_preds,  # noqa: ANN001
-              t_start, partial: bool, base_capture: dict | None = None, lr_selection: dict | None = None) -> dict:
+def summarise(args: argparse.Namespace, plan: Plan, base: Base, rows: dict, preds: dict, partial: bool,
+              lr_selection: dict | None = None) -> dict:
     """The result document: variants, deltas per axis against the reference, noise, checks."""
+    root, common, t_start = plan.root, plan.common, plan.t_start
+    base_sum, base_res, base_secs, base_preds = base.summary, base.res, base.seconds, base.preds
+    ids, binary, base_capture = base.ids, base.binary, base.capture
     world = load_config(args.config, common).data
     ref = preds.get("reference")
     y = {t: base_preds[f"label_{t}"].astype(bool) for t in binary}
@@ -514,124 +582,6 @@ def summarise(args, root, common, base_sum, base_res, base_secs, rows, preds, id
         "lr_selection": lr_selection,
         "variants": rows, "deltas_vs_reference": deltas, "axes": axes, "noise": noise, "checks": checks,
     }
-
-
-def plot(path: Path, res: dict, binary: list[str]) -> Path:
-    """AUC per model and task, the Bayes-optimal AUC as a dashed line."""
-    from recdistill.report import plot_bars
-
-    series = {"base (student)": [res["base"]["eval"][f"auc/{t}"] for t in binary]}
-    for name, r in res["variants"].items():
-        if "eval" in r:
-            series[name] = [r["eval"][f"auc/{t}"] for t in binary]
-    return plot_bars(path, binary, series, title="Teacher scaling: next-day AUC (unsampled eval day)",
-                     ylabel="AUC", ref={"Bayes-optimal": [res["bayes"][f"auc/{t}"] for t in binary]},
-                     value_fmt="{:.4f}")
-
-
-# per axis panel: x label, the variants on it, where a row keeps its x value, x log base, and side points that
-# are drawn but not on the line (dense_longer scales LONGER, the line is TokenMixer size)
-AXIS_PANELS = {
-    "(a) dense size": ("dense parameters (TokenMixer + LONGER + heads)",
-                       ["dense_small", "reference", "dense_large", "dense_longer"], lambda r: r["dense_params"], 10,
-                       {"dense_longer"}),
-    "(b) history length": ("history events", ["history_short", "reference"], lambda r: r["shape"]["history_len"],
-                           2, set()),
-    "(c) data: negative keep-rate r": ("r (every positive kept)", ["data_r01", "data_r025", "reference", "data_r1"],
-                                       lambda r: r["sampling_teacher"]["r"], 2, set()),
-}
-
-
-def seed_runs(name: str, names) -> list[str]:  # noqa: ANN001 - any iterable of variant names
-    """`name` and its seed repeats `name_seed1`, ... among `names` (name first if present)."""
-    return [n for n in names if n == name] + sorted(n for n in names if n.startswith(name + "_seed"))
-
-
-def plot_axes(path: Path, res: dict, task: str) -> Path:
-    """One panel per scaling axis: next-day AUC (every seed a dot, the seed mean a line) against the axis value;
-    the base student as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = {n: r for n, r in res["variants"].items() if "eval" in r}
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110, sharey=True)
-    for ax, (title, (xlabel, names, x_of, log_base, side)) in zip(axes, AXIS_PANELS.items(), strict=True):
-        pts = []
-        for n in names:
-            runs = seed_runs(n, rows)
-            if not runs:
-                continue
-            x = x_of(rows[runs[0]])
-            aucs = [rows[m]["eval"][f"auc/{task}"] for m in runs]
-            ax.scatter([x] * len(aucs), aucs, color="tab:blue", s=18, zorder=3)
-            pts.append((x, float(np.mean(aucs)), n))
-            if side or log_base == 10:
-                ax.annotate(n, (x, pts[-1][1]), textcoords="offset points", xytext=(4, 6), fontsize=7)
-        ax.set_xscale("log", base=log_base)
-        line = sorted(p for p in pts if p[2] not in side)
-        if line:
-            ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:blue", alpha=0.6)
-        ax.axhline(res["base"]["eval"][f"auc/{task}"], color="gray", linestyle="--", linewidth=1,
-                   label="base student")
-        ax.set(title=title, xlabel=xlabel)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"next-day AUC ({task}); Bayes {res['bayes'][f'auc/{task}']:.3f}")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Teacher scaling on the demo world (dots: seeds, line: seed mean)", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def plot_lr_selection(path: Path, sel: dict, binary: list[str]) -> Path:
-    """Held-out AUC against the dense lr, one panel per task, one line per selection unit (dots: seeds); the chosen
-    lr ringed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(binary), figsize=(5.5 * len(binary), 4), dpi=110, squeeze=False)
-    for ax, t in zip(axes[0], binary, strict=True):
-        for i, unit in enumerate(sel["units"]):
-            color = f"C{i}"
-            pts = [(r["lr"], r[f"val_auc/{t}"]) for r in sel["runs"] if r["unit"] == unit]
-            ax.scatter(*zip(*pts, strict=True), color=color, s=16)
-            means = [(lr, np.mean([a for x, a in pts if x == lr])) for lr in sel["grid"]]
-            ax.plot(*zip(*means, strict=True), color=color, label=unit)
-            best = sel["chosen"][unit]
-            ax.scatter([best], [dict(means)[best]], s=140, facecolors="none", edgecolors=color, linewidths=1.5)
-        ax.set_xscale("log")
-        ax.set(title=f"held-out day(s) {sel['held_out_days']}: {t}", xlabel="dense lr (Adam)", ylabel="AUC")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    unit = "variant family" if sel.get("per") == "variant" else "dense architecture"
-    fig.suptitle(f"Dense lr per {unit}, chosen on held-out training data (ring: chosen on the mean over tasks)",
-                 fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def plot_capture(path: Path, res: dict) -> Path:
-    """Per world component (x), the coefficient of each model's CTR logit on it (1 = follows that part of the
-    truth fully, 0 = blind to it): where a scaling axis's AUC came from, or why it did not move."""
-    from recdistill.report import plot_bars
-
-    models = {"base (student)": res["base"]["capture_ctr"]} | {
-        n: r["capture_ctr"] for n, r in res["variants"].items() if r.get("capture_ctr") and "_seed" not in n}
-    # 'recent' is left out of the plot (its sd is ~0.04 logit: the coefficient is unstable, it is in the JSON)
-    names = [k for k in next(iter(models.values())) if k not in ("r2", "recent")]
-    return plot_bars(path, [k.replace("_", "\n") for k in names],
-                     {m: [c.get(k, float("nan")) for k in names] for m, c in models.items()},
-                     title="What each model learned of the world (CTR logit ~ true components)",
-                     ylabel="coefficient (1 = fully followed)", ylim=(-0.3, 1.3), value_fmt="{:.2f}", figsize=(13, 4.5))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,7 @@ end, and each on-run's `SignalWriter.stats` (write_s: training-thread time insid
 training thread; serializer_cpu_s: the background thread).
 The last line of output is one JSON object.
 
-Measured (results/teacher_signal_overhead-amd-epyc.json, `--repeats 5 --steps 600`, tiny preset, batch 512, one
-thread, 2-core machine shared with other jobs at load ~3): on/off steps/s 19.47 / 19.58 = 0.994, CPU per step
-50.8 / 51.3 ms; the writer's own time is 0.1% of the wall clock (write_s ~0.03 s and serializer ~0.03 s per 30 s
-run), while identical runs differ by up to 15% (pair ratios 0.83-1.15): a 2% target is below this machine's noise,
-and a 3+3 run once gave 0.978. With 2 torch threads the same runs spread 1.8-20 steps/s (OpenMP barriers).
+The measured figures and what they say about this machine's noise: docs/RESULTS.md (Teacher) and docs/LOG.md.
 """
 
 from __future__ import annotations
@@ -118,8 +114,8 @@ def main() -> None:
     os.environ["WANDB_MODE"] = "disabled"
     cfg = load_config(args.config, overrides)
     # One intra-op thread by default: on a shared 2-core machine, a 2-thread OpenMP pool whose threads get
-    # descheduled by other jobs waits at every barrier (seen here: the same run 1.8 to 20 steps/s from minute to
-    # minute); torchrun gives each rank OMP_NUM_THREADS=1 for the same reason.
+    # descheduled by other jobs waits at every barrier, so the same run's speed swings several-fold from minute to
+    # minute (docs/LOG.md); torchrun gives each rank OMP_NUM_THREADS=1 for the same reason.
     torch.set_num_threads(args.threads)
     info = init_distributed()
     scratch = tempfile.mkdtemp(prefix="teacher-signal-bench-")

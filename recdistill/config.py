@@ -22,8 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from recdistill.errors import RecdistillError
 
-# the checkout (configs/, benchmarks/): shipped files and the demo config are found from here, whatever the cwd
+# the checkout (configs/, benchmarks/): shipped files and the demo config are found from here, whatever the cwd.
+# An installed wheel has no checkout around it; its configs/ ships inside the package (setup.py copies it there).
 ROOT = Path(__file__).resolve().parents[1]
+if not (ROOT / "configs").is_dir() and (Path(__file__).resolve().parent / "_shipped" / "configs").is_dir():
+    ROOT = Path(__file__).resolve().parent / "_shipped"
 
 MAX_HISTORY = 20_000
 #: Teacher presets: `teacher.preset: NAME` loads PRESETS/NAME.yaml underneath the user's own settings.

@@ -3,12 +3,18 @@
 Importable from every test file (pytest's `pythonpath` includes tests/).
 """
 
+from pathlib import Path
+
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.data.batch import Batch, History, Schema, TaskSpec, offsets_from_lengths
 from recdistill.data.sampling import SamplingConfig
 from recdistill.signals.schema import SignalMeta
+
+#: The checkout, and the tiny teacher preset by absolute path: tests pass from any working directory.
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(ROOT / "configs" / "teacher" / "tiny.yaml")
 
 SCHEMA = Schema(tasks=(TaskSpec("ctr"), TaskSpec("watch_time", "continuous")), dense=("d0", "d1"),
                 sparse={"user_id": 50, "item_id": 40, "item_cat": 7}, history={"item": 40, "cat": 7, "ts": 10**9},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from recdistill.config import ROOT
 
@@ -21,6 +22,11 @@ BENCHES = {
 def run_bench(args) -> int:  # noqa: ANN001 - argparse.Namespace
     """Run the named benchmark(s) in child processes, passing --quick through; first failure's code is returned."""
     names = list(BENCHES) if args.name == "all" else [args.name]
+    missing = [script for name in names for script in BENCHES[name] if not Path(script).is_file()]
+    if missing:  # an installed wheel ships configs/, not the benchmark scripts
+        print(f"recdistill bench: {missing[0]} not found; the benchmarks run from a checkout of the repository",
+              file=sys.stderr)
+        return 2
     for name in names:
         cmd = [sys.executable, *BENCHES[name], *(["--quick"] if args.quick else [])]
         print(f"bench {name}: {' '.join(cmd)}", flush=True)

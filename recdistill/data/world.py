@@ -61,7 +61,7 @@ SLOT_WIDTH = NUM_CONTEXT // NUM_SLOTS  # context ids per context slot: slot = co
 RECENT = 8  # events of session context in the ground truth
 TS0, EVENT_GAP_S = 1_600_000_000, 600  # history timestamps: timeline position j happens at TS0 + j * gap
 RHO, WALK_MEMORY = 0.8, 60  # popularity drift: day-to-day persistence, days of memory kept
-_EVENT_BLOCK = 1 << 16  # events per pass: the working set stays in cache (~2x faster than one pass over 6M events)
+_EVENT_BLOCK = 1 << 16  # events per pass: the working set stays in cache (faster than one pass over all events)
 _U32, _U16, _U8 = np.uint64(0xFFFFFFFF), np.uint32(0xFFFF), np.uint32(0xFF)
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from recdistill.cli import main
 from recdistill.data.parquet import ParquetSource
@@ -23,6 +24,7 @@ def recdistill(*args):
                           cwd=ROOT, timeout=300)
 
 
+@pytest.mark.multiproc
 def test_export_then_inspect_in_a_real_process(tmp_path, capsys):
     out = tmp_path / "pq"
     r = recdistill("data", "export", str(out), "--view", "student", "--days", "1", "--row-group-rows", "150", *SMALL)
@@ -44,6 +46,7 @@ def test_export_then_inspect_in_a_real_process(tmp_path, capsys):
     assert f"day 1: {n} rows, label means ctr={rate:.4f}" in text
 
 
+@pytest.mark.multiproc
 def test_config_and_argument_errors_exit_2_naming_the_key(tmp_path, capsys):
     r = recdistill("data", "export", str(tmp_path / "x"), "--set", "data.samples_per_dya=5")
     assert r.returncode == 2 and "unknown key 'data.samples_per_dya'" in r.stderr

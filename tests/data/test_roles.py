@@ -6,6 +6,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import TINY_CONFIG
 
 from recdistill.cli import main
 from recdistill.config import ConfigError, RolesConfig, load_config
@@ -20,7 +21,7 @@ RENAME = {"sparse_user_id": "sparse_user", "sparse_item_id": "sparse_item", "spa
           "hist_cat": "hist_genre"}
 ROLES = Roles(user="user", item="item", category="cat", hist_item="item", hist_category="genre", hist_action="action")
 SETS = ["data.roles.user=user", "data.roles.item=item", "data.roles.category=cat", "data.roles.hist_category=genre"]
-TINY = load_config("configs/teacher/tiny.yaml").teacher
+TINY = load_config(TINY_CONFIG).teacher
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def test_inspect_and_teacher_dry_run_show_the_roles(exported, capsys):
     assert main(["data", "inspect", str(exported / "bare")]) == 0
     out = capsys.readouterr().out
     assert "  item: missing" in out and "  hist_item: item (default: the conventional name)" in out
-    dry = ["teacher", "--dry-run", "--json", "--config", "configs/teacher/tiny.yaml", "--world-size", "2",
+    dry = ["teacher", "--dry-run", "--json", "--config", TINY_CONFIG, "--world-size", "2",
            "--set", "data.source=parquet", "--set", f"data.path={exported / 'bare'}"]
     assert main(dry) == 0
     captured = capsys.readouterr()
@@ -188,4 +189,4 @@ def test_trainers_build_their_models_with_the_resolved_roles(exported, tmp_path,
     assert trainer.model.hist_fields == ("item", "genre", "action")
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
     with pytest.raises(ConfigError, match="the teacher loses its candidate-item LONGER query"):
-        TeacherTrainer(load_config("configs/teacher/tiny.yaml", [*data, "data.roles.strict=true"]), info)
+        TeacherTrainer(load_config(TINY_CONFIG, [*data, "data.roles.strict=true"]), info)

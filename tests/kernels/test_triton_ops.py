@@ -193,6 +193,7 @@ def test_dispatch_auto_on_cuda_is_triton(monkeypatch):
                     torch.randn(2, 3, 4, device="cuda"))
 
 
+@pytest.mark.multiproc
 def test_package_import_does_not_import_triton():
     """A CPU-only install imports the ops (and runs the references) without Triton being imported."""
     code = ("import sys, torch; import kernels.token_mixer as a, kernels.compressed_attention as b; "

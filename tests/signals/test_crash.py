@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import fsspec
+import pytest
 import torch
 from helpers import META, ids_of, logits_of
 from hypothesis import HealthCheck, given, settings
@@ -136,6 +137,7 @@ def kill(proc: subprocess.Popen) -> None:
     assert proc.wait() in (-signal.SIGKILL, 0)  # 0: it finished before the kill landed
 
 
+@pytest.mark.multiproc
 def test_sigkill_between_data_and_commit(tmp_path):
     uri, ready = str(tmp_path / "store"), tmp_path / "ready"
     proc = run_child(uri, ready, "hang")
@@ -158,6 +160,7 @@ def test_sigkill_between_data_and_commit(tmp_path):
     assert verify(uri) == []
 
 
+@pytest.mark.multiproc
 @settings(max_examples=KILL_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.floats(0.0, 0.15))
 def test_sigkill_at_a_random_moment_then_restart_loses_and_duplicates_nothing(delay):
@@ -167,7 +170,7 @@ def test_sigkill_at_a_random_moment_then_restart_loses_and_duplicates_nothing(de
         proc = run_child(uri, ready, "steps")
         time.sleep(delay)
         kill(proc)
-        problems = verify(uri, allow_empty=True)  # a kill leaves at most orphans and temp files: nothing a reader would see
+        problems = verify(uri, allow_empty=True)  # a kill leaves at most orphans and temp files, nothing a reader sees
         assert all("orphan" in p or "temp file" in p for p in problems), problems
         before = SignalReader(uri)
         frozen = {p: p.read_bytes() for p in (d / "store").glob("window=*/rank=0.arrow")

@@ -31,6 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "row_wise"])

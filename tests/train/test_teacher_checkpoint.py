@@ -36,6 +36,7 @@ from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import COMMITS
 from recdistill.train.checkpoint import LATEST, META, complete_checkpoints, step_name
 
+TINY_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "teacher" / "tiny.yaml")  # from any cwd
 BS = 64
 KILL_AT = Path(__file__).with_name("teacher_kill_at.py")
 CASES = {"mid_window": (3, 4), "exhausted": (11, 11)}  # (signals.window_steps, step at which rank 1 is killed)
@@ -54,7 +55,7 @@ def teacher(root: Path, window: int, kill_at: tuple[int, int] | None = None) -> 
         port = sock.getsockname()[1]
     entry = [str(KILL_AT), f"{kill_at[0]}:{kill_at[1]}"] if kill_at else ["-m", "recdistill.train.teacher"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *entry,
-           "--config", "configs/teacher/tiny.yaml", "--summary", str(root / "sum"),
+           "--config", TINY_CONFIG, "--summary", str(root / "sum"),
            "--eval-out", str(root / "eval.npz"), "--run-dir", str(root / "run"),
            *[a for s in sets(root, window) for a in ("--set", s)]]
     env = {**os.environ, "WANDB_MODE": "disabled"}
@@ -74,12 +75,13 @@ def store_state(sig: Path) -> dict[str, tuple]:
 
 def loader_batches(root: Path, window: int) -> list[list[np.ndarray]]:
     """Each rank's batches (sample ids) of its deterministic loader over the training days: what it must train."""
-    cfg = load_config("configs/teacher/tiny.yaml", sets(root, window))
+    cfg = load_config(TINY_CONFIG, sets(root, window))
     src = build_source(cfg.data)
     return [[b.sample_id.numpy() for b in BatchLoader(src, src.days()[:-1], BS, view=cfg.sampling.teacher, rank=r,
                                                        world_size=2, prefetch=0)] for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("case", list(CASES))
 def test_sigkill_then_resume_matches_a_run_without_crash(tmp_path, case):
@@ -186,7 +188,7 @@ def test_resumed_teacher_continues_its_wandb_run_and_metrics(tmp_path, monkeypat
             f"signals.uri={tmp_path}/sig", f"teacher.checkpoint_dir={tmp_path}/ckpt", "teacher.log_every=1",
             f"tracking.run_dir={runs}", "tracking.mode=offline", "tracking.progress=false"]
     for steps in (2, 4):
-        argv = ["--config", "configs/teacher/tiny.yaml", "--summary", str(tmp_path / f"sum{steps}"),
+        argv = ["--config", TINY_CONFIG, "--summary", str(tmp_path / f"sum{steps}"),
                 *[a for s in [*base, f"teacher.steps={steps}"] for a in ("--set", s)]]
         assert main(argv) == 0
     assert json.loads((tmp_path / "sum4.rank0.json").read_text())["resumed_from_step"] == 2

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,11 +23,14 @@ from recdistill.data.world import SyntheticWorld
 from recdistill.distill.metrics import auc, ne
 from recdistill.tracking import read_metrics
 
+TINY_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "teacher" / "tiny.yaml")  # from any cwd
+
 SETS = ["data.samples_per_day=1200", "data.num_days=3", "data.batch_size=64", "signals.window_steps=4",
         "teacher.log_every=3", "tracking.mode=disabled",
         "sampling.teacher={name: teacher, r: 0.5, q_eff: [0.9, 0.6, 0.3]}"]  # a correction that varies by traffic
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_torchrun_eval_counts_every_eval_sample_once_and_logs(tmp_path):
     sets = [*SETS, f"signals.uri={tmp_path}/sig"]
@@ -34,13 +38,13 @@ def test_torchrun_eval_counts_every_eval_sample_once_and_logs(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "recdistill.train.teacher", "--config", "configs/teacher/tiny.yaml", "--summary",
+           "-m", "recdistill.train.teacher", "--config", TINY_CONFIG, "--summary",
            str(tmp_path / "sum"), "--eval-out", str(tmp_path / "eval.npz"), "--run-dir", str(tmp_path / "run"),
            *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    world = SyntheticWorld(load_config("configs/teacher/tiny.yaml", sets).data)
+    world = SyntheticWorld(load_config(TINY_CONFIG, sets).data)
     day = world.read(2, 0, 1200)
     order = np.argsort(day.sample_id.numpy())
     got = np.load(tmp_path / "eval.npz")
@@ -80,7 +84,7 @@ def test_eval_predictions_are_true_space_with_the_teachers_own_correction(tmp_pa
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.setenv(var, "1" if var == "WORLD_SIZE" else "0")
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = load_config("configs/teacher/tiny.yaml", [*SETS, "data.samples_per_day=300", "teacher.steps=2",
+    cfg = load_config(TINY_CONFIG, [*SETS, "data.samples_per_day=300", "teacher.steps=2",
                                                     f"signals.uri={tmp_path}/sig", f"tracking.run_dir={tmp_path}"])
     info = init_distributed()
     trainer = None

@@ -36,6 +36,7 @@ def args(tmp_path: Path) -> list[str]:
     return ["--summary", str(tmp_path / "sum"), *[a for s in sets for a in ("--set", s)]]
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_deepspeed_launcher_passes_local_rank_and_trains(tmp_path):
     deepspeed = ROOT / ".venv" / "bin" / "deepspeed"
@@ -49,6 +50,7 @@ def test_deepspeed_launcher_passes_local_rank_and_trains(tmp_path):
     check(tmp_path, proc)
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_torchrun_script_trains(tmp_path):
     env = {**os.environ, "NPROC": "2", "LOG_RANK": "0,1", "WANDB_MODE": "disabled"}

@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,10 @@ from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import COMMITS
 from recdistill.tracking import read_metrics
 
+TINY_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "teacher" / "tiny.yaml")  # from any cwd
 
+
+@pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("sharding,zero", [("row_wise", 3), ("table_wise", 2)])
 def test_torchrun_teacher_writes_one_row_per_trained_sample(tmp_path, sharding, zero):
@@ -35,11 +39,11 @@ def test_torchrun_teacher_writes_one_row_per_trained_sample(tmp_path, sharding, 
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "recdistill.train.teacher", "--config", "configs/teacher/tiny.yaml",
+           "-m", "recdistill.train.teacher", "--config", TINY_CONFIG,
            "--summary", str(tmp_path / "sum"), *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = load_config("configs/teacher/tiny.yaml", sets)
+    cfg = load_config(TINY_CONFIG, sets)
     batches = [[len(b) for b in BatchLoader(build_source(cfg.data), [0, 1], 64, view=cfg.sampling.teacher, rank=r,
                                             world_size=2, prefetch=0)] for r in range(2)]
     # the case this test is about: unequal batch counts and partial last batches (else it could not fail)
@@ -76,12 +80,12 @@ def test_single_process_teacher_through_the_cli(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)  # a lone process: no rendezvous
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.setenv(var, "1" if var == "WORLD_SIZE" else "0")  # restored after the test
-    code = main(["teacher", "--config", "configs/teacher/tiny.yaml", "--set", "data.samples_per_day=400",
+    code = main(["teacher", "--config", TINY_CONFIG, "--set", "data.samples_per_day=400",
                  "--set", "data.num_days=2", "--set", "data.batch_size=50", "--set", f"signals.uri={tmp_path}/s",
                  "--set", "tracking.mode=disabled", "--set", f"tracking.run_dir={tmp_path}/runs"])
     assert code == 0
     reader = SignalReader(str(tmp_path / "s"))
-    cfg = load_config("configs/teacher/tiny.yaml", ["data.samples_per_day=400", "data.num_days=2"])
+    cfg = load_config(TINY_CONFIG, ["data.samples_per_day=400", "data.num_days=2"])
     view = [b.sample_id for b in BatchLoader(build_source(cfg.data), [0], 50, view=cfg.sampling.teacher, prefetch=0)]
     assert len(torch.cat(view)) % 50  # a partial last batch: padded, trained, written once
     assert reader.stats.duplicates == 0
