@@ -10,7 +10,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.data.batch import Batch, History, Schema, TaskSpec, offsets_from_lengths
 from recdistill.data.sampling import SamplingConfig
-from recdistill.signals.schema import SignalMeta
+from recdistill.signals.schema import SignalMeta, shard_path
 
 #: The checkout, and the tiny teacher preset by absolute path: tests pass from any working directory.
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +62,9 @@ def write_oracle_signals(cfg, uri: str, *, window_steps: int = 4, corrupt: dict 
     """Write, through the real SignalWriter, what a perfect teacher would: logit(p_true) mapped into the teacher's
     sampled space, for every sample of the teacher's view of the training days (batches of data.batch_size).
 
-    `corrupt` = {window: 'garbage' | 'nan' | 'missing'}: that whole window is random N(0, 3) logits, NaN, or never
-    written. Returns {'rows': written, 'windows': n}.
+    `corrupt` = {window: 'garbage' | 'nan' | 'missing' | 'truncated'}: that whole window is random N(0, 3) logits,
+    NaN, never written, or committed and then cut in half on disk (a reader with signals.on_corrupt=skip skips its
+    shard). Returns {'rows': written, 'windows': n}.
     """
     from recdistill.data.loader import BatchLoader
     from recdistill.data.source import build_source
@@ -97,4 +98,7 @@ def write_oracle_signals(cfg, uri: str, *, window_steps: int = 4, corrupt: dict 
                 logits = torch.full_like(logits, float("nan"))
             w.write(b.sample_id, logits, step)
             rows += len(b)
+    for window in (w for w, kind in corrupt.items() if kind == "truncated" and w * window_steps < steps):
+        path = Path(shard_path(uri, window, 0))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return {"rows": rows, "windows": -(-steps // window_steps)}

@@ -48,6 +48,7 @@ class ReaderStats:
     duplicates: int = 0  # rows superseded by a row of the same sample id with a lower teacher_step
     non_finite_rows: int = 0  # stored unique rows whose logits are NaN or inf
     corrupt_shards: int = 0  # skipped with on_corrupt='skip'
+    corrupt_rows: int = 0  # rows their commit markers (or the manifest) vouched for: samples left without a signal
     lookups: int = 0
     missing: int = 0  # looked-up ids with no stored row
     rejected_non_finite: int = 0  # looked-up ids whose stored logits are not finite
@@ -154,6 +155,7 @@ class SignalReader:
             if self.on_corrupt == "raise":
                 raise SignalError(str(exc) if isinstance(exc, SignalError) else f"{path}: missing shard") from None
             self.stats.corrupt_shards += 1
+            self.stats.corrupt_rows += rows
             self.skipped.add(key)
             return None
         check_compatible(meta, path, tasks=self.tasks, teacher_version=self.teacher_version, reference=self.meta)

@@ -39,7 +39,7 @@ from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_s
 from recdistill.models.student import ServedStudent, StudentModel
 from recdistill.serve import EXAMPLE_BATCH, ServingSpec, export_served, load_served
 from recdistill.signals.reader import SignalReader
-from recdistill.tracking import Tracker, progress
+from recdistill.tracking import Tracker, console, progress
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,6 +73,8 @@ class SignalCounts:
     rejected_non_finite: int = 0
     rejected_batches: int = 0  # batches whose signals failed the quality gate
     rejected_batch_samples: int = 0
+    corrupt_shards: int = 0  # store shards skipped as corrupt (signals.on_corrupt=skip): their samples are missing
+    corrupt_rows: int = 0  # rows those shards held, by their commit markers
 
 
 class StudentTrainer:
@@ -112,6 +114,11 @@ class StudentTrainer:
         if self.reader.meta is None:
             raise FileNotFoundError(f"student.tower_loss={self.s.tower_loss} needs teacher signals, but {uri} has no "
                                     "committed signal shard (run the teacher first, or set student.signals_uri)")
+        self.counts.corrupt_shards = self.reader.stats.corrupt_shards
+        self.counts.corrupt_rows = self.reader.stats.corrupt_rows
+        if self.counts.corrupt_shards:
+            console(f"{self.name}: skipped {self.counts.corrupt_shards} corrupt signal shard(s) of {uri} "
+                    f"({self.counts.corrupt_rows} rows; signals.on_corrupt=skip): those samples train on labels only")
         meta = self.reader.meta
         self.teacher_view = meta.sampling  # the teacher's logits live in the space of the view it trained on
         # Distillation covers the binary tasks both sides have; continuous heads learn from labels only.

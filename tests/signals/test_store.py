@@ -153,6 +153,7 @@ def test_corrupt_shard_named_by_verify_reader_raises_or_skips(tmp_path, how, cap
         SignalReader(uri)
     r = SignalReader(uri, on_corrupt="skip")
     assert r.stats.corrupt_shards == 1 and r.windows == [0, 2]
+    assert r.stats.corrupt_rows == sum(len(ids_of(s)) for s in range(3, 6))  # window 1's rows, as committed
     assert not r.lookup(ids_of(3))[1].any() and r.lookup(ids_of(0))[1].all()
 
 

@@ -62,12 +62,13 @@ def test_every_student_sample_joins_a_signal_and_distillation_helps(tmp_path, ba
     assert summary["eval/aux/auc/ctr"] > base_auc  # the distilled tower itself learns from a perfect teacher
 
 
-@pytest.mark.parametrize("kind", ["garbage", "nan", "missing"])
+@pytest.mark.parametrize("kind", ["garbage", "nan", "missing", "truncated"])
 def test_a_broken_window_is_counted_and_the_served_tower_survives(tmp_path, base_auc, kind):
     # Three teacher windows of 8 steps (3 x 8 x 64 teacher samples, ~460 of them in the student's view, ~7
     # student batches). The gate judges whole student batches, so the batches at the edges of the broken span,
     # half good and half garbage, may pass it; the decoupled towers keep those away from the served tower.
-    summary, info = distilled(tmp_path, corrupt={1: kind, 2: kind, 3: kind}, window_steps=8)
+    skip = ["signals.on_corrupt=skip"] if kind == "truncated" else []  # the default refuses a corrupt store
+    summary, info = distilled(tmp_path, corrupt={1: kind, 2: kind, 3: kind}, window_steps=8, extra=skip)
     assert summary["train/steps"] > 10  # training went on through the broken windows
     counts = {k: summary[f"signals/{k}"] for k in ("missing", "rejected_non_finite", "rejected_batches")}
     if kind == "garbage":
@@ -76,6 +77,12 @@ def test_a_broken_window_is_counted_and_the_served_tower_survives(tmp_path, base
         assert counts["rejected_non_finite"] > 100 and counts["missing"] == 0
     else:
         assert counts["missing"] > 100 and counts["rejected_non_finite"] == 0
+    if kind == "truncated":  # the skipped shards are reported, not only seen as missing rows
+        broken = sum(w < info["windows"] for w in (1, 2, 3))  # windows that were written, then cut
+        assert broken >= 2 and summary["signals/corrupt_shards"] == broken
+        assert counts["missing"] <= summary["signals/corrupt_rows"]
+    else:
+        assert summary["signals/corrupt_shards"] == summary["signals/corrupt_rows"] == 0
     assert summary["signals/joined"] < summary["signals/looked_up"]
     assert summary["eval/auc/ctr"] >= base_auc - TOL, f"{kind} signals pulled the served tower down"
 
