@@ -55,6 +55,16 @@ step writes one row per sample, so such rows are copies).
         self.duplicates = 0
         self._build_table()
 
+    @classmethod
+    def from_unique(cls, ids: np.ndarray, logits: np.ndarray, steps: np.ndarray) -> SignalIndex:
+        """An index over rows that are already unique and in hash order (a saved segment of the on-disk index,
+        signals/bounded.py): no sort, only the hashes and the bucket directory are computed."""
+        ix = cls(logits.shape[1])
+        ix.h, ix.ids, ix.logits, ix.steps = _mix(ids), ids, logits, steps
+        ix.finite = np.isfinite(logits).all(axis=1)
+        ix._build_table()
+        return ix
+
     def __len__(self) -> int:
         return len(self.ids)
 

@@ -81,6 +81,12 @@ class SignalReader:
 
     def __init__(self, uri: str, *, tasks: list[str] | None = None, teacher_version: str | None = None,
                  windows: Iterable[int] | None = None, on_corrupt: str = "raise") -> None:
+        self._init_fields(uri, tasks=tasks, teacher_version=teacher_version, windows=windows, on_corrupt=on_corrupt)
+        self.refresh()
+
+    def _init_fields(self, uri: str, *, tasks: list[str] | None = None, teacher_version: str | None = None,
+                     windows: Iterable[int] | None = None, on_corrupt: str = "raise") -> None:
+        """Everything but the first refresh (open_reader lists a store's shards before choosing a reader)."""
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         self.fs, root = fsspec.core.url_to_fs(uri)
@@ -93,7 +99,6 @@ class SignalReader:
         self.loaded: set[tuple[int, int]] = set()  # (window, rank) shards read (or skipped as corrupt); rank -1:
         self.skipped: set[tuple[int, int]] = set()  # a compacted partition. Skipped: corrupt, on_corrupt='skip'
         self._index = SignalIndex(len(self.tasks or []))
-        self.refresh()
 
     @property
     def windows(self) -> list[int]:
@@ -110,8 +115,9 @@ class SignalReader:
     def _wanted(self, window: int) -> bool:
         return self.window_filter is None or window in self.window_filter
 
-    def _pending(self) -> list[tuple[str, str, int, str, tuple[int, int]]]:
-        """(path, checksum, rows, kind, key) of every wanted shard not read yet, committed ones only."""
+    def _pending(self) -> list[tuple[str, str, int, str, tuple[int, int], int]]:
+        """(path, checksum, rows, kind, key, number of tasks) of every wanted shard not read yet, committed ones
+        only, in (window, rank) order."""
         out = []
         self.fs.invalidate_cache(self.root)  # object-store filesystems cache listings; new commits must show up
         manifest = read_manifest(self.fs, self.root)
@@ -119,17 +125,19 @@ class SignalReader:
             for e in manifest["partitions"]:
                 key = (e["window"], -1)
                 if key not in self.loaded and self._wanted(e["window"]):
-                    out.append((f"{self.root}/{e['path']}", e["checksum"], e["rows"], "parquet", key))
-            return out
+                    out.append((f"{self.root}/{e['path']}", e["checksum"], e["rows"], "parquet", key,
+                                len(manifest["meta"].tasks)))
+            return sorted(out, key=lambda p: p[4])
         for name, commit in list_commits(self.fs, self.root, skip=self.loaded).items():
             if self._wanted(name[0]):
-                out.append((shard_path(self.root, *name), commit.checksum, commit.rows, "arrow", name))
-        return out
+                out.append((shard_path(self.root, *name), commit.checksum, commit.rows, "arrow", name,
+                            len(commit.meta.tasks)))
+        return sorted(out, key=lambda p: p[4])
 
     def refresh(self) -> int:
         """Load shards committed since the last refresh (a live teacher keeps committing: 1-to-N readers call
         this between batches); returns how many were added. Costs O(rows held) when something was added."""
-        loaded = [(args[4], self._load(*args)) for args in self._pending()]
+        loaded = [(args[4], self._load(*args[:5])) for args in self._pending()]
         parts = [p for _, p in loaded if p is not None]
         if parts:
             if len(self._index) == 0 and self._index.num_tasks != len(self.meta.tasks):
