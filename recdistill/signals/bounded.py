@@ -18,8 +18,8 @@ Why segments in teacher-step order and not one index sorted by hash: the student
 the teacher wrote its windows in step order, which is roughly day order, so consecutive student batches hit the
 same one or two segments. A lookup first tries the resident segments (a SignalIndex probe each, as fast as the
 in-memory reader); only ids found in none of them are routed (a binary search in the memory-mapped routing file of
-their hash range, mapped for that call only so its pages do not accumulate in the process) and their segments
-loaded, evicting the least recently used. A hash-sorted index spreads every batch over the whole store instead:
+their hash range, unmapped whenever the pages searches touched could reach an eighth of the budget) and their
+segments loaded, evicting the least recently used. A hash-sorted index spreads every batch over the whole store instead:
 with a store larger than memory each lookup becomes random I/O, far below the target join rate. The price of this
 layout: a query stream in random order (or ids absent from the store, e.g. a student view not nested in the
 teacher's) is routed batch after batch, slower than the in-memory reader.
@@ -38,7 +38,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -52,6 +52,7 @@ from recdistill.signals.schema import SignalMeta, check_compatible
 FORMAT = 1  # bump when the on-disk layout changes: old caches are then ignored
 _SPILL = np.dtype([("h", "<u8"), ("step", "<i8"), ("seg", "<i4"), ("row", "<i4")])
 _MANIFEST = "index.json"
+_COLUMNS = ("ids", "logits", "steps", "finite", "directory")  # the files of a segment, SignalIndex.from_unique's order
 
 
 def resident_bytes_per_row(num_tasks: int) -> int:
@@ -104,6 +105,9 @@ class BoundedSignalReader(SignalReader):
         self._segments: OrderedDict[int, SignalIndex] = OrderedDict()  # resident, least recently used first
         self._num_segments = 0
         self.segment_loads = 0  # segments read from disk so far (a cost figure for benchmarks and tests)
+        self._routes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # mapped routing files by hash range
+        self._route_pages = 0  # pages routing may have touched since the maps were last dropped
+        self._last_hit = -1  # the furthest segment (in store order) that answered part of the last lookup
         super().__init__(uri, tasks=tasks, teacher_version=teacher_version, windows=windows, on_corrupt=on_corrupt)
 
     # ---- building ----------------------------------------------------------------------------------------------
@@ -117,6 +121,7 @@ class BoundedSignalReader(SignalReader):
         shards = sorted(self._shards + new, key=lambda p: p[4])  # skipped shards are not in self._shards
         target = self.cache_root / self._key(shards)
         self._segments.clear()  # the old index's segments would count against the build's memory
+        self._routes, self._route_pages, self._last_hit = {}, 0, -1
         built = not (target / _MANIFEST).exists()
         if built:
             self._build(shards, target)
@@ -220,46 +225,69 @@ class BoundedSignalReader(SignalReader):
         """As SignalReader.lookup: raw teacher logits [B, T] (zeros where not found), found mask [B]."""
         q = sample_ids.detach().cpu().numpy().astype(np.int64, copy=False)
         num_tasks = len(self.meta.tasks) if self.meta is not None else len(self.tasks or [])
-        out = np.zeros((len(q), num_tasks), np.float32)
-        present, found = np.zeros(len(q), bool), np.zeros(len(q), bool)
+        res = (np.zeros((len(q), num_tasks), np.float32), np.zeros(len(q), bool), np.zeros(len(q), bool))
+        hits: dict[int, int] = {}
         todo = None  # None: every query (no index list on the common path)
-        for s in reversed(list(self._segments)):  # most recently used first
-            todo = self._probe(s, q, todo, out, present, found)
-            if todo is not None and todo.size == 0:
-                break
+        recent = list(reversed(self._segments))  # most recently hit first
+        # The segment after the furthest one the last batch hit comes second, loaded if need be (and the one after
+        # it, while guesses hit): a day-ordered student crossing into the next part of the store finds it there
+        # without routing every id.
+        order = deque(recent[:1] + [self._last_hit + 1] + recent[1:])
+        tried: set[int] = set()
+        while order and (todo is None or todo.size):
+            s = order.popleft()
+            guess = s not in self._segments
+            if s in tried or s >= self._num_segments or guess and (todo is None or todo.size * 8 <= len(q)):
+                continue  # a few ids left: loading a segment on a guess is dearer than routing them
+            tried.add(s)
+            before = len(q) if todo is None else todo.size
+            todo = self._probe(s, q, todo, res, hits)
+            if guess and todo.size < before:
+                order.appendleft(s + 1)
         if self._num_segments and (todo is None or todo.size):
             todo = np.arange(len(q)) if todo is None else todo
             seg = self._route(q[todo])
             for s in np.unique(seg[seg >= 0]):
-                self._probe(int(s), q, todo[seg == s], out, present, found)
+                self._probe(int(s), q, todo[seg == s], res, hits)
+        if hits:
+            self._last_hit = max(hits)
+        out, present, found = res
         self.stats.lookups += len(q)
         self.stats.missing += int((~present).sum())
         self.stats.rejected_non_finite += int((present & ~found).sum())
         dev = sample_ids.device
         return torch.from_numpy(out).to(dev), torch.from_numpy(found).to(dev)
 
-    def _probe(self, s: int, q: np.ndarray, todo: np.ndarray | None, out: np.ndarray, present: np.ndarray,
-               found: np.ndarray) -> np.ndarray:
-        """Look queries `todo` (None: all) up in segment `s`, filling the outputs; returns those not found."""
+    def _probe(self, s: int, q: np.ndarray, todo: np.ndarray | None, res: tuple, hits: dict[int, int]) -> np.ndarray:
+        """Look queries `todo` (None: all, and `res` still empty) up in segment `s`, filling `res` (logits, present,
+        found) and `hits`; returns the queries not found there."""
         ix = self._segment(s)
         row = ix.get(q if todo is None else q[todo])
         hit = row >= 0
-        at = np.flatnonzero(hit) if todo is None else todo[hit]
-        rows = row[hit]
-        present[at] = True
-        ok = np.take(ix.finite, rows)
-        found[at] = ok
-        out[at[ok]] = take_rows(ix.logits, rows[ok])
-        return np.flatnonzero(~hit) if todo is None else todo[~hit]
+        n = int(hit.sum())
+        if n:
+            self._segments.move_to_end(s)  # recency counts hits: probing a segment for nothing does not keep it
+            hits[s] = hits.get(s, 0) + n
+        if todo is None:  # every query: whole-array writes as the in-memory reader does (the common case)
+            row = np.where(hit, row, 0)
+            res[1][:] = hit
+            res[2][:] = hit & np.take(ix.finite, row)
+            res[0][:] = take_rows(ix.logits, row)
+            res[0][~res[2]] = 0.0
+            return np.flatnonzero(~hit)
+        if n:
+            at, rows = todo[hit], row[hit]
+            res[1][at] = True
+            ok = np.take(ix.finite, rows)
+            res[2][at] = ok
+            res[0][at[ok]] = take_rows(ix.logits, rows[ok])
+        return todo[~hit]
 
     def _segment(self, s: int) -> SignalIndex:
-        """Segment `s`, loaded if it is not resident, evicting the least recently used past half the budget."""
+        """Segment `s`, loaded if it is not resident, evicting the least recently hit past half the budget."""
         if s in self._segments:
-            self._segments.move_to_end(s)
             return self._segments[s]
-        d = self.index_dir
-        ix = SignalIndex.from_unique(np.load(d / f"seg-{s}.ids.npy"), np.load(d / f"seg-{s}.logits.npy"),
-                                     np.load(d / f"seg-{s}.steps.npy", mmap_mode="r"))
+        ix = SignalIndex.from_unique(*(np.load(self.index_dir / f"seg-{s}.{c}.npy", mmap_mode="r") for c in _COLUMNS))
         per_row = resident_bytes_per_row(ix.num_tasks)
         while self._segments and per_row * (len(ix) + sum(map(len, self._segments.values()))) > self.budget // 2:
             self._segments.popitem(last=False)
@@ -268,22 +296,37 @@ class BoundedSignalReader(SignalReader):
         return ix
 
     def _route(self, q: np.ndarray) -> np.ndarray:
-        """Segment of each queried id, -1 where the store does not hold it (routing files mapped for this call)."""
+        """Segment of each queried id, -1 where the store does not hold it (a binary search in the memory-mapped
+        routing file of its hash range)."""
         h = _mix(q)
-        part = (h >> np.uint64(64 - self._parts_bits)).astype(np.int64) if self._parts_bits else np.zeros(len(q),
-                                                                                                             np.int64)
+        order = np.argsort(h)  # sorted needles: each hash range is one slice, and the searches walk forward
+        hs, bits = h[order], self._parts_bits
+        bounds = np.searchsorted(hs, np.arange(1, 1 << bits, dtype=np.uint64) << np.uint64(64 - bits)) if bits else []
         seg = np.full(len(q), -1, np.int32)
-        for p in np.unique(part):
-            at = np.flatnonzero(part == p)
-            keys = np.load(self.index_dir / f"route-{p}.h.npy", mmap_mode="r")
-            if len(keys) == 0:
-                continue
-            pos = np.minimum(np.searchsorted(keys, h[at]), len(keys) - 1)
-            hit = np.asarray(keys[pos]) == h[at]
-            segs = np.load(self.index_dir / f"route-{p}.seg.npy", mmap_mode="r")
-            seg[at[hit]] = np.asarray(segs[pos[hit]])
-            del keys, segs  # unmapped now: the pages a search touched leave this process's resident set
+        lo = 0
+        for p, hi in enumerate([*bounds, len(q)]):
+            if hi > lo:
+                keys, segs = self._routing(p, hi - lo)
+                if len(keys):
+                    pos = np.minimum(np.searchsorted(keys, hs[lo:hi]), len(keys) - 1)
+                    hit = np.asarray(keys[pos]) == hs[lo:hi]
+                    seg[order[lo:hi][hit]] = np.asarray(segs[pos[hit]])
+            lo = hi
         return seg
+
+    def _routing(self, p: int, searches: int) -> tuple[np.ndarray, np.ndarray]:
+        """The mapped routing arrays of hash range `p`. The pages searches touch stay mapped, so they count in the
+        process's resident set: once the searches since the last unmapping may have touched an eighth of the budget
+        (sorted searches share the top of the search tree: s of them touch about s * log2(pages / s) pages, and
+        never more than the file), every map is dropped."""
+        if p not in self._routes:
+            self._routes[p] = (np.load(self.index_dir / f"route-{p}.h.npy", mmap_mode="r"),
+                               np.load(self.index_dir / f"route-{p}.seg.npy", mmap_mode="r"))
+        pages = len(self._routes[p][0]) * 12 // 4096 + 2
+        self._route_pages += min(pages, searches * (2 + int(np.log2(max(pages / searches, 1)))))
+        if self._route_pages * 4096 > self.budget // 8:
+            self._routes, self._route_pages = {p: self._routes[p]}, 0
+        return self._routes[p]
 
 
 def _save_segment(d: Path, seg: int, parts: list[tuple], num_tasks: int, spills: list, parts_bits: int) -> int:
@@ -334,10 +377,12 @@ def _drop_losers(d: Path, seg: int) -> int:
     rows with non-finite logits."""
     lost = np.fromfile(d / f"losers-{seg}.bin", np.int32)
     (d / f"losers-{seg}.bin").unlink()
-    names = [d / f"seg-{seg}.{c}.npy" for c in ("ids", "logits", "steps")]
+    cols = [np.load(d / f"seg-{seg}.{c}.npy") for c in _COLUMNS[:3]]
     if lost.size:
-        keep = np.ones(np.load(names[0], mmap_mode="r").shape[0], bool)
+        keep = np.ones(len(cols[0]), bool)
         keep[lost] = False
-        for name in names:
-            np.save(name, np.load(name)[keep])  # a deletion keeps hash order
-    return int((~np.isfinite(np.load(names[1])).all(axis=1)).sum())
+        cols = [c[keep] for c in cols]  # a deletion keeps hash order
+    ix = SignalIndex.from_unique(*cols)
+    for c, a in zip(_COLUMNS, (ix.ids, ix.logits, ix.steps, ix.finite, ix.directory), strict=True):
+        np.save(d / f"seg-{seg}.{c}.npy", a)
+    return int((~ix.finite).sum())
