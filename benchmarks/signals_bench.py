@@ -204,6 +204,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def rss_mb() -> float:
+    """The resident set now (Linux), file-backed mapped pages included."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def timed_join(reader: SignalReader, batches) -> dict:  # noqa: ANN001 - an iterable of tensors
     """Rows/s inside lookup over `batches`, by the wall clock and by this process's CPU time (on a machine shared
     with other work, CPU time is the nearer estimate of an idle machine's wall clock), and how many were found."""
@@ -219,25 +227,34 @@ def timed_join(reader: SignalReader, batches) -> dict:  # noqa: ANN001 - an iter
 def join_child(kind: str, uri: str, cfg: dict, out) -> None:  # noqa: ANN001 - a multiprocessing queue
     """One reader in a fresh process: peak RSS over the process's baseline (imports), open time, join rates."""
     torch.set_num_threads(1)
-    base = peak_rss_mb()
-    t0 = time.perf_counter()
 
-    def make() -> SignalReader:
+    def make(at: str) -> SignalReader:
         if kind == "in_memory":
-            return SignalReader(uri)
-        return BoundedSignalReader(uri, memory_mb=cfg["budget_mb"], cache_dir=cfg["cache"])
-    r = make()
-    res = {"open_s": time.perf_counter() - t0, "rss_after_open_mb": peak_rss_mb() - base}
+            return SignalReader(at)
+        return BoundedSignalReader(at, memory_mb=cfg["budget_mb"], cache_dir=f"{cfg['cache']}-{Path(at).name}")
+
+    # Warm-up on a one-window store: the code this reader runs (pages of numpy, torch and pyarrow libraries, the
+    # allocator's first arenas) is mapped in before the baseline, so the peak above it is the reader's data.
+    warm = make(cfg["warmup_uri"])
+    for b in (cfg["batch"], 65536):
+        timed_join(warm, student_stream(cfg["per_window"], cfg["per_window"], b, cfg["rate"]))
+    del warm
+    base = rss_mb()  # now, not the peak: the imports' transient peak would hide what the reader adds
+    t0 = time.perf_counter()
+    r = make(uri)
+    res = {"open_s": time.perf_counter() - t0, "open_peak_rss_mb": peak_rss_mb() - base}
     if kind != "in_memory":
         t0 = time.perf_counter()
-        r = make()  # a second student of the same store: the index is reused
+        r = make(uri)  # a second student of the same store: the index is reused
         res["reopen_s"] = time.perf_counter() - t0
     stored, pw = cfg["stored"], cfg["per_window"]
     for b in (cfg["batch"], 65536):
         res[f"student_batch{b}"] = timed_join(r, student_stream(stored, pw, b, cfg["rate"]))
+        res[f"student_batch{b}"]["peak_rss_mb_so_far"] = peak_rss_mb() - base
     rng = np.random.default_rng(2)
-    res["random_batch65536"] = timed_join(r, [torch.from_numpy(rng.integers(0, stored, 65536))
-                                              for _ in range(cfg["random"])])
+    res["random_batch65536"] = timed_join(r, (torch.from_numpy(rng.integers(0, stored, 65536))
+                                              for _ in range(cfg["random"])))
+    res["random_batch65536"]["peak_rss_mb_so_far"] = peak_rss_mb() - base
     res.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=base, reader_peak_rss_mb=peak_rss_mb() - base,
                stats=vars(r.stats), segment_loads=getattr(r, "segment_loads", None),
                segments=getattr(r, "_num_segments", None))
@@ -247,8 +264,9 @@ def join_child(kind: str, uri: str, cfg: dict, out) -> None:  # noqa: ANN001 - a
 def bounded_reader(d: Path, stored: int, per_window: int, budget_mb: float, random_batches: int) -> dict:
     uri = str(d / "day_ordered")
     write_day_ordered(uri, stored, per_window, per_window // 100)
+    write_day_ordered(str(d / "warmup"), per_window, per_window, 0)
     cfg = {"stored": stored, "per_window": per_window, "budget_mb": budget_mb, "cache": str(d / "index"),
-           "batch": 512, "rate": 0.5, "random": random_batches}
+           "batch": 512, "rate": 0.5, "random": random_batches, "warmup_uri": str(d / "warmup")}
     ctx, res = mp.get_context("spawn"), {}
     for kind in ("in_memory", "bounded"):
         q = ctx.Queue()
@@ -258,10 +276,12 @@ def bounded_reader(d: Path, stored: int, per_window: int, budget_mb: float, rand
         proc.join()
     for k in ("student_batch512", "student_batch65536", "random_batch65536"):
         assert res["bounded"][k]["found"] == res["in_memory"][k]["found"], k  # the same join
-    return {**{k: v for k, v in cfg.items() if k != "cache"}, **res,
+    return {**{k: v for k, v in cfg.items() if k not in ("cache", "warmup_uri")}, **res,
             "target_rows_per_s": 5e6,
-            "note": "each reader in its own spawned process; reader_peak_rss_mb = ru_maxrss minus the process's "
-                    "peak before the reader (interpreter, torch, pyarrow); batch 512 is data.batch_size"}
+            "note": "each reader in its own spawned process; reader_peak_rss_mb = ru_maxrss minus VmRSS before the "
+                    "reader was made (interpreter, libraries, and a warm-up of the same reader on a one-window "
+                    "store, so library code paged in is not counted); open_peak_rss_mb the same after the first open "
+                    "(the index build for the bounded reader); batch 512 is data.batch_size"}
 
 
 def header(q: bool, d: Path) -> dict:
@@ -290,8 +310,10 @@ def main() -> None:
     q = args.quick
     torch.set_num_threads(1)  # one core for the "trainer", one left for the writer thread
     d = Path(tempfile.mkdtemp(dir=args.dir))
-    bounded = {"stored": 2_000_000, "per_window": 100_000, "budget_mb": 16, "random_batches": 5} if q else {
-        "stored": 20_000_000, "per_window": 500_000, "budget_mb": 64, "random_batches": 20}
+    # windows of 25K rows: a teacher rank's window at the default 50 steps of 512 samples (a shard must be well
+    # under a segment of the budget)
+    bounded = {"stored": 2_000_000, "per_window": 25_000, "budget_mb": 16, "random_batches": 5} if q else {
+        "stored": 20_000_000, "per_window": 25_000, "budget_mb": 64, "random_batches": 20}
     try:
         res = header(q, d)
         if args.only == "all":

@@ -6,32 +6,37 @@
 Layout: an on-disk index built once per store state, under `cache_dir/<key>/` where the key hashes the committed
 shards' (window, rank, checksum, rows), the corrupt policy and the window filter:
 
-- **Segments**: the committed shards in (window, rank) order, cut into runs whose index fits a quarter of the
-  budget. Each segment is a SignalIndex (unique ids in hash order, logits, finite flags) saved as .npy files.
+- **Segments**: the committed shards in (window, rank) order, cut into runs small enough that indexing one fits
+  the budget and four resident ones fit half of it. Each is a SignalIndex (unique ids in hash order, logits,
+  finite flags, bucket directory) saved as .npy files and memory-mapped when used: loading one costs no hashing.
 - **Global de-duplication**: every row's (hash, teacher_step, segment, row) is spilled into hash-range files sized
   to the budget; each is sorted on its own, and every row but the lowest-step one of an id is removed from its
   segment. So an id lives in at most one segment, and a hit there is the final answer (DESIGN §4: the lowest step).
 - **Routing**: the winners' (hash, segment), sorted, one file per hash range: where to look for an id that is in no
   resident segment.
 
-Why segments in teacher-step order and not one index sorted by hash: the student reads its view day by day and
-the teacher wrote its windows in step order, which is roughly day order, so consecutive student batches hit the
-same one or two segments. A lookup first tries the resident segments (a SignalIndex probe each, as fast as the
-in-memory reader); only ids found in none of them are routed (a binary search in the memory-mapped routing file of
-their hash range, unmapped whenever the pages searches touched could reach an eighth of the budget) and their
-segments loaded, evicting the least recently used. A hash-sorted index spreads every batch over the whole store instead:
-with a store larger than memory each lookup becomes random I/O, far below the target join rate. The price of this
-layout: a query stream in random order (or ids absent from the store, e.g. a student view not nested in the
-teacher's) is routed batch after batch, slower than the in-memory reader.
+Why segments in teacher-step order and not one index sorted by hash: the student reads its view day by day and the
+teacher wrote its windows in step order, which is roughly day order, so consecutive student batches hit the same
+one or two segments. A lookup probes the segment the last batch hit, then the one after it (a day-ordered student
+crossing into the next part of the store), then the other resident ones; only ids found in none of them are routed
+(a binary search in the memory-mapped routing file of their hash range) and their segments mapped, evicting the
+least recently hit. A hash-sorted index spreads every batch over the whole store instead: with a store larger than
+memory each lookup becomes random I/O, far below the target join rate. The price of this layout: a query stream in
+random order (or many ids absent from the store, e.g. a student view not nested in the teacher's) is routed batch
+after batch, several times slower than the in-memory reader.
 
-Memory: at most half the budget in resident segments, the rest for building (one segment, one hash range) and
-lookups. One shard is the smallest unit read, so a budget below one shard's index is exceeded (a warning says so).
-`refresh()` rebuilds the index when new commits appear (O(store) time, bounded memory): an incremental merge would
-have to rewrite every segment that holds a row superseded by a lower-step one of the new shards.
+Memory (mapped pages count in the resident set, and leave it when a segment is evicted): at most half the budget
+in resident segments, an eighth in routing pages (every routing map is dropped when searches could have touched
+that much), the build one segment or one hash range at a time within the budget; on top, the lookup's own buffers,
+proportional to the batch. One shard is the smallest unit read, so a budget below one shard's index is exceeded (a
+warning says so). `refresh()` rebuilds the index when new commits appear (O(store) time, bounded memory): an
+incremental merge would have to rewrite every segment that holds a row superseded by a lower-step one of the new
+shards.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -52,18 +57,33 @@ from recdistill.signals.schema import SignalMeta, check_compatible
 FORMAT = 1  # bump when the on-disk layout changes: old caches are then ignored
 _SPILL = np.dtype([("h", "<u8"), ("step", "<i8"), ("seg", "<i4"), ("row", "<i4")])
 _MANIFEST = "index.json"
+_NONE = np.zeros(0, np.int64)  # no queries left
+_FAULT_BYTES = 64 << 10  # Linux maps up to 16 pages of a file around each fault (fault_around_bytes)
 _COLUMNS = ("ids", "logits", "steps", "finite", "directory")  # the files of a segment, SignalIndex.from_unique's order
 
 
 def resident_bytes_per_row(num_tasks: int) -> int:
-    """Bytes a loaded segment holds per unique row: id, hash, logits, finite flag, ~12 B of bucket directory
-    (2..4 int32 buckets per row). Teacher steps stay on disk (memory-mapped, never read by lookups)."""
-    return 8 + 8 + 4 * num_tasks + 1 + 12
+    """Bytes a resident (memory-mapped) segment can bring into memory per unique row: id, logits, finite flag,
+    ~12 B of bucket directory (2..4 int32 buckets per row). Teacher steps are mapped too but never read by
+    lookups."""
+    return 8 + 4 * num_tasks + 1 + 12
+
+
+def build_bytes_per_row(num_tasks: int) -> int:
+    """Peak bytes per row of indexing one segment (_save_segment): the shards' columns and their concatenation,
+    the sort's hashes, order and sorted copies, the bucket counts, the spill records."""
+    return 6 * (8 + 4 * num_tasks + 8) + 8 + 8 + 32 + 24
+
+
+def segment_bytes_per_row(num_tasks: int) -> int:
+    """Budget bytes per row of a segment: building one fits in the budget, and four resident fit in half of it."""
+    return max(build_bytes_per_row(num_tasks), 8 * resident_bytes_per_row(num_tasks))
 
 
 def store_bytes(rows: int, num_tasks: int) -> int:
-    """What the in-memory SignalReader holds for `rows` stored rows (teacher steps included), to pick a reader."""
-    return rows * (resident_bytes_per_row(num_tasks) + 8)
+    """What the in-memory SignalReader holds for `rows` stored rows (id, hash, logits, step, finite flag, bucket
+    directory), to pick a reader."""
+    return rows * (8 + 8 + 4 * num_tasks + 8 + 1 + 12)
 
 
 def default_cache_dir() -> str:
@@ -125,6 +145,7 @@ class BoundedSignalReader(SignalReader):
         built = not (target / _MANIFEST).exists()
         if built:
             self._build(shards, target)
+            _release_freed_heap()
         self._open(target, shards, built)
         return len(self.loaded - self.skipped) - before
 
@@ -134,7 +155,7 @@ class BoundedSignalReader(SignalReader):
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:24]
 
     def _segment_rows(self, num_tasks: int) -> int:
-        return max(1, self.budget // (4 * resident_bytes_per_row(num_tasks)))
+        return max(1, self.budget // segment_bytes_per_row(num_tasks))
 
     def _build(self, shards: list[tuple], target: Path) -> None:
         """Write the index of `shards` into a temporary directory and rename it to `target` (another process
@@ -227,13 +248,15 @@ class BoundedSignalReader(SignalReader):
         num_tasks = len(self.meta.tasks) if self.meta is not None else len(self.tasks or [])
         res = (np.zeros((len(q), num_tasks), np.float32), np.zeros(len(q), bool), np.zeros(len(q), bool))
         hits: dict[int, int] = {}
-        todo = None  # None: every query (no index list on the common path)
-        recent = list(reversed(self._segments))  # most recently hit first
+        todo, tried = None, set()  # todo None: every query (no index list on the common path)
+        if self._segments:  # the common case first: the segment the last batch hit answers every query
+            tried.add(next(reversed(self._segments)))
+            todo = self._probe(next(iter(tried)), q, todo, res, hits)
+        recent = list(reversed(self._segments))[1:] if todo is not None and todo.size else []  # most recent first
         # The segment after the furthest one the last batch hit comes second, loaded if need be (and the one after
         # it, while guesses hit): a day-ordered student crossing into the next part of the store finds it there
         # without routing every id.
-        order = deque(recent[:1] + [self._last_hit + 1] + recent[1:])
-        tried: set[int] = set()
+        order = deque([self._last_hit + 1] + recent if todo is None or todo.size else [])
         while order and (todo is None or todo.size):
             s = order.popleft()
             guess = s not in self._segments
@@ -274,7 +297,7 @@ class BoundedSignalReader(SignalReader):
             res[2][:] = hit & np.take(ix.finite, row)
             res[0][:] = take_rows(ix.logits, row)
             res[0][~res[2]] = 0.0
-            return np.flatnonzero(~hit)
+            return _NONE if n == len(q) else np.flatnonzero(~hit)
         if n:
             at, rows = todo[hit], row[hit]
             res[1][at] = True
@@ -318,15 +341,25 @@ class BoundedSignalReader(SignalReader):
         """The mapped routing arrays of hash range `p`. The pages searches touch stay mapped, so they count in the
         process's resident set: once the searches since the last unmapping may have touched an eighth of the budget
         (sorted searches share the top of the search tree: s of them touch about s * log2(pages / s) pages, and
-        never more than the file), every map is dropped."""
+        never more than the file; a page here is what one fault maps), every map is dropped."""
         if p not in self._routes:
             self._routes[p] = (np.load(self.index_dir / f"route-{p}.h.npy", mmap_mode="r"),
                                np.load(self.index_dir / f"route-{p}.seg.npy", mmap_mode="r"))
-        pages = len(self._routes[p][0]) * 12 // 4096 + 2
+        pages = len(self._routes[p][0]) * 12 // _FAULT_BYTES + 2
         self._route_pages += min(pages, searches * (2 + int(np.log2(max(pages / searches, 1)))))
-        if self._route_pages * 4096 > self.budget // 8:
+        if self._route_pages * _FAULT_BYTES > self.budget // 8:
             self._routes, self._route_pages = {p: self._routes[p]}, 0
         return self._routes[p]
+
+
+def _release_freed_heap() -> None:
+    """Give the build's freed memory back to the system. glibc keeps freed heap in the process (its mmap threshold
+    rises after large frees, so big numpy arrays end up on the heap), where it would stay in the resident set next
+    to the segments the lookups then map: build and lookups would add up to more than the budget."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _save_segment(d: Path, seg: int, parts: list[tuple], num_tasks: int, spills: list, parts_bits: int) -> int:

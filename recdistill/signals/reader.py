@@ -11,7 +11,8 @@ logits are never returned as found. Both are counted in `stats`. The join is a v
 (signals/index.py, no Python dict): ~10M ids/s in batches of 64K against 10M stored rows on the shared 2-core dev
 machine, where a binary search over the sorted ids managed under 1M/s. A refresh merges the new windows into what is
 held (a sort of the new rows and an O(rows) merge, ~0.9 s for 1M new rows next to 9M held; the first load of 9M rows
-~5 s). Memory: ~50 bytes per unique row (id, hash, 3 logits, step, finite flag, directory).
+~5 s). Memory: ~50 bytes per unique row (id, hash, 3 logits, step, finite flag, directory). A store larger than
+that allows is read by BoundedSignalReader (signals/bounded.py; `open_reader` picks by the configured budget).
 """
 
 from __future__ import annotations

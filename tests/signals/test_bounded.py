@@ -6,16 +6,20 @@ import torch
 from helpers import META, write_oracle_signals
 
 from recdistill.config import load_config
-from recdistill.signals.bounded import BoundedSignalReader, open_reader, resident_bytes_per_row
+from recdistill.signals.bounded import (
+    BoundedSignalReader,
+    open_reader,
+    resident_bytes_per_row,
+    segment_bytes_per_row,
+)
 from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import SignalError
 from recdistill.signals.writer import SignalWriter
 from recdistill.train.student import StudentTrainer
 
 ROWS = 64  # per step and rank
-# ~400 rows per segment (a quarter of the budget at 37 B/row for 2 tasks): the store below (~200 rows per shard,
-# 20 shards) is ~10 segments
-BUDGET_MB = 4 * 400 * resident_bytes_per_row(2) / 2**20
+# 400 rows per segment: the store below (~200 rows per shard, 20 shards) is ~10 segments
+BUDGET_MB = 400 * segment_bytes_per_row(2) / 2**20
 
 
 def logits_at(ids: torch.Tensor, step: int) -> torch.Tensor:
@@ -135,7 +139,7 @@ def test_student_joins_through_the_bounded_reader_as_through_the_in_memory_one(t
         return t, [t._signals(b) for b in t.loader(t.train_days, t.view)]
 
     mem, want = join([])
-    budget = 4 * 300 * resident_bytes_per_row(len(mem.reader.meta.tasks)) / 2**20  # ~300 rows per segment
+    budget = 300 * segment_bytes_per_row(len(mem.reader.meta.tasks)) / 2**20  # 300 rows per segment
     bounded, got = join([f"signals.reader_memory_mb={budget}", f"signals.reader_cache_dir={tmp_path / 'idx'}"])
     assert type(mem.reader) is SignalReader and isinstance(bounded.reader, BoundedSignalReader)
     assert bounded.reader._num_segments * 300 >= info["rows"] > 3 * 300
