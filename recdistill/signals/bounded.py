@@ -96,8 +96,8 @@ def open_reader(uri: str, *, memory_mb: float | None, cache_dir: str | None = No
     BoundedSignalReader with that budget (both join alike; `kw` as SignalReader's)."""
     if memory_mb is None:
         return SignalReader(uri, **kw)
-    probe = BoundedSignalReader.__new__(BoundedSignalReader)
-    SignalReader._init_fields(probe, uri, **kw)
+    probe = SignalReader.__new__(SignalReader)  # lists the committed shards without reading one
+    probe._init_fields(uri, **kw)
     pending = probe._pending()
     rows = sum(p[2] for p in pending)
     tasks = pending[0][5] if pending else 0
