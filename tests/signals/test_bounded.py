@@ -12,6 +12,7 @@ from recdistill.signals.bounded import (
     resident_bytes_per_row,
     segment_bytes_per_row,
 )
+from recdistill.signals.compact import compact
 from recdistill.signals.reader import SignalReader
 from recdistill.signals.schema import SignalError
 from recdistill.signals.writer import SignalWriter
@@ -116,6 +117,15 @@ def test_refresh_takes_new_commits_and_stays_equal(store, tmp_path):
         write_store(store, range(10, 12), rank=rank)
     assert got.refresh() == want.refresh() == 4 and got.refresh() == 0
     assert_same_join(got, want, query_stream(seed=1))
+
+
+def test_compacted_store(store, tmp_path):
+    dst = str(tmp_path / "compacted")
+    compact(store, dst)
+    # a compacted partition holds a window of both ranks (~400 rows): 1000-row segments
+    got = BoundedSignalReader(dst, memory_mb=1000 * segment_bytes_per_row(2) / 2**20, cache_dir=str(tmp_path / "c"))
+    assert got._num_segments >= 4
+    assert_same_join(got, SignalReader(dst), query_stream(seed=2))
 
 
 def test_open_reader_picks_by_store_size(store, tmp_path):
