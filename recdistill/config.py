@@ -309,6 +309,14 @@ class SignalsConfig(Section):
     queue_size: int = Field(8, ge=1, description="Bounded writer queue (batches); a full queue applies backpressure.")
     on_corrupt: Literal["raise", "skip"] = Field("raise", description="Reader policy for corrupt shards.")
     compact_uri: str | None = Field(None, description="Long-term URI for materialized (compacted) signals.")
+    reader_memory_mb: float | None = Field(
+        2048, gt=0, description="Memory budget of the student's signal join. A committed store whose in-memory "
+        "index (~50 B/row) fits is held in memory; a larger one is joined through an on-disk index built once "
+        "per store state (signals/bounded.py) that keeps the reader near this budget, whatever the store's size. "
+        "None: always in memory (the store must fit in RAM).")
+    reader_cache_dir: str | None = Field(None, description="Local directory of the on-disk signal indexes, one "
+                                         "per store state, safe to delete when no student runs (None: "
+                                         "<system temp dir>/recdistill-signal-index).")
 
 
 class StreamConfig(Section):

@@ -55,11 +55,36 @@ step writes one row per sample, so such rows are copies).
         self.duplicates = 0
         self._build_table()
 
+    @classmethod
+    def from_unique(cls, ids: np.ndarray, logits: np.ndarray, steps: np.ndarray, finite: np.ndarray | None = None,
+                    directory: np.ndarray | None = None) -> SignalIndex:
+        """An index over rows that are already unique and in hash order (a segment of the on-disk index,
+        signals/bounded.py): no sort. Given the `finite` flags and `directory` of a saved index, nothing is
+        computed (the arrays may be memory-mapped) and the index is read-only: it holds no hashes to merge by."""
+        ix = cls(logits.shape[1])
+        ix.ids, ix.logits, ix.steps = ids, logits, steps
+        ix.finite = np.isfinite(logits).all(axis=1) if finite is None else finite
+        if directory is None:
+            ix.h = _mix(ids)
+            ix._build_table()
+        else:
+            ix.h, ix._first = None, directory
+            ix._shift = np.uint64(64 - (len(directory) - 1).bit_length() + 1)  # len = 2**bits + 1
+        return ix
+
+    @property
+    def directory(self) -> np.ndarray:
+        """Where each hash bucket's rows start (and, last, where they end): saved with a segment, so that loading
+        it needs no hashing."""
+        return self._first
+
     def __len__(self) -> int:
         return len(self.ids)
 
     def add(self, ids: np.ndarray, logits: np.ndarray, steps: np.ndarray) -> int:
         """Merge rows in; returns how many rows (old or new) this superseded as duplicates."""
+        if self.h is None:
+            raise ValueError("a SignalIndex loaded from a saved directory is read-only")
         if len(ids) == 0:
             return 0
         h = _mix(ids)

@@ -11,7 +11,8 @@ logits are never returned as found. Both are counted in `stats`. The join is a v
 (signals/index.py, no Python dict): ~10M ids/s in batches of 64K against 10M stored rows on the shared 2-core dev
 machine, where a binary search over the sorted ids managed under 1M/s. A refresh merges the new windows into what is
 held (a sort of the new rows and an O(rows) merge, ~0.9 s for 1M new rows next to 9M held; the first load of 9M rows
-~5 s). Memory: ~50 bytes per unique row (id, hash, 3 logits, step, finite flag, directory).
+~5 s). Memory: ~50 bytes per unique row (id, hash, 3 logits, step, finite flag, directory). A store larger than
+that allows is read by BoundedSignalReader (signals/bounded.py; `open_reader` picks by the configured budget).
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ class SignalReader:
 
     def __init__(self, uri: str, *, tasks: list[str] | None = None, teacher_version: str | None = None,
                  windows: Iterable[int] | None = None, on_corrupt: str = "raise") -> None:
+        self._init_fields(uri, tasks=tasks, teacher_version=teacher_version, windows=windows, on_corrupt=on_corrupt)
+        self.refresh()
+
+    def _init_fields(self, uri: str, *, tasks: list[str] | None = None, teacher_version: str | None = None,
+                     windows: Iterable[int] | None = None, on_corrupt: str = "raise") -> None:
+        """Everything but the first refresh (open_reader lists a store's shards before choosing a reader)."""
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         self.fs, root = fsspec.core.url_to_fs(uri)
@@ -94,7 +101,6 @@ class SignalReader:
         self.loaded: set[tuple[int, int]] = set()  # (window, rank) shards read (or skipped as corrupt); rank -1:
         self.skipped: set[tuple[int, int]] = set()  # a compacted partition. Skipped: corrupt, on_corrupt='skip'
         self._index = SignalIndex(len(self.tasks or []))
-        self.refresh()
 
     @property
     def windows(self) -> list[int]:
@@ -111,8 +117,9 @@ class SignalReader:
     def _wanted(self, window: int) -> bool:
         return self.window_filter is None or window in self.window_filter
 
-    def _pending(self) -> list[tuple[str, str, int, str, tuple[int, int]]]:
-        """(path, checksum, rows, kind, key) of every wanted shard not read yet, committed ones only."""
+    def _pending(self) -> list[tuple[str, str, int, str, tuple[int, int], int]]:
+        """(path, checksum, rows, kind, key, number of tasks) of every wanted shard not read yet, committed ones
+        only, in (window, rank) order."""
         out = []
         self.fs.invalidate_cache(self.root)  # object-store filesystems cache listings; new commits must show up
         manifest = read_manifest(self.fs, self.root)
@@ -120,17 +127,19 @@ class SignalReader:
             for e in manifest["partitions"]:
                 key = (e["window"], -1)
                 if key not in self.loaded and self._wanted(e["window"]):
-                    out.append((f"{self.root}/{e['path']}", e["checksum"], e["rows"], "parquet", key))
-            return out
+                    out.append((f"{self.root}/{e['path']}", e["checksum"], e["rows"], "parquet", key,
+                                len(manifest["meta"].tasks)))
+            return sorted(out, key=lambda p: p[4])
         for name, commit in list_commits(self.fs, self.root, skip=self.loaded).items():
             if self._wanted(name[0]):
-                out.append((shard_path(self.root, *name), commit.checksum, commit.rows, "arrow", name))
-        return out
+                out.append((shard_path(self.root, *name), commit.checksum, commit.rows, "arrow", name,
+                            len(commit.meta.tasks)))
+        return sorted(out, key=lambda p: p[4])
 
     def refresh(self) -> int:
         """Load shards committed since the last refresh (a live teacher keeps committing: 1-to-N readers call
         this between batches); returns how many were added. Costs O(rows held) when something was added."""
-        loaded = [(args[4], self._load(*args)) for args in self._pending()]
+        loaded = [(args[4], self._load(*args[:5])) for args in self._pending()]
         parts = [p for _, p in loaded if p is not None]
         if parts:
             if len(self._index) == 0 and self._index.num_tasks != len(self.meta.tasks):

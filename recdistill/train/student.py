@@ -38,7 +38,7 @@ from recdistill.distill.debias import distill_pair, true_space
 from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
 from recdistill.models.student import ServedStudent, StudentModel
 from recdistill.serve import EXAMPLE_BATCH, ServingSpec, export_served, load_served
-from recdistill.signals.reader import SignalReader
+from recdistill.signals.bounded import open_reader
 from recdistill.tracking import Tracker, console, progress
 
 
@@ -110,7 +110,9 @@ class StudentTrainer:
 
     def _open_signals(self) -> None:
         uri = self.s.signals_uri or self.cfg.signals.uri
-        self.reader = SignalReader(uri, on_corrupt=self.cfg.signals.on_corrupt)
+        sig = self.cfg.signals
+        self.reader = open_reader(uri, memory_mb=sig.reader_memory_mb, cache_dir=sig.reader_cache_dir,
+                                  on_corrupt=sig.on_corrupt)
         if self.reader.meta is None:
             raise FileNotFoundError(f"student.tower_loss={self.s.tower_loss} needs teacher signals, but {uri} has no "
                                     "committed signal shard (run the teacher first, or set student.signals_uri)")
