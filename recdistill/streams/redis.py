@@ -146,6 +146,21 @@ class RedisStream(Stream):
     def poll(self, max_rows: int, timeout: float = 0.0) -> tuple[pa.Table | None, Cursor]:
         """Own pending entries first (after a restart), then idle entries of others (XAUTOCLAIM), then new ones."""
         self._ensure_group()
+        try:
+            return self._poll(max_rows, timeout)
+        except StreamError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            # The server lost the group (a crash inside the AOF fsync window, or a flush): recreate it from the
+            # start of the stream. At-least-once holds; the rows already consumed come again and are dropped as
+            # duplicates downstream.
+            log.warning("stream %s: consumer group %s is gone on the server; recreated from the start",
+                        self.name, self.group)
+            self._group_ready, self._recovering = False, False
+            self._ensure_group()
+            return self._poll(max_rows, timeout)
+
+    def _poll(self, max_rows: int, timeout: float) -> tuple[pa.Table | None, Cursor]:
         # XREADGROUP's COUNT is per stream key: spread the entries the caller asked for over the partitions.
         count = max(1, -(-max_rows // (self.entry_rows * self.partitions)))
         with self._server("poll"):

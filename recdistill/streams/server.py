@@ -70,16 +70,17 @@ class RedisServer:
         """Start the server and wait until it answers PING (it has loaded its AOF by then)."""
         import redis
 
+        Path(self.dir).mkdir(parents=True, exist_ok=True)
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "", "--daemonize", "no",
                 "--protected-mode", "yes", "--logfile", str(Path(self.dir) / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
-                raise StreamError(f"redis-server on port {self.port} exited with {self.proc.returncode}: {err}")
+                raise StreamError(f"redis-server on port {self.port} exited with {self.proc.returncode}: "
+                                  f"{self.log_tail()}")
             try:
                 if client.ping():
                     client.close()
@@ -89,6 +90,14 @@ class RedisServer:
                     self.kill()
                     raise StreamError(f"redis-server on port {self.port} did not answer within {timeout} s") from None
                 time.sleep(0.02)
+
+    def log_tail(self, lines: int = 5) -> str:
+        """The last lines of the server's log (where it says why it stopped), joined with ' | '."""
+        try:
+            text = (Path(self.dir) / "redis.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return " | ".join(text.strip().splitlines()[-lines:])
 
     def kill(self) -> None:
         """SIGKILL the server (what a crash looks like) and reap it."""
@@ -108,8 +117,6 @@ class RedisServer:
     def close(self) -> None:
         """Stop the server and delete its directory if this object created it."""
         self.stop()
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
