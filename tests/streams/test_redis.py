@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from recdistill.streams.base import DuplicateFilter, column_np
-from recdistill.streams.redis import RedisStream
+from recdistill.streams.redis import RedisStream, encode
 from recdistill.streams.server import RedisServer
 
 
@@ -40,7 +40,6 @@ def test_malformed_entry_is_dead_lettered_and_consumption_goes_on(redis_server, 
     s.append(sample_rows(0, 50))
     bad_id = s.client.xadd(s.keys[0], {"b": b"not arrow at all", "n": 7}).decode()
     no_keys = pa.table({"sample_id": [1]})  # valid Arrow, but without the key columns
-    from recdistill.streams.redis import encode
     nokey_id = s.client.xadd(s.keys[0], {"b": encode(no_keys), "n": 1}).decode()
     s.append(sample_rows(50, 100))
     got = []
