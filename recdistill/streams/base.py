@@ -180,61 +180,55 @@ def as_table(batch: pa.RecordBatch | pa.Table) -> pa.Table:
 
 
 class IdWindow:
-    """Sample ids seen recently, with one small integer flag each, in bounded memory.
+    """Sample ids seen recently, in bounded memory: a set with vectorised lookups and eviction by event time.
 
     Ids are kept in sorted chunks, each tagged with the largest event time among its rows; `evict(before)` drops
-    chunks whose rows are all older than `before` (the caller passes watermark minus its dedup horizon). Lookups are
-    vectorised (`np.searchsorted` per chunk); chunks are merged when there are more than `max_chunks`, so a lookup
-    costs a few binary searches, not a Python loop over rows.
+    chunks whose rows are all older than `before` (the caller passes watermark minus its dedup horizon). A lookup is
+    one `np.searchsorted` per chunk; chunks are merged when there are more than `max_chunks`, the newer half into
+    one, so older chunks can still be evicted whole.
     """
 
     def __init__(self, max_chunks: int = 8) -> None:
         self.max_chunks = max_chunks
-        self._chunks: list[tuple[np.ndarray, np.ndarray, int]] = []  # (sorted ids, flags, max event time)
+        self._chunks: list[tuple[np.ndarray, int]] = []  # (sorted ids, max event time)
 
     def __len__(self) -> int:
         return sum(len(c[0]) for c in self._chunks)
 
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
-        """Flag of each id, or -1 where the id is not in the window."""
-        out = np.full(len(ids), -1, dtype=np.int8)
-        for keys, flags, _ in self._chunks:
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Mask of the ids held (sorted queries are faster: the binary searches stay in cache)."""
+        out = np.zeros(len(ids), bool)
+        for keys, _ in self._chunks:
             pos = np.searchsorted(keys, ids)
-            pos[pos == len(keys)] = 0
-            hit = keys[pos] == ids if len(keys) else np.zeros(len(ids), bool)
-            out[hit] = flags[pos[hit]]
+            np.minimum(pos, len(keys) - 1, out=pos)
+            out |= keys[pos] == ids
         return out
 
-    def add(self, ids: np.ndarray, flags: np.ndarray | int, event_time_ms: np.ndarray) -> None:
-        """Remember ids (not already present) with their flags; a later add of a present id shadows nothing."""
+    def add(self, ids: np.ndarray, event_time_ms: np.ndarray, is_sorted: bool = False) -> None:
+        """Remember ids (the caller has checked they are not held yet)."""
         if not len(ids):
             return
-        order = np.argsort(ids, kind="stable")
-        fl = np.broadcast_to(np.asarray(flags, dtype=np.int8), ids.shape)[order]
-        self._chunks.append((ids[order], np.ascontiguousarray(fl), int(event_time_ms.max())))
+        self._chunks.append((ids if is_sorted else np.sort(ids), int(event_time_ms.max())))
         if len(self._chunks) > self.max_chunks:
-            self._merge()
-
-    def set_flag(self, ids: np.ndarray, flag: int) -> None:
-        """Change the flag of ids already present."""
-        for keys, flags, _ in self._chunks:
-            pos = np.searchsorted(keys, ids)
-            pos[pos == len(keys)] = 0
-            hit = keys[pos] == ids if len(keys) else np.zeros(len(ids), bool)
-            flags[pos[hit]] = flag
+            keep = self.max_chunks // 2
+            old, new = self._chunks[:keep], self._chunks[keep:]
+            self._chunks = [*old, (np.sort(np.concatenate([c[0] for c in new])), max(c[1] for c in new))]
 
     def evict(self, before_ms: int) -> None:
         """Forget chunks whose newest row is older than `before_ms`."""
-        self._chunks = [c for c in self._chunks if c[2] >= before_ms]
+        self._chunks = [c for c in self._chunks if c[1] >= before_ms]
 
-    def _merge(self) -> None:
-        # Merge the newer half into one chunk: old chunks stay separate so they can still be evicted whole.
-        keep = self.max_chunks // 2
-        old, new = self._chunks[:keep], self._chunks[keep:]
-        ids = np.concatenate([c[0] for c in new])
-        flags = np.concatenate([c[1] for c in new])
-        order = np.argsort(ids, kind="stable")
-        self._chunks = [*old, (ids[order], flags[order], max(c[2] for c in new))]
+
+def first_unseen(ids: np.ndarray, seen: IdWindow) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, sorted kept ids): keep marks the first occurrence of each id not in `seen`, in the input order."""
+    order = np.argsort(ids, kind="stable")
+    sid = ids[order]
+    keep_sorted = np.ones(len(ids), bool)
+    keep_sorted[1:] = sid[1:] != sid[:-1]  # stable sort: the first of equal ids is the earliest
+    keep_sorted &= ~seen.contains(sid)
+    keep = np.empty(len(ids), bool)
+    keep[order] = keep_sorted
+    return keep, sid[keep_sorted]
 
 
 class DuplicateFilter:
@@ -247,18 +241,15 @@ class DuplicateFilter:
         self.horizon_ms = horizon_ms
         self.seen = IdWindow()
         self.dropped = 0
-        self._latest = None
+        self._latest: int | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """The rows of `batch` not seen before (first occurrence kept); updates the window."""
         ids, times = column_np(batch, "sample_id"), column_np(batch, "event_time_ms")
-        _, first = np.unique(ids, return_index=True)
-        keep = np.zeros(len(ids), bool)
-        keep[first] = True
-        keep &= self.seen.lookup(ids) < 0
-        self.dropped += int(len(ids) - keep.sum())
-        if keep.any():
-            self.seen.add(ids[keep], 0, times[keep])
+        keep, kept_sorted = first_unseen(ids, self.seen)
+        self.dropped += int(len(ids) - len(kept_sorted))
+        if len(kept_sorted):
+            self.seen.add(kept_sorted, times[keep], is_sorted=True)
             self._latest = max(self._latest or 0, int(times[keep].max()))
             self.seen.evict(self._latest - self.horizon_ms)
-        return batch.filter(pa.array(keep))
+        return batch if keep.all() else batch.filter(pa.array(keep))

@@ -35,9 +35,16 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from recdistill.streams.base import SIGNAL_COLUMNS, Cursor, IdWindow, Stream, as_table, column_np, joined_schema
-
-PENDING, JOINED, LABEL_ONLY = 0, 1, 2  # per-sample flags in the seen-ids window
+from recdistill.streams.base import (
+    SIGNAL_COLUMNS,
+    Cursor,
+    IdWindow,
+    Stream,
+    as_table,
+    column_np,
+    first_unseen,
+    joined_schema,
+)
 
 
 class _Pool:
@@ -62,9 +69,13 @@ class _Pool:
 
     def take_out(self, mask: np.ndarray) -> tuple[pa.Table, np.ndarray]:
         """Remove the rows where mask is true; returns them (table, event times), in pool order."""
-        idx = np.flatnonzero(mask)
+        return self.take_rows(np.flatnonzero(mask))
+
+    def take_rows(self, idx: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+        """Remove the rows at positions `idx`; returns them (table, event times) in the order of `idx`."""
         out, times = self.table.take(idx), self.times[idx]
-        keep = ~mask
+        keep = np.ones(len(self.ids), bool)
+        keep[idx] = False
         self.table = self.table.filter(pa.array(keep))
         if self.table.num_rows and len(self.table.column(0).chunks) > 16:  # many small adds: keep takes cheap
             self.table = self.table.combine_chunks()
@@ -124,7 +135,8 @@ class JoinCore:
         self.dedup_horizon_ms = dedup_horizon_ms if dedup_horizon_ms is not None else 2 * max_delay_ms
         self.late_sink = late_sink
         self.samples, self.signals = _Pool(), _Pool()
-        self.seen_samples, self.seen_signals = IdWindow(), IdWindow()
+        # ids already taken in (dedup), and ids of samples that went out label-only (late-signal detection)
+        self.seen_samples, self.seen_signals, self.label_only = IdWindow(), IdWindow(), IdWindow()
         self.counts = JoinCounts()
         self.latency_all, self.latency_joined = _Ring(latency_window), _Ring(latency_window)
         self.out_schema: pa.Schema | None = None
@@ -152,18 +164,17 @@ class JoinCore:
         out += self._enforce_cap(now_ms)
         if self.watermark_ms is not None:
             horizon = self.watermark_ms - self.dedup_horizon_ms
-            self.seen_samples.evict(horizon)
-            self.seen_signals.evict(horizon)
+            for window in (self.seen_samples, self.seen_signals, self.label_only):
+                window.evict(horizon)
         out = [t for t in out if t.num_rows]
         return pa.concat_tables(out) if out else None
 
     def _fresh(self, table: pa.Table, seen: IdWindow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, times, keep): keep drops in-batch repeats and ids already in `seen`."""
+        """(ids, times, keep): keep drops in-batch repeats and ids already in `seen`; the kept ids join `seen`."""
         ids, times = column_np(table, "sample_id"), column_np(table, "event_time_ms")
-        _, first = np.unique(ids, return_index=True)
-        keep = np.zeros(len(ids), bool)
-        keep[first] = True
-        keep &= seen.lookup(ids) < 0
+        keep, kept_sorted = first_unseen(ids, seen)
+        if len(kept_sorted):
+            seen.add(kept_sorted, times[keep], is_sorted=True)
         return ids, times, keep
 
     def _take_samples(self, table: pa.Table, tick: int) -> None:
@@ -178,7 +189,6 @@ class JoinCore:
             keep &= ~stale
         if not keep.all():
             table, ids, times = table.filter(pa.array(keep)), ids[keep], times[keep]
-        self.seen_samples.add(ids, PENDING, times)
         self.samples.add(table, ids, times, tick)
 
     def _take_signals(self, table: pa.Table, tick: int) -> None:
@@ -187,9 +197,8 @@ class JoinCore:
         self.counts.duplicate_signals += int(len(ids) - keep.sum())
         if not keep.all():
             table, ids, times = table.filter(pa.array(keep)), ids[keep], times[keep]
-        self.seen_signals.add(ids, 0, times)
         # Late on arrival: its sample already went out label-only, or it is past its own deadline.
-        late = self.seen_samples.lookup(ids) == LABEL_ONLY
+        late = self.label_only.contains(ids)
         if self.watermark_ms is not None:
             late |= times + self.max_delay_ms <= self.watermark_ms
         if late.any():
@@ -203,18 +212,10 @@ class JoinCore:
         _, si, gi = np.intersect1d(self.samples.ids, self.signals.ids, assume_unique=True, return_indices=True)
         if not len(si):
             return []
-        smask = np.zeros(len(self.samples), bool)
-        smask[si] = True
-        gmask = np.zeros(len(self.signals), bool)
-        gmask[gi] = True
-        # take_out keeps pool order, so order both sides by sample id to pair them row by row.
-        s_tab, s_times = self.samples.take_out(smask)
-        g_tab, _ = self.signals.take_out(gmask)
-        s_order = np.argsort(column_np(s_tab, "sample_id"), kind="stable")
-        g_order = np.argsort(column_np(g_tab, "sample_id"), kind="stable")
-        s_tab, s_times, g_tab = s_tab.take(s_order), s_times[s_order], g_tab.take(g_order)
+        # si[k] and gi[k] hold the same sample id: taking rows in these orders pairs them.
+        s_tab, s_times = self.samples.take_rows(si)
+        g_tab, _ = self.signals.take_rows(gi)
         self.counts.joined += s_tab.num_rows
-        self.seen_samples.set_flag(column_np(s_tab, "sample_id"), JOINED)
         lat = now_ms - s_times.astype(np.float64)
         self.latency_joined.add(lat)
         self.latency_all.add(lat)
@@ -247,7 +248,7 @@ class JoinCore:
 
     def _label_only(self, mask: np.ndarray, now_ms: int) -> pa.Table:
         s_tab, s_times = self.samples.take_out(mask)
-        self.seen_samples.set_flag(column_np(s_tab, "sample_id"), LABEL_ONLY)
+        self.label_only.add(column_np(s_tab, "sample_id"), s_times)
         self.latency_all.add(now_ms - s_times.astype(np.float64))
         return self._emit(s_tab, None)
 
