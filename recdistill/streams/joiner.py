@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from recdistill.config import StreamConfig
 from recdistill.streams.base import (
     SIGNAL_COLUMNS,
     Cursor,
@@ -309,6 +310,14 @@ class Joiner:
         self._uncommitted: deque[tuple[int, Stream, Cursor]] = deque()
         self._tick = 0
         self.rows_in = self.rows_out = 0
+
+    @classmethod
+    def from_config(cls, cfg: StreamConfig, samples: Stream, signals: Stream, out: Stream, *, num_tasks: int,
+                    late_sink: Callable[[pa.Table], None] | None = None) -> Joiner:
+        """A joiner with the delay, buffer, dedup horizon and poll size of the `stream` config section."""
+        return cls(samples, signals, out, num_tasks=num_tasks, max_delay_ms=int(cfg.max_delay_s * 1000),
+                   poll_rows=cfg.poll_rows, buffer_rows=cfg.buffer_rows, late_sink=late_sink,
+                   dedup_horizon_ms=int(cfg.dedup_horizon_s * 1000) if cfg.dedup_horizon_s else None)
 
     def watermark(self) -> int | None:
         """Min over the sample stream's partitions of the latest event time seen (None until all were seen)."""

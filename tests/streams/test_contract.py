@@ -129,3 +129,16 @@ def test_rows_without_keys_are_refused(make_stream, sample_rows):
     with pytest.raises(StreamError, match="sample_id"):
         s.append(pa.table({"sample_id": pa.array([1, None], pa.int64()), "event_time_ms": [0, 1], "seq": [0, 1]}))
     assert s.lag() == 0
+
+
+def test_open_stream_from_config(make_stream, sample_rows, tmp_path):
+    from recdistill.config import StreamConfig
+    from recdistill.streams import open_stream
+
+    kw = {"backend": make_stream.backend, "path": str(tmp_path / "cfg"), "partitions": 3, "entry_rows": 7}
+    if make_stream.backend == "redis":
+        kw["redis_url"] = make_stream("probe").url
+    with open_stream(StreamConfig(**kw), "from-config") as s:
+        assert s.partitions == 3
+        s.append(sample_rows(0, 50))
+        assert s.lag() == 50

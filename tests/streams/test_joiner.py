@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from recdistill.config import StreamConfig
 from recdistill.streams.base import DuplicateFilter, column_np
 from recdistill.streams.joiner import JoinCore, Joiner
 from recdistill.streams.local import LocalStream
@@ -124,7 +125,8 @@ def test_bounded_buffer_evicts_oldest_label_only():
 def test_watermark_is_min_over_sample_partitions_and_ignores_stalled_teacher(tmp_path):
     root = str(tmp_path)
     samples, sigs, out = (LocalStream(root, n, partitions=2) for n in ("samples", "signals", "joined"))
-    j = Joiner(samples, sigs, out, num_tasks=T, max_delay_ms=DELAY, clock=lambda: 0)
+    j = Joiner.from_config(StreamConfig(max_delay_s=DELAY / 1000), samples, sigs, out, num_tasks=T)
+    j.clock = lambda: 0
     samples.append(samples_of([0, 2, 4]))  # partition 0 only
     j.step()
     assert j.watermark() is None  # partition 1 not seen: nothing can expire yet
