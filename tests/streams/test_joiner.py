@@ -153,9 +153,9 @@ def test_latency_metrics_follow_the_clock():
     assert m["join/join_rate"] == 1.0 and m["join/watermark_lag_ms"] == 80
 
 
-def _feed(root, n, rng):
+def _feed(make, n, rng):
     """Samples 0..n-1 and signals for 80% of them, in shuffled batches, a tenth of each re-delivered."""
-    samples, sigs = LocalStream(root, "samples", 2), LocalStream(root, "signals", 2)
+    samples, sigs = make("samples", 2), make("signals", 2)
     have = np.sort(rng.choice(n, int(n * 0.8), replace=False))
     for lo in range(0, n, 500):
         ids = np.arange(lo, min(n, lo + 500))
@@ -169,19 +169,22 @@ def _feed(root, n, rng):
     return have
 
 
-def test_streamed_join_with_crash_before_commit_reconciles(tmp_path):
-    root, n, rng = str(tmp_path), 6_000, np.random.default_rng(0)
-    have = _feed(root, n, rng)
-    ins = [LocalStream(root, "samples", 2), LocalStream(root, "signals", 2)]
-    out = LocalStream(root, "joined", 1)
+def test_streamed_join_with_crash_before_commit_reconciles(make_stream):
+    """Both backends: a joiner that dies before committing is replaced by one resumed from the committed input
+    positions (local: offsets from its checkpoint state; redis: the group's pending entries); the student side sees
+    every sample once after dropping duplicates, with its signal exactly when the teacher made one."""
+    n, rng = 6_000, np.random.default_rng(0)
+    tag = np.random.default_rng().integers(1 << 30)
+    make = lambda name, parts: make_stream(f"{name}-{tag}", parts)  # noqa: E731
+    have = _feed(make, n, rng)
+    ins, out = [make("samples", 2), make("signals", 2)], make("joined", 1)
     j = Joiner(*ins, out, num_tasks=T, max_delay_ms=10_000, poll_rows=700, clock=lambda: 0)
     for _ in range(5):
         j.step()
     # the joiner dies here: its input offsets are those committed, which the new one resumes from
-    states = [s.state_dict() for s in ins]
-    ins2 = [LocalStream(root, "samples", 2), LocalStream(root, "signals", 2)]
-    for s, st in zip(ins2, states, strict=True):
-        s.load_state_dict(st)
+    ins2 = [make("samples", 2), make("signals", 2)]
+    for s, old in zip(ins2, ins, strict=True):
+        s.load_state_dict(old.state_dict())
     j2 = Joiner(*ins2, out, num_tasks=T, max_delay_ms=10_000, poll_rows=700, clock=lambda: 0)
     while True:
         before = j2.rows_in
@@ -191,7 +194,7 @@ def test_streamed_join_with_crash_before_commit_reconciles(tmp_path):
     # the last samples wait for a watermark that never passes them: close the day with a far watermark
     j2.flush(10**12)
     assert ins2[0].lag() == ins2[1].lag() == 0  # all committed once nothing waits in the joiner
-    student = LocalStream(root, "joined", 1)
+    student = make("joined", 1)
     dedup = DuplicateFilter(horizon_ms=10**12)
     rows = pa.concat_tables([dedup(t) for t in iter(lambda: student.poll(5000)[0], None)])
     ids, has = column_np(rows, "sample_id"), column_np(rows, "has_signal")
