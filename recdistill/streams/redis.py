@@ -18,8 +18,10 @@ delivered more than `dead_letter_after` times (a poison entry that kills its con
 decoded are moved to the dead-letter stream, acknowledged, logged with their entry id, and consumption goes on.
 
 Durability: with the AOF on and `appendfsync everysec`, a server crash can lose about the last second of appends.
-The producer re-sends from its checkpoint: `producer_high_water(pid)` is the largest sequence number of that producer
-still in the stream, and everything after it is appended again (the joiner and students drop the duplicates).
+The producer re-sends from its checkpoint: an append fails with a connection error during the crash, or with
+`ServerRestarted` on the first append after a restart (the server's run id changed), and then
+`producer_high_water(pid)`, the largest sequence number of that producer still in the stream, says where to append
+from again (the joiner and students drop the duplicates).
 Retention: `maxlen` (XADD MAXLEN ~) or `retention_ms` (XADD MINID ~ now - retention); either must exceed the
 slowest group's lag, since Redis trims entries whether or not a group has read them.
 """
@@ -58,6 +60,12 @@ def decode(data: bytes, where: str) -> pa.Table:
     return table
 
 
+class ServerRestarted(StreamError):
+    """The server restarted since the producer's last append: re-send from `producer_high_water()` + 1."""
+
+    fix = "re-send from RedisStream.producer_high_water() + 1 (the producer's checkpoint)"
+
+
 class RedisStream(Stream):
     """A stream on a Redis server: producer side (`append`) and one consumer of group `group` (`poll` ...).
 
@@ -81,6 +89,7 @@ class RedisStream(Stream):
         self._pel_after = {k: "0" for k in self.keys}
         self._next_claim = 0.0
         self._seek_floor: dict[str, tuple[str, int]] = {}
+        self._run_id: str | None = None  # the server's run id at this producer's last append
 
     @contextmanager
     def _server(self, what: str):
@@ -99,6 +108,7 @@ class RedisStream(Stream):
                 {"minid": str(int(time.time() * 1000) - self.retention_ms), "approximate": True}
                 if self.retention_ms else {})
         with self._server("append"):
+            self._check_same_server()
             pipe = self.client.pipeline(transaction=True)
             for p, part in split_by_partition(table, self.partitions):
                 for start in range(0, part.num_rows, self.entry_rows):
@@ -110,6 +120,18 @@ class RedisStream(Stream):
             pipe.hincrby(self.rows_key, "appended", table.num_rows)
             pipe.execute()
         return table.num_rows
+
+    def _check_same_server(self) -> None:
+        """Raise ServerRestarted if the server restarted since this producer's last append (its run id changed).
+
+        redis-py reconnects by itself, so without this check a producer idle during a crash would append on top of
+        a log that lost its last second, and the gap would stay invisible: the high water would be past it."""
+        run_id = self.client.info("server")["run_id"]
+        if self._run_id is not None and run_id != self._run_id:
+            self._run_id = run_id
+            raise ServerRestarted(f"stream {self.name!r}: the redis server at {self.url} restarted since the last "
+                                  "append; appends of its last fsync window may be lost")
+        self._run_id = run_id
 
     def producer_high_water(self, producer_id: str | None = None, page: int = 64) -> int:
         """Largest `seq` the producer has in the stream (-1 if none): where a producer re-sends from after the

@@ -203,3 +203,14 @@ def test_streamed_join_with_crash_before_commit_reconciles(make_stream):
     assert dedup.dropped > 0  # the crash made the new joiner re-publish rows the first had already published
     logits = rows.filter(pa.array(has)).column("logits").combine_chunks().flatten().to_numpy().reshape(-1, T)
     np.testing.assert_array_equal(logits[:, 0], ids[has])  # each sample got its own signal
+
+
+def test_dedup_memory_is_bounded_and_old_redeliveries_are_stale():
+    c, _ = core(dedup_horizon_ms=2 * DELAY)
+    for lo in range(0, 20_000, 500):  # 200 s of event time, 10 ms per id
+        ids = np.arange(lo, lo + 500)
+        c.step(samples_of(ids), signals(ids), watermark_ms=1_000 + int(ids[-1]) * 10, now_ms=0)
+    # ids are remembered for about the horizon (20 ids per 200 ms) plus a batch of chunk slack, not all 20000
+    assert len(c.seen_samples) <= 4 * 500 and len(c.seen_signals) <= 4 * 500
+    c.step(samples_of([5]), signals([5]), watermark_ms=None, now_ms=0)  # a re-delivery from long ago
+    assert c.counts.stale == 1 and c.counts.late == 1 and c.counts.joined == 20_000

@@ -9,9 +9,10 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from recdistill.streams.base import DuplicateFilter, column_np
-from recdistill.streams.redis import RedisStream, encode
+from recdistill.streams.redis import RedisStream, ServerRestarted, encode
 from recdistill.streams.server import RedisServer
 
 
@@ -92,8 +93,8 @@ def _cut_aof_tail(directory: str, fraction: float) -> int:
 
 
 def _producer(url, source, batch_rows, acked, stop):
-    """Appends `source` in order; on a server failure waits, asks the stream for its high water and re-sends from
-    its own checkpoint (the position after the high water). `acked` records every append the server confirmed."""
+    """Appends `source` in order; on a failure (connection lost, or ServerRestarted) waits, asks the stream for its
+    high water and re-sends from its own checkpoint, the position after it. `acked` records each confirmed append."""
     prod = RedisStream(url, "crash", partitions=2, producer_id="p1", entry_rows=100)
     pos = 0
     while pos < source.num_rows and not stop.is_set():
@@ -116,7 +117,7 @@ def test_kill9_mid_stream_aof_restart_producer_resends(tmp_path, sample_rows):
     server = RedisServer(dir=str(tmp_path / "redis")).start()
     source = sample_rows(0, 20_000)
     acked, stop = [], threading.Event()
-    th = threading.Thread(target=_producer, args=(server.url, source, 200, acked, stop), daemon=True)
+    th = threading.Thread(target=_producer, args=(server.url, source, 100, acked, stop), daemon=True)
     consumer = RedisStream(server.url, "crash", partitions=2, group="students", consumer="s1", entry_rows=100)
     dedup, delivered = DuplicateFilter(horizon_ms=10**12), 0
     try:
@@ -150,4 +151,35 @@ def test_kill9_mid_stream_aof_restart_producer_resends(tmp_path, sample_rows):
     finally:
         stop.set()
         consumer.close()
+        server.close()
+
+
+def test_minid_retention_trims_by_age(redis_server, sample_rows):
+    s = RedisStream(redis_server.url, "age", entry_rows=1)
+    s.append(sample_rows(0, 300))  # 300 entries
+    time.sleep(0.05)
+    s.retention_ms = 20
+    s.append(sample_rows(300, 301))
+    # MINID ~ drops whole radix-tree nodes (100 entries) older than now - 20 ms; the newest entry stays.
+    assert 1 <= s.entries() <= 101
+
+
+def test_idle_producer_learns_of_the_restart_and_resends(tmp_path, sample_rows):
+    server = RedisServer(dir=str(tmp_path / "redis")).start()
+    try:
+        prod = RedisStream(server.url, "idle", producer_id="p", entry_rows=100)
+        for lo in range(0, 2000, 100):
+            prod.append(sample_rows(lo, lo + 100))  # all confirmed
+        server.kill()
+        _cut_aof_tail(server.dir, 0.25)  # the crash lost the last confirmed appends
+        server.start()
+        with pytest.raises(ServerRestarted):
+            prod.append(sample_rows(2000, 2100))  # nothing appended: the gap must not be hidden
+        hw = prod.producer_high_water()
+        assert 0 <= hw < 1999
+        prod.append(sample_rows(hw + 1, 2100))  # re-send from the checkpoint, then carry on
+        cons = RedisStream(server.url, "idle", consumer="c", entry_rows=100)
+        got = [t for t in iter(lambda: cons.poll(5000)[0], None)]
+        assert sorted(column_np(pa.concat_tables(got), "sample_id").tolist()) == list(range(2100))
+    finally:
         server.close()
