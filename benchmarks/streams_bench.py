@@ -30,6 +30,7 @@ import pyarrow as pa
 import redis
 from _common import cpu_name, write_result  # benchmarks/ is sys.path[0] when run as a script
 
+from recdistill.streams.base import version_column
 from recdistill.streams.joiner import JoinCore, Joiner
 from recdistill.streams.local import LocalStream
 from recdistill.streams.redis import RedisStream
@@ -53,7 +54,7 @@ def signals(ids: np.ndarray, times: np.ndarray) -> pa.Table:
     return pa.table({"sample_id": ids, "event_time_ms": times, "seq": ids,
                      "logits": pa.FixedSizeListArray.from_arrays(flat, len(TASKS)),
                      "teacher_step": np.full(len(ids), 1, np.int64),
-                     "teacher_version": pa.array(["bench"] * len(ids))})
+                     "teacher_version": version_column("bench", len(ids))})
 
 
 def join_inputs(n: int, batch: int, seed: int = 0) -> list[tuple[pa.Table, pa.Table, int]]:

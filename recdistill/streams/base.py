@@ -53,10 +53,21 @@ def sample_schema(tasks: list[str]) -> pa.Schema:
                       *[pa.field(f"label_{t}", pa.float32()) for t in tasks]])
 
 
+VERSION_TYPE = pa.dictionary(pa.int32(), pa.string())
+
+
 def signal_schema(num_tasks: int) -> pa.Schema:
-    """Schema of the teacher-signal stream: key columns (event time = the sample's), raw logits, step, version."""
+    """Schema of the teacher-signal stream: key columns (event time = the sample's), raw logits, step, version.
+
+    `teacher_version` is dictionary-encoded: one teacher writes one version for millions of rows, and the joiner's
+    takes then move int32 indices instead of strings."""
     return pa.schema([*KEY_FIELDS, pa.field("logits", pa.list_(pa.float32(), num_tasks)),
-                      pa.field("teacher_step", pa.int64()), pa.field("teacher_version", pa.string())])
+                      pa.field("teacher_step", pa.int64()), pa.field("teacher_version", VERSION_TYPE)])
+
+
+def version_column(version: str, n: int) -> pa.DictionaryArray:
+    """A `teacher_version` column of n rows of one version."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([version]))
 
 
 def joined_schema(samples: pa.Schema, num_tasks: int) -> pa.Schema:
@@ -219,12 +230,13 @@ class IdWindow:
         self._chunks = [c for c in self._chunks if c[1] >= before_ms]
 
 
-def first_unseen(ids: np.ndarray, seen: IdWindow) -> tuple[np.ndarray, np.ndarray]:
-    """(keep, sorted kept ids): keep marks the first occurrence of each id not in `seen`, in the input order."""
-    order = np.argsort(ids, kind="stable")
+def first_unseen(ids: np.ndarray, seen: IdWindow, *, first: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, sorted kept ids): keep marks one occurrence of each id not in `seen`: the first in input order if
+    `first`, else any (an unstable sort is about a third faster, and any copy of a re-delivered record will do)."""
+    order = np.argsort(ids, kind="stable" if first else None)
     sid = ids[order]
     keep_sorted = np.ones(len(ids), bool)
-    keep_sorted[1:] = sid[1:] != sid[:-1]  # stable sort: the first of equal ids is the earliest
+    keep_sorted[1:] = sid[1:] != sid[:-1]
     keep_sorted &= ~seen.contains(sid)
     keep = np.empty(len(ids), bool)
     keep[order] = keep_sorted
@@ -235,6 +247,9 @@ class DuplicateFilter:
     """Drops rows whose sample id was already passed within the last `horizon_ms` of event time.
 
     What a consumer of an at-least-once stream (a student on the joined stream) puts in front of its training step.
+    The first occurrence in stream order wins. That matters on the joined stream: after a joiner crash a sample can
+    go out twice, first joined (before the crash) and then label-only (its signal's input was committed, its sample's
+    not), and the first copy is the one with the signal.
     """
 
     def __init__(self, horizon_ms: int) -> None:

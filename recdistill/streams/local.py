@@ -85,6 +85,9 @@ class LocalStream(Stream):
         times = column_np(part, "event_time_ms")
         name = f"{first:020d}.{rows}.{int(times.min())}.{int(times.max())}.arrow"
         tmp = f"{self.base}/_tmp/{uuid.uuid4().hex}.arrow"
+        # The IPC file format allows one dictionary per field: chunks of a dictionary column (teacher_version) must
+        # share theirs.
+        part = part.unify_dictionaries()
         with self.fs.open(tmp, "wb") as f, pa.ipc.new_file(f, part.schema) as w:
             w.write_table(part)
         self.fs.mv(tmp, f"{self._pdir(p)}/{name}")

@@ -232,7 +232,10 @@ class RedisStream(Stream):
         """Copy the entry to the dead-letter stream with the reason, acknowledge it, log its id."""
         log.warning("stream %s: entry %s of %s dead-lettered: %s", self.name, eid, key, reason)
         self.dead_lettered = [*self.dead_lettered[-999:], (key, eid, reason)]
-        rows = int((fields or {}).get(b"n", 0) or 0)
+        try:
+            rows = int((fields or {}).get(b"n", 0) or 0)
+        except ValueError:  # a malformed entry may have any `n`; it then counts as no rows
+            rows = 0
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(self.dead_key, {**(fields or {}), "src": key, "id": eid, "group": self.group, "reason": reason})
         pipe.xack(key, self.group, eid)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from recdistill.config import StreamConfig
-from recdistill.streams.base import DuplicateFilter, column_np
+from recdistill.streams.base import DuplicateFilter, column_np, version_column
 from recdistill.streams.joiner import JoinCore, Joiner
 from recdistill.streams.local import LocalStream
 
@@ -27,7 +27,7 @@ def signals(ids, t0=1_000, step_ms=10, step=7, logits=None):
     return pa.table({"sample_id": ids, "event_time_ms": t0 + ids * step_ms, "seq": ids,
                      "logits": pa.FixedSizeListArray.from_arrays(flat, T),
                      "teacher_step": pa.array(np.full(len(ids), step, np.int64)),
-                     "teacher_version": pa.array(["v1"] * len(ids))})
+                     "teacher_version": version_column("v1", len(ids))})
 
 
 def samples_of(ids):
@@ -214,3 +214,11 @@ def test_dedup_memory_is_bounded_and_old_redeliveries_are_stale():
     assert len(c.seen_samples) <= 4 * 500 and len(c.seen_signals) <= 4 * 500
     c.step(samples_of([5]), signals([5]), watermark_ms=None, now_ms=0)  # a re-delivery from long ago
     assert c.counts.stale == 1 and c.counts.late == 1 and c.counts.joined == 20_000
+
+
+def test_plain_string_versions_are_accepted():
+    c, _ = core()
+    plain = signals([0]).set_column(5, "teacher_version", pa.array(["v2"]))
+    out = c.step(samples_of([0, 1]), pa.concat_tables([plain]), None, 0)
+    out2 = c.step(None, signals([1]), None, 0)  # dictionary-encoded, as the schema has it
+    assert [r["teacher_version"] for r in (out.to_pylist() + out2.to_pylist())] == ["v2", "v1"]
