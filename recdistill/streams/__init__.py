@@ -3,6 +3,9 @@ backends, a local redis-server for tests and the demo (server), and the sample/t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from recdistill.config import StreamConfig
 from recdistill.streams.base import Stream
 
@@ -21,3 +24,19 @@ def open_stream(cfg: StreamConfig, name: str, *, url: str | None = None, consume
                        producer_id=producer_id, entry_rows=cfg.entry_rows, maxlen=cfg.retention_maxlen,
                        retention_ms=int(cfg.retention_s * 1000) if cfg.retention_s else None,
                        dead_letter_after=cfg.dead_letter_after, claim_idle_ms=int(cfg.claim_idle_s * 1000))
+
+
+@contextmanager
+def stream_server(cfg: StreamConfig) -> Iterator[str | None]:
+    """The Redis URL streams of this config use: a private redis-server started for the duration of the block when
+    `stream.start_server` is true (loopback, free port, AOF on), else `stream.redis_url`; None for the local
+    backend."""
+    if cfg.backend != "redis":
+        yield None
+    elif not cfg.start_server:
+        yield cfg.redis_url
+    else:
+        from recdistill.streams.server import RedisServer
+
+        with RedisServer() as server:
+            yield server.url

@@ -32,7 +32,6 @@ import logging
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import pyarrow as pa
 import redis
 
@@ -353,7 +352,3 @@ class RedisStream(Stream):
         """Close the connection pool."""
         self.client.close()
 
-
-def max_seq(table: pa.Table) -> int:
-    """Largest producer sequence in a table (-1 when empty): what a producer records as its checkpoint."""
-    return int(np.max(column_np(table, "seq"))) if table.num_rows else -1

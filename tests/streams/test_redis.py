@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recdistill.streams.base import DuplicateFilter, column_np
+from recdistill.streams.base import DuplicateFilter, StreamError, column_np
 from recdistill.streams.redis import RedisStream, ServerRestarted, encode
 from recdistill.streams.server import RedisServer
 
@@ -183,3 +183,17 @@ def test_idle_producer_learns_of_the_restart_and_resends(tmp_path, sample_rows):
         assert sorted(column_np(pa.concat_tables(got), "sample_id").tolist()) == list(range(2100))
     finally:
         server.close()
+
+
+def test_private_server_from_config(sample_rows):
+    from recdistill.config import StreamConfig
+    from recdistill.streams import open_stream, stream_server
+
+    cfg = StreamConfig(backend="redis", start_server=True, redis_url="redis://127.0.0.1:1/0")  # never dialled
+    with stream_server(cfg) as url:
+        assert url != cfg.redis_url
+        with open_stream(cfg, "private", url=url) as s:
+            s.append(sample_rows(0, 10))
+            assert s.poll(100)[0].num_rows == 10
+    with pytest.raises(StreamError, match="private"):  # the server is gone with the block
+        s.append(sample_rows(10, 20))
