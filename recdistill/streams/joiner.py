@@ -150,6 +150,9 @@ class JoinCore:
                  latency_window: int = 100_000) -> None:
         self.num_tasks, self.max_delay_ms, self.buffer_rows = num_tasks, max_delay_ms, buffer_rows
         self.dedup_horizon_ms = dedup_horizon_ms if dedup_horizon_ms is not None else 2 * max_delay_ms
+        if self.dedup_horizon_ms < max_delay_ms:  # a sample still waiting for its signal would count as stale
+            raise ValueError(f"dedup horizon ({self.dedup_horizon_ms} ms) must be at least max_delay "
+                             f"({max_delay_ms} ms)")
         self.late_sink = late_sink
         self.samples, self.signals = _Pool(), _Pool()
         # ids already taken in (dedup), and ids of samples that went out label-only (late-signal detection)

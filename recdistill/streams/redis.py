@@ -185,17 +185,22 @@ class RedisStream(Stream):
         # XREADGROUP's COUNT is per stream key: spread the entries the caller asked for over the partitions.
         count = max(1, -(-max_rows // (self.entry_rows * self.partitions)))
         with self._server("poll"):
-            entries = self._read_pending(count) if self._recovering else []
-            if not entries and time.monotonic() >= self._next_claim:
-                entries = self._autoclaim(count)
-                self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
-            if entries:
-                entries = self._drop_poison(entries)
-            else:
-                resp = self.client.xreadgroup(self.group, self.consumer, {k: ">" for k in self.keys}, count=count,
-                                              block=int(timeout * 1000) if timeout > 0 else None)
-                entries = [(k.decode(), eid.decode(), f) for k, items in resp or [] for eid, f in items]
-            return self._assemble(entries)
+            while True:
+                entries = self._read_pending(count) if self._recovering else []
+                if not entries and time.monotonic() >= self._next_claim:
+                    entries = self._autoclaim(count)
+                    self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
+                read_any = bool(entries)
+                entries = self._drop_poison(entries) if entries else []
+                if not entries and not read_any:
+                    resp = self.client.xreadgroup(self.group, self.consumer, {k: ">" for k in self.keys},
+                                                  count=count, block=int(timeout * 1000) if timeout > 0 else None)
+                    entries = [(k.decode(), eid.decode(), f) for k, items in resp or [] for eid, f in items]
+                    read_any = bool(entries)
+                table, cursor = self._assemble(entries)
+                # Read something but all of it was dead-lettered: look again rather than answer "nothing new".
+                if table is not None or not cursor.empty or not read_any:
+                    return table, cursor
 
     def _read_pending(self, count: int) -> list[tuple[str, str, dict]]:
         resp = self.client.xreadgroup(self.group, self.consumer, dict(self._pel_after), count=count)

@@ -197,3 +197,12 @@ def test_private_server_from_config(sample_rows):
             assert s.poll(100)[0].num_rows == 10
     with pytest.raises(StreamError, match="private"):  # the server is gone with the block
         s.append(sample_rows(10, 20))
+
+
+def test_a_poll_of_only_dead_letters_looks_further(redis_server, sample_rows):
+    s = RedisStream(redis_server.url, "allbad", entry_rows=50)
+    for _ in range(3):
+        s.client.xadd(s.keys[0], {"b": b"garbage"})
+    s.append(sample_rows(0, 50))
+    t, _ = s.poll(50)  # the first entries read are all malformed: the same poll goes on to the good one
+    assert t is not None and t.num_rows == 50 and len(s.dead_lettered) == 3
