@@ -334,7 +334,8 @@ class StreamConfig(Section):
     dead_letter_after: int = Field(5, ge=1, description="Deliveries after which a Redis entry that no consumer "
                                    "commits is moved to the dead-letter stream.")
     claim_idle_s: float = Field(60.0, gt=0, description="Idle time after which a dead consumer's pending Redis "
-                                "entries are taken over by another (XAUTOCLAIM).")
+                                "entries are taken over by another (XAUTOCLAIM); a live consumer heartbeats the "
+                                "entries it holds on every poll, so this need not exceed its checkpoint interval.")
     poll_rows: int = Field(65536, ge=1, description="Rows the joiner polls from each input per step.")
     buffer_rows: int = Field(2_000_000, ge=1, description="Joiner buffer cap per input: beyond it the oldest samples "
                              "go out label-only early and the oldest unmatched signals go to the late sink (counted).")

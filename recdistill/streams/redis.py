@@ -13,7 +13,9 @@ tens of microseconds, a row of Arrow a few nanoseconds.
 Consumer protocol (at-least-once): `poll` reads with XREADGROUP; entries stay in the group's pending entries list
 (PEL) until `commit(cursor)` sends XACK, which the student calls once its checkpoint holds the step that trained on
 them. A consumer that restarts under the same consumer name first re-reads its own PEL (XREADGROUP with id 0); the
-entries of a consumer that never comes back are taken over with XAUTOCLAIM once idle for `claim_idle_ms`. An entry
+entries of a consumer that never comes back are taken over with XAUTOCLAIM once idle for `claim_idle_ms`; a live
+consumer keeps the entries it holds until its next checkpoint from going idle with `heartbeat()` (XCLAIM JUSTID to
+itself, not counted as a delivery), which every poll calls. An entry
 delivered more than `dead_letter_after` times (a poison entry that kills its consumer) and an entry that cannot be
 decoded are moved to the dead-letter stream, acknowledged, logged with their entry id, and consumption goes on.
 
@@ -59,6 +61,10 @@ def decode(data: bytes, where: str) -> pa.Table:
     return table
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class ServerRestarted(StreamError):
     """The server restarted since the producer's last append: re-send from `producer_high_water()` + 1."""
 
@@ -89,6 +95,8 @@ class RedisStream(Stream):
         self._next_claim = 0.0
         self._seek_floor: dict[str, tuple[str, int]] = {}
         self._run_id: str | None = None  # the server's run id at this producer's last append
+        self._held: set[tuple[str, str]] = set()  # (key, entry id) handed out by poll and not committed yet
+        self._next_beat = 0.0
 
     @contextmanager
     def _server(self, what: str):
@@ -167,6 +175,7 @@ class RedisStream(Stream):
     def poll(self, max_rows: int, timeout: float = 0.0) -> tuple[pa.Table | None, Cursor]:
         """Own pending entries first (after a restart), then idle entries of others (XAUTOCLAIM), then new ones."""
         self._ensure_group()
+        self.heartbeat()
         try:
             return self._poll(max_rows, timeout)
         except StreamError as e:
@@ -178,6 +187,7 @@ class RedisStream(Stream):
             log.warning("stream %s: consumer group %s is gone on the server; recreated from the start",
                         self.name, self.group)
             self._group_ready, self._recovering = False, False
+            self._held.clear()
             self._ensure_group()
             return self._poll(max_rows, timeout)
 
@@ -188,7 +198,7 @@ class RedisStream(Stream):
             while True:
                 entries = self._read_pending(count) if self._recovering else []
                 if not entries and time.monotonic() >= self._next_claim:
-                    entries = self._autoclaim(count)
+                    entries = self._claim_idle(count)
                     self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
                 read_any = bool(entries)
                 entries = self._drop_poison(entries) if entries else []
@@ -211,12 +221,32 @@ class RedisStream(Stream):
             self._recovering = False
         return out
 
-    def _autoclaim(self, count: int) -> list[tuple[str, str, dict]]:
+    def _claim_idle(self, count: int) -> list[tuple[str, str, dict]]:
+        """Take over entries idle for `claim_idle_ms` (XAUTOCLAIM): those of consumers that died.
+
+        A live consumer's entries wait for its next checkpoint (a commit can come minutes after the poll); heartbeat()
+        keeps them from going idle, and entries this consumer already holds are never handed out a second time."""
         out = []
         for key in self.keys:
             resp = self.client.xautoclaim(key, self.group, self.consumer, self.claim_idle_ms, "0-0", count=count)
-            out += [(key, eid.decode(), f) for eid, f in resp[1]]
+            out += [(key, _text(eid), f) for eid, f in resp[1] if (key, _text(eid)) not in self._held]
         return out
+
+    def heartbeat(self) -> None:
+        """Reset the idle time of the entries this consumer holds uncommitted (XCLAIM to itself with JUSTID, which
+        does not count as a delivery), so no other consumer takes them over. `poll` calls it; a consumer that holds
+        rows without polling for longer than claim_idle_ms / 2 calls it itself."""
+        if not self._held or time.monotonic() < self._next_beat:
+            return
+        by_key: dict[str, list[str]] = {}
+        for key, eid in self._held:
+            by_key.setdefault(key, []).append(eid)
+        with self._server("heartbeat"):
+            pipe = self.client.pipeline(transaction=False)
+            for key, ids in by_key.items():
+                pipe.xclaim(key, self.group, self.consumer, 0, ids, justid=True)
+            pipe.execute()
+        self._next_beat = time.monotonic() + self.claim_idle_ms / 4000
 
     def _drop_poison(self, entries: list[tuple[str, str, dict]]) -> list[tuple[str, str, dict]]:
         """Dead-letter the re-delivered entries that have been delivered more than `dead_letter_after` times."""
@@ -245,6 +275,7 @@ class RedisStream(Stream):
         pipe.xack(key, self.group, eid)
         pipe.hincrby(self.rows_key, f"acked:{self.group}", rows)
         pipe.execute()
+        self._held.discard((key, eid))
 
     def _assemble(self, entries: list[tuple[str, str, dict]]) -> tuple[pa.Table | None, Cursor]:
         cursor, tables = Cursor(), []
@@ -259,6 +290,7 @@ class RedisStream(Stream):
                 continue
             table = self._apply_seek_floor(key, eid, table)
             p = self.keys.index(key)
+            self._held.add((key, eid))
             cursor.acks.append((key, eid, table.num_rows))
             cursor.positions[p] = eid
             cursor.rows += table.num_rows
@@ -279,6 +311,7 @@ class RedisStream(Stream):
             for key, eid, _ in cursor.acks:
                 pipe.xack(key, self.group, eid)
             acked = sum(rows for (_, _, rows), n in zip(cursor.acks, pipe.execute(), strict=True) if n)
+            self._held.difference_update((key, eid) for key, eid, _ in cursor.acks)
             if acked:
                 self.client.hincrby(self.rows_key, f"acked:{self.group}", acked)
 

@@ -206,3 +206,24 @@ def test_a_poll_of_only_dead_letters_looks_further(redis_server, sample_rows):
     s.append(sample_rows(0, 50))
     t, _ = s.poll(50)  # the first entries read are all malformed: the same poll goes on to the good one
     assert t is not None and t.num_rows == 50 and len(s.dead_lettered) == 3
+
+
+def test_live_consumer_keeps_its_uncommitted_entries(redis_server, sample_rows):
+    """A student commits only at its checkpoint, long after the poll: its heartbeats keep other consumers off the
+    entries it holds, it is never handed them twice, and once it stops they are claimed."""
+    a = RedisStream(redis_server.url, "live", consumer="a", entry_rows=50, claim_idle_ms=200)
+    b = RedisStream(redis_server.url, "live", consumer="b", entry_rows=50, claim_idle_ms=200)
+    a.append(sample_rows(0, 150))
+    held, _ = a.poll(50)
+    for _ in range(8):  # 0.4 s, twice the claim idle time, without committing; a only heartbeats
+        time.sleep(0.05)
+        a._next_beat = 0.0  # beat now, whatever the interval (keeps the test independent of scheduling)
+        a.heartbeat()
+        b_rows, _ = b.poll(1000)
+        assert not ids_of(b_rows) & ids_of(held)  # b does not take them over
+    time.sleep(0.3)  # a is silent now: its entries go idle; its own next poll must not hand them out again
+    t, _ = a.poll(1000)
+    assert not ids_of(t) & ids_of(held)
+    time.sleep(0.3)
+    claimed, _ = b.poll(1000)
+    assert ids_of(held) <= ids_of(claimed)  # ... and b takes them over
