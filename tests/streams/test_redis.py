@@ -227,3 +227,23 @@ def test_live_consumer_keeps_its_uncommitted_entries(redis_server, sample_rows):
     time.sleep(0.3)
     claimed, _ = b.poll(1000)
     assert ids_of(held) <= ids_of(claimed)  # ... and b takes them over
+
+
+def test_each_student_population_gets_every_row(redis_server, sample_rows):
+    """One joined stream, N student groups: each group sees all rows, with its own lag; consumers within a group
+    share them."""
+    s = RedisStream(redis_server.url, "fanout", partitions=2, entry_rows=25)
+    s.append(sample_rows(0, 200))
+    groups = {g: [RedisStream(redis_server.url, "fanout", partitions=2, group=g, consumer=c, entry_rows=25)
+                  for c in ("c1", "c2")] for g in ("small", "wide")}
+    for g, consumers in groups.items():
+        got = []
+        for c in consumers * 10:  # the group's two consumers take turns
+            t, cur = c.poll(30)
+            if t is not None:
+                got.append(column_np(t, "sample_id"))
+                c.commit(cur)
+        ids = np.concatenate(got)
+        assert sorted(ids.tolist()) == list(range(200)), g  # every row once per group
+        assert consumers[0].lag() == 0
+    assert groups["small"][0].lag() == 0 and RedisStream(redis_server.url, "fanout", 2, group="new").lag() == 200
