@@ -88,8 +88,11 @@ class LocalStream(Stream):
         # The IPC file format allows one dictionary per field: chunks of a dictionary column (teacher_version) must
         # share theirs.
         part = part.unify_dictionaries()
-        with self.fs.open(tmp, "wb") as f, pa.ipc.new_file(f, part.schema) as w:
+        sink = pa.BufferOutputStream()  # serialise in memory, then one write: the IPC writer makes a call per buffer
+        with pa.ipc.new_file(sink, part.schema) as w:
             w.write_table(part)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(sink.getvalue())
         self.fs.mv(tmp, f"{self._pdir(p)}/{name}")
         self._next_append[p] = first + rows
 

@@ -9,7 +9,14 @@ import pyarrow as pa
 import pytest
 
 from recdistill.config import StreamConfig
-from recdistill.streams.base import DuplicateFilter, column_np, version_column
+from recdistill.streams.base import (
+    DuplicateFilter,
+    column_np,
+    joined_schema,
+    sample_schema,
+    signal_schema,
+    version_column,
+)
 from recdistill.streams.joiner import JoinCore, Joiner
 from recdistill.streams.local import LocalStream
 
@@ -222,3 +229,22 @@ def test_plain_string_versions_are_accepted():
     out = c.step(samples_of([0, 1]), pa.concat_tables([plain]), None, 0)
     out2 = c.step(None, signals([1]), None, 0)  # dictionary-encoded, as the schema has it
     assert [r["teacher_version"] for r in (out.to_pylist() + out2.to_pylist())] == ["v2", "v1"]
+
+
+def test_output_has_the_joined_schema_of_the_sample_schema():
+    tasks = ["ctr", "watch_time"]
+    schema = sample_schema(tasks)
+    ids = np.arange(4, dtype=np.int64)
+    rows = pa.table({"sample_id": ids, "event_time_ms": 1_000 + ids * 10, "seq": ids,
+                     "day": pa.array(np.zeros(4, np.int32)), "traffic": pa.array(np.ones(4, np.int32)),
+                     "label_ctr": pa.array(np.ones(4, np.float32)),
+                     "label_watch_time": pa.array(np.ones(4, np.float32))},
+                    schema=schema)
+    c, _ = core()
+    out = c.step(rows, signals([0, 1]), watermark_ms=None, now_ms=0)
+    tail = c.step(None, None, watermark_ms=10**9, now_ms=0)
+    want = joined_schema(schema, T)
+    assert out.schema.equals(want) and tail.schema.equals(want)
+    assert want.field("logits").type == signal_schema(T).field("logits").type and want.field("logits").nullable
+    assert column_np(out, "has_signal").tolist() == [True, True]
+    assert column_np(tail, "has_signal").tolist() == [False, False]
