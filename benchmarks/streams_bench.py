@@ -38,6 +38,7 @@ from recdistill.streams.redis import RedisStream
 from recdistill.streams.server import RedisServer
 
 TASKS = ("ctr", "cvr", "watch_time")
+PRODUCER_TICK_S = 0.01  # latency run: the sample producer appends this often (adds up to a tick to the latency)
 
 
 def samples(ids: np.ndarray, times: np.ndarray) -> pa.Table:
@@ -158,7 +159,7 @@ def bench_latency(seconds: float, rate: int, max_delay_ms: int, poll_ms: int, ro
 
     def produce():
         pending: list[tuple[float, np.ndarray, np.ndarray]] = []  # (send at, ids, event times) of signals
-        next_id, tick = 0, 0.01
+        next_id, tick = 0, PRODUCER_TICK_S
         while not stop.is_set():
             now = time.time()
             k = int(rate * tick)
@@ -180,14 +181,15 @@ def bench_latency(seconds: float, rate: int, max_delay_ms: int, poll_ms: int, ro
     th = threading.Thread(target=produce, daemon=True)
     th.start()
     t_end = time.monotonic() + seconds
-    while time.monotonic() < t_end:
-        j.step(timeout=poll_ms / 1000)
+    while time.monotonic() < t_end:  # one step per poll interval; the step itself never waits
+        j.step()
         time.sleep(poll_ms / 1000)
     stop.set()
     th.join()
     m = j.metrics()
     target = max_delay_ms + poll_ms
     return {"seconds": seconds, "rate_rows_per_s": rate, "max_delay_ms": max_delay_ms, "poll_ms": poll_ms,
+            "producer_tick_ms": PRODUCER_TICK_S * 1000,
             "joined": m["join/joined"], "expired": m["join/expired"], "late": m["join/late"],
             "latency_p50_ms": m["join/latency_p50_ms"], "latency_p99_ms": m["join/latency_p99_ms"],
             "emit_latency_p99_ms": m["join/emit_latency_p99_ms"], "target_p99_ms": target,
