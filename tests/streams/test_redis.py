@@ -21,15 +21,16 @@ def ids_of(table):
 
 
 def test_dead_consumer_entries_are_claimed(redis_server, sample_rows):
-    a = RedisStream(redis_server.url, "claim", consumer="a", entry_rows=50, claim_idle_ms=100)
-    b = RedisStream(redis_server.url, "claim", consumer="b", entry_rows=50, claim_idle_ms=100)
+    # idle times are generous against a loaded machine's scheduling pauses
+    a = RedisStream(redis_server.url, "claim", consumer="a", entry_rows=50, claim_idle_ms=400)
+    b = RedisStream(redis_server.url, "claim", consumer="b", entry_rows=50, claim_idle_ms=400)
     a.append(sample_rows(0, 200))
     lost, _ = a.poll(100)  # consumer a takes 100 rows and dies without committing
     got, cur = b.poll(1000)
     assert ids_of(got) == set(range(100, 200))  # b gets the undelivered rows at once
     b.commit(cur)
     assert b.poll(1000)[0] is None  # a's entries are not idle long enough yet
-    time.sleep(0.15)
+    time.sleep(0.45)
     claimed, cur = b.poll(1000)
     assert ids_of(claimed) == ids_of(lost) == set(range(100))
     b.commit(cur)
@@ -211,20 +212,20 @@ def test_a_poll_of_only_dead_letters_looks_further(redis_server, sample_rows):
 def test_live_consumer_keeps_its_uncommitted_entries(redis_server, sample_rows):
     """A student commits only at its checkpoint, long after the poll: its heartbeats keep other consumers off the
     entries it holds, it is never handed them twice, and once it stops they are claimed."""
-    a = RedisStream(redis_server.url, "live", consumer="a", entry_rows=50, claim_idle_ms=200)
-    b = RedisStream(redis_server.url, "live", consumer="b", entry_rows=50, claim_idle_ms=200)
+    a = RedisStream(redis_server.url, "live", consumer="a", entry_rows=50, claim_idle_ms=500)
+    b = RedisStream(redis_server.url, "live", consumer="b", entry_rows=50, claim_idle_ms=500)
     a.append(sample_rows(0, 150))
     held, _ = a.poll(50)
-    for _ in range(8):  # 0.4 s, twice the claim idle time, without committing; a only heartbeats
+    for _ in range(12):  # 0.6 s, longer than the claim idle time, without committing; a only heartbeats
         time.sleep(0.05)
         a._next_beat = 0.0  # beat now, whatever the interval (keeps the test independent of scheduling)
         a.heartbeat()
         b_rows, _ = b.poll(1000)
         assert not ids_of(b_rows) & ids_of(held)  # b does not take them over
-    time.sleep(0.3)  # a is silent now: its entries go idle; its own next poll must not hand them out again
+    time.sleep(0.6)  # a is silent now: its entries go idle; its own next poll must not hand them out again
     t, _ = a.poll(1000)
     assert not ids_of(t) & ids_of(held)
-    time.sleep(0.3)
+    time.sleep(0.6)
     claimed, _ = b.poll(1000)
     assert ids_of(held) <= ids_of(claimed)  # ... and b takes them over
 
