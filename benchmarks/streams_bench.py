@@ -5,9 +5,11 @@
 
 1. joiner rows/s on one core (the process pinned to one CPU, Arrow's pool at one thread): the join core alone on
    batches in memory, and end to end on the local backend (poll two local streams, join, append the joined stream);
-   target >= 1M joined rows/s. Also per CPU-second of the process, which a machine shared with other work
-   deflates less than wall-clock rows/s (the result records the load average either way). Inputs: 5% of samples
-   re-delivered, 10% without a signal, signals shuffled and up to half a batch behind their samples.
+   target >= 1M joined rows/s. The end-to-end run goes once to a directory of the local disk and once to fsspec's
+   memory:// file system, to tell the file system's share from the stream code's. Also per CPU-second of the
+   process, which a machine shared with other work deflates less than wall-clock rows/s (the result records the
+   load average either way). Inputs: 5% of samples re-delivered, 10% without a signal, signals shuffled and up to
+   half a batch behind their samples.
 2. redis append and consume (poll + commit) rows/s on loopback against a private redis-server (AOF on, everysec),
    entries of `--entry-rows` rows; target >= 200K rows/s each.
 3. join latency in real time: samples produced at `--rate` rows/s with event time = wall clock, each signal sent
@@ -215,6 +217,8 @@ def main() -> None:
         res["pinned_cpu"] = pin_one_core()
         res["join_core"] = bench_join_core(n_join, args.batch, max_delay_ms=args.batch)
         res["join_local"] = bench_join_local(n_join, args.batch, args.batch, os.path.join(tmp, "join"))
+        # the same on fsspec's in-memory file system: the stream code's cost without the disk's
+        res["join_local_memfs"] = bench_join_local(n_join, args.batch, args.batch, "memory://streams-bench")
     res["load_avg_end"] = os.getloadavg()
     res["targets"] = {"joined_rows_per_s_one_core": 1_000_000, "redis_append_rows_per_s": 200_000,
                       "redis_consume_rows_per_s": 200_000}
@@ -223,6 +227,7 @@ def main() -> None:
                "joiner_core_rows_per_cpu_s": round(res["join_core"]["joined_rows_per_cpu_s"]),
                "joiner_local_rows_per_s": round(res["join_local"]["joined_rows_per_s"]),
                "joiner_local_rows_per_cpu_s": round(res["join_local"]["joined_rows_per_cpu_s"]),
+               "joiner_local_memfs_rows_per_s": round(res["join_local_memfs"]["joined_rows_per_s"]),
                "redis_append_rows_per_s": round(res["redis"]["append_rows_per_s"]),
                "redis_consume_rows_per_s": round(res["redis"]["consume_rows_per_s"]),
                "join_latency_p50_ms": res["latency"]["latency_p50_ms"],

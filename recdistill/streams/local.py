@@ -48,6 +48,7 @@ class LocalStream(Stream):
         self.committed = {p: 0 for p in range(partitions)}
         self.position = dict(self.committed)  # next offset to hand out, per partition
         self._rr = 0  # round-robin start partition of the next poll
+        self._cache: dict[str, tuple[str, pa.Table]] = {}  # partition dir -> (path, table) of the last segment read
 
     def _pdir(self, p: int) -> str:
         return f"{self.base}/p={p}"
@@ -115,11 +116,18 @@ class LocalStream(Stream):
         return pa.concat_tables(parts) if parts else None
 
     def _load(self, path: str) -> pa.Table:
+        # A poll that ends inside a segment leaves the rest for the next poll: keep the last segment read per
+        # partition directory so it is not read and decoded twice.
+        cached = self._cache.get(path.rsplit("/", 1)[0])
+        if cached is not None and cached[0] == path:
+            return cached[1]
         try:
             with self.fs.open(path, "rb") as f:
-                return pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
+                table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
         except (pa.ArrowInvalid, OSError) as e:
             raise StreamError(f"stream {self.name!r}: segment {path} is unreadable ({e})") from e
+        self._cache[path.rsplit("/", 1)[0]] = (path, table)
+        return table
 
     def poll(self, max_rows: int, timeout: float = 0.0) -> tuple[pa.Table | None, Cursor]:
         """Rows after this consumer's position, partitions visited round-robin so none starves."""
