@@ -54,8 +54,14 @@ from recdistill.streams.base import (
 
 
 def match_ids(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ia, ib) with a[ia] == b[ib], for arrays of unique ids: one sort of b and a binary search per id of a
-    (np.intersect1d with indices sorts both together with a stable sort, about twice the work)."""
+    """(ia, ib) with a[ia] == b[ib], for arrays of unique ids: one sort of the shorter array and a binary search
+    per id of the longer (np.intersect1d with indices sorts both together with a stable sort). The shorter one is
+    usually the new batch: when one input runs ahead of the other, its pool of waiting rows grows large."""
+    if not len(a) or not len(b):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    if len(a) < len(b):
+        ib, ia = match_ids(b, a)
+        return ia, ib
     order = np.argsort(b)
     sb = b[order]
     pos = np.searchsorted(sb, a)

@@ -19,7 +19,7 @@ from recdistill.streams.base import (
     signal_schema,
     version_column,
 )
-from recdistill.streams.joiner import JoinCore, Joiner
+from recdistill.streams.joiner import JoinCore, Joiner, match_ids
 from recdistill.streams.local import LocalStream
 from recdistill.streams.redis import RedisStream, ServerRestarted
 from recdistill.streams.server import RedisServer
@@ -316,3 +316,13 @@ def _cut_aof_tail(directory, fraction):
     path = os.path.join(directory, "appendonly.aof")
     size = os.path.getsize(path)
     os.truncate(path, int(size * (1 - fraction)))
+
+
+@pytest.mark.parametrize("sizes", [(0, 5), (5, 0), (3, 50), (50, 3), (40, 40)])
+def test_match_ids_pairs_equal_ids_whichever_side_is_longer(sizes):
+    rng = np.random.default_rng(sum(sizes))
+    a = rng.permutation(100)[:sizes[0]].astype(np.int64)
+    b = rng.permutation(100)[:sizes[1]].astype(np.int64)
+    ia, ib = match_ids(a, b)
+    np.testing.assert_array_equal(a[ia], b[ib])
+    assert set(a[ia].tolist()) == set(a.tolist()) & set(b.tolist())
