@@ -112,7 +112,7 @@ class Tracker:
         # resumed run appends to them.
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in finish()
         if self.mode != "disabled":
-            import wandb  # imported here: ~0.7 s, and not needed when tracking is off
+            import wandb  # imported here: slow to import, and not needed when tracking is off
 
             os.environ.setdefault("WANDB_SILENT", "true")
             resume = {"id": resume_id, "resume": "allow"} if resume_id else {}
@@ -166,9 +166,8 @@ class Tracker:
             import wandb
 
             self._wandb.finish(exit_code=exit_code)
-            # wandb 0.31's finish() can return before its service process has written the run's records (seen here:
-            # a 7-byte .wandb file right after finish, the full history a second later); teardown waits for the
-            # service to flush and exit. The next Tracker in this process starts a new service (~0.7 s).
+            # wandb's finish() can return before its service process has written the run's records; teardown waits
+            # for the service to flush and exit (the next Tracker in this process starts a new service).
             wandb.teardown()
             self._wandb = None
         if self._jsonl is not None:

@@ -142,7 +142,7 @@ class StudentTrainer:
         # The gate is a one-sided test: the batch's signals pass only if their AUC is two standard errors above
         # signal_min_auc. A bare threshold lets ~1 in 4 random-garbage batches of 64 samples through (the AUC of
         # noise on 64 samples has a standard error near 0.07); two SEs let ~2% through at any batch size, while a
-        # real teacher (in-batch AUC ~0.7) still passes at 64 samples.
+        # real teacher still passes at 64 samples.
         batch_auc, se = batch_signal_auc(logits[:, col], batch.labels[gate_task], mask[:, col], with_se=True)
         if batch_auc == batch_auc and batch_auc - 2 * se < self.s.signal_min_auc:  # NaN (too few labels) passes
             c.rejected_batches += 1
