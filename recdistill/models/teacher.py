@@ -17,10 +17,9 @@ categories against the candidate's. Two parts do it: the target's category is a 
 made from the item id alone has to learn each item's category before attention can match anything), and a few
 parameter-free target-match statistics of the visible history (SIM-style hard search by category: share and
 log-count of the events in the candidate's category over the last 8, 64 and `history_len` events, plus the log
-history length) go into TokenMixer. On the synthetic world the LONGER encoder alone made a 1,024-event history
-score the same as a 128-event one (benchmarks/teacher_scaling.py: their predictions correlated at 0.9997).
-Pure PyTorch: the training code shards the
-embedding collections and wraps the rest.
+history length) go into TokenMixer. Without them the LONGER encoder alone could not tell a long history from a
+short one on the synthetic world (docs/LOG.md). Pure PyTorch: the training code shards the embedding collections
+and wraps the rest.
 """
 
 from __future__ import annotations
