@@ -93,6 +93,23 @@ CONVENTIONAL_ROLES = Roles(user="user_id", item="item_id", category="item_cat", 
                            hist_action="action")
 
 
+_SHARED = False  # set in loader worker processes only (see share_new_buffers)
+
+
+def share_new_buffers(on: bool = True) -> None:
+    """Make :func:`empty_buffer` allocate in shared memory (this process only). A loader worker sets it: a tensor
+    it hands to the training process must be in shared memory, and one allocated there is sent as is, where any
+    other is first copied (at long histories that copy cost as much as making the events)."""
+    global _SHARED
+    _SHARED = on
+
+
+def empty_buffer(n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """An uninitialised [n] tensor for a source to fill (through `.numpy()`), in shared memory in a loader worker."""
+    t = torch.empty(n, dtype=dtype)
+    return t.share_memory_() if _SHARED and n else t
+
+
 def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     """[B] lengths -> [B+1] int64 offsets."""
     out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)

@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from recdistill.config import SamplingConfig
-from recdistill.data.batch import Batch
+from recdistill.data.batch import Batch, share_new_buffers
 from recdistill.data.source import DataSource, check_nested, read_view
 
 
@@ -227,8 +227,10 @@ class _Parts(IterableDataset):
         info = get_worker_info()
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
         reopen = getattr(self.loader.source, "reopen", None)
-        if info is not None and reopen is not None:
-            reopen()  # file handles inherited over fork share their offsets with the parent's
+        if info is not None:
+            share_new_buffers()  # histories made in shared memory reach the training process without a copy
+            if reopen is not None:
+                reopen()  # file handles inherited over fork share their offsets with the parent's
         for i, item in enumerate(self.loader.items(self.start)):
             if i % n == wid:
                 yield self.loader.read_part(item)

@@ -49,7 +49,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.config import DataConfig
-from recdistill.data.batch import Batch, History, Roles, Schema, TaskSpec
+from recdistill.data.batch import Batch, History, Roles, Schema, TaskSpec, empty_buffer
 from recdistill.data.sampling import SamplingConfig, hash_uniform, keep_mask, maybe_kept, splitmix64
 
 KNOWN_TASKS = {"ctr": "binary", "cvr": "binary", "watch_time": "continuous"}
@@ -204,7 +204,8 @@ class SyntheticWorld:
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         total = int(offsets[-1])
-        out = {k: np.empty(total, dtype=np.int64) for k in HISTORY}
+        buffers = {k: empty_buffer(total) for k in HISTORY}  # shared memory in a loader worker: sent without a copy
+        out = {k: v.numpy() for k, v in buffers.items()}
         # blocks of whole rows with about _EVENT_BLOCK events each (a Python loop over blocks, not samples)
         cuts = np.unique(np.r_[np.searchsorted(offsets, np.arange(0, total, _EVENT_BLOCK), side="right") - 1, n])
         for r0, r1 in zip(cuts[:-1], cuts[1:], strict=True):
@@ -214,7 +215,7 @@ class SyntheticWorld:
             ev = self.events(user[row], j, interests, row)
             for k in HISTORY:
                 out[k][e0:e1] = ev[k]
-        return History(torch.from_numpy(offsets), {k: torch.from_numpy(v) for k, v in out.items()})
+        return History(torch.from_numpy(offsets), buffers)
 
     # ---- drift ---------------------------------------------------------------------------------------------
     def _walk(self, ids: np.ndarray, day: int, salt: int, step_sd: float) -> np.ndarray:
