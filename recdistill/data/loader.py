@@ -26,8 +26,13 @@ yields exactly the batches that followed it: resuming costs one work item, not a
 **Workers.** `workers=0`: parts are read and cut on one background thread, `prefetch` batches ahead. `workers=N`:
 N processes (torch DataLoader over an IterableDataset) read the parts, worker w the items i with i % N == w; the
 DataLoader hands results back round-robin in dispatch order and every worker yields exactly one part per item, so
-the parts, and the batches cut from them here, are the same sequence for any N. With `device` a CUDA device, parts
-come back in pinned memory and each batch is copied to the device on a side stream one batch ahead.
+the parts, and the batches cut from them here, are the same sequence for any N. Workers are forked (the source is
+not pickled; a source with open files gets `reopen()` in each worker), and the world makes its histories in shared
+memory there (recdistill/data/batch.py `share_new_buffers`), so handing them over copies nothing.
+
+**CUDA.** With `device` a CUDA device, batches are pinned (with workers, the DataLoader pins each part and a sliced
+batch keeps its history, dense and label tensors there; its small sparse ids and offsets are new, pageable tensors)
+and each batch is copied to the device on a side stream one batch ahead of the consumer.
 """
 
 from __future__ import annotations
