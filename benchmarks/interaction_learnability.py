@@ -58,7 +58,7 @@ FIELDS = {"useg": "user_segment", "iseg": "item_segment", "slot": "context_slot"
 
 def fields(w: SyntheticWorld, day: int, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(field ids, every per-sample array of the world: labels, traffic, sample ids, ...) of the rows of `day`."""
-    x = w._samples(day, 0, n)
+    x = w._samples(day, np.arange(n, dtype=np.int64))
     return {k: x[k] for k in FIELDS}, x
 
 

@@ -155,7 +155,13 @@ class DataConfig(Section):
     samples_per_day: int = Field(20_000, ge=1, description="Unsampled samples per day (synthetic).")
     history_len: int = Field(1024, ge=1, le=MAX_HISTORY, description="Max history events kept per sample.")
     batch_size: int = Field(512, ge=1, description="Samples per batch per rank (after sampling).")
-    prefetch: int = Field(4, ge=0, description="Batches prepared ahead on a background thread (0: inline).")
+    prefetch: int = Field(4, ge=0, description="Batches prepared ahead on a background thread (0: inline); used "
+                          "when workers is 0.")
+    workers: int = Field(0, ge=0, le=64, description="Loader worker processes per rank (torch DataLoader): each "
+                         "reads its share of the (day, chunk) work items, and the batches are the same sequence for "
+                         "any number. 0: one background thread in the training process. A long-history teacher "
+                         "wants enough of them to out-run the GPU (benchmarks/loader_bench.py gives the rate of "
+                         "one).")
     tasks: list[TaskConfig] = Field(
         default_factory=lambda: [
             TaskConfig(name="ctr", kind="binary"),

@@ -39,6 +39,22 @@ def make_batch(n: int = 9, seed: int = 0) -> Batch:
                  history=hist)
 
 
+def assert_same_batch(a: Batch, b: Batch, what: str = "") -> None:
+    """Every field of two Batches equal (values and dtypes), `what` named in the failure message."""
+    for name in ("sample_id", "day", "traffic", "dense"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), f"{what}: {name}"
+    assert a.sampling == b.sampling, f"{what}: sampling"
+    for fa, fb, name in ((a.labels, b.labels, "labels"), (a.p_true or {}, b.p_true or {}, "p_true")):
+        assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa), f"{what}: {name}"
+    assert a.sparse.keys() == b.sparse.keys(), f"{what}: sparse keys"
+    for k in a.sparse.keys():
+        assert torch.equal(a.sparse[k].values(), b.sparse[k].values()), f"{what}: sparse {k}"
+        assert torch.equal(a.sparse[k].lengths(), b.sparse[k].lengths()), f"{what}: sparse {k} lengths"
+    assert torch.equal(a.history.offsets, b.history.offsets), f"{what}: history offsets"
+    assert a.history.fields.keys() == b.history.fields.keys(), f"{what}: history fields"
+    for k in a.history.fields:
+        assert torch.equal(a.history.fields[k], b.history.fields[k]), f"{what}: history {k}"
 
 
 # ---- signal store -------------------------------------------------------------------------------------------

@@ -93,6 +93,23 @@ CONVENTIONAL_ROLES = Roles(user="user_id", item="item_id", category="item_cat", 
                            hist_action="action")
 
 
+_SHARED = False  # set in loader worker processes only (see share_new_buffers)
+
+
+def share_new_buffers(on: bool = True) -> None:
+    """Make :func:`empty_buffer` allocate in shared memory (this process only). A loader worker sets it: a tensor
+    it hands to the training process must be in shared memory, and one allocated there is sent as is, where any
+    other is first copied (at long histories that copy cost as much as making the events)."""
+    global _SHARED
+    _SHARED = on
+
+
+def empty_buffer(n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """An uninitialised [n] tensor for a source to fill (through `.numpy()`), in shared memory in a loader worker."""
+    t = torch.empty(n, dtype=dtype)
+    return t.share_memory_() if _SHARED and n else t
+
+
 def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     """[B] lengths -> [B+1] int64 offsets."""
     out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
@@ -135,6 +152,16 @@ class History:
         pos, off = jagged_index(self.offsets, idx)
         return History(off, {k: v[pos] for k, v in self.fields.items()})
 
+    def slice(self, start: int, stop: int) -> History:
+        """Rows [start, stop): views of the values (offsets arithmetic, nothing gathered or copied but offsets)."""
+        lo, hi = int(self.offsets[start]), int(self.offsets[stop])
+        return History(self.offsets[start : stop + 1] - lo, {k: v[lo:hi] for k, v in self.fields.items()})
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        self.offsets.record_stream(stream)
+        for v in self.fields.values():
+            v.record_stream(stream)
+
     def last(self, n: int) -> History:
         """Keep only the n most recent events of each row."""
         lengths = self.lengths.clamp(max=n)
@@ -155,6 +182,20 @@ def _kjt_select(kjt: KeyedJaggedTensor, idx: torch.Tensor) -> KeyedJaggedTensor:
     weights = kjt.weights_or_none()
     return KeyedJaggedTensor(keys=keys, values=kjt.values()[pos], lengths=new_off.diff(),
                              weights=None if weights is None else weights[pos], stride=idx.numel())
+
+
+def _kjt_slice(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
+    """Rows [start, stop) of a KJT: one value range per key (key-major layout), no per-row work."""
+    keys, b = kjt.keys(), kjt.stride()
+    if not keys:
+        return kjt
+    bounds = kjt.offsets().view(-1)[[k * b + r for k in range(len(keys)) for r in (start, stop)]].tolist()
+    spans = list(zip(bounds[::2], bounds[1::2], strict=True))
+    weights = kjt.weights_or_none()
+    return KeyedJaggedTensor(keys=keys, values=torch.cat([kjt.values()[lo:hi] for lo, hi in spans]),
+                             lengths=kjt.lengths().view(len(keys), b)[:, start:stop].reshape(-1),
+                             weights=None if weights is None else torch.cat([weights[lo:hi] for lo, hi in spans]),
+                             stride=stop - start)
 
 
 @dataclass
@@ -221,6 +262,25 @@ class Batch:
             history=self.history.select(idx),
             p_true=None if self.p_true is None else {k: v[idx] for k, v in self.p_true.items()},
         )
+
+    def slice(self, start: int, stop: int) -> Batch:
+        """Rows [start, stop) as a new Batch: views of this batch's tensors, except the sparse values (one copy per
+        key) and the offsets; cheaper than `select` of the same rows, and equal to it."""
+        s = slice(start, stop)
+        return replace(
+            self, sample_id=self.sample_id[s], day=self.day[s], traffic=self.traffic[s],
+            labels={k: v[s] for k, v in self.labels.items()}, dense=self.dense[s],
+            sparse=_kjt_slice(self.sparse, start, stop), history=self.history.slice(start, stop),
+            p_true=None if self.p_true is None else {k: v[s] for k, v in self.p_true.items()})
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Mark every tensor as used on `stream` (CUDA): the caching allocator keeps their memory until the work
+        queued there is done, when the batch was copied on another stream (the loader's device prefetch)."""
+        for t in (self.sample_id, self.day, self.traffic, self.dense, *self.labels.values(),
+                  *(self.p_true or {}).values()):
+            t.record_stream(stream)
+        self.sparse.record_stream(stream)
+        self.history.record_stream(stream)
 
     @staticmethod
     def concat(batches: list[Batch]) -> Batch:

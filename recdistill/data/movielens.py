@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recdistill.config import DataConfig
+from recdistill.config import DataConfig, SamplingConfig
 from recdistill.data.batch import Batch, History, Roles, Schema, TaskSpec, offsets_from_lengths
+from recdistill.data.sampling import keep_mask
 
 TASKS = {"ctr": "binary", "rating": "continuous"}
 SPARSE = ("user_id", "item_id", "item_cat", "genres", "age", "gender", "occupation", "release_year")
@@ -132,11 +133,25 @@ class MovieLensSource:
     def num_rows(self, day: int) -> int:
         return int(self.day_start[day + 1] - self.day_start[day])
 
-    def read(self, day: int, start: int, stop: int) -> Batch:
-        """Ratings [start, stop) of time bucket `day`, in time order."""
+    def read(self, day: int, start: int, stop: int, view: SamplingConfig | None = None) -> Batch:
+        """Ratings [start, stop) of time bucket `day`, in time order; with `view`, those it keeps (decided from
+        sample id and rating before any history is gathered)."""
         if not (0 <= day < self.num_days) or not (0 <= start <= stop <= self.num_rows(day)):
             raise ValueError(f"movielens: rows [{start}, {stop}) of day {day} do not exist")
-        rows = self.order[self.day_start[day] + start : self.day_start[day] + stop]
+        idx = np.arange(start, stop, dtype=np.int64)
+        rows = self.order[self.day_start[day] + idx]
+        if view is not None:
+            positive = self._labels(rows)[view.task] > 0.5
+            keep = keep_mask((np.int64(day) << np.int64(40)) | idx, positive, np.zeros(len(rows), dtype=np.int64),
+                             view, 1)
+            idx, rows = idx[keep], rows[keep]
+        return self._batch(day, idx, rows, view)
+
+    def _labels(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"ctr": (self.rating[rows] >= 4).astype(np.float32), "rating": self.rating[rows].copy()}
+
+    def _batch(self, day: int, idx: np.ndarray, rows: np.ndarray, view: SamplingConfig | None) -> Batch:
+        """Ratings `rows` (indices into the raw arrays), which are rows `idx` of `day`, as a Batch."""
         n = len(rows)
         end = self.hist_end[rows]
         begin = np.maximum(self.hist_start[rows], end - self.history_len)  # the most recent history_len events
@@ -149,9 +164,9 @@ class MovieLensSource:
                   "occupation": self.user_feats["occupation"][user], "release_year": self.item_year[item]}
         ones = np.ones(n, dtype=np.int64)
         t = torch.from_numpy
-        labels = {"ctr": (self.rating[rows] >= 4).astype(np.float32), "rating": self.rating[rows].copy()}
+        labels = self._labels(rows)
         return Batch(
-            sample_id=t((np.int64(day) << np.int64(40)) | np.arange(start, stop, dtype=np.int64)),
+            sample_id=t((np.int64(day) << np.int64(40)) | idx),
             day=torch.full((n,), day, dtype=torch.int32), traffic=torch.zeros(n, dtype=torch.int64),
             labels={x.name: t(labels[x.name]) for x in self.tasks},
             dense=torch.zeros(n, 0),
@@ -162,6 +177,7 @@ class MovieLensSource:
             history=History(offsets_from_lengths(t(end - begin)),
                             {"item": t(self.item[ev]), "cat": t(self.item_cat[self.item[ev]]),
                              "action": t(self.rating[ev].astype(np.int64)), "ts": t(self.ts[ev])}),
+            sampling=view,
         )
 
 

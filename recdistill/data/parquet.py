@@ -40,7 +40,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recdistill.config import DataConfig, SamplingConfig
 from recdistill.data.batch import CONVENTIONAL_ROLES, Batch, History, Roles, Schema, TaskSpec, offsets_from_lengths
 from recdistill.data.roles import source_roles
-from recdistill.data.source import DataSource, apply_view, check_nested
+from recdistill.data.sampling import keep_mask
+from recdistill.data.source import DataSource, apply_view, check_nested, read_view
 from recdistill.errors import RecdistillError
 from recdistill.tracking import progress as bar
 
@@ -114,6 +115,7 @@ class ParquetSource:
         if not self.files:
             raise DataError(f"{self.path}: no *.parquet files")
         self._cache: tuple[tuple[str, int], pa.Table] | None = None
+        self._key_cache: tuple[tuple[str, int, str], pa.Table] | None = None  # a group's view-decision columns
         self._handles: dict[str, tuple[pq.ParquetFile, object]] = {}  # a few open files, oldest first
         self.runs: dict[int, list[_Run]] = {}
         first_schema, first_meta, ids = None, {}, []
@@ -153,6 +155,11 @@ class ParquetSource:
         return cls(data_cfg.path, history_len=data_cfg.history_len)
 
     # ---- file access -----------------------------------------------------------------------------------------
+    def reopen(self) -> None:
+        """Forget open files and cached row groups (the loader calls it in each worker process: a file handle
+        inherited over fork shares its offset with the parent's, so concurrent reads would interleave)."""
+        self._handles, self._cache, self._key_cache = {}, None, None
+
     def _open(self, f: str) -> pq.ParquetFile:
         if f not in self._handles:
             if len(self._handles) >= 8:  # bounded: a directory may hold thousands of files
@@ -303,10 +310,41 @@ class ParquetSource:
             offset += run.stop - run.start
         return out
 
-    def read(self, day: int, start: int, stop: int) -> Batch:
-        """Rows [start, stop) of `day` (in file order) as a Batch."""
-        return Batch.concat([self._to_batch(self._group(r.file, r.group).slice(lo, n), r.file)
-                             for r, lo, n in self._pieces(day, start, stop)])
+    def read(self, day: int, start: int, stop: int, view: SamplingConfig | None = None) -> Batch:
+        """Rows [start, stop) of `day` (in file order) as a Batch; with `view`, only the rows it keeps.
+
+        Pushdown: the keep decision reads only sample_id, traffic and the view's label column, and the other columns
+        of the kept rows alone are converted and checked. Parquet decodes a column by pages, and pyarrow has no row
+        selection below that, so the row group's other columns are still decoded whole when any of its rows is kept.
+        """
+        parts = []
+        for r, lo, n in self._pieces(day, start, stop):
+            if view is None:
+                parts.append(self._to_batch(self._group(r.file, r.group).slice(lo, n), r.file))
+                continue
+            keep = self._keep(r, lo, n, view)
+            if parts and not keep.any():
+                continue  # a fully dropped piece is never decoded (the first is kept: it gives an empty Batch)
+            parts.append(self._to_batch(self._group(r.file, r.group).slice(lo, n).filter(pa.array(keep)), r.file))
+        out = Batch.concat(parts)
+        if view is not None:
+            out.sampling = view
+        return out
+
+    def _keep(self, run: _Run, lo: int, n: int, view: SamplingConfig) -> np.ndarray:
+        """Keep decision of `view` for rows [lo, lo + n) of a run's row group, from its key columns alone."""
+        label = f"label_{view.task}"
+        key = (run.file, run.group, label)
+        if self._key_cache is None or self._key_cache[0] != key:  # a loader reads a group's chunks in turn
+            self._key_cache = (key, self._read(run.file, run.group, ["sample_id", "traffic", label]))
+        t = self._key_cache[1].slice(lo, n)
+        for col in t.column_names:
+            if t.column(col).null_count:
+                raise DataError(f"{run.file}: column '{col}' has {t.column(col).null_count} null values")
+        traffic = _in_range(run.file, "traffic", torch.from_numpy(t.column("traffic").to_numpy().astype(np.int64)),
+                            self.schema.num_traffic).numpy()
+        return keep_mask(t.column("sample_id").to_numpy(), t.column(label).to_numpy() > 0.5, traffic, view,
+                         self.schema.num_traffic)
 
     def read_columns(self, day: int, columns: list[str]) -> pa.Table:
         """Some columns of every row of `day` as one Arrow table (for summaries: decodes only those columns)."""
@@ -517,7 +555,7 @@ def write_parquet(source_or_batches, out_dir: str, days: list[int] | None = None
         days = src.days() if days is None else list(days)
         chunks = [(d, s, min(s + row_group_rows, src.num_rows(d))) for d in days
                   for s in range(0, src.num_rows(d), row_group_rows)]
-        batches = (src.read(d, s, e) for d, s, e in bar(chunks, desc="export", enabled=progress))
+        batches = (read_view(src, d, s, e, view) for d, s, e in bar(chunks, desc="export", enabled=progress))
         sampling = src.sampling
         list_sparse = {*list_sparse, *getattr(src, "list_sparse", ())}  # a source may declare its multi-id features
         roles = roles if roles is not None else source_roles(src)
@@ -538,7 +576,8 @@ def write_parquet(source_or_batches, out_dir: str, days: list[int] | None = None
     files = _DayFiles(out_dir, layout_metadata(schema, sampling, roles), rows_per_file, set(list_sparse))
     try:
         for b in batches:
-            b = apply_view(b, view, schema.num_traffic)
+            if not is_source:  # a source's rows were read through the view already
+                b = apply_view(b, view, schema.num_traffic)
             files.write(b, schema)
     finally:
         files.close()

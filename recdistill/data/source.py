@@ -10,7 +10,9 @@ sources (and the loader, and the Parquet writer) can import it without cycles.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -38,8 +40,10 @@ class DataSource(Protocol):
         """Rows stored for `day`."""
         ...
 
-    def read(self, day: int, start: int, stop: int) -> Batch:
-        """Rows [start, stop) of `day` as a Batch, in a fixed order."""
+    def read(self, day: int, start: int, stop: int, view: SamplingConfig | None = None) -> Batch:
+        """Rows [start, stop) of `day` as a Batch, in a fixed order. With `view`: only the rows the view keeps,
+        equal to ``apply_view(read(day, start, stop), view, num_traffic)``, but the keep decision is taken from
+        sample id, label and traffic before any history of a dropped row is made or converted (view pushdown)."""
         ...
 
 
@@ -65,6 +69,21 @@ def apply_view(batch: Batch, view: SamplingConfig | None, num_traffic: int) -> B
     out = batch.select(torch.from_numpy(keep))
     out.sampling = view
     return out
+
+
+def read_view(source: DataSource, day: int, start: int, stop: int, view: SamplingConfig | None) -> Batch:
+    """Rows [start, stop) of `day` kept by `view`: pushed down into the source when its `read` takes `view` (every
+    built-in source does), else applied after a full read (a registered source written before pushdown)."""
+    if view is None:
+        return source.read(day, start, stop)
+    if _takes_view(type(source)):
+        return source.read(day, start, stop, view=view)
+    return apply_view(source.read(day, start, stop), view, source.schema.num_traffic)
+
+
+@functools.cache
+def _takes_view(cls: type) -> bool:
+    return "view" in inspect.signature(cls.read).parameters
 
 
 #: data.source name -> "module:attribute" of a callable taking the DataConfig and returning a DataSource.

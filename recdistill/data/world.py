@@ -49,8 +49,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recdistill.config import DataConfig
-from recdistill.data.batch import Batch, History, Roles, Schema, TaskSpec
-from recdistill.data.sampling import SamplingConfig, hash_uniform, keep_mask, splitmix64
+from recdistill.data.batch import Batch, History, Roles, Schema, TaskSpec, empty_buffer
+from recdistill.data.sampling import SamplingConfig, hash_uniform, keep_mask, maybe_kept, splitmix64
 
 KNOWN_TASKS = {"ctr": "binary", "cvr": "binary", "watch_time": "continuous"}
 SPARSE = ("user_id", "item_id", "item_cat", "item_tags", "user_segment", "item_segment", "context", "context_slot",
@@ -204,7 +204,8 @@ class SyntheticWorld:
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         total = int(offsets[-1])
-        out = {k: np.empty(total, dtype=np.int64) for k in HISTORY}
+        buffers = {k: empty_buffer(total) for k in HISTORY}  # shared memory in a loader worker: sent without a copy
+        out = {k: v.numpy() for k, v in buffers.items()}
         # blocks of whole rows with about _EVENT_BLOCK events each (a Python loop over blocks, not samples)
         cuts = np.unique(np.r_[np.searchsorted(offsets, np.arange(0, total, _EVENT_BLOCK), side="right") - 1, n])
         for r0, r1 in zip(cuts[:-1], cuts[1:], strict=True):
@@ -214,7 +215,7 @@ class SyntheticWorld:
             ev = self.events(user[row], j, interests, row)
             for k in HISTORY:
                 out[k][e0:e1] = ev[k]
-        return History(torch.from_numpy(offsets), {k: torch.from_numpy(v) for k, v in out.items()})
+        return History(torch.from_numpy(offsets), buffers)
 
     # ---- drift ---------------------------------------------------------------------------------------------
     def _walk(self, ids: np.ndarray, day: int, salt: int, step_sd: float) -> np.ndarray:
@@ -255,18 +256,27 @@ class SyntheticWorld:
         if not (0 <= day < self.cfg.num_days) or not (0 <= start <= stop <= self.cfg.samples_per_day):
             raise ValueError(f"rows [{start}, {stop}) of day {day} are outside the world "
                              f"({self.cfg.num_days} days x {self.cfg.samples_per_day} samples)")
-        x = self._samples(day, start, stop)
-        if view is not None:
-            keep = keep_mask(x["sid"], x["label_" + view.task] > 0.5, x["traffic"], view, self.w.num_traffic)
-            x = {k: v[keep] for k, v in x.items()}
-        return self._batch(day, x, view)
+        idx = np.arange(start, stop, dtype=np.int64)
+        if view is None:
+            return self._batch(day, self._samples(day, idx), view)
+        # Cheapest order: the ids decide the rows no label can keep; labels (and traffic) of the others decide the
+        # rest; only the kept rows then get a history (the bulk of the work at long histories).
+        idx = idx[maybe_kept(self.sample_ids(day, idx), view, self.w.num_traffic)]
+        x = self._samples(day, idx)
+        keep = keep_mask(x["sid"], x["label_" + view.task] > 0.5, x["traffic"], view, self.w.num_traffic)
+        return self._batch(day, {k: v[keep] for k, v in x.items()}, view)
+
+    @staticmethod
+    def sample_ids(day: int, idx: np.ndarray) -> np.ndarray:
+        """sample_id of rows `idx` of `day` (day << 40 | index)."""
+        return (np.int64(day) << np.int64(40)) | idx
 
     # ---- generation ----------------------------------------------------------------------------------------
-    def _samples(self, day: int, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Every per-sample array of rows [start, stop): features, latent state, ground truth and labels."""
+    def _samples(self, day: int, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Every per-sample array of rows `idx` (int64 indices within the day): features, latent state, ground truth
+        and labels."""
         w, s = self.w, self.seed
-        idx = np.arange(start, stop, dtype=np.int64)
-        sid = (np.int64(day) << np.int64(40)) | idx
+        sid = self.sample_ids(day, idx)
         n = len(idx)
         user = (_u(sid, s, 1) ** 1.3 * w.num_users).astype(np.int64)  # mildly skewed activity
         interests = self.interests(user)
@@ -306,7 +316,7 @@ class SyntheticWorld:
 
     def components(self, day: int, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(sample_id, ctr_components) of rows [start, stop) of `day`, unsampled."""
-        x = self._samples(day, start, stop)
+        x = self._samples(day, np.arange(start, stop, dtype=np.int64))
         return x["sid"], self.ctr_components(day, x)
 
     def _parts(self, day: int, x: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -186,7 +186,8 @@ class StudentTrainer:
     # ---- training ----------------------------------------------------------------------------------------------
     def loader(self, days: list[int], view) -> BatchLoader:  # noqa: ANN001 - SamplingConfig | None
         bs = self.s.batch_size or self.cfg.data.batch_size
-        return BatchLoader(self.source, days, bs, view=view, prefetch=self.cfg.data.prefetch)
+        return BatchLoader(self.source, days, bs, view=view, prefetch=self.cfg.data.prefetch,
+                           workers=self.cfg.data.workers)
 
     def train(self) -> dict:
         """`student.epochs` passes over the student's view of the training days; returns a summary."""

@@ -90,7 +90,8 @@ def build_feed(cfg: Config, source: DataSource, days: list[int], info: DistInfo,
                group: dist.ProcessGroup) -> LockstepBatches:
     """This rank's training batches over `days` (the teacher's sampled view), padded and in lockstep."""
     loader = BatchLoader(source, days, cfg.data.batch_size, view=cfg.sampling.teacher, rank=info.rank,
-                         world_size=info.world_size, prefetch=cfg.data.prefetch,
+                         world_size=info.world_size, prefetch=cfg.data.prefetch, workers=cfg.data.workers,
+                         device=info.device,  # CUDA: pinned batches, copied on a side stream one step ahead
                          drop_last=False)  # each day's last partial batch is padded, not dropped
     return LockstepBatches(loader, cfg.data.batch_size, group, fallback=lambda: source.read(days[0], 0, 1))
 
@@ -180,7 +181,7 @@ class TeacherTrainer:
     def checkpoint(self) -> Path:
         """Collective: save a checkpoint (recdistill/train/teacher_checkpoint.py). Called only right after a
         commit, so a restart from it replays no committed row and loses none."""
-        position = {"trained": self.trained, "batches": self.feed.taken, "exhausted": self.feed.exhausted}
+        position = {"trained": self.trained, **self.feed.state()}
         return self.checkpoints.save(self.steps, position, dmp=self.dmp, engine=self.engine, writer=self.writer,
                                      tracking=self.log.tracking_state())
 
@@ -191,7 +192,12 @@ class TeacherTrainer:
         if got is None:
             return 0
         self.steps, self.trained = got.steps, got.trained
-        self.feed.skip(got.batches, got.exhausted)  # the loader is deterministic: skip what the checkpoint trained
+        if got.data is not None:
+            self.feed.seek(got.data)  # O(1): the loader restarts at the saved position
+        else:  # a checkpoint from before positions were saved: replay the deterministic loader, as then
+            console(f"teacher: {got.path} holds no loader position (an older checkpoint): replaying {got.batches} "
+                    "batches to reach it", self.info.rank)
+            self.feed.skip(got.batches, got.exhausted)
         self.log.resume(got.tracking)
         self.resumed_from = self.steps
         self.rows_before = self.trained  # a checkpoint follows a commit: each sample trained so far has its row

@@ -7,10 +7,14 @@ The files and their atomicity are recdistill/train/checkpoint.py's; this module 
   and loses none (SignalWriter docstring);
 - every `teacher.checkpoint_every` committed windows, and once at the end of the run;
 - run-level meta (rank 0's): steps, last committed window, window size, config digest, the tracking state (run
-  directory, W&B run id) that the resumed run continues; per rank: its data position (real batches taken from its
-  loader, loader exhausted) and the valid samples it trained;
-- a resume is refused when the window size differs, when the checkpoint has no per-rank data position, or when
-  the store lacks a window the checkpoint vouches for (another signals.uri, deleted files).
+  directory, W&B run id) that the resumed run continues; per rank: its data position and the valid samples it
+  trained. The data position is the loader's (work item, row offset) where its next batch starts and where its
+  last one started (recdistill/data/loader.py), besides the real batches taken and whether the loader ran out:
+  a resume restarts the loader there and regenerates no consumed batch;
+- a checkpoint written before positions were saved (only a count of batches) is resumed by replaying the loader
+  up to that count, as it was then: a console line says so, and it costs the data work of the skipped batches;
+- a resume is refused when the window size differs, when the checkpoint has no per-rank data position at all, or
+  when the store lacks a window the checkpoint vouches for (another signals.uri, deleted files).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Resumed:
     batches: int
     exhausted: bool
     tracking: dict[str, Any] = field(default_factory=dict)
+    #: the rank's saved data position (LockstepBatches.state()); None in a checkpoint older than positions
+    data: dict[str, Any] | None = None
 
 
 class TeacherCheckpoints:
@@ -59,7 +65,7 @@ class TeacherCheckpoints:
     def save(self, steps: int, position: dict[str, Any], *, dmp: torch.nn.Module, engine: Any,
              writer: SignalWriter | None, tracking: dict[str, Any]) -> Path:
         """Collective: flush committed windows to the store, then save. Call only right after a commit.
-        `position`: this rank's {'trained', 'batches', 'exhausted'}; `tracking`: TrainLog.tracking_state()."""
+        `position`: this rank's {'trained'} and LockstepBatches.state(); `tracking`: TrainLog.tracking_state()."""
         if writer is not None:
             writer.flush()  # the commit markers of every sealed window are on the store before the checkpoint
         ws = self.cfg.signals.window_steps
@@ -96,4 +102,6 @@ class TeacherCheckpoints:
                                f"{self.rank} are not committed in {self.cfg.signals.uri}; their samples would "
                                "have no signal (resume with the store the checkpoint was written with)")
         return Resumed(path=Path(pick[0]), steps=steps, trained=int(mine["trained"]), batches=int(mine["batches"]),
-                       exhausted=bool(mine["exhausted"]), tracking=meta.get("tracking") or {})
+                       exhausted=bool(mine["exhausted"]), tracking=meta.get("tracking") or {},
+                       data={k: mine[k] for k in ("batches", "exhausted", "position", "last")} if "position" in mine
+                       else None)

@@ -50,7 +50,8 @@ class TeacherEvaluator:
         """This rank's chunk of `days`, unsampled, padded and in lockstep with the other ranks."""
         bs = self.cfg.data.batch_size
         loader = BatchLoader(self.source, days, bs, view=None, rank=self.info.rank, world_size=self.info.world_size,
-                             prefetch=self.cfg.data.prefetch, drop_last=False)  # unsampled: the true population
+                             prefetch=self.cfg.data.prefetch, workers=self.cfg.data.workers,
+                             drop_last=False)  # unsampled: the true population
         return LockstepBatches(loader, bs, self.group, fallback=lambda: self.source.read(days[0], 0, 1))
 
     @torch.no_grad()  # not inference_mode: gloo collectives fail inside it (DESIGN §5)

@@ -14,7 +14,9 @@ The data is uneven (rank 0: 12 batches of 64, rank 1: 10, each day's last one pa
 rank 1 forwards filler batches at steps 10 and 11. Case `mid_window`: windows of 3, the kill at step 4 (window 1,
 after its first step), resume from step 3. Case `exhausted`: windows of 11, the kill at rank 1's filler step 11, resume
 from the checkpoint at step 11, which records rank 1 as exhausted after 10 batches: the resumed rank 1 must forward
-the same filler (its last real batch) and write nothing, rank 0 trains its last batch.
+the same filler (its last real batch) and write nothing, rank 0 trains its last batch. The resume restarts each
+rank's loader at its saved (work item, row) position; the 'exhausted' case reads with 2 worker processes per rank,
+the run it must equal with none.
 """
 
 import hashlib
@@ -39,16 +41,20 @@ from recdistill.train.checkpoint import LATEST, META, complete_checkpoints, step
 TINY_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "teacher" / "tiny.yaml")  # from any cwd
 BS = 64
 KILL_AT = Path(__file__).with_name("teacher_kill_at.py")
-CASES = {"mid_window": (3, 4), "exhausted": (11, 11)}  # (signals.window_steps, step at which rank 1 is killed)
+#: (signals.window_steps, step at which rank 1 is killed, data.workers of the crashed and resumed runs; the
+#: reference run reads with 0: the batches are the same for any number of workers)
+CASES = {"mid_window": (3, 4, 0), "exhausted": (11, 11, 2)}
 
 
-def sets(root: Path, window: int) -> list[str]:
+def sets(root: Path, window: int, workers: int = 0) -> list[str]:
     return ["data.samples_per_day=1200", "data.num_days=3", f"data.batch_size={BS}", f"signals.uri={root}/sig",
+            f"data.workers={workers}",
             f"signals.window_steps={window}", "teacher.sharding=row_wise", f"teacher.checkpoint_dir={root}/ckpt",
             "teacher.checkpoint_every=1", "tracking.mode=disabled", "tracking.progress=false"]
 
 
-def teacher(root: Path, window: int, kill_at: tuple[int, int] | None = None) -> subprocess.CompletedProcess:
+def teacher(root: Path, window: int, kill_at: tuple[int, int] | None = None,
+            workers: int = 0) -> subprocess.CompletedProcess:
     """The teacher under torchrun; `kill_at=(rank, step)`: through KILL_AT, which SIGKILLs that rank at that step."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -57,7 +63,7 @@ def teacher(root: Path, window: int, kill_at: tuple[int, int] | None = None) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", *entry,
            "--config", TINY_CONFIG, "--summary", str(root / "sum"),
            "--eval-out", str(root / "eval.npz"), "--run-dir", str(root / "run"),
-           *[a for s in sets(root, window) for a in ("--set", s)]]
+           *[a for s in sets(root, window, workers) for a in ("--set", s)]]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
 
@@ -85,7 +91,7 @@ def loader_batches(root: Path, window: int) -> list[list[np.ndarray]]:
 @pytest.mark.multiproc
 @pytest.mark.parametrize("case", list(CASES))
 def test_sigkill_then_resume_matches_a_run_without_crash(tmp_path, case):
-    window, kill_step = CASES[case]
+    window, kill_step, workers = CASES[case]
     ref, crash = tmp_path / "ref", tmp_path / "crash"
     per_rank = loader_batches(crash, window)
     steps = max(map(len, per_rank))
@@ -93,7 +99,7 @@ def test_sigkill_then_resume_matches_a_run_without_crash(tmp_path, case):
     done = teacher(ref, window)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    killed = teacher(crash, window, kill_at=(1, kill_step))
+    killed = teacher(crash, window, kill_at=(1, kill_step), workers=workers)
     assert killed.returncode != 0, "torchrun should fail when rank 1 is SIGKILLed"
     assert "Signals.SIGKILL" in killed.stderr or "exitcode  : -9" in killed.stderr, killed.stderr[-3000:]
     before = store_state(crash / "sig")
@@ -106,8 +112,9 @@ def test_sigkill_then_resume_matches_a_run_without_crash(tmp_path, case):
     # the per-rank data position: real batches taken (rank 1 has run out in the 'exhausted' case)
     assert [(p["batches"], p["exhausted"]) for p in position] == [
         (min(window, len(b)), window > len(b)) for b in per_rank]
+    assert all(p["position"] is not None and p["last"] is not None for p in position)  # the O(1) resume point
 
-    resumed = teacher(crash, window)
+    resumed = teacher(crash, window, workers=workers)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     sums = [json.loads((crash / f"sum.rank{r}.json").read_text()) for r in range(2)]
     ref_sums = [json.loads((ref / f"sum.rank{r}.json").read_text()) for r in range(2)]

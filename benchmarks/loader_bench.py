@@ -1,0 +1,170 @@
+"""Input pipeline throughput (issue 16): BatchLoader against raw generation, view cost, resume cost.
+
+    python benchmarks/loader_bench.py            # minutes on 2 idle cores: benchmarks/results/loader-<cpu>.json
+    python benchmarks/loader_bench.py --quick    # small, for a smoke run (writes ...-quick.json)
+    python benchmarks/loader_bench.py --workers 0 1 2 4 --out /tmp/loader.json
+
+Steps, each at history 1,024 and 20K events of the synthetic world:
+1. raw: SyntheticWorld.read of the day's rows in chunks, one thread (what the loader cannot beat per worker);
+2. loader: a full pass of BatchLoader over the same rows with 0 (background thread), 1, 2 ... worker processes,
+   consumer idle; samples/s, per worker, and the ratio to raw (worker start-up included);
+3. view: the same pass through a view with r = 0.1 (q = 1) against one with r = 1.0 (keeps every row): the cost
+   ratio (pushdown makes a dropped row cost its labels, not its history);
+4. resume: the time to the first batch after k batches, by the saved position (LockstepBatches.seek) and by
+   replaying k batches (what a checkpoint without a position costs; k batches of 256 rows span k / 4 work items).
+The last line of output is one JSON object. Numbers on a machine shared with other jobs are lower bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+from _common import cpu_name, write_result  # benchmarks/ is sys.path[0] when run as a script
+
+from recdistill.config import load_config
+from recdistill.data.loader import BatchLoader
+from recdistill.data.sampling import SamplingConfig
+from recdistill.data.world import SyntheticWorld
+
+BATCH = 256
+CHUNK = 4 * BATCH  # the loader's default chunk
+
+
+def make_world(history: int, rows: int) -> SyntheticWorld:
+    w = SyntheticWorld(load_config(None, [f"data.history_len={history}", f"data.samples_per_day={rows}",
+                                          "data.num_days=3"]).data)
+    w.read(1, 0, 16)  # the day's popularity table, built once (worker processes inherit it)
+    return w
+
+
+def timed(fn, repeats: int) -> float:  # noqa: ANN001
+    """Median seconds of `repeats` calls."""
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def raw(w: SyntheticWorld, rows: int, repeats: int) -> dict:
+    """Step 1: generation alone, chunk by chunk, one thread; each chunk dropped before the next is made, as the
+    loader's consumer drops batches (kept, they would page-fault fresh memory throughout and understate raw)."""
+    sec = timed(lambda: [len(w.read(1, s, min(s + CHUNK, rows))) for s in range(0, rows, CHUNK)], repeats)
+    return {"seconds": sec, "samples_per_s": rows / sec}
+
+
+def loader_pass(w: SyntheticWorld, workers: int, view: SamplingConfig | None = None) -> tuple[int, float]:
+    """(rows delivered, seconds) of one BatchLoader pass over day 1."""
+    t0 = time.perf_counter()
+    n = sum(len(b) for b in BatchLoader(w, [1], BATCH, view=view, workers=workers))
+    return n, time.perf_counter() - t0
+
+
+def loaders(w: SyntheticWorld, rows: int, workers: list[int], raw_rate: float, repeats: int) -> list[dict]:
+    """Step 2: loader passes with each worker count. A pass includes starting the workers (fork, first touches of
+    copy-on-write pages), paid once per run: `startup_s` is a pass over one work item, and the steady rate leaves it
+    out ((rows - one item) / (seconds - startup_s))."""
+    out = []
+    for k in workers:
+        sec = timed(lambda k=k: loader_pass(w, k), repeats)
+        startup = timed(lambda k=k: loader_pass_rows(w, k, CHUNK), repeats)
+        steady = (rows - CHUNK) / max(sec - startup, 1e-9)
+        per = steady / max(k, 1)
+        out.append({"workers": k, "seconds": sec, "samples_per_s": rows / sec, "startup_s": startup,
+                    "steady_samples_per_s": steady, "steady_samples_per_s_per_worker": per,
+                    "per_worker_vs_raw": per / raw_rate})
+    return out
+
+
+def loader_pass_rows(w: SyntheticWorld, workers: int, rows: int) -> None:
+    """One BatchLoader pass over the first `rows` rows of day 1 (a world with that many rows a day, same seed)."""
+    part = SyntheticWorld(w.cfg.model_copy(update={"samples_per_day": rows}))
+    part._pop_cache = w._pop_cache  # the same day tables (they do not depend on samples_per_day)
+    sum(len(b) for b in BatchLoader(part, [1], BATCH, workers=workers))
+
+
+def view_cost(w: SyntheticWorld, rows: int, repeats: int) -> dict:
+    """Step 3: a pass through r = 0.1 against one through r = 1.0 (both q = 1; one thread)."""
+    low, full = SamplingConfig(name="r0.1", r=0.1, q=1.0), SamplingConfig(name="r1", r=1.0, q=1.0)
+    kept = loader_pass(w, 0, low)[0]
+    s_low = timed(lambda: loader_pass(w, 0, low), repeats)
+    s_full = timed(lambda: loader_pass(w, 0, full), repeats)
+    return {"kept_share_r0.1": kept / rows, "seconds_r0.1": s_low, "seconds_r1.0": s_full, "cost_ratio": s_low / s_full}
+
+
+def resume_cost(w: SyntheticWorld, ks: list[int]) -> list[dict]:
+    """Step 4: time to the first batch after k batches, from the saved position and by replaying."""
+    import torch.distributed as dist
+
+    from recdistill.train.lockstep import LockstepBatches
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def feed() -> LockstepBatches:
+        return LockstepBatches(BatchLoader(w, [1], BATCH, prefetch=0), BATCH, None, fallback=lambda: w.read(1, 0, 1))
+
+    out = []
+    for k in ks:
+        first = feed()
+        for _ in range(k):
+            first.next()
+        state = first.state()
+        t0 = time.perf_counter()
+        by_position = feed()
+        by_position.seek(state)
+        by_position.next()
+        seek_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        replay = feed()
+        replay.skip(k, False)
+        replay.next()
+        out.append({"k": k, "seek_s": seek_s, "replay_s": time.perf_counter() - t0})
+    return out
+
+
+def measure(history: int, rows: int, workers: list[int], repeats: int, ks: list[int]) -> dict:
+    w = make_world(history, rows)
+    base = raw(w, rows, repeats)
+    return {"history_len": history, "rows": rows, "batch_size": BATCH, "chunk_rows": CHUNK, "raw": base,
+            "loader": loaders(w, rows, workers, base["samples_per_s"], repeats), "view": view_cost(w, rows, repeats),
+            "resume": resume_cost(w, [k for k in ks if k < rows // BATCH])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default=None, help="result JSON path (default: benchmarks/results/loader-<cpu>.json)")
+    args = p.parse_args()
+    torch.set_num_threads(1)  # one core per reader; worker processes run one thread each as well
+    q = args.quick
+    results = [measure(1024, 4096 if q else 32768, args.workers, 1 if q else 3, [1, 8] if q else [1, 32, 96]),
+               measure(20000, 2048 if q else 6144, args.workers, 1 if q else 3, [1, 4] if q else [1, 8, 16])]
+    load = os.getloadavg()
+    res = {"bench": "loader", "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(), "cpus": os.cpu_count(),
+           "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "quick": q, "load_average_after": load, "results": results}
+    out = write_result("loader", res, q, args.out)
+    for r in results:
+        lo = ", ".join(f"{x['workers']}w {x['samples_per_s']:,.0f}/s, steady {x['steady_samples_per_s']:,.0f}/s "
+                       f"({x['per_worker_vs_raw']:.2f}x raw per worker; start {x['startup_s']:.2f}s)"
+                       for x in r["loader"])
+        print(f"history {r['history_len']:>6}: raw {r['raw']['samples_per_s']:,.0f} samples/s; loader {lo}; "
+              f"r=0.1 costs {r['view']['cost_ratio']:.2f}x of r=1.0; resume "
+              + ", ".join(f"k={x['k']}: {x['seek_s']:.3f}s by position, {x['replay_s']:.3f}s replayed"
+                          for x in r["resume"]))
+    print(f"wrote {out} (load average {load[0]:.2f})")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The input pipeline (issue 16): view pushdown in every source, batches cut as slices, positions that resume a
+stream where it stood, worker processes that give the same batches as one thread."""
+
+import pytest
+import torch
+from helpers import assert_same_batch
+
+from recdistill.config import load_config
+from recdistill.data.batch import Batch
+from recdistill.data.loader import END, BatchLoader, Position
+from recdistill.data.movielens import MovieLensSource
+from recdistill.data.parquet import ParquetSource, write_parquet
+from recdistill.data.sampling import SamplingConfig
+from recdistill.data.source import apply_view
+from recdistill.data.world import SyntheticWorld
+
+TEACHER = SamplingConfig(name="teacher", r=0.5, q=1.0)
+STUDENT = SamplingConfig(name="student", r=0.1, q=0.9, q_eff=[0.9, 0.8, 0.7])  # nested in TEACHER
+
+
+def small_world() -> SyntheticWorld:
+    return SyntheticWorld(load_config(None, ["data.history_len=32", "data.samples_per_day=1500",
+                                             "data.num_days=3"]).data)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Every built-in source: the world, Parquet files of it (unsampled, and the teacher's view), MovieLens."""
+    root = tmp_path_factory.mktemp("pq")
+    w = small_world()
+    write_parquet(w, str(root / "all"), row_group_rows=400, progress=False)
+    write_parquet(w, str(root / "teacher"), view=TEACHER, row_group_rows=300, progress=False)
+    ml = MovieLensSource(load_config(None, ["data.history_len=20"]).data)
+    return {"world": w, "parquet": ParquetSource(str(root / "all")),
+            "parquet_teacher": ParquetSource(str(root / "teacher")), "movielens": ml}
+
+
+#: (source, day, rows [start, stop)): ranges across row groups and files for Parquet, a busy MovieLens day
+RANGES = {"world": (1, 130, 1290), "parquet": (1, 130, 1290), "parquet_teacher": (2, 40, 700),
+          "movielens": (2, 3000, 4700)}
+#: the views each source can take (a sampled file only nested ones)
+VIEWS = {"parquet_teacher": [None, STUDENT]}
+
+
+@pytest.mark.parametrize("name", list(RANGES))
+def test_view_pushdown_equals_apply_view(sources, name):
+    src = sources[name]
+    day, start, stop = RANGES[name]
+    full = src.read(day, start, stop)
+    for view in VIEWS.get(name, [None, TEACHER, STUDENT]):
+        got = src.read(day, start, stop, view=view)
+        assert_same_batch(got, apply_view(full, view, src.schema.num_traffic), f"{name} view {view and view.name}")
+        assert view is None or 0 < len(got) < len(full)
+
+
+#: the method that turns a source's rows into histories, and the number of rows one call gets
+HISTORY_MAKER = {"world": ("history", lambda user, *a: len(user)),
+                 "parquet": ("_to_batch", lambda table, f: table.num_rows),
+                 "movielens": ("_batch", lambda day, idx, rows, view: len(rows))}
+
+
+@pytest.mark.parametrize("name", list(HISTORY_MAKER))
+def test_pushdown_makes_histories_for_kept_rows_only(sources, name, monkeypatch):
+    src = sources[name]
+    day, start, stop = RANGES[name]
+    method, rows_of = HISTORY_MAKER[name]
+    real, seen = getattr(src, method), []
+
+    def counted(*args):
+        seen.append(rows_of(*args))
+        return real(*args)
+
+    monkeypatch.setattr(src, method, counted)
+    kept = len(src.read(day, start, stop, view=STUDENT))
+    assert sum(seen) == kept < 0.7 * (stop - start)  # MovieLens: 55% positives, kept at 0.9
+
+
+def old_batches(src, days, bs, view, rank, world_size, chunk_rows, drop_last):
+    """The loader's batching before slicing (concatenate the held rows, select a batch, select the rest): the
+    reference its output must equal."""
+    for day in days:
+        buf, held, n = [], 0, src.num_rows(day)
+        for c, start in enumerate(range(0, n, chunk_rows)):
+            if c % world_size != rank:
+                continue
+            part = apply_view(src.read(day, start, min(start + chunk_rows, n)), view, src.schema.num_traffic)
+            buf.append(part)
+            held += len(part)
+            while held >= bs:
+                merged = Batch.concat(buf)
+                yield merged.select(torch.arange(bs))
+                buf, held = [merged.select(torch.arange(bs, held))], held - bs
+        if held and not drop_last:
+            yield Batch.concat(buf)
+
+
+# (batch size, chunk rows, view, rank, world size, drop_last): parts of several batches; batches spanning many
+# parts (r = 0.1, chunks not a multiple of the batch); no view; a dropped last batch per day
+BATCHING = [(64, None, TEACHER, 0, 1, False), (50, 130, STUDENT, 1, 2, True), (100, None, None, 0, 1, False),
+            (33, 70, TEACHER, 1, 3, False)]
+
+
+@pytest.mark.parametrize("case", BATCHING, ids=["teacher", "student-2ranks-droplast", "unsampled", "3ranks"])
+def test_sliced_batches_equal_the_concatenating_loader(sources, case):
+    bs, chunk, view, rank, ws, drop = case
+    w = sources["world"]
+    want = list(old_batches(w, [0, 1], bs, view, rank, ws, chunk or 4 * bs, drop))
+    got = list(BatchLoader(w, [0, 1], bs, view=view, rank=rank, world_size=ws, chunk_rows=chunk,
+                           drop_last=drop, prefetch=2))
+    assert len(got) == len(want) > 3
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert_same_batch(a, b, f"batch {i}")
+
+
+def test_every_position_resumes_the_stream_exactly(sources, monkeypatch):
+    """From the end position of batch k the loader yields batches k+1.. exactly, reading only the work items from
+    that position on; from the start position of batch k, batch k first."""
+    w = sources["world"]
+    loader = BatchLoader(w, [0, 1, 2], 40, view=STUDENT, rank=1, world_size=2, chunk_rows=100, prefetch=0)
+    full = list(loader.stream())
+    assert len(full) > 8 and full[-1].end.day == 2 and full[0].start == Position(0, 1, 0)
+    reads = []
+    real = w.read
+    monkeypatch.setattr(w, "read", lambda *a, **k: reads.append(a) or real(*a, **k))
+    for k, p in enumerate(full):
+        reads.clear()
+        rest = list(loader.stream(p.end))
+        assert len(reads) == len(list(loader.items(p.end)))  # no replay of the consumed work items
+        assert [(q.start, q.end) for q in rest] == [(q.start, q.end) for q in full[k + 1:]]
+        for i, (a, b) in enumerate(zip(rest, full[k + 1:], strict=True)):
+            assert_same_batch(a.batch, b.batch, f"resumed after batch {k}: batch {k + 1 + i}")
+        again = next(loader.stream(p.start))
+        assert_same_batch(again.batch, p.batch, f"batch {k} from its start")
+    assert list(loader.stream(END)) == []
+    with pytest.raises(ValueError, match="is not one of rank 1's"):
+        next(loader.stream(Position(1, 2, 0)))
+    assert Position.from_state(full[3].end.state()) == full[3].end
+
+
+@pytest.mark.parametrize("name", ["world", "parquet"])
+def test_workers_give_the_same_batches_as_one_thread(sources, name):
+    src = sources[name]
+    kw = dict(view=TEACHER, rank=0, world_size=2, chunk_rows=150)
+    one = list(BatchLoader(src, [0, 1], 64, workers=0, **kw).stream())
+    assert len(one) > 6
+    for workers in (1, 2):
+        got = list(BatchLoader(src, [0, 1], 64, workers=workers, **kw).stream())
+        assert [(p.start, p.end) for p in got] == [(p.start, p.end) for p in one], workers
+        for i, (a, b) in enumerate(zip(got, one, strict=True)):
+            assert_same_batch(a.batch, b.batch, f"{workers} workers, batch {i}")
+    resumed = list(BatchLoader(src, [0, 1], 64, workers=2, **kw).stream(one[2].end))
+    assert [p.start for p in resumed] == [p.start for p in one[3:]]
+    assert_same_batch(resumed[-1].batch, one[-1].batch, "resumed with 2 workers, last batch")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned host batches and the side-stream copy")
+def test_cuda_batches_arrive_on_the_device_equal():
+    w = small_world()
+    cpu = list(BatchLoader(w, [0], 64, view=TEACHER, prefetch=0))
+    for workers in (0, 2):
+        got = list(BatchLoader(w, [0], 64, view=TEACHER, workers=workers, device="cuda"))
+        assert all(b.sample_id.is_cuda and b.history.fields["item"].is_cuda for b in got)
+        for i, (a, b) in enumerate(zip(got, cpu, strict=True)):
+            assert_same_batch(a.to("cpu"), b, f"{workers} workers, batch {i}")
