@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 
 from recdistill.config import Config
 from recdistill.data.batch import Batch
-from recdistill.data.loader import BatchLoader
+from recdistill.data.loader import BatchLoader, Position
 from recdistill.data.roles import roles_for
 from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
@@ -40,6 +41,16 @@ from recdistill.models.student import ServedStudent, StudentModel
 from recdistill.serve import EXAMPLE_BATCH, ServingSpec, export_served, load_served
 from recdistill.signals.bounded import open_reader
 from recdistill.tracking import Tracker, console, progress
+
+
+def rows_done_at(loader: BatchLoader) -> Callable[[Position | None], int]:
+    """f(position) = source rows of the loader's work items before the one `position` lies in (f(None) or f of the
+    end position: all of them), for a progress bar over one pass with a true total."""
+    before, total = {}, 0
+    for item in loader.items():
+        before[(item.day, item.chunk)] = total
+        total += item.stop - item.start
+    return lambda pos: total if pos is None or pos.day is None else before[(pos.day, pos.chunk)]
 
 
 def pick_device(name: str) -> torch.device:
@@ -192,11 +203,17 @@ class StudentTrainer:
     def train(self) -> dict:
         """`student.epochs` passes over the student's view of the training days; returns a summary."""
         t0 = time.perf_counter()
-        bar = progress(desc=f"{self.name} train", unit="batch", enabled=self.cfg.tracking.progress)
+        loader = self.loader(self.train_days, self.view)
+        done_before = rows_done_at(loader)
+        per_epoch = done_before(None)
+        # Progress in source rows read (the view's kept rows per day are only known once read): a true total.
+        bar = progress(total=per_epoch * self.s.epochs, desc=f"{self.name} train", unit="row",
+                       enabled=self.cfg.tracking.progress)
         train_metrics = metrics.StreamingMetrics(self.kinds, window=20_000)
         log_every = self.s.log_every
-        for _ in range(self.s.epochs):
-            for batch in self.loader(self.train_days, self.view):
+        for epoch in range(self.s.epochs):
+            for positioned in loader.stream():
+                batch = positioned.batch
                 t_logits = t_mask = None
                 if self.reader is not None:
                     t_logits, t_mask = self._signals(batch)
@@ -208,12 +225,13 @@ class StudentTrainer:
                 self.opt.step()
                 self.steps += 1
                 self.samples += len(batch)
-                bar.update(1)
+                bar.update(epoch * per_epoch + done_before(positioned.end) - bar.n)
                 if self.steps % log_every == 0:
                     with torch.no_grad():
                         probs = self._true_space(self.model(batch).main, batch)
                     train_metrics.update(batch.labels, probs)
                     self._log(losses, train_metrics, t0)
+            bar.update((epoch + 1) * per_epoch - bar.n)  # the pass's last work item is read
         bar.close()
         secs = time.perf_counter() - t0
         return {"train/steps": self.steps, "train/samples": self.samples, "train/seconds": secs,

@@ -7,9 +7,10 @@ import torch
 from helpers import write_oracle_signals
 
 from recdistill.config import load_config
+from recdistill.data.loader import BatchLoader
 from recdistill.data.source import build_source
 from recdistill.distill import metrics
-from recdistill.train.student import StudentTrainer, batch_signal_auc, run_student
+from recdistill.train.student import StudentTrainer, batch_signal_auc, rows_done_at, run_student
 
 # 3 training days + 1 eval day; small tables so that a few thousand samples teach something.
 SMALL = ["data.num_days=4", "data.samples_per_day=12000", "data.history_len=32", "data.batch_size=64",
@@ -38,6 +39,17 @@ def distilled(tmp_path, corrupt=None, extra=(), window_steps=4):
     info = write_oracle_signals(load_config(None, SMALL), uri, corrupt=corrupt, window_steps=window_steps)
     cfg = load_config(None, SMALL + [f"student.signals_uri={uri}", *extra])
     return run_student(cfg, tmp_path / "run", name="distilled"), info
+
+
+def test_progress_counts_source_rows_up_to_a_true_total():
+    cfg = load_config(None, [*SMALL, "data.samples_per_day=1000", "data.batch_size=50"])
+    src = build_source(cfg.data)
+    loader = BatchLoader(src, [0, 1], 50, view=cfg.sampling.student, chunk_rows=300, prefetch=0)
+    done_before = rows_done_at(loader)
+    assert done_before(None) == src.num_rows(0) + src.num_rows(1)  # every source row of the pass, known up front
+    seen = [done_before(p.end) for p in loader.stream()]
+    # moves forward and lags by at most the work item being read (the trainer completes the bar after each pass)
+    assert seen == sorted(seen) and seen[0] < seen[-1] and done_before(None) - seen[-1] <= 300
 
 
 def test_batch_signal_auc_matches_metrics_auc():
