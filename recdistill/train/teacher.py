@@ -239,7 +239,8 @@ class TeacherTrainer:
     def summary(self, secs: float, samples_per_s: float, loss: torch.Tensor) -> dict:
         """This rank's training summary: steps, samples, data position, signal counters, streaming metrics."""
         stats = self.writer.stats if self.writer is not None else None
-        return {"rank": self.info.rank, "steps": self.steps, "trained_samples": self.trained,
+        return {"rank": self.info.rank, "local_world_size": self.info.local_world_size, "steps": self.steps,
+                "trained_samples": self.trained,
                 "batches": self.feed.taken, "resumed_from_step": self.resumed_from, "seconds": secs,
                 "samples_per_s": samples_per_s, "loss": float(loss),
                 "signals/rows_written": stats.rows_written if stats else 0,
