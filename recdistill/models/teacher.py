@@ -117,9 +117,10 @@ class TeacherDense(nn.Module):
         """Raw logits per task, fp32 whatever the module's dtype. The inputs (TorchRec's fp32 embedding outputs,
         the batch's fp32 dense features and target-match statistics) are cast here, once, to the module's dtype:
         fp32, or bf16 once DeepSpeed's bf16 mode has cast the module (teacher.precision). An explicit cast rather
-        than autocast: under DeepSpeed's bf16 mode the weights themselves are bf16, so every op must see bf16
-        inputs (autocast casts only the ops on its list, and ops off it, such as RMSNorm with bf16 weights, would
-        mix dtypes); and the dtype then follows the module, not a context the caller has to remember."""
+        than autocast: under DeepSpeed's bf16 mode the weights themselves are bf16, so every op should see bf16
+        inputs, and autocast casts only the ops on its list (RMSNorm is not: under CPU autocast an fp32 input with
+        bf16 weights falls off the fused kernel and comes out fp32, so the activations after it are fp32 again);
+        and the dtype then follows the module, not a context the caller has to remember."""
         dt = self.cls.dtype
         pooled = {f: v.to(dt) for f, v in pooled.items()}
         dense, events = dense.to(dt), events.to(dt)
