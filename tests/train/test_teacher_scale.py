@@ -89,7 +89,7 @@ def test_bf16_step_matches_fp32_step_and_trains():
 
 
 def torchrun(tmp_path: Path, name: str, sets: list[str], launch: list[str], env: dict | None = None,
-             wait: bool = True):  # noqa: ANN201 - CompletedProcess or Popen
+             wait: bool = True, timeout: int = 300):  # noqa: ANN201 - CompletedProcess or Popen
     """The real trainer under torchrun with `launch` arguments; summaries at tmp_path/name.rank{r}.json."""
     sets = [*sets, f"signals.uri={tmp_path}/{name}-sig", f"tracking.run_dir={tmp_path}/runs"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "recdistill.train.teacher",
@@ -98,7 +98,7 @@ def torchrun(tmp_path: Path, name: str, sets: list[str], launch: list[str], env:
     env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 SETS = ["data.samples_per_day=600", "data.num_days=2", "data.batch_size=32", "teacher.steps=4",
@@ -118,7 +118,9 @@ def test_trainer_runs_zero1_and_offload(tmp_path, zero, precision, ckpt):
     write every row. DeepSpeedCPUAdam is JIT-built on its first use on a machine (minutes), then cached."""
     sets = [*SETS, f"teacher.deepspeed=configs/deepspeed/{zero}.json", f"teacher.precision={precision}",
             f"teacher.activation_checkpointing={ckpt}"]
-    proc = torchrun(tmp_path, "run", sets, ["--nproc_per_node=2", f"--master_port={free_port()}"])
+    # a cold TORCH_EXTENSIONS_DIR builds DeepSpeedCPUAdam first: minutes on a busy 2-core machine
+    proc = torchrun(tmp_path, "run", sets, ["--nproc_per_node=2", f"--master_port={free_port()}"],
+                    timeout=600 if zero == "zero3_offload" else 300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     sums = summaries(tmp_path, "run")
     assert sums[0]["steps"] == sums[1]["steps"] == 4 and all(np.isfinite(s["loss"]) for s in sums)
