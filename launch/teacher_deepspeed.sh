@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Teacher training under the DeepSpeed launcher (one node). The launcher starts `python -u -m
-# recdistill.train.teacher --local_rank=N ...` per rank and sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_*;
+# recdistill.train.teacher --local_rank=N ...` per rank and sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* and
+# LOCAL_SIZE (ranks on this node; the trainer reads it as LOCAL_WORLD_SIZE for TorchRec's shard placement);
 # the trainer accepts --local_rank (checked: it parses and is otherwise ignored, LOCAL_RANK decides).
 #
 #   launch/teacher_deepspeed.sh                                      # 2 ranks, configs/teacher/tiny.yaml

@@ -226,7 +226,17 @@ class TeacherConfig(Section):
     sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the fused row-wise Adagrad on the tables.")
     sharding: Literal["table_wise", "column_wise", "row_wise"] = Field(
         "table_wise", description="Embedding sharding type (explicit plan; on GPU the same plans apply).")
-    deepspeed: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed config file (ZeRO stage etc.).")
+    deepspeed: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed config file (ZeRO stage, "
+                           "offload). Each preset names the one it is meant for (configs/teacher/*.yaml).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Dense compute precision. auto: bf16 on CUDA, fp32 on CPU. bf16 turns on DeepSpeed's "
+        "bf16 mode (bf16 dense weights and activations, fp32 master weights in the optimizer); the embedding "
+        "tables stay fp32 and their outputs are cast once where they enter the dense module. Losses, the logits "
+        "written to the signal store and eval predictions are fp32 in every mode. bf16 also runs on CPU (gloo).")
+    activation_checkpointing: Literal["none", "block"] = Field(
+        "none", description="block: recompute each TokenMixer block and LONGER layer in backward instead of "
+        "keeping its activations (torch.utils.checkpoint, non-reentrant): activation memory of one block at a "
+        "time for about one more forward pass of compute. For long histories and large presets.")
     grad_clip: float = Field(0.0, ge=0, description="Dense gradient clipping; set explicitly (DeepSpeed's "
                              "default would be 1.0). 0 disables it.")
     write_signals: bool = Field(True, description="Write raw logits to the signal store during training.")
@@ -239,6 +249,14 @@ class TeacherConfig(Section):
                                  "newer one is complete; 2 leaves one to fall back on if the newest is damaged).")
     resume: bool = Field(True, description="Resume from the newest complete checkpoint in checkpoint_dir, if any.")
     log_every: int = Field(20, ge=1, description="Steps between progress lines / W&B points.")
+
+    def compute_dtype(self, cuda: bool | None = None) -> torch.dtype:
+        """The dense module's dtype for this run: `precision`, with auto resolved by whether CUDA is present
+        (`cuda`; default: torch.cuda.is_available())."""
+        if self.precision == "auto":
+            cuda = torch.cuda.is_available() if cuda is None else cuda
+            return torch.bfloat16 if cuda else torch.float32
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     @model_validator(mode="after")
     def _check(self) -> TeacherConfig:
@@ -428,8 +446,11 @@ class Config(Section):
         section and the signal windows. The teacher version recorded in its signals and the key a checkpoint is
         resumed under: students, tracking, paths and logging can change without invalidating either; a longer
         `teacher.steps` continues a run."""
-        t = self.teacher.model_dump(mode="json", exclude={"checkpoint_dir", "checkpoint_every", "checkpoint_keep",
-                                                          "resume", "log_every", "steps"})
+        # activation_checkpointing recomputes the same values (nothing learned changes); precision counts once set
+        # explicitly, so configs written before it existed (auto, what they ran) keep their versions.
+        skip = {"checkpoint_dir", "checkpoint_every", "checkpoint_keep", "resume", "log_every", "steps",
+                "activation_checkpointing", *(("precision",) if self.teacher.precision == "auto" else ())}
+        t = self.teacher.model_dump(mode="json", exclude=skip)
         # data.roles counts once a role is set (it changes the model); `strict` changes nothing the teacher learns,
         # and leaving roles out when none is set keeps the versions of configs written before roles existed.
         roles = self.data.roles.model_dump(exclude={"strict"})

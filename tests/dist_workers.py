@@ -2,7 +2,9 @@
 import it by name: the parent puts tests/ on PYTHONPATH before spawning."""
 
 import os
+import socket
 import traceback
+from pathlib import Path
 
 import torch
 from helpers import SCHEMA, make_batch
@@ -32,7 +34,11 @@ def reference(global_batch, init):
     return before, after, model
 
 
-def rank_main(rank: int, port: int, sharding: str, stage: int, init: dict, out: dict) -> None:
+def rank_main(rank: int, port: int, sharding: str, stage: int, init: dict, out: dict, bf16: bool = False,
+              more_steps: int = 0) -> None:
+    """One rank of the sharded step: logits before and after one step on its half of the global batch, and the
+    dense parameters after it. bf16: DeepSpeed's bf16 mode (as teacher.precision=bf16 sets it). more_steps: then
+    that many more steps on the same batch, their losses in out[rank]['losses']."""
     try:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
@@ -44,7 +50,7 @@ def rank_main(rank: int, port: int, sharding: str, stage: int, init: dict, out: 
         model = TeacherModel(SCHEMA, TeacherConfig(**CFG))
         model.load_state_dict(init)
         ds = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16}}
         dmp, engine = parallelize_teacher(model, sharding=sharding, device=info.device, ds_config=ds,
                                           dense_optimizer=lambda p: torch.optim.SGD(p, lr=LR_DENSE),
                                           sparse_optimizer=torch.optim.SGD, sparse_kwargs={"lr": LR_SPARSE})
@@ -61,10 +67,40 @@ def rank_main(rank: int, port: int, sharding: str, stage: int, init: dict, out: 
         params = dict(engine.module.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
             dense = {n: p.detach().clone() for n, p in params.items()}
-        out[rank] = {"before": {k: v.detach() for k, v in logits.items()}, "after": after, "dense": dense}
+        losses = []
+        for _ in range(more_steps):
+            loss = task_loss(dmp(local), local.labels, KINDS)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        out[rank] = {"before": {k: v.detach() for k, v in logits.items()}, "after": after, "dense": dense,
+                     "losses": losses}
         destroy_distributed()
     except Exception:  # noqa: BLE001 - reported to the parent with the traceback
         out[rank] = {"error": traceback.format_exc()}
         raise
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_step(sharding: str, stage: int, init: dict, **kwargs) -> dict:
+    """Run `rank_main` on WORLD spawned gloo ranks; returns {rank: result}, after asserting every exit code."""
+    import torch.multiprocessing as mp
+
+    tests = str(Path(__file__).resolve().parent)  # spawned ranks import this module by name
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
+    out = mp.Manager().dict()
+    ctx, port = mp.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=rank_main, args=(r, port, sharding, stage, init, out), kwargs=kwargs)
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    errors = [out.get(r, {}).get("error") for r in range(WORLD)]
+    assert all(p.exitcode == 0 for p in procs), f"rank exit codes {[p.exitcode for p in procs]}: {errors}"
+    return dict(out)

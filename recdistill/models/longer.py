@@ -14,6 +14,7 @@ attention cost by K while the merge layer keeps within-group detail.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Literal
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.compressed_attention import compressed_attention
+from recdistill.models.tokenmixer import run_block
 
 ALL = torch.iinfo(torch.int64).max  # q_limit value meaning "sees the whole history"
 
@@ -126,9 +128,12 @@ class LongerEncoder(nn.Module):
     """Global tokens + jagged event embeddings -> query-token outputs [B, G + recent, d] (see module docstring)."""
 
     def __init__(self, event_dim: int, d: int, *, heads: int, layers: int, merge_k: int, recent: int,
-                 merge_kind: Literal["linear", "transformer"] = "linear") -> None:
+                 merge_kind: Literal["linear", "transformer"] = "linear", checkpointing: bool = False) -> None:
+        """checkpointing: recompute each layer (cross-attention + FFN, then self-attention + FFN) in backward
+        instead of keeping its activations; the gradients are the same."""
         super().__init__()
         self.recent = recent
+        self.checkpointing = checkpointing
         self.merge = TokenMerge(event_dim, d, merge_k, merge_kind)
         self.cross = CrossAttention(d, heads)
         self.ffn = nn.ModuleList([FFN(d) for _ in range(layers)])
@@ -143,8 +148,17 @@ class LongerEncoder(nn.Module):
         # padding slots see nothing (their output is zero from the attention and masked as keys later).
         limit = torch.where(rec_valid, rec_pos + 1, torch.zeros_like(rec_pos))
         q_limit = torch.cat([torch.full((b, g), ALL, dtype=torch.int64, device=events.device), limit], dim=1)
-        x = self.ffn[0](self.cross(queries, merged, m_off, q_limit))
+        x = run_block(self._cross_layer, queries, merged, m_off, q_limit, checkpointing=self.checkpointing)
         valid = torch.cat([torch.ones(b, g, dtype=torch.bool, device=events.device), rec_valid], dim=1)
-        for attn, ffn in zip(self.self_attn, self.ffn[1:], strict=True):
-            x = ffn(attn(x, valid))
+        for i in range(len(self.self_attn)):
+            x = run_block(partial(self._self_layer, i), x, valid, checkpointing=self.checkpointing)
         return x * valid.unsqueeze(-1)
+
+    def _cross_layer(self, queries: torch.Tensor, merged: torch.Tensor, m_off: torch.Tensor,
+                     q_limit: torch.Tensor) -> torch.Tensor:
+        """Layer 1: cross-attention of the queries over the merged history, then its FFN."""
+        return self.ffn[0](self.cross(queries, merged, m_off, q_limit))
+
+    def _self_layer(self, i: int, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Layer i + 2: self-attention within the query set, then its FFN."""
+        return self.ffn[i + 1](self.self_attn[i](x, valid))

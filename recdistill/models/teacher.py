@@ -99,19 +99,31 @@ class TeacherDense(nn.Module):
                                                         self.user_feature, self.dense_proj))
         self.cls = nn.Parameter(torch.randn(1, 1, dl) * 0.02)
         self.global_proj = nn.Linear(e, dl)
+        ckpt = cfg.activation_checkpointing == "block"  # recompute each LONGER layer and TokenMixer block
         self.longer = LongerEncoder(e, dl, heads=cfg.longer_heads, layers=cfg.longer_layers, merge_k=cfg.merge_k,
-                                    recent=cfg.recent_k, merge_kind=cfg.merge_kind)
+                                    recent=cfg.recent_k, merge_kind=cfg.merge_kind, checkpointing=ckpt)
         n_feat = e * len(schema.sparse) + (e if schema.dense else 0) + (e if has_match else 0)
         self.n_seq = n_seq = dl * (self.n_global + cfg.recent_k)  # LONGER's outputs in the mixer input
         groups = [(n_feat, cfg.feature_tokens), (n_seq, cfg.num_tokens - cfg.feature_tokens)] \
             if cfg.feature_tokens else None  # features first: forward concatenates them before LONGER's outputs
         self.mixer = TokenMixerLarge(n_feat + n_seq, tokens=cfg.num_tokens, dim=cfg.d_model, ffn_mult=cfg.ffn_mult,
                                      layers=cfg.num_layers, experts=cfg.moe_experts, topk=cfg.moe_topk,
-                                     groups=groups)
+                                     groups=groups, checkpointing=ckpt)
         self.heads = nn.ModuleDict({t: nn.Linear(cfg.d_model, 1) for t in self.tasks})
 
     def forward(self, pooled: dict[str, torch.Tensor], dense: torch.Tensor, events: torch.Tensor,
                 offsets: torch.Tensor, match: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Raw logits per task, fp32 whatever the module's dtype. The inputs (TorchRec's fp32 embedding outputs,
+        the batch's fp32 dense features and target-match statistics) are cast here, once, to the module's dtype:
+        fp32, or bf16 once DeepSpeed's bf16 mode has cast the module (teacher.precision). An explicit cast rather
+        than autocast: under DeepSpeed's bf16 mode the weights themselves are bf16, so every op should see bf16
+        inputs, and autocast casts only the ops on its list (RMSNorm is not: under CPU autocast an fp32 input with
+        bf16 weights falls off the fused kernel and comes out fp32, so the activations after it are fp32 again);
+        and the dtype then follows the module, not a context the caller has to remember."""
+        dt = self.cls.dtype
+        pooled = {f: v.to(dt) for f, v in pooled.items()}
+        dense, events = dense.to(dt), events.to(dt)
+        match = match.to(dt) if match is not None else None
         parts = [pooled[f] for f in self.features]
         if self.match_proj is not None:
             parts.append(self.match_proj(match))
@@ -127,7 +139,8 @@ class TeacherDense(nn.Module):
         seq = self.longer(glob_tokens, events, offsets)
         tokens = self.mixer(torch.cat([*parts, seq.flatten(1)], dim=1))
         pooled_tokens = tokens.mean(dim=1)
-        return {t: head(pooled_tokens).squeeze(-1) for t, head in self.heads.items()}
+        # fp32 out: losses, the logits written to the signal store and eval predictions are fp32 in every precision
+        return {t: head(pooled_tokens).squeeze(-1).float() for t, head in self.heads.items()}
 
 
 class TeacherModel(nn.Module):

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels.token_mixer import mix_tokens, token_mixer
 
@@ -94,6 +95,15 @@ class TokenMoE(nn.Module):
         return out
 
 
+def run_block(block: nn.Module, *args: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """`block(*args)`, under activation checkpointing when asked and gradients are on: only the block's inputs
+    are kept and its forward runs again in backward. Non-reentrant (torch's recommended form): it supports
+    autograd.Function kernels and inputs that need no gradient, and recomputes the same values."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 class TokenMixerBlock(nn.Module):
     """Pre-RMSNorm -> token mixing + per-token SwiGLU (+ MoE) -> revert -> residual."""
 
@@ -113,9 +123,12 @@ class TokenMixerLarge(nn.Module):
     """Tokenizer + a stack of TokenMixer blocks with inter-layer residuals; returns the final tokens [B, T, D]."""
 
     def __init__(self, n_in: int, *, tokens: int, dim: int, ffn_mult: float, layers: int, experts: int = 0,
-                 topk: int = 1, interlayer: int = 2, groups: list[tuple[int, int]] | None = None) -> None:
+                 topk: int = 1, interlayer: int = 2, groups: list[tuple[int, int]] | None = None,
+                 checkpointing: bool = False) -> None:
         """groups: optional (inputs, tokens) per consecutive feature group (GroupedTokenizer); their inputs must
-        sum to n_in and their tokens to `tokens`. None: one group, chunked evenly (Tokenizer)."""
+        sum to n_in and their tokens to `tokens`. None: one group, chunked evenly (Tokenizer).
+        checkpointing: recompute each block in backward (activation checkpointing) instead of keeping its
+        activations; the gradients are the same."""
         super().__init__()
         if dim % tokens:
             raise ValueError(f"token mixing needs d_model % num_tokens == 0, got {dim} % {tokens}")
@@ -131,12 +144,13 @@ class TokenMixerLarge(nn.Module):
         self.blocks = nn.ModuleList([TokenMixerBlock(tokens, dim, f, experts, topk) for _ in range(layers)])
         self.interlayer = interlayer
         self.norm = nn.RMSNorm(dim)
+        self.checkpointing = checkpointing
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.tokenizer(features)
         group_in = x
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = run_block(block, x, checkpointing=self.checkpointing)
             if self.interlayer and (i + 1) % self.interlayer == 0:
                 x, group_in = x + group_in, x + group_in
         return self.norm(x)

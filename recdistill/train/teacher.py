@@ -23,7 +23,9 @@ This module is the loop; the parts are components (torchtitan keeps train.py a t
   recdistill/train/teacher_log.py         rank 0's progress bar and Tracker (metrics.jsonl + W&B, offline by
                                           default) every `teacher.log_every`; a resumed run continues its W&B run
 After an error the open window is not committed. `--eval-out` keeps the eval rows.
-Not yet here (issue 4): a checked GPU path; DeepSpeed's bf16 switches on with CUDA, but NCCL + bf16 were not run.
+Precision: `teacher.precision` (auto = bf16 on CUDA, fp32 on CPU) sets DeepSpeed's bf16 mode; the dense module casts
+its inputs once (recdistill/models/teacher.py); bf16 is tested on CPU ranks (tests/train/test_teacher_scale.py),
+NCCL + bf16 on GPUs has not been run yet (issue 15).
 """
 from __future__ import annotations
 
@@ -49,14 +51,16 @@ from recdistill.signals.writer import SignalWriter
 from recdistill.tracking import console
 from recdistill.train.distributed import DistInfo, destroy_distributed, init_distributed
 from recdistill.train.lockstep import LockstepBatches
-from recdistill.train.parallelize import parallelize_teacher
+from recdistill.train.parallelize import dense_adam, parallelize_teacher
 from recdistill.train.teacher_checkpoint import TeacherCheckpoints
 from recdistill.train.teacher_eval import TeacherEvaluator
 from recdistill.train.teacher_log import TrainLog
 
 
-def deepspeed_config(cfg: Config, path: str) -> dict:
-    """The DeepSpeed JSON with what the run decides filled in: micro batch, clipping (explicit), precision."""
+def deepspeed_config(cfg: Config, path: str, device: torch.device | None = None) -> dict:
+    """The DeepSpeed JSON with what the run decides filled in: micro batch, clipping (explicit), and bf16 from
+    `teacher.precision` (auto resolved by `device`: bf16 on a CUDA device, fp32 otherwise; default: whether CUDA
+    is available). The file's own bf16 / fp16 sections are replaced: precision is the config's to say."""
     p = Path(path)
     if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
         p = ROOT / p  # the shipped configs/deepspeed/*.json, when run from another directory
@@ -67,7 +71,9 @@ def deepspeed_config(cfg: Config, path: str) -> dict:
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds["gradient_clipping"] = cfg.teacher.grad_clip
     ds.setdefault("zero_allow_untested_optimizer", True)  # a client torch optimizer under ZeRO
-    ds["bf16"] = {"enabled": torch.cuda.is_available()}  # fp32 on CPU
+    cuda = device.type == "cuda" if device is not None else None
+    ds["bf16"] = {"enabled": cfg.teacher.compute_dtype(cuda) == torch.bfloat16}
+    ds.pop("fp16", None)  # fp16 (loss scaling) is not a teacher.precision; bf16 needs none
     return ds
 
 
@@ -112,10 +118,10 @@ class TeacherTrainer:
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
         roles = roles_for(cfg.data.roles, self.source, "teacher", info.rank)  # reports missing roles once, at start
         model = TeacherModel(self.source.schema, cfg.teacher, roles)
+        ds_config = deepspeed_config(cfg, cfg.teacher.deepspeed, info.device)
         self.dmp, self.engine = parallelize_teacher(
-            model, sharding=cfg.teacher.sharding, device=info.device,
-            ds_config=deepspeed_config(cfg, cfg.teacher.deepspeed),
-            dense_optimizer=lambda p: torch.optim.Adam(p, lr=cfg.teacher.lr),
+            model, sharding=cfg.teacher.sharding, device=info.device, ds_config=ds_config,
+            local_size=info.local_world_size, dense_optimizer=dense_adam(ds_config, cfg.teacher.lr),
             sparse_optimizer=RowWiseAdagrad, sparse_kwargs={"lr": cfg.teacher.sparse_lr})
         self.control = dist.new_group(backend="gloo")  # CPU-side agreement on step counts, also under NCCL
         self.writer = build_writer(cfg, info.rank, self.tasks)
@@ -240,7 +246,8 @@ class TeacherTrainer:
     def summary(self, secs: float, samples_per_s: float, loss: torch.Tensor) -> dict:
         """This rank's training summary: steps, samples, data position, signal counters, streaming metrics."""
         stats = self.writer.stats if self.writer is not None else None
-        return {"rank": self.info.rank, "steps": self.steps, "trained_samples": self.trained,
+        return {"rank": self.info.rank, "local_world_size": self.info.local_world_size, "steps": self.steps,
+                "trained_samples": self.trained,
                 "batches": self.feed.taken, "resumed_from_step": self.resumed_from, "seconds": secs,
                 "samples_per_s": samples_per_s, "loss": float(loss),
                 "signals/rows_written": stats.rows_written if stats else 0,

@@ -8,27 +8,13 @@ gradient of the global-batch mean: the single-process reference is plain SGD on 
 Tolerance: fp32, 1e-6 absolute / 1e-5 relative on logits and dense weights (only the reduction order differs).
 """
 
-import os
-import socket
-from pathlib import Path
-
 import pytest
 import torch
-import torch.multiprocessing as mp
-from dist_workers import CFG, KINDS, WORLD, rank_main, reference
+from dist_workers import CFG, KINDS, WORLD, reference, spawn_step
 from helpers import SCHEMA, make_batch
 
 from recdistill.config import TeacherConfig
 from recdistill.models.teacher import TeacherModel
-
-TESTS = str(Path(__file__).resolve().parents[1])
-
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -38,18 +24,7 @@ def free_port() -> int:
 def test_sharded_step_matches_single_process(sharding, stage):
     torch.manual_seed(0)
     init = TeacherModel(SCHEMA, TeacherConfig(**CFG)).state_dict()
-    manager = mp.Manager()
-    out = manager.dict()
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, port, sharding, stage, init, out)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    errors = [out.get(r, {}).get("error") for r in range(WORLD)]
-    assert all(p.exitcode == 0 for p in procs), f"rank exit codes {[p.exitcode for p in procs]}: {errors}"
+    out = spawn_step(sharding, stage, init)
     full = make_batch(n=16, seed=5)
     before, after, ref_model = reference(full, init)
     ref_dense = dict(ref_model.dense.named_parameters())

@@ -48,6 +48,8 @@ def test_deepspeed_launcher_passes_local_rank_and_trains(tmp_path):
                           env=env, capture_output=True, text=True, timeout=180)
     assert "--local_rank=" in proc.stdout + proc.stderr  # the launcher's spawn line: the argument was really passed
     check(tmp_path, proc)
+    for r in range(2):  # the launcher's LOCAL_SIZE, TorchRec's ranks per node
+        assert json.loads((tmp_path / f"sum.rank{r}.json").read_text())["local_world_size"] == 2
 
 
 @pytest.mark.slow
