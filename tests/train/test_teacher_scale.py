@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from dist_workers import CFG, KINDS, WORLD, free_port, reference, spawn_step
-from helpers import SCHEMA, make_batch
+from helpers import SCHEMA, TINY_CONFIG, make_batch
 
 from recdistill.config import TeacherConfig, load_config
 from recdistill.models.teacher import TeacherModel
@@ -93,7 +93,7 @@ def torchrun(tmp_path: Path, name: str, sets: list[str], launch: list[str], env:
     """The real trainer under torchrun with `launch` arguments; summaries at tmp_path/name.rank{r}.json."""
     sets = [*sets, f"signals.uri={tmp_path}/{name}-sig", f"tracking.run_dir={tmp_path}/runs"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "recdistill.train.teacher",
-           "--config", "configs/teacher/tiny.yaml", "--summary", str(tmp_path / name),
+           "--config", TINY_CONFIG, "--summary", str(tmp_path / name),
            "--eval-out", str(tmp_path / f"{name}-eval.npz"), *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
     if not wait:
