@@ -41,7 +41,10 @@ def test_a_data_fault_the_teacher_meets_is_one_line_with_its_log(tmp_path, capsy
     day0 = data / "day=0" / "part-00000.parquet"
     t = pq.read_table(day0)
     hist = t.column("hist_cat").to_pylist()
-    row = SAMPLE_ROWS + 50
+    # past the rows checked before the run, and a positive: the teacher's view (q=1) keeps it, so its ranks read it
+    # (the view is pushed down into the source: a row no view keeps is never converted, nor checked)
+    ctr = t.column("label_ctr").to_pylist()
+    row = next(i for i in range(SAMPLE_ROWS + 50, len(ctr)) if ctr[i] > 0.5)
     hist[row] = hist[row] + [0]
     i = t.schema.get_field_index("hist_cat")
     t = t.set_column(i, t.schema.field(i), pa.array(hist, t.schema.field(i).type))
