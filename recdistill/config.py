@@ -11,16 +11,24 @@ import copy
 import hashlib
 import json
 import math
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from recdistill.errors import RecdistillError
+from recdistill.config_tree import (
+    ConfigError,
+    apply_override,
+    factory_values,
+    flat_keys,
+    format_errors,
+    merge,
+    parse_override,
+    source_of,
+)
 
 # the checkout (configs/, benchmarks/): shipped files and the demo config are found from here, whatever the cwd.
 # An installed wheel has no checkout around it; its configs/ ships inside the package (setup.py copies it there).
@@ -31,13 +39,6 @@ if not (ROOT / "configs").is_dir() and (Path(__file__).resolve().parent / "_ship
 MAX_HISTORY = 20_000
 #: Teacher presets: `teacher.preset: NAME` loads PRESETS/NAME.yaml underneath the user's own settings.
 PRESETS = ROOT / "configs" / "teacher"
-
-
-class ConfigError(RecdistillError, ValueError):
-    """A config file or override is invalid; the message names the key, the source and what is allowed."""
-
-    exit_code = 2
-    fix = "`recdistill config` lists every key with its description"
 
 
 class Section(BaseModel):
@@ -469,111 +470,6 @@ def _hash(tree: dict) -> str:
 # Loading, overrides, error messages
 
 
-def _model_at(loc: tuple, root: type[BaseModel] = Config) -> type[BaseModel] | None:
-    """The pydantic model class that owns the field at `loc` (for listing allowed keys)."""
-    model: Any = root
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        fields = getattr(model, "model_fields", None)
-        if fields is None or part not in fields:
-            return model if fields is not None else None
-        ann = fields[part].annotation
-        model = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)),
-                     None)
-        if model is None:  # list[Model]
-            for a in typing.get_args(ann):
-                inner = [x for x in typing.get_args(a) if isinstance(x, type) and issubclass(x, BaseModel)]
-                model = inner[0] if inner else model
-    return model
-
-
-def _format_errors(err: ValidationError, sources: dict[str, str]) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc)
-        src = _source_of(key, sources)
-        if e["type"] == "extra_forbidden":
-            owner = _model_at(loc[:-1])
-            allowed = sorted(owner.model_fields) if owner is not None else []
-            lines.append(f"{src}: unknown key '{key}'; allowed here: {', '.join(allowed)}")
-        else:
-            got = e.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{src}: {key or '<root>'}: {e['msg']}{got_s}")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def _source_of(key: str, sources: dict[str, str]) -> str:
-    """Where a key's value came from: the longest override/file key that prefixes it."""
-    best = None
-    for k in sources:
-        if key == k or key.startswith(k + ".") or k.startswith(key + ".") or (k == "" and best is None):
-            if best is None or len(k) > len(best):
-                best = k
-    return sources.get(best, "defaults") if best is not None else "defaults"
-
-
-def _flat_keys(d: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.extend(_flat_keys(v, key + ".") if isinstance(v, dict) and v else [key])
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``a.b.c=value`` (value as YAML: numbers, bools, null, lists) into (path, value)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set data.batch_size=256")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".")]
-    if not key.strip() or any(not p for p in path):
-        raise ConfigError(f"--set {text!r}: empty key part in {key!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
-    return path, value
-
-
-def _apply(tree: dict, path: list[str], value: Any, origin: str) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{origin}: '{'.'.join(path[: i + 1])}' is a value, not a section")
-        node = nxt
-    if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
-        _merge(node[path[-1]], value)
-    else:
-        node[path[-1]] = value
-
-
-def _factory_values(model: BaseModel) -> dict:
-    """The explicitly set fields of `model` and, recursively, of its sub-models (JSON-ready)."""
-    out = {}
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            sub = _factory_values(value)
-            if sub:
-                out[name] = sub
-        elif name in model.model_fields_set:
-            out[name] = model.model_dump(mode="json", include={name})[name]
-    return out
-
-
-def _merge(base: dict, update: dict) -> None:
-    """Recursively merge `update` into `base` (mappings merge, anything else replaces)."""
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
-
-
 def _read_yaml(p: Path) -> dict:
     """One config file as a mapping of sections (ConfigError naming the file otherwise)."""
     if not p.is_file():
@@ -599,11 +495,11 @@ def _preset_tree(user: dict, sources: dict[str, str]) -> tuple[dict, dict[str, s
     if name is None:
         return {}, {}
     if str(name) not in preset_names():
-        raise ConfigError(f"{_source_of('teacher.preset', sources)}: teacher.preset {name!r} is not a preset; "
+        raise ConfigError(f"{source_of('teacher.preset', sources)}: teacher.preset {name!r} is not a preset; "
                           f"presets: {', '.join(preset_names())} (configs/teacher/NAME.yaml)")
     path = PRESETS / f"{name}.yaml"
     tree = _read_yaml(path)
-    return tree, {k: f"{path} (teacher.preset={name})" for k in _flat_keys(tree)}
+    return tree, {k: f"{path} (teacher.preset={name})" for k in flat_keys(tree)}
 
 
 def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
@@ -615,26 +511,26 @@ def load_config(path: str | Path | list[str | Path] | None = None, overrides: li
     paths = path if isinstance(path, list | tuple) else ([] if path is None else [path])
     for path in paths:
         loaded = _read_yaml(Path(path))
-        _merge(user, copy.deepcopy(loaded))
-        sources.update({k: str(path) for k in _flat_keys(loaded)})
+        merge(user, copy.deepcopy(loaded))
+        sources.update({k: str(path) for k in flat_keys(loaded)})
         sources[""] = str(path)
     for text in overrides or []:
         keypath, value = parse_override(text)
-        _apply(user, keypath, value, f"--set {text}")
+        apply_override(user, keypath, value, f"--set {text}")
         sources[".".join(keypath)] = f"--set {text}"
     preset, preset_sources = _preset_tree(user, sources)
     # Start from the values that sections' default factories set (e.g. the teacher view's name 'teacher' and
     # r=0.5), so that YAML and overrides merge field by field: `--set sampling.teacher.r=1.0` changes r and keeps
     # the view's other fields. Only explicitly set values are seeded: which fields a user set stays visible
     # (`model_fields_set`; MovieLens reads it for data.tasks).
-    tree: dict = _factory_values(Config())
-    _merge(tree, preset)
-    _merge(tree, user)
+    tree: dict = factory_values(Config())
+    merge(tree, preset)
+    merge(tree, user)
     sources = {**preset_sources, **sources}
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, sources)) from None
+        raise ConfigError(format_errors(exc, sources, Config)) from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str], origin: str = "") -> Config:
@@ -644,12 +540,12 @@ def apply_overrides(cfg: Config, overrides: list[str], origin: str = "") -> Conf
     for text in overrides:
         keypath, value = parse_override(text)
         where = f"{origin}: --set {text}" if origin else f"--set {text}"
-        _apply(tree, keypath, value, where)
+        apply_override(tree, keypath, value, where)
         sources[".".join(keypath)] = where
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, sources)) from None
+        raise ConfigError(format_errors(exc, sources, Config)) from None
 
 
 def save_config(cfg: Config, run_dir: str | Path) -> Path:
