@@ -113,11 +113,7 @@ def bench_join_local(n: int, batch: int, max_delay_ms: int, root: str) -> dict:
     j = Joiner(LocalStream(root, "samples"), LocalStream(root, "signals"), out, num_tasks=len(TASKS),
                max_delay_ms=max_delay_ms, poll_rows=batch, clock=lambda: 0)
     t0, c0 = time.perf_counter(), time.process_time()
-    while True:
-        before = j.rows_in
-        j.step()
-        if j.rows_in == before:
-            break
+    j.drain()
     j.flush(2**62)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     c = j.core.counts

@@ -3,7 +3,7 @@
     recdistill demo                                                      # the embedded default (configs/demo.yaml)
     recdistill demo --set data.source=parquet --set data.path=DIR        # bring-your-own data
     recdistill demo --config configs/teacher/tiny.yaml                   # merged over configs/demo.yaml
-    recdistill demo --resume runs/demo-20261202-101500                   # continue an interrupted run
+    recdistill demo --resume RUN_DIR                                     # continue an interrupted run
     recdistill experiment --config configs/demo.yaml --config configs/experiments/ablations.yaml
 
 Before anything is created or launched, the data is opened and a sample of its rows checked, every student's

@@ -367,6 +367,14 @@ class Joiner:
         self.rows_in += s_cur.rows + g_cur.rows
         return self._publish(out)
 
+    def drain(self) -> int:
+        """Step until a step takes in nothing (both inputs caught up); returns rows published."""
+        published, before = 0, -1
+        while self.rows_in != before:
+            before = self.rows_in
+            published += self.step()
+        return published
+
     def flush(self, watermark_ms: int) -> int:
         """Advance the watermark to `watermark_ms` with no new input (end of a stream or day: everything due goes
         out, label-only where no signal came); returns rows published."""

@@ -197,11 +197,7 @@ def test_streamed_join_with_crash_before_commit_reconciles(make_stream):
     for s, old in zip(ins2, ins, strict=True):
         s.load_state_dict(old.state_dict())
     j2 = Joiner(*ins2, out, num_tasks=T, max_delay_ms=10_000, poll_rows=700, clock=lambda: 0)
-    while True:
-        before = j2.rows_in
-        j2.step()
-        if j2.rows_in == before:
-            break
+    j2.drain()
     # the last samples wait for a watermark that never passes them: close the day with a far watermark
     j2.flush(10**12)
     assert ins2[0].lag() == ins2[1].lag() == 0  # all committed once nothing waits in the joiner
@@ -254,15 +250,6 @@ def test_output_has_the_joined_schema_of_the_sample_schema():
     assert column_np(tail, "has_signal").tolist() == [False, False]
 
 
-def _drive(joiner):
-    """Step until a step takes in nothing."""
-    while True:
-        before = joiner.rows_in
-        joiner.step()
-        if joiner.rows_in == before:
-            return
-
-
 def _append_or_resend(stream, source, lo, hi, batch=500):
     """Append source rows lo..hi-1 in batches; after a server restart re-send from the producer's high water."""
     pos = lo
@@ -292,7 +279,7 @@ def test_redis_kill9_under_the_joiner_loses_no_joined_sample(tmp_path):
         s_prod, g_prod, _ = streams()
         _append_or_resend(s_prod, src_s, 0, 2_500)
         _append_or_resend(g_prod, src_g, 0, 2_500)
-        _drive(Joiner(*streams(), num_tasks=T, max_delay_ms=10**9, poll_rows=700, clock=lambda: 0))
+        Joiner(*streams(), num_tasks=T, max_delay_ms=10**9, poll_rows=700, clock=lambda: 0).drain()
         published = streams()[2].entries()
         server.kill()
         _cut_aof_tail(server.dir, 0.3)
@@ -301,7 +288,7 @@ def test_redis_kill9_under_the_joiner_loses_no_joined_sample(tmp_path):
         _append_or_resend(s_prod, src_s, 2_500, n)  # first raises ServerRestarted, then re-sends what was lost
         _append_or_resend(g_prod, src_g, 2_500, n)
         joiner = Joiner(*streams(), num_tasks=T, max_delay_ms=10**9, poll_rows=700, clock=lambda: 0)
-        _drive(joiner)
+        joiner.drain()
         joiner.flush(10**12)
         student = RedisStream(server.url, "joined", partitions=2, group="students", consumer="s")
         dedup = DuplicateFilter(horizon_ms=10**12)
