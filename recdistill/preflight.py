@@ -39,7 +39,7 @@ def open_source(cfg: Config) -> DataSource:
     try:
         src = build_source(cfg.data)
     except (DataError, ConfigError):
-        raise
+        raise  # already the user's one line; the ValueError below would re-wrap them (both are ValueErrors)
     except FileNotFoundError as exc:  # an fsspec path that vanished between listing and opening
         raise DataError(f"{cfg.data.path}: {exc}") from None
     except ValueError as exc:
