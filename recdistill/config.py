@@ -222,6 +222,17 @@ class TeacherConfig(Section):
     longer_heads: int = Field(2, ge=1, description="LONGER attention heads.")
     longer_layers: int = Field(2, ge=1, description="LONGER layers (1 cross-attention + self-attention layers).")
     recent_k: int = Field(16, ge=0, description="Most recent merged tokens used as extra queries.")
+    crosses: Literal["none", "auto"] | list[list[str]] = Field(
+        "none", description="Crossed categorical features, each an embedding table of its own indexed by the "
+        "combination of its fields' ids (hashed into cross_buckets rows when larger): 'auto' crosses every pair "
+        "and, with cross_order 3, every triple of the sparse features with at most cross_max_vocab ids; a list "
+        "of feature-name lists crosses exactly those. Lets a one-pass teacher learn effects that live only in a "
+        "combination of fields (recdistill/models/cross.py).")
+    cross_max_vocab: int = Field(100, ge=2, description="crosses=auto: features with at most this many ids are "
+                                 "crossed.")
+    cross_order: int = Field(3, ge=2, le=4, description="crosses=auto: most features in one cross.")
+    cross_buckets: int = Field(1 << 16, ge=2, description="Most rows of one cross table (larger code spaces are "
+                               "hashed into this many rows).")
     steps: int | None = Field(None, ge=1, description="Training steps; None: one pass over the training days.")
     lr: float = Field(1e-3, gt=0, description="Dense learning rate.")
     sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the fused row-wise Adagrad on the tables.")

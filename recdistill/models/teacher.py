@@ -24,10 +24,13 @@ and wraps the rest.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from recdistill.data.batch import CONVENTIONAL_ROLES, Batch, Roles, Schema
+from recdistill.models.cross import Cross, crossed_kjt, plan_crosses
 from recdistill.models.embedding import HistoryEmbeddings, SparseEmbeddings
 from recdistill.models.longer import LongerEncoder
 from recdistill.models.match import NUM_MATCH, target_match
@@ -58,7 +61,10 @@ class TeacherEmbeddings(nn.Module):
         self.category_feature = roles.category if has_match else None
         self.hist_category = roles.hist_category if has_match else None
         hist_fields = {f: schema.history[f] for f in roles.history_fields}
-        self.sparse = SparseEmbeddings(schema.sparse, cfg.emb_dim, cfg.embedding_backend)
+        self.cardinalities = dict(schema.sparse)
+        self.crosses = teacher_crosses(schema, roles, cfg)
+        tables = self.cardinalities | {c.name: c.size for c in self.crosses}
+        self.sparse = SparseEmbeddings(tables, cfg.emb_dim, cfg.embedding_backend)
         self.history = HistoryEmbeddings(hist_fields, cfg.emb_dim, cfg.embedding_backend)
 
     def forward(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -70,15 +76,28 @@ class TeacherEmbeddings(nn.Module):
             jt = batch.sparse[self.category_feature]  # one category per candidate
             cand = jt.values()[jt.offsets()[:-1]] if jt.values().numel() else jt.values()
             match = target_match(cand, hist.fields[self.hist_category], hist.offsets)
-        return self.sparse(batch.sparse), self.history(hist), hist.offsets, match
+        sparse = crossed_kjt(batch.sparse, self.crosses, self.cardinalities)
+        return self.sparse(sparse), self.history(hist), hist.offsets, match
 
 
-def feature_order(schema: Schema, roles: Roles) -> list[str]:
+def _role_key(roles: Roles):  # noqa: ANN202 - a sort key
+    """Sort key of sparse features: a role's feature sorts under the role's conventional name."""
+    alias = {getattr(roles, k): getattr(CONVENTIONAL_ROLES, k) for k in Roles.SPARSE if getattr(roles, k)}
+    return lambda f: (alias.get(f, f), f)
+
+
+def teacher_crosses(schema: Schema, roles: Roles, cfg) -> list[Cross]:  # noqa: ANN001
+    """The crossed features of `cfg.crosses` (recdistill/models/cross.py) over the data's sparse features."""
+    return plan_crosses(schema.sparse, cfg.crosses, max_vocab=cfg.cross_max_vocab, order=cfg.cross_order,
+                        buckets=cfg.cross_buckets, sort_key=_role_key(roles))
+
+
+def feature_order(schema: Schema, roles: Roles, crosses: Sequence[Cross] = ()) -> list[str]:
     """The order in which the pooled sparse features enter TokenMixer: sorted, with a role's feature sorted under
     the role's conventional name, so that what a user calls the user, item and category columns does not change
-    the model (the same data under two namings gives the same layout and, under one seed, the same weights)."""
-    alias = {getattr(roles, k): getattr(CONVENTIONAL_ROLES, k) for k in Roles.SPARSE if getattr(roles, k)}
-    return sorted(schema.sparse, key=lambda f: (alias.get(f, f), f))
+    the model (the same data under two namings gives the same layout and, under one seed, the same weights);
+    the crossed features follow in their planned order."""
+    return sorted(schema.sparse, key=_role_key(roles)) + [c.name for c in crosses]
 
 
 class TeacherDense(nn.Module):
@@ -89,7 +108,7 @@ class TeacherDense(nn.Module):
         roles = teacher_roles(schema, roles)
         self.tasks = schema.task_names
         e, dl = cfg.emb_dim, cfg.longer_dim
-        self.features = feature_order(schema, roles)
+        self.features = feature_order(schema, roles, teacher_crosses(schema, roles, cfg))
         self.target_feature, self.category_feature, self.user_feature = roles.item, roles.category, roles.user
         self.dense_proj = nn.Linear(len(schema.dense), e) if schema.dense else None
         has_match = self.category_feature is not None and roles.hist_category is not None
@@ -102,7 +121,7 @@ class TeacherDense(nn.Module):
         ckpt = cfg.activation_checkpointing == "block"  # recompute each LONGER layer and TokenMixer block
         self.longer = LongerEncoder(e, dl, heads=cfg.longer_heads, layers=cfg.longer_layers, merge_k=cfg.merge_k,
                                     recent=cfg.recent_k, merge_kind=cfg.merge_kind, checkpointing=ckpt)
-        n_feat = e * len(schema.sparse) + (e if schema.dense else 0) + (e if has_match else 0)
+        n_feat = e * len(self.features) + (e if schema.dense else 0) + (e if has_match else 0)
         self.n_seq = n_seq = dl * (self.n_global + cfg.recent_k)  # LONGER's outputs in the mixer input
         groups = [(n_feat, cfg.feature_tokens), (n_seq, cfg.num_tokens - cfg.feature_tokens)] \
             if cfg.feature_tokens else None  # features first: forward concatenates them before LONGER's outputs
