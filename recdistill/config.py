@@ -300,6 +300,12 @@ class StudentConfig(Section):
     features: list[str] | None = Field(None, description="Sparse features the student embeds (None: all of the "
                                        "data's). Fewer than the teacher's: a pre-ranking student.")
     emb_dim: int = Field(16, ge=1, description="Embedding width.")
+    crosses: Literal["none", "auto"] | list[list[str]] = Field(
+        "none", description="Crossed features of the student's embedded features, as teacher.crosses (computed "
+        "inside the model from the raw ids, so the served program takes the same inputs).")
+    cross_max_vocab: int = Field(100, ge=2, description="crosses=auto: features with at most this many ids.")
+    cross_order: int = Field(3, ge=2, le=4, description="crosses=auto: most features in one cross.")
+    cross_buckets: int = Field(1 << 16, ge=2, description="Most rows of one cross table (hashed beyond).")
     hidden: int = Field(64, ge=1, description="Width of the backbone and the towers.")
     depth: int = Field(2, ge=1, description="Linear+SiLU layers of the backbone (towers get depth-1, at least 1).")
     interactions: bool = Field(True, description="Add FM-style pairwise dot products of the field embeddings to "

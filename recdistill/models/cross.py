@@ -86,6 +86,14 @@ def first_ids(kjt: KeyedJaggedTensor, cardinalities: Mapping[str, int], features
     return out
 
 
+def first_or_missing(values: torch.Tensor, lengths: torch.Tensor, cardinality: int) -> torch.Tensor:
+    """`first_ids` on plain jagged tensors (values [N], lengths [B]), without a data-dependent branch so that an
+    exported program keeps every size dynamic: one id is appended so an empty last row can be read."""
+    padded = torch.cat([values.to(torch.int64), values.new_zeros(1, dtype=torch.int64)])
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.where(lengths > 0, padded[starts], torch.full_like(lengths, cardinality, dtype=torch.int64))
+
+
 def cross_ids(cross: Cross, ids: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The row of `cross`'s table for each sample ([B] int64): the mixed-radix code of its fields' ids, hashed
     into `cross.size` rows when the code space is larger."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recdistill.data.batch import CONVENTIONAL_ROLES, Batch, History, Roles, Schema
+from recdistill.models.cross import Cross, cross_ids, first_or_missing
 from recdistill.models.embedding import _default_device
 from recdistill.models.match import NUM_MATCH, target_match_padded
 
@@ -84,7 +86,7 @@ class StudentModel(nn.Module):
 
     def __init__(self, schema: Schema, *, features: list[str] | None = None, emb_dim: int = 16, hidden: int = 64,
                  depth: int = 2, history_len: int = 64, decoupled: bool = True, roles: Roles | None = None,
-                 interactions: bool = True, match_features: bool = True) -> None:
+                 interactions: bool = True, match_features: bool = True, crosses: Sequence[Cross] = ()) -> None:
         super().__init__()
         unknown = sorted(set(features or []) - set(schema.sparse))
         if unknown:
@@ -94,6 +96,13 @@ class StudentModel(nn.Module):
         roles.check(schema)
         self.roles, self.tasks = roles, schema.task_names
         self.features = list(features) if features is not None else list(schema.sparse)
+        # crossed features (recdistill/models/cross.py) of the embedded features: computed inside the model from
+        # the raw ids, so the served program takes the same inputs with or without them
+        outside = sorted({f for c in crosses for f in c.fields} - set(self.features))
+        if outside:
+            raise ValueError(f"student crosses use features {outside} that the student does not embed")
+        self.crosses = list(crosses)
+        self.cardinality = {f: schema.sparse[f] for f in self.features}
         self.history_len = history_len
         # embedded history fields: the events' items, categories, actions (those the roles name; timestamps and
         # free-form fields are left out), in that order
@@ -104,7 +113,9 @@ class StudentModel(nn.Module):
             else None
         self.ebc = EmbeddingBagCollection(tables=[
             EmbeddingBagConfig(name=f"t_{f}", embedding_dim=emb_dim, num_embeddings=schema.sparse[f], feature_names=[f])
-            for f in self.features], device=_default_device())
+            for f in self.features] + [
+            EmbeddingBagConfig(name=f"t_{c.name}", embedding_dim=emb_dim, num_embeddings=c.size, feature_names=[c.name])
+            for c in self.crosses], device=_default_device())
         self.hist_emb = nn.ModuleDict({f: nn.Embedding(schema.history[f], emb_dim) for f in self.hist_fields})
         self.pos_emb = nn.Parameter(torch.zeros(history_len, emb_dim))
         self.attn = TargetAttention(emb_dim) if self.hist_fields else None
@@ -114,7 +125,7 @@ class StudentModel(nn.Module):
         self.match_cat = roles.category if match_features and roles.hist_category in self.hist_fields \
             and roles.category in self.features else None
         self.match_proj = nn.Linear(NUM_MATCH, emb_dim) if self.match_cat else None
-        n_vec = len(self.features) + (1 if schema.dense else 0) + (2 if self.hist_fields else 0) \
+        n_vec = len(self.features) + len(self.crosses) + (1 if schema.dense else 0) + (2 if self.hist_fields else 0) \
             + (1 if self.match_cat else 0)
         # FM-style pairwise dot products of the field vectors: an MLP over concatenated embeddings approximates a
         # product of two of them (user x category affinity, say) poorly; ranking models add explicit crosses.
@@ -150,6 +161,12 @@ class StudentModel(nn.Module):
         for f in self.features:
             bag = self.ebc.embedding_bags[f"t_{f}"]
             out[f] = bag(input=values[f], offsets=_offsets(lengths[f])).float()
+        if self.crosses:
+            ids = {f: first_or_missing(values[f], lengths[f], self.cardinality[f])
+                   for f in {f for c in self.crosses for f in c.fields}}
+            one = _offsets(torch.ones_like(lengths[self.crosses[0].fields[0]]))  # one cross id per row
+            for c in self.crosses:
+                out[c.name] = self.ebc.embedding_bags[f"t_{c.name}"](input=cross_ids(c, ids), offsets=one).float()
         return out
 
     def encode_tensors(self, values: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor], dense: torch.Tensor,
@@ -167,7 +184,7 @@ class StudentModel(nn.Module):
                      cand_cat: torch.Tensor | None = None) -> torch.Tensor:
         """The backbone from pooled [B, E] per feature, dense [B, Fd], right-aligned history ids [B, n] per field
         with their mask, target item ids [B] and candidate categories [B]."""
-        parts = [pooled[f] for f in self.features]
+        parts = [pooled[f] for f in self.features] + [pooled[c.name] for c in self.crosses]
         if self.dense_proj is not None:
             parts.append(self.dense_proj(dense))
         if self.hist_fields:

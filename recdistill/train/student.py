@@ -37,6 +37,7 @@ from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
 from recdistill.distill.debias import distill_pair, true_space
 from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
+from recdistill.models.cross import plan_crosses
 from recdistill.models.student import ServedStudent, StudentModel
 from recdistill.serve import EXAMPLE_BATCH, ServingSpec, export_served, load_served
 from recdistill.signals.bounded import open_reader
@@ -110,7 +111,11 @@ class StudentTrainer:
                                   depth=self.s.depth, history_len=self.s.history_len,
                                   decoupled=self.s.towers == "decoupled",
                                   interactions=self.s.interactions, match_features=self.s.match_features,
-                                  roles=roles_for(cfg.data.roles, self.source, "student")).to(self.device)
+                                  roles=roles_for(cfg.data.roles, self.source, "student"),
+                                  crosses=plan_crosses({f: schema.sparse[f] for f in self.s.features or schema.sparse},
+                                                       self.s.crosses, max_vocab=self.s.cross_max_vocab,
+                                                       order=self.s.cross_order, buckets=self.s.cross_buckets),
+                                  ).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.s.lr)
         self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
         self.counts = SignalCounts()

@@ -63,3 +63,24 @@ def test_teacher_with_crosses_trains_every_table(backend):
     else:
         table = model.embed.sparse.ebc.embedding_bags[f"t_{names[0]}"].weight
     assert table.shape[0] == math.prod([41, 8]) and table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_student_crosses_are_computed_inside_the_exported_program(tmp_path):
+    """The served program takes the raw features and computes the cross ids itself: exported with a dynamic batch,
+    it gives the training model's outputs on another batch size, empty feature rows included."""
+    from recdistill.models.student import ServedStudent, StudentModel, serving_inputs
+    from recdistill.serve import ServingSpec, export_served, load_served
+
+    torch.manual_seed(0)
+    crosses = plan_crosses(SCHEMA.sparse, "auto", max_vocab=45, order=2, buckets=100)
+    model = StudentModel(SCHEMA, emb_dim=4, hidden=8, history_len=5, crosses=crosses).eval()
+    assert [c.name for c in model.crosses] == ["cross__item_cat__item_id"] and crosses[0].hashed
+    served = ServedStudent(model, torch.zeros(SCHEMA.num_traffic), {"ctr": "binary", "watch_time": "continuous"})
+    path = export_served(served, ServingSpec.of(model, SCHEMA), tmp_path / "student.pt2")
+    loaded = load_served(path)
+    batch = make_batch(n=13, seed=5)
+    expect = served(*serving_inputs(model, batch))
+    torch.testing.assert_close(loaded(batch), expect)
+    with torch.no_grad():  # the cross table matters: zeroing it changes the predictions
+        model.ebc.embedding_bags["t_cross__item_cat__item_id"].weight.zero_()
+    assert not torch.allclose(served(*serving_inputs(model, batch)), expect)
