@@ -99,6 +99,12 @@ class TaskConfig(Section):
 
     name: str = Field(description="Task name, e.g. 'ctr'; labels are read from `label_<name>`.")
     kind: Literal["binary", "continuous"] = Field("binary", description="BCE for binary, (log-)MSE for continuous.")
+    within: str | None = Field(None, description="The binary task whose positives hold every non-zero label of "
+                               "this one (cvr within ctr: a conversion needs a click). When the views down-sample "
+                               "by that task's label, this task's rate on the kept rows is off by a factor that "
+                               "depends on the row's probability of that task; predictions are mapped back with the "
+                               "model's own prediction of it. None: no sampling correction for this task (unless it "
+                               "is the sampling task itself).")
 
 
 class WorldConfig(Section):
@@ -166,8 +172,8 @@ class DataConfig(Section):
     tasks: list[TaskConfig] = Field(
         default_factory=lambda: [
             TaskConfig(name="ctr", kind="binary"),
-            TaskConfig(name="cvr", kind="binary"),
-            TaskConfig(name="watch_time", kind="continuous"),
+            TaskConfig(name="cvr", kind="binary", within="ctr"),
+            TaskConfig(name="watch_time", kind="continuous", within="ctr"),
         ],
         description="Tasks, in order; the first binary task is the primary one.",
     )
@@ -181,6 +187,11 @@ class DataConfig(Section):
             raise ValueError(f"eval_days={self.eval_days} must be < num_days={self.num_days} (need a training day)")
         if self.source == "parquet" and not self.path:
             raise ValueError("source=parquet needs data.path (a directory of Parquet files)")
+        binary = [t.name for t in self.tasks if t.kind == "binary"]
+        for t in self.tasks:
+            if t.within is not None and (t.within == t.name or t.within not in binary):
+                raise ValueError(f"data.tasks: task {t.name!r} has within={t.within!r}, which must name another "
+                                 f"binary task (the binary tasks are {binary})")
         return self
 
 

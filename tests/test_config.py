@@ -127,3 +127,11 @@ def test_teacher_digest_ignores_students_paths_and_logging():
     assert same.teacher_digest() == a.teacher_digest() and same.digest() != a.digest()
     for change in ("teacher.lr=0.5", "sampling.teacher.r=0.9", "data.seed=3", "signals.window_steps=7"):
         assert load_config(None, [change]).teacher_digest() != a.teacher_digest(), change
+
+
+def test_task_within_must_name_another_binary_task():
+    ok = load_config(None, [])
+    assert {t.name: t.within for t in ok.data.tasks} == {"ctr": None, "cvr": "ctr", "watch_time": "ctr"}
+    tasks = '[{"name": "ctr"}, {"name": "wt", "kind": "continuous", "within": "nosuch"}]'
+    with pytest.raises(ConfigError, match=r"task 'wt' has within='nosuch', which must name another binary task"):
+        load_config(None, [f"data.tasks={tasks}"])

@@ -19,6 +19,10 @@ class TaskSpec:
 
     name: str
     kind: Literal["binary", "continuous"] = "binary"
+    #: The binary task whose positives hold every non-zero label of this one (a conversion needs a click), or
+    #: None. Down-sampling by that task's label then changes this task's rate by a factor that depends on the row
+    #: (recdistill/distill/debias.py), not by the constant shift of the sampling task itself.
+    within: str | None = None
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ class ParquetSource:
         label_names = [c[len("label_"):] for c in cols if c.startswith("label_")]
         if META_TASKS in meta:
             try:
-                tasks = tuple(TaskSpec(t["name"], t["kind"]) for t in json.loads(meta[META_TASKS]))
+                tasks = tuple(TaskSpec(t["name"], t["kind"], t.get("within")) for t in json.loads(meta[META_TASKS]))
                 bad = [t.kind for t in tasks if t.kind not in ("binary", "continuous")]
                 if bad:
                     raise ValueError(f"kind {bad[0]!r} is not 'binary' or 'continuous'")
@@ -265,9 +265,11 @@ class ParquetSource:
             missing = [t.name for t in tasks if t.name not in label_names]
             if missing:
                 raise DataError(f"{self.files[0]}: metadata names tasks {missing} without a 'label_<task>' column")
-        else:  # infer: binary when every label is 0 or 1
-            tasks = tuple(TaskSpec(n, "binary" if self._all_binary(f"label_{n}") else "continuous")
-                          for n in label_names)
+        else:  # infer: binary when every label is 0 or 1; within the first binary task when zero wherever it is
+            kinds = {n: "binary" if self._all_binary(f"label_{n}") else "continuous" for n in label_names}
+            first = next((n for n, k in kinds.items() if k == "binary"), None)
+            tasks = tuple(TaskSpec(n, k, first if first not in (None, n) and self._zero_where_zero(n, first) else None)
+                          for n, k in kinds.items())
 
         def card(role: str, prefix: str, name: str) -> int:
             return int(declared.get(role, {}).get(name, 0)) or self._max_id(prefix + name)
@@ -284,6 +286,17 @@ class ParquetSource:
         for f in self.files:
             arr = self._read(f, None, [column]).column(0)
             yield pc.list_flatten(arr) if _is_int_list(arr.type) else arr
+
+    def _zero_where_zero(self, task: str, other: str) -> bool:
+        """Every row whose `other` label is 0 has a 0 `task` label (and some rows have `other` = 0)."""
+        seen = False
+        for f in self.files:
+            t = self._read(f, None, [f"label_{task}", f"label_{other}"])
+            off = pc.equal(t.column(1), 0)
+            seen = seen or bool(pc.any(off).as_py())
+            if pc.any(pc.and_(off, pc.not_equal(t.column(0), 0))).as_py():
+                return False
+        return seen
 
     def _max_id(self, column: str) -> int:
         return max(int(pc.max(a).as_py() or 0) for a in self._scan(column)) + 1
@@ -467,7 +480,8 @@ def layout_metadata(schema: Schema, sampling: SamplingConfig | None, roles: Role
                  "max_history": schema.max_history}
     if roles is not None:
         described["roles"] = roles.as_dict()
-    meta = {META_TASKS: json.dumps([{"name": t.name, "kind": t.kind} for t in schema.tasks]).encode(),
+    meta = {META_TASKS: json.dumps([{"name": t.name, "kind": t.kind, "within": t.within}
+                                    for t in schema.tasks]).encode(),
             META_SCHEMA: json.dumps(described).encode()}
     if sampling is not None:
         meta[META_SAMPLING] = sampling.model_dump_json().encode()

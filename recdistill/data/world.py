@@ -111,7 +111,9 @@ class SyntheticWorld:
         self.tasks = [t.name for t in data_cfg.tasks]
         c, s = w.num_categories, self.seed
         self.schema = Schema(
-            tasks=tuple(TaskSpec(t.name, t.kind) for t in data_cfg.tasks),
+            # cvr and watch_time are non-zero only on clicks: within ctr, whatever the config says
+            tasks=tuple(TaskSpec(t.name, t.kind, "ctr" if t.name != "ctr" and "ctr" in self.tasks else None)
+                        for t in data_cfg.tasks),
             dense=tuple(f"x{i}" for i in range(w.num_dense)),
             sparse={"user_id": w.num_users, "item_id": w.num_items, "item_cat": c, "item_tags": NUM_TAGS,
                     "user_segment": NUM_SEGMENTS, "item_segment": NUM_SEGMENTS, "context": NUM_CONTEXT,

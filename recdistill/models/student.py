@@ -253,25 +253,38 @@ def serving_inputs(spec, batch: Batch) -> tuple:  # noqa: ANN001 - see model_inp
 
 class ServedStudent(nn.Module):
     """What is served: the backbone and the main tower alone, on plain tensors (see `serving_inputs`), returning
-    [B, num_tasks] true-space predictions: sigmoid(z + correction[traffic]) for binary tasks (the student's own
-    sampling correction g, DESIGN §4), expm1 of the output for continuous tasks trained with log-MSE (the raw
-    output otherwise). The auxiliary tower is not part of it. It runs the model's own `encode_tensors` and tower
-    on the trained parameters (shared storage), so serving and training share one code path."""
+    [B, num_tasks] true-space predictions, mapped as recdistill/distill/debias.py `true_space` maps them:
+    sigmoid(z + correction[traffic]) for the sampling task (the student's own sampling correction g, DESIGN §4),
+    the within factor for tasks within it, expm1 for continuous tasks trained with log-MSE. The auxiliary tower is
+    not part of it. It runs the model's own `encode_tensors` and tower on the trained parameters (shared storage),
+    so serving and training share one code path."""
 
     def __init__(self, model: StudentModel, correction: torch.Tensor, kinds: dict[str, str],
-                 continuous: str = "log_mse") -> None:
+                 continuous: str = "log_mse", *, sampling_task: str = "ctr", within: dict[str, str] | None = None,
+                 b: float = 0.0) -> None:
         super().__init__()
         self.model = model.without_aux()
         self.register_buffer("correction", correction.float().clone())  # [num_traffic]
+        # r / q_eff per traffic, for the tasks within the sampling task (recdistill/distill/debias.py)
+        self.register_buffer("r_over_q", torch.exp(correction.float() - b))
         self.binary = [kinds[t] == "binary" for t in model.tasks]
         self.log_space = continuous == "log_mse"
+        self.by = sampling_task if sampling_task in model.tasks and kinds[sampling_task] == "binary" else None
+        self.within = [self.by is not None and (within or {}).get(t) == self.by for t in model.tasks]
 
     def forward(self, values: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor], dense: torch.Tensor,
                 hist_ids: dict[str, torch.Tensor], hist_mask: torch.Tensor, traffic: torch.Tensor) -> torch.Tensor:
         m = self.model
         z = m._run_tower(m.main, m.encode_tensors(values, lengths, dense, hist_ids, hist_mask))
         c = self.correction[traffic]
+        p_by = torch.sigmoid(z[self.by] + c) if self.by is not None else None
         cols = []
-        for t, is_binary in zip(m.tasks, self.binary, strict=True):
-            cols.append(torch.sigmoid(z[t] + c) if is_binary else (torch.expm1(z[t]) if self.log_space else z[t]))
+        for t, is_binary, within in zip(m.tasks, self.binary, self.within, strict=True):
+            if t == self.by:
+                cols.append(p_by)
+                continue
+            v = torch.sigmoid(z[t]) if is_binary else z[t]
+            if within:  # same mapping as debias.true_space
+                v = v * (p_by + (1.0 - p_by) * self.r_over_q[traffic])
+            cols.append(v if is_binary or not self.log_space else torch.expm1(v))
         return torch.stack(cols, dim=1)

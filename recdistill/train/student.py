@@ -35,7 +35,7 @@ from recdistill.data.loader import BatchLoader, Position
 from recdistill.data.roles import roles_for
 from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
-from recdistill.distill.debias import distill_pair, true_space
+from recdistill.distill.debias import distill_pair, true_space, within_of
 from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
 from recdistill.models.cross import plan_crosses
 from recdistill.models.student import ServedStudent, StudentModel
@@ -100,6 +100,7 @@ class StudentTrainer:
         self.source = source if source is not None else build_source(cfg.data)
         schema = self.source.schema
         self.kinds = {t.name: t.kind for t in schema.tasks}
+        self.within = within_of(schema.tasks)
         self.num_traffic = schema.num_traffic
         days = self.source.days()
         self.train_days, self.eval_days = days[: -cfg.data.eval_days], days[-cfg.data.eval_days:]
@@ -141,6 +142,10 @@ class StudentTrainer:
         self.teacher_view = meta.sampling  # the teacher's logits live in the space of the view it trained on
         # Distillation covers the binary tasks both sides have; continuous heads learn from labels only.
         self.distill_cols = {t: meta.tasks.index(t) for t, k in self.kinds.items() if k == "binary" and t in meta.tasks}
+        # a task within the sampling task is mapped between the views with the teacher's logit of that task
+        by = self.view.task
+        self.distill_by = {t: meta.tasks.index(by) for t in self.distill_cols
+                           if self.within.get(t) == by == self.teacher_view.task and by in meta.tasks}
         if not self.distill_cols:
             raise ValueError(f"teacher signals at {uri} have tasks {meta.tasks}; none is a binary task of the student "
                              f"({[t for t, k in self.kinds.items() if k == 'binary']})")
@@ -171,10 +176,11 @@ class StudentTrainer:
                  ) -> torch.Tensor:
         total = None
         for task, col in self.distill_cols.items():
+            by = self.distill_by.get(task)
+            mask = t_mask[:, col] if by is None else t_mask[:, col] & t_mask[:, by]
             target, pred = distill_pair(self.s.debias, t_logits[:, col], z[task], batch.traffic, self.teacher_view,
-                                        self.view, self.num_traffic)
-            loss = distill_loss(target, pred, t_mask[:, col], kind=self.s.distill_loss,
-                                temperature=self.s.temperature)
+                                        self.view, self.num_traffic, None if by is None else t_logits[:, by])
+            loss = distill_loss(target, pred, mask, kind=self.s.distill_loss, temperature=self.s.temperature)
             total = loss if total is None else total + loss
         return total
 
@@ -254,7 +260,8 @@ class StudentTrainer:
 
     def _true_space(self, z: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         """Raw outputs -> what is evaluated and served: sigmoid(g(z)) for binary tasks, the value for continuous."""
-        return true_space(z, self.kinds, self.view, batch.traffic, self.num_traffic, self.s.continuous_loss)
+        return true_space(z, self.kinds, self.view, batch.traffic, self.num_traffic, self.s.continuous_loss,
+                          within=self.within)
 
     # ---- evaluation and export ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -290,7 +297,8 @@ class StudentTrainer:
     def served(self) -> ServedStudent:
         """The served module: backbone + main tower, true-space outputs."""
         corr = self.view.correction(torch.arange(self.num_traffic), self.num_traffic)
-        return ServedStudent(self.model, corr.to(self.device), self.kinds, self.s.continuous_loss).eval()
+        return ServedStudent(self.model, corr.to(self.device), self.kinds, self.s.continuous_loss,
+                             sampling_task=self.view.task, within=self.within, b=self.view.b).eval()
 
     def export(self, path: str | Path) -> dict:
         """Export the served module with torch.export as `path`.pt2 plus its serving spec `path`.json

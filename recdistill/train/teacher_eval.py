@@ -18,7 +18,7 @@ import torch.distributed as dist
 from recdistill.config import Config
 from recdistill.data.loader import BatchLoader
 from recdistill.data.source import DataSource
-from recdistill.distill.debias import true_space
+from recdistill.distill.debias import true_space, within_of
 from recdistill.distill.metrics import evaluate
 from recdistill.train.distributed import DistInfo
 from recdistill.train.lockstep import LockstepBatches
@@ -45,6 +45,7 @@ class TeacherEvaluator:
         self.cfg, self.source, self.info, self.group = cfg, source, info, group
         self.tasks = source.schema.task_names
         self.kinds = {t.name: t.kind for t in source.schema.tasks}
+        self.within = within_of(source.schema.tasks)
 
     def batches(self, days: list[int]) -> LockstepBatches:
         """This rank's chunk of `days`, unsampled, padded and in lockstep with the other ranks."""
@@ -62,7 +63,7 @@ class TeacherEvaluator:
         view, nt = self.cfg.sampling.teacher, self.source.schema.num_traffic
         for batch, real in self.batches(days):
             batch = batch.to(self.info.device)
-            preds = true_space(dmp(batch), self.kinds, view, batch.traffic, nt)  # heads predict log1p(value)
+            preds = true_space(dmp(batch), self.kinds, view, batch.traffic, nt, within=self.within)
             part = {"sample_id": batch.sample_id, **{f"pred/{t}": v for t, v in preds.items()},
                     **{f"label/{t}": v for t, v in batch.labels.items()},
                     **{f"p_true/{t}": v for t, v in (batch.p_true or {}).items()}}

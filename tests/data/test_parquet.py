@@ -234,9 +234,12 @@ def test_task_metadata_and_inference(tmp_path):
     with pytest.raises(DataError, match=r"metadata names tasks \['cvr'\] without a 'label_<task>' column"):
         ParquetSource(str(tmp_path / "d"))
     t = good_table().append_column("label_time", pa.array([0.0, 1.0, 2.5, 0.0, 1.0], pa.float32()))
+    t = t.append_column("label_cvr", pa.array([0.0, 1.0, 0.0, 0.0, 0.0], pa.float32()))  # only where ctr is 1
     write_table(tmp_path / "e" / "x.parquet", t)
     src = ParquetSource(str(tmp_path / "e"))
-    assert [(x.name, x.kind) for x in src.schema.tasks] == [("ctr", "binary"), ("time", "continuous")]
+    # time is non-zero on a row without a click (row 2): not within ctr; cvr is
+    assert [(x.name, x.kind, x.within) for x in src.schema.tasks] == [
+        ("ctr", "binary", None), ("time", "continuous", None), ("cvr", "binary", "ctr")]
     assert src.schema.sparse == {"user": 5} and src.schema.history == {"item": 3, "cat": 5}  # max id + 1
     assert src.schema.num_traffic == 1
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recdistill.data.sampling import SamplingConfig, keep_mask
-from recdistill.distill.debias import MODES, distill_pair, to_sampled, to_true, true_space
+from recdistill.distill.debias import MODES, distill_pair, to_sampled, to_true, true_space, within_factor
 from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
 
 TEACHER = SamplingConfig(name="t", r=0.5, q=1.0, b=0.0)
@@ -79,6 +79,44 @@ def test_sampled_positive_rate_matches_the_odds_derivation():
         rate = pos[sel].mean()
         expect = 1 / (1 + math.exp(-(logit(p) + math.log(q) - math.log(0.1))))
         assert abs(rate - expect) < 5 * math.sqrt(expect * (1 - expect) / sel.sum()), (t, rate, expect)
+
+
+def test_a_task_within_the_sampling_task_is_mapped_by_the_within_factor():
+    """Real keep/drop decisions by the click label over rows of different click rates: the conversion rate among
+    kept rows is E[conv] / within_factor(p_click) (not a constant logit shift of it), and true_space recovers
+    the true conversion probability from the Bayes model of the kept rows, binary and continuous alike."""
+    s = STUDENT.model_copy(update={"b": 0.0})
+    n = 1_200_000
+    rng = np.random.default_rng(1)
+    p_c = np.where(np.arange(n) % 2 == 0, 0.02, 0.4)  # two kinds of rows, far apart in click rate
+    p_v_given_c = 0.3
+    click = rng.random(n) < p_c
+    conv = click & (rng.random(n) < p_v_given_c)
+    traffic = rng.integers(0, 2, n)
+    keep = keep_mask(np.arange(n), click, traffic, s, 2)
+    for kind in (0, 1):
+        for t, q in enumerate([0.9, 0.5]):
+            sel = keep & (traffic == t) & (np.arange(n) % 2 == kind)
+            pc = p_c[kind]
+            expect = pc * p_v_given_c / (pc + (1 - pc) * 0.1 / q)
+            rate = conv[sel].mean()
+            assert abs(rate - expect) < 5 * math.sqrt(expect * (1 - expect) / sel.sum()), (kind, t, rate, expect)
+    pc = torch.tensor([0.02, 0.4, 0.02, 0.4], dtype=torch.float64)
+    tr = torch.tensor([0, 0, 1, 1])
+    ps_v = pc * p_v_given_c / within_factor(pc, s, tr, 2)  # the kept rows' Bayes conversion rate
+    z = {"ctr": to_sampled(torch.logit(pc), s, tr, 2), "cvr": torch.logit(ps_v), "wt": ps_v * 2.0}
+    got = true_space(z, {"ctr": "binary", "cvr": "binary", "wt": "continuous"}, s, tr, 2, continuous_loss="mse",
+                     within={"cvr": "ctr", "wt": "ctr"})
+    torch.testing.assert_close(got["ctr"], pc.float())
+    torch.testing.assert_close(got["cvr"], (pc * p_v_given_c).float())
+    torch.testing.assert_close(got["wt"], (pc * p_v_given_c * 2.0).float())
+    plain = true_space({k: z[k] for k in ("ctr", "cvr")}, {"ctr": "binary", "cvr": "binary"}, s, tr, 2)  # no within
+    torch.testing.assert_close(plain["cvr"], ps_v.float())
+    # exact distillation: the teacher's Bayes conversion logit of its kept rows -> the student's one
+    zt_c = to_sampled(torch.logit(pc), TEACHER, tr, 2)
+    zt_v = torch.logit(pc * p_v_given_c / within_factor(pc, TEACHER, tr, 2))
+    target, _ = distill_pair("exact", zt_v, zt_v, tr, TEACHER, s, 2, z_teacher_by=zt_c)
+    torch.testing.assert_close(target, torch.logit(ps_v))
 
 
 def test_distill_ce_temperature_mask_and_rejects():
