@@ -351,6 +351,11 @@ class StudentConfig(Section):
     signal_min_auc: float = Field(0.5, ge=0.0, le=1.0, description="Quality gate: a batch whose teacher logits "
                                   "do not rank its own labels with an AUC two standard errors above this is "
                                   "garbage and gets no distillation loss (counted). 0 turns the gate off.")
+    task_gate: bool = Field(True, description="Per-task gate: a task whose teacher logits rank the recent training "
+                            "labels worse than the student's own main tower does (by more than two standard errors, "
+                            "over the last task_gate_rows rows) gets no distillation loss until that changes "
+                            "(counted as signals/task_gated_batches; recdistill/distill/gate.py).")
+    task_gate_rows: int = Field(4096, ge=64, description="Training rows per task the per-task gate judges.")
     log_every: int = Field(20, ge=1, description="Steps between W&B points / training-AUC updates.")
 
 

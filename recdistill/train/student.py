@@ -36,6 +36,7 @@ from recdistill.data.roles import roles_for
 from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
 from recdistill.distill.debias import distill_pair, true_space, within_of
+from recdistill.distill.gate import TaskGate
 from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
 from recdistill.models.cross import plan_crosses
 from recdistill.models.student import ServedStudent, StudentModel
@@ -87,6 +88,7 @@ class SignalCounts:
     rejected_batch_samples: int = 0
     corrupt_shards: int = 0  # store shards skipped as corrupt (signals.on_corrupt=skip): their samples are missing
     corrupt_rows: int = 0  # rows those shards held, by their commit markers
+    task_gated_batches: int = 0  # (batch, task) pairs whose distillation the per-task gate turned off
 
 
 class StudentTrainer:
@@ -146,6 +148,7 @@ class StudentTrainer:
         by = self.view.task
         self.distill_by = {t: meta.tasks.index(by) for t in self.distill_cols
                            if self.within.get(t) == by == self.teacher_view.task and by in meta.tasks}
+        self.gate = TaskGate(list(self.distill_cols), rows=self.s.task_gate_rows) if self.s.task_gate else None
         if not self.distill_cols:
             raise ValueError(f"teacher signals at {uri} have tasks {meta.tasks}; none is a binary task of the student "
                              f"({[t for t, k in self.kinds.items() if k == 'binary']})")
@@ -172,14 +175,22 @@ class StudentTrainer:
         c.joined += int(mask.all(1).sum())  # samples whose every signal column is used
         return logits, mask
 
-    def _distill(self, z: dict[str, torch.Tensor], batch: Batch, t_logits: torch.Tensor, t_mask: torch.Tensor
-                 ) -> torch.Tensor:
+    def _distill(self, z: dict[str, torch.Tensor], batch: Batch, t_logits: torch.Tensor, t_mask: torch.Tensor,
+                 main: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The distillation loss of the tower outputs `z`; `main`: the served tower's outputs (per-task gate)."""
         total = None
         for task, col in self.distill_cols.items():
             by = self.distill_by.get(task)
             mask = t_mask[:, col] if by is None else t_mask[:, col] & t_mask[:, by]
+            z_by = None if by is None else t_logits[:, by]
             target, pred = distill_pair(self.s.debias, t_logits[:, col], z[task], batch.traffic, self.teacher_view,
-                                        self.view, self.num_traffic, None if by is None else t_logits[:, by])
+                                        self.view, self.num_traffic, z_by)
+            if self.gate is not None:  # teacher vs served tower, both in the distillation loss's space
+                _, served = distill_pair(self.s.debias, t_logits[:, col], main[task], batch.traffic,
+                                         self.teacher_view, self.view, self.num_traffic, z_by)
+                if not self.gate.update(task, target, served, batch.labels[task], mask):
+                    self.counts.task_gated_batches += 1
+                    mask = torch.zeros_like(mask)
             loss = distill_loss(target, pred, mask, kind=self.s.distill_loss, temperature=self.s.temperature)
             total = loss if total is None else total + loss
         return total
@@ -196,7 +207,7 @@ class StudentTrainer:
             tower_task = task_loss(tower, batch.labels, kinds, continuous=cont) if out.aux is not None else l_main
             tower_total = tower_task
         if "distill" in self.s.tower_loss:
-            l_d = self._distill(tower, batch, t_logits, t_mask)
+            l_d = self._distill(tower, batch, t_logits, t_mask, out.main)
             beta = self.auto_beta(l_main, l_d) if self.auto_beta is not None else torch.tensor(float(self.s.beta))
             parts.update({"loss/distill": l_d.detach(), "distill/beta": beta.detach()})
             tower_total = beta * l_d if tower_total is None else tower_total + beta * l_d
