@@ -432,6 +432,10 @@ class ExperimentConfig(Section):
             raise ValueError(f"experiment.students: names must be unique, got {names}")
         if self.base_student not in names:
             raise ValueError(f"experiment.base_student={self.base_student!r} is not one of the students {names}")
+        clash = [n for n in names if n.startswith("baseline_")]
+        if clash:
+            raise ValueError(f"experiment.students: names starting with 'baseline_' are the baselines' report rows, "
+                             f"got {clash}")
         if len(set(self.baselines)) != len(self.baselines):
             raise ValueError(f"experiment.baselines: each baseline at most once, got {self.baselines}")
         return self

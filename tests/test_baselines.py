@@ -12,7 +12,7 @@ from recdistill.baselines import load_rows, preds_path, run_baselines
 from recdistill.baselines.features import FeatureBuilder, cross_groups, folds_of, target_encode
 from recdistill.baselines.models import fit_logistic
 from recdistill.cli import main
-from recdistill.config import load_config
+from recdistill.config import ConfigError, load_config
 from recdistill.data.roles import resolve_roles
 from recdistill.data.source import build_source
 from recdistill.distill.metrics import auc
@@ -136,3 +136,13 @@ def test_cli_runs_the_baselines_alone(tmp_path, capsys):
     assert saved["results"]["baseline_lr"]["auc/ctr"] > 0.65 and (tmp_path / "config.yaml").is_file()
     assert main(["baselines", *args, "--set", "experiment.baselines=[]", "--out", str(tmp_path)]) == 2
     assert "experiment.baselines" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("experiment.baselines=[svm]", "experiment.baselines.0"),
+    ("experiment.baselines=[lr, lr]", "each baseline at most once"),
+    ("experiment.students=[{name: base}, {name: baseline_lr}]", "names starting with 'baseline_'"),
+])
+def test_bad_baseline_settings_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
