@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recdistill.baselines import load_rows, preds_path, run_baselines
-from recdistill.baselines.features import FeatureBuilder, cross_groups, folds_of, target_encode
+from recdistill.baselines.features import FeatureBuilder, bag_encode, cross_groups, folds_of, target_encode
 from recdistill.baselines.models import fit_logistic
 from recdistill.cli import main
 from recdistill.config import ConfigError, load_config
@@ -29,7 +29,7 @@ def _small(extra=()):
 
 def test_out_of_fold_encoding_never_uses_a_rows_own_label():
     cfg, src = _small()
-    train, _ = load_rows(cfg, src)
+    train, evals = load_rows(cfg, src)
     y, folds = train.labels["ctr"], 5
     fold = folds_of(train.sample_id, folds)
     assert set(np.unique(fold)) == set(range(folds))
@@ -50,6 +50,16 @@ def test_out_of_fold_encoding_never_uses_a_rows_own_label():
     others = (codes == codes[i]) & (fold != fold[i])
     expect = (y[others].sum() + 2.0 * y.mean()) / (others.sum() + 2.0)
     assert enc[i] == pytest.approx(expect)
+    # several ids per row (a bag), none shared with another row: the prior; a row without ids: the prior too
+    lengths = np.where(np.arange(n) % 3 == 0, 0, 2)
+    enc, _ = bag_encode((lengths, np.arange(lengths.sum())), y, fold, (np.ones(1, np.int64), np.zeros(1, np.int64)),
+                        folds, prior_weight=5.0)
+    np.testing.assert_allclose(enc, y.mean())
+    # the world's multi-valued item tags get such an encoding, and it varies
+    assert "item_tags" in train.multi
+    f = FeatureBuilder(train, evals, src.schema, resolve_roles(cfg.data.roles, src)).for_task("ctr")
+    col = f.names.index("te_ctr_item_tags_mean")
+    assert f.train[:, col].std() > 0 and f.eval[:, col].std() > 0
 
 
 def test_crosses_are_chosen_by_cardinality_from_schema_and_roles():

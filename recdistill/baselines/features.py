@@ -12,7 +12,8 @@ What a row gets (nothing here knows which features interact in a given world):
   every pair and triple of single-valued features with at most `cross_limit` ids, and each of those with the user
   and with the item. A training row's encoding comes from the rows of the other K folds (folds by a hash of
   sample_id), so its own label never enters it; evaluation rows get encodings from all training rows. Each is
-  smoothed toward the prior with a pseudo-count and given as a logit;
+  smoothed toward the prior with a pseudo-count and given as a logit; a multi-valued feature (several ids per row)
+  is crossed with nothing and encoded as the mean of its ids' out-of-fold encodings;
 * log frequency of the user and of the item in the training rows;
 * dense features (standardised by the model) and a one-hot of the traffic source.
 """
@@ -43,7 +44,8 @@ class Rows:
     """What the features need of a set of rows, histories already reduced to their match statistics.
 
     sparse: feature -> [n] int64 id (-1 where the row has no id; the first id of a multi-valued row); multi: the
-    sparse features that had a row with other than one id (not encoded)."""
+    sparse features that had a row with other than one id (crossed with nothing; encoded as the mean of their ids'
+    encodings from `bags`: feature -> (lengths [n], values))."""
 
     sample_id: np.ndarray
     traffic: np.ndarray
@@ -54,6 +56,7 @@ class Rows:
     match_names: list[str]
     p_true: dict[str, np.ndarray] = field(default_factory=dict)
     multi: set[str] = field(default_factory=set)
+    bags: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -118,6 +121,7 @@ def collect_rows(source: DataSource, days: list[int], view: SamplingConfig | Non
             if bool((jt.lengths() != 1).any()):
                 multi.add(k)
             got[f"sparse/{k}"] = _first_ids(jt.values(), jt.lengths())
+            got[f"bag_len/{k}"], got[f"bag_val/{k}"] = jt.lengths().numpy(), jt.values().numpy()
         for k, v in got.items():
             parts.setdefault(k, []).append(v)
     if not parts:
@@ -125,7 +129,8 @@ def collect_rows(source: DataSource, days: list[int], view: SamplingConfig | Non
     cat = {k: np.concatenate(v) for k, v in parts.items()}
     pick = lambda prefix: {k[len(prefix):]: v for k, v in cat.items() if k.startswith(prefix)}  # noqa: E731
     return Rows(sample_id=cat["sample_id"], traffic=cat["traffic"], labels=pick("label/"), dense=cat["dense"],
-                sparse=pick("sparse/"), match=cat["match"], match_names=names, p_true=pick("p_true/"), multi=multi)
+                sparse=pick("sparse/"), match=cat["match"], match_names=names, p_true=pick("p_true/"), multi=multi,
+                bags={k: (cat[f"bag_len/{k}"], cat[f"bag_val/{k}"]) for k in multi})
 
 
 def folds_of(sample_id: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
@@ -163,10 +168,10 @@ def group_codes(train: Rows, evals: Rows, group: tuple[str, ...]) -> tuple[np.nd
 
 
 def target_encode(codes_train: np.ndarray, y: np.ndarray, fold: np.ndarray, codes_eval: np.ndarray, n_codes: int,
-                  folds: int, prior_weight: float) -> tuple[np.ndarray, np.ndarray]:
+                  folds: int, prior_weight: float, prior: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Smoothed mean label per code: (encoding of each training row from the other folds' rows, encoding of each
     evaluation row from all training rows), each (sum of labels + prior_weight * prior) / (rows + prior_weight)
-    with the prior the training rows' mean label. A code no other row shares gets the prior."""
+    with the prior the training rows' mean label (or `prior`). A code no other row shares gets the prior."""
     y = y.astype(np.float64)
     s_all = np.bincount(codes_train, weights=y, minlength=n_codes)
     n_all = np.bincount(codes_train, minlength=n_codes).astype(np.float64)
@@ -175,12 +180,33 @@ def target_encode(codes_train: np.ndarray, y: np.ndarray, fold: np.ndarray, code
     n_fold = np.bincount(flat, minlength=folds * n_codes).reshape(folds, n_codes).astype(np.float64)
     # One global prior for every row: a per-fold prior (the other folds' mean) would differ between folds in
     # the direction opposite to each fold's own mean label, a small leak that a model can pick up.
-    prior = y.mean()
+    prior = y.mean() if prior is None else prior
     s = s_all[codes_train] - s_fold[fold, codes_train]
     n = n_all[codes_train] - n_fold[fold, codes_train]
     enc_train = (s + prior_weight * prior) / (n + prior_weight)
     enc_eval = (s_all[codes_eval] + prior_weight * prior) / (n_all[codes_eval] + prior_weight)
     return enc_train, enc_eval
+
+
+def bag_encode(train_bag: tuple[np.ndarray, np.ndarray], y: np.ndarray, fold: np.ndarray,
+               eval_bag: tuple[np.ndarray, np.ndarray], folds: int, prior_weight: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold encoding of a multi-valued feature: each (row, id) pair is encoded as in :func:`target_encode`
+    (the row's label counted once per id), and a row gets the mean of its ids' encodings (the prior with none)."""
+    (len_tr, val_tr), (len_ev, val_ev) = train_bag, eval_bag
+    row_tr = np.repeat(np.arange(len(len_tr)), len_tr)
+    row_ev = np.repeat(np.arange(len(len_ev)), len_ev)
+    _, inv = np.unique(np.concatenate([val_tr, val_ev]), return_inverse=True)
+    inv = inv.astype(np.int64).reshape(-1)
+    prior = float(y.mean())  # of rows, not of (row, id) pairs: rows with many ids would weigh more
+    enc_tr, enc_ev = target_encode(inv[:len(val_tr)], y[row_tr], fold[row_tr], inv[len(val_tr):],
+                                   int(inv.max(initial=-1)) + 1, folds, prior_weight, prior)
+
+    def mean(enc: np.ndarray, row: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        total = np.bincount(row, weights=enc, minlength=len(lengths))
+        return np.where(lengths > 0, total / np.maximum(lengths, 1), prior)
+
+    return mean(enc_tr, row_tr, len_tr), mean(enc_ev, row_ev, len_ev)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -208,6 +234,7 @@ class FeatureBuilder:
         self.train, self.evals, self.folds, self.prior_weight = train, evals, folds, prior_weight
         self.fold = folds_of(train.sample_id, folds, seed)
         multi = train.multi | evals.multi
+        self.bags = [k for k in schema.sparse if k in multi and k in train.bags and k in evals.bags]
         self.groups = cross_groups(schema, roles, multi, cross_limit, max_order)
         self.codes = {g: group_codes(train, evals, g) for g in self.groups}
         self.shared_train, self.shared_eval, self.shared_names = self._shared(schema, roles, multi)
@@ -245,6 +272,11 @@ class FeatureBuilder:
             a, b = target_encode(ct, y, self.fold, ce, n, self.folds, self.prior_weight)
             enc_tr.append(_logit(a))
             enc_ev.append(_logit(b))
-        names = self.shared_names + [f"te_{task}_{'x'.join(g)}" for g in self.groups]
+        for k in self.bags:
+            a, b = bag_encode(self.train.bags[k], y, self.fold, self.evals.bags[k], self.folds, self.prior_weight)
+            enc_tr.append(_logit(a))
+            enc_ev.append(_logit(b))
+        names = (self.shared_names + [f"te_{task}_{'x'.join(g)}" for g in self.groups]
+                 + [f"te_{task}_{k}_mean" for k in self.bags])
         return Features(np.concatenate([self.shared_train, np.stack(enc_tr, 1)], 1),
                         np.concatenate([self.shared_eval, np.stack(enc_ev, 1)], 1), names)
