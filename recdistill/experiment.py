@@ -7,11 +7,11 @@
 
 Steps: save the resolved config into the run directory; train the teacher with torchrun (`experiment.teacher_procs`
 gloo ranks on CPU, one NCCL rank per GPU on a GPU machine), which writes its raw logits into `<run>/signals`
-during its own forward passes and its evaluation-day predictions into `<run>/teacher_eval.npz`; train every
-student of `experiment.students` in this process (one device) on the same data and signals; compare everyone on
-the identical, unsampled evaluation rows, beside the simple baselines of `experiment.baselines` (a logistic
-regression and LightGBM on engineered features, trained on the teacher's rows: recdistill/baselines/): AUC / NE per
-task, the teacher's AUC over the best baseline's, teacher gain and student gain over the base
+during its own forward passes and its evaluation-day predictions into `<run>/teacher_eval.npz`; fit the simple
+baselines of `experiment.baselines` (a logistic regression and LightGBM on engineered features, trained on the
+teacher's rows: recdistill/baselines/) into `<run>/baselines`; train every student of `experiment.students` in this
+process (one device) on the same data and signals; compare everyone on the identical, unsampled evaluation rows:
+AUC / NE per task, the teacher's AUC over the best baseline's, teacher gain and student gain over the base
 student, distillation transferability (AUC_student - AUC_base) / (AUC_teacher - AUC_base), the Bayes-optimal AUC
 on synthetic data; write report.md, plots, metrics.jsonl and a W&B run.
 """
