@@ -448,6 +448,15 @@ class ExperimentConfig(Section):
             StudentRun(name="distilled", set=["student.towers=decoupled", "student.tower_loss=task+distill"]),
         ], description="Students trained on the same data and signals, in order.")
     base_student: str = Field("base", description="The student without distillation that gains are measured from.")
+    baselines: list[Literal["lr", "gbdt"]] = Field(
+        default_factory=lambda: ["lr", "gbdt"], description="Simple baselines trained on the teacher's rows and scored "
+        "beside the teacher and the students (report rows baseline_<name>): lr, a logistic regression, and gbdt, "
+        "LightGBM, both on engineered features (history match statistics, out-of-fold target encodings of the "
+        "sparse features and their low-cardinality crosses, log frequencies, dense features; "
+        "recdistill/baselines/). [] runs none.")
+    baseline_cross_limit: int = Field(100, ge=1, description="Baselines: sparse features with at most this many ids "
+                                      "are crossed (every pair and triple, and each with the user and the item) "
+                                      "and the crosses target-encoded.")
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
@@ -456,6 +465,12 @@ class ExperimentConfig(Section):
             raise ValueError(f"experiment.students: names must be unique, got {names}")
         if self.base_student not in names:
             raise ValueError(f"experiment.base_student={self.base_student!r} is not one of the students {names}")
+        clash = [n for n in names if n.startswith("baseline_")]
+        if clash:
+            raise ValueError(f"experiment.students: names starting with 'baseline_' are the baselines' report rows, "
+                             f"got {clash}")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"experiment.baselines: each baseline at most once, got {self.baselines}")
         return self
 
 

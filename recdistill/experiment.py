@@ -7,9 +7,11 @@
 
 Steps: save the resolved config into the run directory; train the teacher with torchrun (`experiment.teacher_procs`
 gloo ranks on CPU, one NCCL rank per GPU on a GPU machine), which writes its raw logits into `<run>/signals`
-during its own forward passes and its evaluation-day predictions into `<run>/teacher_eval.npz`; train every
-student of `experiment.students` in this process (one device) on the same data and signals; compare everyone on
-the identical, unsampled evaluation rows: AUC / NE per task, teacher gain and student gain over the base
+during its own forward passes and its evaluation-day predictions into `<run>/teacher_eval.npz`; fit the simple
+baselines of `experiment.baselines` (a logistic regression and LightGBM on engineered features, trained on the
+teacher's rows: recdistill/baselines/) into `<run>/baselines`; train every student of `experiment.students` in this
+process (one device) on the same data and signals; compare everyone on the identical, unsampled evaluation rows:
+AUC / NE per task, the teacher's AUC over the best baseline's, teacher gain and student gain over the base
 student, distillation transferability (AUC_student - AUC_base) / (AUC_teacher - AUC_base), the Bayes-optimal AUC
 on synthetic data; write report.md, plots, metrics.jsonl and a W&B run.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recdistill.baselines import run_baselines
 from recdistill.config import ROOT, Config, load_config, save_config
 from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
@@ -36,6 +39,9 @@ from recdistill.errors import RunError
 from recdistill.report import markdown_table, plot_bars, write_report
 from recdistill.tracking import Tracker, console
 from recdistill.train.student import run_student
+
+#: Report model names of the baselines start with this (baseline_lr, baseline_gbdt).
+BASELINE_PREFIX = "baseline_"
 
 
 def _free_port() -> int:
@@ -172,18 +178,27 @@ def score(preds: dict[str, np.ndarray], kinds: dict[str, str], ids: np.ndarray) 
     return metrics.evaluate(labels, p, kinds, p_true=truth or None)
 
 
-def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] | None, base: str,
-               kinds: dict[str, str]) -> tuple[list[dict], list[dict]]:
-    """(AUC/NE rows per model and task, gain rows per student and task) for the report."""
-    models = ({"teacher": teacher} if teacher else {}) | results
+def model_rows(models: dict[str, dict[str, float]], kinds: dict[str, str]) -> list[dict]:
+    """One AUC/NE row per model (name -> score() output) and binary task, and the Bayes-optimal row where the
+    data has ground truth (the same for every model: they are scored on the same rows)."""
     binary = [k for k, v in kinds.items() if v == "binary"]
-    auc_rows = [{"model": m, **{f"auc/{t}": r.get(f"auc/{t}") for t in binary},
-                 **{f"ne/{t}": r.get(f"ne/{t}") for t in binary}} for m, r in models.items()]
-    any_res = next(iter(results.values()))
+    rows = [{"model": m, **{f"auc/{t}": r.get(f"auc/{t}") for t in binary},
+             **{f"ne/{t}": r.get(f"ne/{t}") for t in binary}} for m, r in models.items()]
+    any_res = next(iter(models.values()), {})
     if any(f"bayes_auc/{t}" in any_res for t in binary):
-        auc_rows.append({"model": "Bayes-optimal (ceiling)",
-                         **{f"auc/{t}": any_res.get(f"bayes_auc/{t}") for t in binary},
-                         **{f"ne/{t}": any_res.get(f"bayes_ne/{t}") for t in binary}})
+        rows.append({"model": "Bayes-optimal (ceiling)",
+                     **{f"auc/{t}": any_res.get(f"bayes_auc/{t}") for t in binary},
+                     **{f"ne/{t}": any_res.get(f"bayes_ne/{t}") for t in binary}})
+    return rows
+
+
+def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] | None, base: str,
+               kinds: dict[str, str], baselines: dict[str, dict[str, float]] | None = None
+               ) -> tuple[list[dict], list[dict]]:
+    """(AUC/NE rows per model and task: teacher, students, baselines, Bayes-optimal; gain rows per student and
+    task). Baselines get no gain rows: transferability is a student's measure."""
+    binary = [k for k, v in kinds.items() if v == "binary"]
+    auc_rows = model_rows(({"teacher": teacher} if teacher else {}) | results | (baselines or {}), kinds)
     gain_rows = []
     for name, r in results.items():
         if name == base:
@@ -198,13 +213,33 @@ def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] |
     return auc_rows, gain_rows
 
 
+def teacher_vs_baselines(auc_rows: list[dict], kinds: dict[str, str]) -> list[str]:
+    """One line per binary task: the teacher's AUC minus the best baseline's (empty without a teacher or a
+    baseline)."""
+    by = {r["model"]: r for r in auc_rows}
+    base = [m for m in by if m.startswith(BASELINE_PREFIX)]
+    if "teacher" not in by or not base:
+        return []
+    lines = []
+    for t in (k for k, v in kinds.items() if v == "binary"):
+        scored = [(by[m][f"auc/{t}"], m) for m in base if by[m].get(f"auc/{t}") is not None]
+        if not scored or by["teacher"].get(f"auc/{t}") is None:
+            continue
+        best, name = max(scored)
+        lines.append(f"- {t}: teacher vs best baseline: {by['teacher'][f'auc/{t}'] - best:+.4f} AUC "
+                     f"(teacher {by['teacher'][f'auc/{t}']:.4f}, {name} {best:.4f})")
+    return lines
+
+
 def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker, *, source: DataSource | None = None,
                    resume: bool = False) -> dict:
-    """The whole job (see module docstring); returns {'auc_rows', 'gain_rows', 'teacher', 'students'}.
+    """The whole job (see module docstring); returns {'auc_rows', 'gain_rows', 'teacher', 'students', 'baselines',
+    'report', 'times'}.
 
     `source`: the opened data source (built from cfg.data when None). `resume`: `run_dir` holds an interrupted
     run of this config: a teacher that finished there is reused, an unfinished one continues from its newest
-    checkpoint (<run>/teacher_ckpt; committed signal windows are kept), the students train again."""
+    checkpoint (<run>/teacher_ckpt; committed signal windows are kept), baselines whose predictions were written
+    (<run>/baselines) are reused, the students train again."""
     cfg_path = save_config(cfg, run_dir)
     source = source if source is not None else build_source(cfg.data)
     kinds = {t.name: t.kind for t in source.schema.tasks}
@@ -226,6 +261,12 @@ def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker, *, source: Data
                 f"next-day AUC {aucs}")
         tracker.log({f"teacher/{k}": v for k, v in teacher_sum.items() if isinstance(v, int | float)}, step=0)
     times = {"teacher_s": time.perf_counter() - t0}
+    baseline_paths = {}
+    if cfg.experiment.baselines:
+        b0 = time.perf_counter()
+        console(f"experiment: baselines {', '.join(cfg.experiment.baselines)} on the teacher's rows")
+        baseline_paths = run_baselines(cfg, source, run_dir / "baselines", resume=resume)
+        times["baselines_s"] = time.perf_counter() - b0
     students, preds = {}, {}
     for i, run in enumerate(cfg.experiment.students):
         scfg = load_config(cfg_path, run.set)
@@ -241,8 +282,10 @@ def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker, *, source: Data
     ids = preds[cfg.experiment.base_student]["sample_id"]
     results = {name: score(p, kinds, ids) for name, p in preds.items()}
     teacher = score(load_preds(teacher_eval), kinds, ids) if teacher_eval.exists() else None
-    auc_rows, gain_rows = comparison(results, teacher, cfg.experiment.base_student, kinds)
-    summary = {f"{m}/{k}": v for m, r in ({"teacher": teacher or {}} | results).items() for k, v in r.items()}
+    baselines = {name: score(load_preds(p), kinds, ids) for name, p in baseline_paths.items()}
+    auc_rows, gain_rows = comparison(results, teacher, cfg.experiment.base_student, kinds, baselines)
+    summary = {f"{m}/{k}": v for m, r in ({"teacher": teacher or {}} | results | baselines).items()
+               for k, v in r.items()}
     summary.update({f"{g['student']}/transferability/{g['task']}": g["transferability"] for g in gain_rows})
     summary.update({f"time/{k}": v for k, v in times.items()})
     tracker.summary(summary)
@@ -250,7 +293,7 @@ def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker, *, source: Data
                                      eval_rows=len(ids))
     tracker.save_file(report)
     return {"auc_rows": auc_rows, "gain_rows": gain_rows, "teacher": teacher_sum, "students": students,
-            "report": report, "times": times}
+            "baselines": baselines, "report": report, "times": times}
 
 
 def write_experiment_report(run_dir: Path, cfg: Config, auc_rows: list[dict], gain_rows: list[dict],
@@ -288,8 +331,11 @@ def write_experiment_report(run_dir: Path, cfg: Config, auc_rows: list[dict], ga
                      f"before sampling; evaluation on the last {cfg.data.eval_days} day(s), unsampled, "
                      f"{eval_rows:,} rows, identical for every model. Students: "
                      + ", ".join(f"`{r.name}` ({' '.join(r.set) or 'defaults'})" for r in cfg.experiment.students)
+                     + ". Baselines (on the teacher's rows): "
+                     + (", ".join(f"`baseline_{b}`" for b in cfg.experiment.baselines) or "none")
                      + ".\n\nSampled views:\n" + "\n".join(views)),
-        ("Next-day AUC / NE (main tower for students)", markdown_table(auc_rows)),
+        ("Next-day AUC / NE (main tower for students)", markdown_table(auc_rows)
+         + ("\n\n" + "\n".join(vs) if (vs := teacher_vs_baselines(auc_rows, kinds)) else "")),
         ("Gains over the base student", markdown_table(gain_rows) if gain_rows else "(no distilled student)"),
         ("Teacher signals per student", markdown_table(sig_rows)),
         ("Teacher run", markdown_table(t_rows) if t_rows else "(reused signals)"),

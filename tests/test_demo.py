@@ -35,7 +35,8 @@ def test_demo_then_an_experiment_on_its_signals(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     run = tmp_path / "d"
     report = (run / "report.md").read_text()
-    for row in ("| teacher |", "| base |", "| distilled |", "| Bayes-optimal (ceiling) |", "| distilled | ctr |"):
+    for row in ("| teacher |", "| base |", "| distilled |", "| Bayes-optimal (ceiling) |", "| distilled | ctr |",
+                "| baseline_lr |", "| baseline_gbdt |", "ctr: teacher vs best baseline: "):
         assert row in report, row
     assert "report " in out and "W&B " in out and "| transferability |" in out
     for png in ("auc_by_model.png", "transferability.png"):
@@ -45,8 +46,14 @@ def test_demo_then_an_experiment_on_its_signals(tmp_path, capsys, monkeypatch):
     reader = SignalReader(str(run / "signals"))
     assert reader.stats.rows == trained > 0 and reader.stats.duplicates == 0
     summary = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["summary"]
-    for k in ("teacher/auc/ctr", "base/auc/ctr", "distilled/auc/ctr", "distilled/transferability/ctr"):
+    for k in ("teacher/auc/ctr", "base/auc/ctr", "distilled/auc/ctr", "distilled/transferability/ctr",
+              "baseline_lr/auc/ctr", "baseline_gbdt/auc/ctr", "baseline_lr/ne/cvr"):
         assert k in summary and np.isfinite(summary[k]), k
+    # the baselines, trained on the teacher's rows, scored on the same rows: clearly better than chance, below the
+    # ceiling, NE below 1 (their predictions are mapped back from the teacher's sampled space)
+    for m in ("baseline_lr", "baseline_gbdt"):
+        assert 0.65 < summary[f"{m}/auc/ctr"] < summary["base/bayes_auc/ctr"] and summary[f"{m}/ne/ctr"] < 1, m
+    assert (run / "baselines" / "baseline_gbdt.eval_preds.npz").is_file()
     assert 0.7 < summary["base/bayes_auc/ctr"] < 0.95  # the world's ceiling
     # Distillation pays on the demo's settings: the distilled student's served tower beats the base on CTR by more
     # than twice the standard error of the difference. Each AUC's SE is Hanley-McNeil from this run's evaluation
@@ -64,9 +71,10 @@ def test_demo_then_an_experiment_on_its_signals(tmp_path, capsys, monkeypatch):
     assert main(["experiment", *DEMO_SMALL, "--set", "student.epochs=1", "--set", f"tracking.run_dir={tmp_path}",
                  "--set", "tracking.run_name=e",
                  "--set", f"experiment.teacher_signals={run / 'signals'}",
-                 "--set", f"experiment.students={students}"]) == 0
+                 "--set", f"experiment.students={students}", "--set", "experiment.baselines=[]"]) == 0
     report = (tmp_path / "e" / "report.md").read_text()
     assert "| none | ctr |" in report and "| exact | ctr |" in report and "(reused signals)" in report
+    assert "baseline_lr" not in report.split("## Gains")[0].split("## Next-day")[1]  # experiment.baselines=[]
     assert not (tmp_path / "e" / "signals").exists()
 
 
@@ -79,9 +87,11 @@ def test_demo_on_exported_parquet(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["data", "export", "pq", "--view", "teacher", *TINY[2:]]) == 0
     assert main(["demo", *TINY, "--set", "data.source=parquet", "--set", "data.path=pq",
-                 "--set", "tracking.run_dir=runs", "--set", "tracking.run_name=p"]) == 0
+                 "--set", "tracking.run_dir=runs", "--set", "tracking.run_name=p",
+                 "--set", "experiment.baselines=[lr]"]) == 0
     report = (tmp_path / "runs" / "p" / "report.md").read_text()
     assert "`teacher`: r=0.5" in report and "`student`: r=0.1" in report and "| distilled | ctr |" in report
+    assert "| baseline_lr |" in report and "| baseline_gbdt |" not in report  # the baselines read Parquet too
 
 
 def test_bad_student_list_is_a_config_error(capsys):

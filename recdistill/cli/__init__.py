@@ -5,6 +5,7 @@
     recdistill experiment --config configs/experiments/ablations.yaml   # one teacher, many students compared
     recdistill teacher --dry-run --config configs/teacher/7b.yaml   # size a teacher; without --dry-run: train it
     recdistill student --config configs/demo.yaml --set student.signals_uri=DIR   # one student on a signal store
+    recdistill baselines --config configs/demo.yaml --out DIR   # logistic regression + LightGBM alone, AUC/NE
     recdistill predict --model RUN/student_main_tower.pt2 --data DIR --out preds.parquet   # score with the export
     recdistill data export DIR            # write the synthetic world as Parquet (DESIGN §4 layout)
     recdistill signals inspect URI        # see `recdistill signals --help`
@@ -37,7 +38,7 @@ from recdistill.errors import RecdistillError
 
 #: The commands, in help order: module `recdistill.cli.<name>` has `register(subparsers)`. Imported on use, so
 #: `recdistill --help` stays fast and one command's heavy imports do not slow another.
-COMMANDS = ("demo", "experiment", "teacher", "student", "predict", "data", "signals", "config", "bench")
+COMMANDS = ("demo", "experiment", "teacher", "student", "baselines", "predict", "data", "signals", "config", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
