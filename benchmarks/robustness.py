@@ -123,11 +123,12 @@ def prepare_byo(args: argparse.Namespace, root: Path) -> None:
     import pyarrow.parquet as pq
 
     out = root / (BYO + ".data")
-    if (out / "_COMPLETE").exists():
+    sets = [o for o in world_overrides(args, BYO, root) if not o.startswith(("tracking.run", "data.path"))]
+    done = out / "_COMPLETE"  # not *.parquet: the reader ignores it
+    if done.exists() and json.loads(done.read_text()) == sets:
         return
     tmp = root / (BYO + ".data.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    sets = [o for o in world_overrides(args, BYO, root) if not o.startswith(("tracking.run", "data.path"))]
     cmd = [sys.executable, "-m", "recdistill.cli", "data", "export", str(tmp), "--config", str(DEMO),
            "--config", str(WORLDS / f"{BYO}.yaml"), *[a for o in sets for a in ("--set", o)],
            "--set", "data.source=synthetic"]
@@ -140,7 +141,7 @@ def prepare_byo(args: argparse.Namespace, root: Path) -> None:
         pq.write_table(table, f)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    (out / "_COMPLETE").write_text("")  # not *.parquet: the reader ignores it
+    done.write_text(json.dumps(sets))
 
 
 def _env() -> dict[str, str]:
