@@ -57,6 +57,9 @@ COMMON = ["tracking.progress=false"]
 QUICK = ["teacher.preset=tiny", "data.num_days=3", "data.samples_per_day=6000", "data.history_len=64",
          "teacher.history_len=64", "student.history_len=16", "data.batch_size=128", "student.batch_size=128",
          "data.world.num_users=400", "data.world.num_items=800"]
+#: --quick per world: MovieLens has no samples_per_day (its size is the dataset's): more, smaller buckets and one of
+#: them for the students.
+QUICK_WORLD = {"movielens": ["data.num_days=12", "student.train_days=1"]}
 BYO = "parquet_byo"
 #: parquet_byo's renames (the world's export -> its "own" names); data.roles in configs/worlds/parquet_byo.yaml
 #: names the new ones. hist_item keeps its name: the layout requires it.
@@ -111,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def world_overrides(args: argparse.Namespace, world: str, root: Path) -> list[str]:
     """The --set overrides of one world's run: run directory and name, quick sizes, the user's own."""
-    over = [*COMMON, f"tracking.run_dir={root}", f"tracking.run_name={world}", *(QUICK if args.quick else [])]
+    quick = [*QUICK, *QUICK_WORLD.get(world, [])] if args.quick else []
+    over = [*COMMON, f"tracking.run_dir={root}", f"tracking.run_name={world}", *quick]
     if world == BYO:
         over.append(f"data.path={root / (BYO + '.data')}")
     return [*over, *args.overrides]

@@ -32,11 +32,14 @@ def robustness():
         sys.path.remove(str(ROOT / "benchmarks"))
 
 
-def test_every_world_is_a_valid_demo_config_that_varies_something():
-    assert len(WORLDS) >= 8
+def test_every_world_is_a_valid_demo_config_that_varies_something(robustness, tmp_path):
+    assert len(WORLDS) >= 8 and robustness.world_names()[0] == "pairwise"
     demo = load_config([DEMO])
     for path in WORLDS:
         assert path.read_text().startswith("# "), f"{path.name}: first line says what the world varies"
+        for quick in (False, True):  # and with the suite's overrides, --quick too
+            args = argparse.Namespace(quick=quick, overrides=[])
+            load_config([DEMO, path], robustness.world_overrides(args, path.stem, tmp_path))
         cfg = load_config([DEMO, path])
         assert cfg.experiment.name == path.stem
         data = cfg.data.model_dump(exclude={"roles"})
