@@ -125,6 +125,37 @@ class WorldConfig(Section):
     interest_share: float = Field(0.06, gt=0.0, le=1.0, description="Share of history events drawn from the "
                                   "user's long-term interests (small: the last 64 events hold about one event per "
                                   "interest, so telling interests from noise needs thousands of events).")
+    history_median: float = Field(1000.0, gt=0.0, description="Median length of a user's timeline on day 0 "
+                                  "(log-normal over users, sd 1.5 in log space, clipped to [20, 20K]); each "
+                                  "user's daily growth (20-100 events a day at the default) scales with it. A sample "
+                                  "sees the last min(timeline, data.history_len) events, so this sets how long "
+                                  "histories are and data.history_len where they are cut.")
+    positive_rate: float | None = Field(None, gt=0.0, lt=1.0, description="Base rate of clicks: the click "
+                                        "logit's constant is shifted so that the mean ground-truth CTR of day 0 is "
+                                        "this (the other days drift around it). None: the world's own constant "
+                                        "(-3.5). The conversion rate per click is left as it is.")
+    traffic_mix: list[float] | None = Field(None, description="Share of samples from each traffic source (one "
+                                            "non-negative weight per source, normalised). None: falling linearly "
+                                            "from 2 to 1 (source 0 the largest).")
+    item_effects: float = Field(1.0, ge=0.0, description="Strength of the item effects on the click logit: item "
+                                "quality, tags and drifting item popularity (quality also moves conversion and "
+                                "watch time).")
+    dense_effects: float = Field(1.0, ge=0.0, description="Strength of the dense features' effects on the click "
+                                 "logit (their linear part and the nonlinear cross of the first two).")
+
+    @model_validator(mode="after")
+    def _check(self) -> WorldConfig:
+        mix = self.traffic_mix
+        if mix is not None and (len(mix) != self.num_traffic or min(mix) < 0 or sum(mix) <= 0):
+            raise ValueError(f"traffic_mix={mix} must hold num_traffic={self.num_traffic} non-negative weights "
+                             "with a positive sum")
+        return self
+
+    def knobs_at_default(self) -> set[str]:
+        """Knobs added after the first signal stores were written that still have their default value (left out
+        of Config.teacher_digest, so a config that does not set them keeps its teacher version)."""
+        later = ("history_median", "positive_rate", "traffic_mix", "item_effects", "dense_effects")
+        return {k for k in later if getattr(self, k) == WorldConfig.model_fields[k].default}
 
 
 class RolesConfig(Section):
@@ -504,6 +535,8 @@ class Config(Section):
         # and leaving roles out when none is set keeps the versions of configs written before roles existed.
         roles = self.data.roles.model_dump(exclude={"strict"})
         data = self.data.model_dump(mode="json", exclude=None if any(roles.values()) else {"roles"})
+        for k in self.data.world.knobs_at_default():
+            data["world"].pop(k)
         if "roles" in data:
             data["roles"].pop("strict")
         return _hash({"data": data, "sampling": self.sampling.teacher.model_dump(

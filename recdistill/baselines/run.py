@@ -24,7 +24,7 @@ from recdistill.baselines.models import fit_gbdt, fit_logistic, gbdt_logit, vali
 from recdistill.config import Config
 from recdistill.data.roles import resolve_roles
 from recdistill.data.source import DataSource
-from recdistill.distill.debias import true_space
+from recdistill.distill.debias import true_space, within_of
 from recdistill.tracking import console
 
 #: Baseline name (experiment.baselines) -> the model name in reports and summaries.
@@ -56,18 +56,22 @@ def fit_baselines(train: Rows, evals: Rows, cfg: Config, schema, roles, names: l
                              max_order=max_order, seed=cfg.experiment.seed)
     traffic = torch.from_numpy(evals.traffic)
     out = {n: {"sample_id": evals.sample_id} for n in names}
+    logits: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     for task in binary:
         feats = builder.for_task(task)
         for n in names:
             t0 = time.perf_counter()
             z = _fit_predict(n, feats.train, train.labels[task], feats.eval, train.sample_id, cfg.experiment.seed)
-            p = true_space({task: torch.from_numpy(z)}, kinds, cfg.sampling.teacher, traffic, schema.num_traffic)
-            out[n][f"pred_{task}"] = p[task].numpy().astype(np.float32)
+            logits[n][task] = torch.from_numpy(z)
             out[n][f"label_{task}"] = evals.labels[task]
             if task in evals.p_true:
                 out[n][f"p_true_{task}"] = evals.p_true[task]
             console(f"baselines: {BASELINES[n]} {task}: {feats.train.shape[1]} features, "
                     f"{time.perf_counter() - t0:.1f} s")
+    for n in names:  # all tasks at once: a task within the sampling task is mapped with the model's own click rate
+        p = true_space(logits[n], {t: kinds[t] for t in binary}, cfg.sampling.teacher, traffic, schema.num_traffic,
+                       within=within_of(schema.tasks))
+        out[n].update({f"pred_{t}": v.numpy().astype(np.float32) for t, v in p.items()})
     return out
 
 

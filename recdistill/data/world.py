@@ -36,6 +36,12 @@ The generative process, and why each part is there:
 * **Tasks.** ctr: click ~ Bernoulli(p_ctr). cvr: conversion per impression, click x Bernoulli(p_cvr|click), so
   p_true = p_ctr * p_cvr|click. watch_time: click x LogNormal(mu(x), 0.5), p_true = its expectation.
 
+* **Knobs for other worlds** (data.world; benchmarks/robustness.py runs the pipeline on a suite of them,
+  configs/worlds/): `history_median` (timeline lengths), `positive_rate` (the click logit's constant solved for a
+  base rate), `traffic_mix` (share of each source), `item_effects` and `dense_effects` (strength of those parts),
+  besides the sizes, `drift`, `long_range`, `interactions`, `interaction_heredity` and `interest_share`. At their
+  defaults the world is the one described here, value for value.
+
 The ground truth (p_true) uses the user's latent interests, not the visible history window, so the Bayes-optimal
 AUC is a ceiling no model reaches: 0.83-0.84 for ctr with the defaults (base rate about 9%).
 """
@@ -122,7 +128,7 @@ class SyntheticWorld:
             num_traffic=w.num_traffic, max_history=data_cfg.history_len)
         # Small tables, hashed from the seed alone (never from num_days: more days must not change the old ones).
         self.traffic_bias = np.linspace(0.4, -0.8, w.num_traffic) if w.num_traffic > 1 else np.zeros(1)
-        share = np.linspace(2.0, 1.0, w.num_traffic)
+        share = np.linspace(2.0, 1.0, w.num_traffic) if w.traffic_mix is None else np.asarray(w.traffic_mix, float)
         self.traffic_cdf = np.cumsum(share / share.sum())
         self.context_bias = 0.3 * _normal(np.arange(NUM_CONTEXT), s, 50)
         self.tag_effect = 0.3 * _normal(np.arange(NUM_TAGS), s, 51)
@@ -146,6 +152,8 @@ class SyntheticWorld:
         self._event_salt = splitmix64(np.uint64((s * 0x9E3779B1 + 0xE7E7) & 0xFFFFFFFF))
         self._pop_cache: dict[int, np.ndarray] = {}
         self._pop_lock = threading.Lock()  # the loader's background thread and the caller may both read
+        if w.positive_rate is not None:
+            self.base = self._calibrated_base(w.positive_rate)
 
     # ---- entities ------------------------------------------------------------------------------------------
     def item_cat(self, item: np.ndarray) -> np.ndarray:
@@ -165,11 +173,15 @@ class SyntheticWorld:
         return (_u(_key(user[:, None], k[None, :]), self.seed, 11) * self.w.num_categories).astype(np.int64)
 
     def timeline_pos(self, user: np.ndarray, day: np.ndarray, sid: np.ndarray) -> np.ndarray:
-        """Number of events of the user before each sample: a log-normal start (median 1000, from 20 to 20K) plus
-        a per-user daily rate; where within the day the sample falls comes from its sample_id."""
-        start = np.exp(np.log(1000.0) + 1.5 * _normal(user, self.seed, 12))
+        """Number of events of the user before each sample: a log-normal start (median `history_median`, 1000 by
+        default, from 20 to 20K) plus a per-user daily rate (20-100 events, scaled like the median); where within
+        the day the sample falls comes from its sample_id."""
+        median = self.w.history_median
+        start = np.exp(np.log(median) + 1.5 * _normal(user, self.seed, 12))
         start = np.clip(start, 20, 20_000).astype(np.int64)
         rate = 20 + (_u(user, self.seed, 13) * 80).astype(np.int64)
+        if median != 1000.0:
+            rate = np.maximum((rate * (median / 1000.0)).astype(np.int64), 1)  # the timeline still grows every day
         return start + day * rate + (_u(sid, self.seed, 14) * rate).astype(np.int64)
 
     def events(self, user: np.ndarray, j: np.ndarray, interests: np.ndarray, row: np.ndarray) -> dict[str, np.ndarray]:
@@ -277,6 +289,21 @@ class SyntheticWorld:
     def _samples(self, day: int, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Every per-sample array of rows `idx` (int64 indices within the day): features, latent state, ground truth
         and labels."""
+        s, x = self.seed, self._features(day, idx)
+        sid = x["sid"]
+        logit_ctr, logit_cvr, mu_wt = self._logits(day, x)
+        p_ctr, p_cvr_click = _sigmoid(logit_ctr), _sigmoid(logit_cvr)
+        click = _u(sid, s, 61) < p_ctr
+        conv = click & (_u(sid, s, 62) < p_cvr_click)
+        wt_sigma = 0.5
+        x["label_ctr"], x["p_ctr"] = click.astype(np.float32), p_ctr
+        x["label_cvr"], x["p_cvr"] = conv.astype(np.float32), p_ctr * p_cvr_click
+        x["label_watch_time"] = np.where(click, np.exp(mu_wt + wt_sigma * _normal(sid, s, 63)), 0.0)
+        x["p_watch_time"] = p_ctr * np.exp(mu_wt + wt_sigma**2 / 2)
+        return x
+
+    def _features(self, day: int, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The features and latent state of rows `idx` of `day` (what the logits are computed from)."""
         w, s = self.w, self.seed
         sid = self.sample_ids(day, idx)
         n = len(idx)
@@ -298,16 +325,19 @@ class SyntheticWorld:
              "dense": np.stack([_normal(sid, s, 100 + k) for k in range(w.num_dense)], 1) if w.num_dense
              else np.zeros((n, 0)),
              "pos": self.timeline_pos(user, np.full(n, day), sid)}
-        logit_ctr, logit_cvr, mu_wt = self._logits(day, x)
-        p_ctr, p_cvr_click = _sigmoid(logit_ctr), _sigmoid(logit_cvr)
-        click = _u(sid, s, 61) < p_ctr
-        conv = click & (_u(sid, s, 62) < p_cvr_click)
-        wt_sigma = 0.5
-        x["label_ctr"], x["p_ctr"] = click.astype(np.float32), p_ctr
-        x["label_cvr"], x["p_cvr"] = conv.astype(np.float32), p_ctr * p_cvr_click
-        x["label_watch_time"] = np.where(click, np.exp(mu_wt + wt_sigma * _normal(sid, s, 63)), 0.0)
-        x["p_watch_time"] = p_ctr * np.exp(mu_wt + wt_sigma**2 / 2)
         return x
+
+    def _calibrated_base(self, rate: float, rows: int = 8192) -> float:
+        """The click logit's constant that gives a mean ground-truth CTR of `rate` over the first `rows` samples of
+        day 0 (bisection: the mean is increasing in the constant). Day 0 and the seed only, so the world does not
+        change with num_days or samples_per_day."""
+        parts = self._parts(0, self._features(0, np.arange(rows, dtype=np.int64)))[0]
+        rest = sum(v for k, v in parts.items() if k != "base")
+        lo, hi = -30.0, 30.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if _sigmoid(mid + rest).mean() < rate else (lo, mid)
+        return (lo + hi) / 2
 
     def ctr_components(self, day: int, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The click logit's additive parts, by name (they sum, in this order, to the ground-truth click logit;
@@ -324,9 +354,10 @@ class SyntheticWorld:
     def _parts(self, day: int, x: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         w, s, n = self.w, self.seed, len(x["sid"])
         item, cat = x["item"], x["cat"]
-        quality = 0.3 * _normal(item, s, 40)
+        # the strength knobs multiply by 1.0 at their defaults, which leaves every value bit-identical
+        quality = w.item_effects * 0.3 * _normal(item, s, 40)
         tag_len, tags = self.item_tags(item)
-        tag_term = np.bincount(np.repeat(np.arange(n), tag_len), self.tag_effect[tags], minlength=n)
+        tag_term = w.item_effects * np.bincount(np.repeat(np.arange(n), tag_len), self.tag_effect[tags], minlength=n)
         # long range: the candidate's category among the user's latent interests, the day's active one strongest
         active = (_u(_key(x["user"], day if w.drift > 0 else 0), s, 42) * NUM_INTERESTS).astype(np.int64)
         weight = np.where(np.arange(NUM_INTERESTS)[None, :] == active[:, None], 1.5, 0.8)
@@ -343,11 +374,12 @@ class SyntheticWorld:
         zero = np.zeros(n)
         return {
             "base": np.full(n, self.base), "traffic": self.traffic_bias[x["traffic"]], "quality": quality,
-            "tags": tag_term, "item_popularity": self.item_popularity(day)[item],
+            "tags": tag_term, "item_popularity": w.item_effects * self.item_popularity(day)[item],
             "cat_popularity": self.cat_popularity(day)[cat], "interest": w.long_range * 1.2 * interest,
             "recent": 0.8 * recent, "cell": w.interactions * 0.7 * cell, "context": self.context_bias[x["context"]],
-            "dense_linear": dense @ self.dense_w if w.num_dense else zero,
-            "dense_nonlinear": 0.3 * np.sin(2.0 * dense[:, 0]) * dense[:, 1] if w.num_dense >= 2 else zero,
+            "dense_linear": w.dense_effects * (dense @ self.dense_w) if w.num_dense else zero,
+            "dense_nonlinear": w.dense_effects * (0.3 * np.sin(2.0 * dense[:, 0]) * dense[:, 1]) if w.num_dense >= 2
+            else zero,
         }, {"interest": interest, "quality": quality, "cell": cell}
 
     def _logits(self, day: int, x: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -116,7 +116,12 @@ class StudentModel(nn.Module):
             for f in self.features] + [
             EmbeddingBagConfig(name=f"t_{c.name}", embedding_dim=emb_dim, num_embeddings=c.size, feature_names=[c.name])
             for c in self.crosses], device=_default_device())
-        self.hist_emb = nn.ModuleDict({f: nn.Embedding(schema.history[f], emb_dim) for f in self.hist_fields})
+        # The candidate item is looked up in the history's item table (target attention): the table covers both id
+        # ranges, since a Parquet directory without declared cardinalities infers each from its own column's max id
+        # and a candidate may never appear in any history.
+        rows = {f: max(schema.history[f], schema.sparse[roles.item]) if self.target_feature and f == roles.hist_item
+                else schema.history[f] for f in self.hist_fields}
+        self.hist_emb = nn.ModuleDict({f: nn.Embedding(rows[f], emb_dim) for f in self.hist_fields})
         self.pos_emb = nn.Parameter(torch.zeros(history_len, emb_dim))
         self.attn = TargetAttention(emb_dim) if self.hist_fields else None
         self.dense_proj = nn.Linear(len(schema.dense), emb_dim) if schema.dense else None
