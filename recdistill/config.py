@@ -324,6 +324,15 @@ class StudentConfig(Section):
                                   "do not rank its own labels with an AUC two standard errors above this is "
                                   "garbage and gets no distillation loss (counted). 0 turns the gate off.")
     log_every: int = Field(20, ge=1, description="Steps between W&B points / training-AUC updates.")
+    checkpoint_dir: str | None = Field(None, description="Directory of student checkpoints (model, optimizer, data "
+                                       "or stream position, counts; recdistill/train/student_checkpoint.py). None: "
+                                       "no checkpoints.")
+    checkpoint_every: int = Field(200, ge=1, description="Training steps between checkpoints (one is also taken at "
+                                  "the end of training). In the streaming phase it bounds the at-least-once window: "
+                                  "the stream cursor is committed only once a checkpoint holds the step.")
+    checkpoint_keep: int = Field(2, ge=1, description="Complete checkpoints kept (older ones are deleted once a "
+                                 "newer one is complete).")
+    resume: bool = Field(True, description="Resume from the newest complete checkpoint in checkpoint_dir, if any.")
 
 
 class SignalsConfig(Section):
