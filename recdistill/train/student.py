@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recdistill.config import Config
+from recdistill.config import Config, SamplingConfig
 from recdistill.data.batch import Batch
 from recdistill.data.loader import BatchLoader, Position
 from recdistill.data.roles import roles_for
@@ -94,7 +94,7 @@ class StudentTrainer:
     """Trains and evaluates one student (see module docstring). `train()`, `evaluate()`, `export()`."""
 
     def __init__(self, cfg: Config, *, run_dir: str | Path, source: DataSource | None = None,
-                 tracker: Tracker | None = None, name: str = "student") -> None:
+                 tracker: Tracker | None = None, name: str = "student", open_store: bool = True) -> None:
         self.cfg, self.s = cfg, cfg.student
         self.run_dir, self.name, self.tracker = Path(run_dir), name, tracker
         self.device = pick_device(self.s.device)
@@ -117,7 +117,7 @@ class StudentTrainer:
         self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
         self.counts = SignalCounts()
         self.reader, self.teacher_view, self.distill_cols = None, None, {}
-        if self.s.tower_loss != "task":
+        if self.s.tower_loss != "task" and open_store:  # else: use_stream_signals()
             self._open_signals()
         self.steps = self.samples = 0
         self.digest = ckpt.student_digest(cfg)
@@ -144,12 +144,25 @@ class StudentTrainer:
                              f"({[t for t, k in self.kinds.items() if k == 'binary']})")
 
     # ---- losses ------------------------------------------------------------------------------------------------
+    def use_stream_signals(self, tasks: list[str], view: SamplingConfig) -> None:
+        """Take teacher signals from the joined stream instead of the store: the teacher's task order and view."""
+        self.teacher_view = view
+        self.distill_cols = {t: tasks.index(t) for t, k in self.kinds.items() if k == "binary" and t in tasks}
+        if not self.distill_cols:
+            raise ValueError(f"teacher tasks {tasks} hold no binary task of the student")
+
     def _signals(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw teacher logits [B, T] and a usable mask [B, T] for the batch (on the host), with the counts."""
         logits, found = self.reader.lookup(batch.sample_id)
+        self.counts.looked_up += len(batch)
+        self.counts.missing = self.reader.stats.missing
+        self.counts.rejected_non_finite = self.reader.stats.rejected_non_finite
+        return self.gate(batch, logits, found)
+
+    def gate(self, batch: Batch, logits: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, usable-signal mask [B, T]) of raw teacher logits [B, T] whose rows are present where `found` [B]:
+        non-finite logits are rejected per column, and a batch that fails the quality gate gets none (counted)."""
         c = self.counts
-        c.looked_up += len(batch)
-        c.missing, c.rejected_non_finite = self.reader.stats.missing, self.reader.stats.rejected_non_finite
         mask = valid_signal(logits, found.unsqueeze(1).expand_as(logits))  # a NaN in any column rejects that one
         gate_task = next(iter(self.distill_cols))
         col = self.distill_cols[gate_task]
@@ -228,10 +241,11 @@ class StudentTrainer:
                 "auto_beta": None if ab is None or ab.task_avg is None else
                 [float(ab.task_avg), float(ab.distill_avg)], **extra}
 
-    def save_checkpoint(self, dedup: dict[str, np.ndarray] | None = None, **extra: Any) -> Path:
+    def save_checkpoint(self, dedup: dict[str, np.ndarray] | None = None, files: dict[str, bytes] | None = None,
+                        **extra: Any) -> Path:
         """Checkpoint after the current step into student.checkpoint_dir (see student_checkpoint.py)."""
         return ckpt.save(self.s.checkpoint_dir, step=self.steps, model=self.model, opt=self.opt, digest=self.digest,
-                         state=self.checkpoint_state(**extra), dedup=dedup, keep=self.s.checkpoint_keep)
+                         state=self.checkpoint_state(**extra), dedup=dedup, files=files, keep=self.s.checkpoint_keep)
 
     def load_checkpoint(self, path: Path, *, digest: str | None) -> tuple[dict[str, Any], dict | None]:
         """Load a checkpoint into this trainer (weights, optimizer, counters); returns (state, dedup arrays)."""

@@ -60,9 +60,11 @@ def _set_rng_state(s: str) -> None:
 
 
 def save(root: str | Path, *, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any],
-         digest: str, dedup: dict[str, np.ndarray] | None = None, keep: int = 2) -> Path:
+         digest: str, dedup: dict[str, np.ndarray] | None = None, files: dict[str, bytes] | None = None,
+         keep: int = 2) -> Path:
     """Write the checkpoint after `step` steps (tmp dir, then rename), point `latest` at it, keep the newest `keep`
-    complete ones, sweep leftover tmp dirs. `state` must be JSON-able; the RNG state is added here."""
+    complete ones, sweep leftover tmp dirs. `state` must be JSON-able; the RNG state is added here; `files`: more
+    files by name (the streaming student's polled-but-untrained rows)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
@@ -73,6 +75,8 @@ def save(root: str | Path, *, step: int, model: torch.nn.Module, opt: torch.opti
     (tmp / STATE).write_text(json.dumps({**state, "rng": _rng_state()}))
     if dedup is not None:
         np.savez(tmp / DEDUP, **dedup)
+    for name, data in (files or {}).items():
+        (tmp / name).write_bytes(data)
     (tmp / META).write_text(json.dumps({"step": step, "digest": digest, "time": time.time()}, indent=1))
     for f in tmp.iterdir():  # the data is on disk before the rename makes the directory visible
         with open(f, "rb") as fh:
