@@ -384,6 +384,11 @@ class StreamConfig(Section):
     poll_rows: int = Field(65536, ge=1, description="Rows the joiner polls from each input per step.")
     buffer_rows: int = Field(2_000_000, ge=1, description="Joiner buffer cap per input: beyond it the oldest samples "
                              "go out label-only early and the oldest unmatched signals go to the late sink (counted).")
+    days: int = Field(0, ge=0, description="Streaming days: the last `days` days before the evaluation days are "
+                      "left out of the batch phase (which then evaluates on the first of them) and arrive on the "
+                      "stream in `recdistill stream`, each scored on the day after it. 0: no streaming phase.")
+    rate: float = Field(0.0, ge=0, description="Rows per second at which the streaming days' samples are published "
+                        "(event time follows each day's timeline); 0: as fast as possible.")
     dedup_horizon_s: float | None = Field(None, gt=0, description="Event time behind the watermark for which the "
                                           "joiner remembers sample ids to drop duplicates (default 2 x max_delay_s); "
                                           "older samples are dropped as stale.")
@@ -407,6 +412,10 @@ class StudentRun(Section):
     name: str = Field(description="Name in tables, plots, logs and file names.")
     set: list[str] = Field(default_factory=list, description="KEY=VALUE overrides for this student only, e.g. "
                            "'student.towers=single' or 'sampling.student.r=0.2'.")
+    stream_set: list[str] = Field(default_factory=list, description="More overrides for the streaming phase only "
+                                  "(`recdistill stream`), e.g. 'student.tower_loss=task' to go on with labels only.")
+    frozen: bool = Field(False, description="Streaming phase: do not train this student, only score it each day "
+                         "(the batch student frozen).")
 
 
 class ExperimentConfig(Section):
@@ -467,8 +476,11 @@ class Config(Section):
         data = self.data.model_dump(mode="json", exclude=None if any(roles.values()) else {"roles"})
         if "roles" in data:
             data["roles"].pop("strict")
-        return _hash({"data": data, "sampling": self.sampling.teacher.model_dump(
-            mode="json"), "teacher": t, "window_steps": self.signals.window_steps})
+        tree = {"data": data, "sampling": self.sampling.teacher.model_dump(mode="json"), "teacher": t,
+                "window_steps": self.signals.window_steps}
+        if self.stream.days:  # they leave the batch phase's training days; 0 keeps the versions written before
+            tree["stream_days"] = self.stream.days
+        return _hash(tree)
 
 
 def _hash(tree: dict) -> str:

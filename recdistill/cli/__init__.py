@@ -37,7 +37,7 @@ from recdistill.errors import RecdistillError
 
 #: The commands, in help order: module `recdistill.cli.<name>` has `register(subparsers)`. Imported on use, so
 #: `recdistill --help` stays fast and one command's heavy imports do not slow another.
-COMMANDS = ("demo", "experiment", "teacher", "student", "predict", "data", "signals", "config", "bench")
+COMMANDS = ("demo", "experiment", "stream", "teacher", "student", "predict", "data", "signals", "config", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

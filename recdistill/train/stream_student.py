@@ -25,6 +25,10 @@ rows its weights have not seen: the rows trained after the last checkpoint are d
 (their effect was lost with the process), and a crash between the checkpoint and the commit re-delivers rows the
 restored dedup window drops (counted in `stream/redelivered`). The at-least-once window is therefore at most
 `checkpoint_every` steps plus one poll, and no row is trained twice into the final weights.
+
+**Materialisation** (`materialise_uri`): the signals of the rows trained (raw logits, as consumed) are written into
+the batch signal store layout ({uri}/window=W/rank=0.arrow + commit markers, recdistill/signals/writer.py), one window
+per checkpoint, committed just before it; a later batch student reading that store sees the same supervision.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import pyarrow as pa
 import torch
 
 from recdistill.data.sampling import keep_mask
+from recdistill.signals.schema import SignalMeta
+from recdistill.signals.writer import SignalWriter
 from recdistill.streams.base import Cursor, DuplicateFilter, Stream, column_np
 from recdistill.train import student_checkpoint as ckpt
 from recdistill.train.student import SignalCounts, StudentTrainer
@@ -71,7 +77,8 @@ class StreamingStudent:
     """
 
     def __init__(self, trainer: StudentTrainer, joined: Stream, *, init_from: str | Path | None = None,
-                 dedup_horizon_ms: int = 86_400_000, poll_rows: int | None = None) -> None:
+                 materialise_uri: str | None = None, dedup_horizon_ms: int = 86_400_000,
+                 poll_rows: int | None = None) -> None:
         self.t, self.stream = trainer, joined
         cfg = trainer.cfg
         if not hasattr(trainer.source, "read_ids"):
@@ -87,7 +94,13 @@ class StreamingStudent:
         self.counts = StreamCounts()
         self.buffer: pa.Table | None = None  # polled rows of the student's view not yet trained
         self.uncommitted: list[Cursor] = []
+        self.window = 0  # materialised signal window being written: one per checkpoint
         self.resumed_from = self._resume(init_from)
+        self.writer = None
+        if materialise_uri is not None:
+            meta = SignalMeta(run_id=f"stream-{trainer.name}", teacher_version="stream", tasks=self.tasks,
+                              sampling=cfg.sampling.teacher)
+            self.writer = SignalWriter(materialise_uri, 0, meta)
         self.saved_step = self.t.steps  # the steps a checkpoint (or nothing, at step 0) already holds
 
     # ---- resume --------------------------------------------------------------------------------------------------
@@ -99,6 +112,7 @@ class StreamingStudent:
             if state.get("phase") == "stream":
                 self.stream.load_state_dict(state["stream"])
                 self.counts = StreamCounts(**state["stream_counts"])
+                self.window = int(state.get("window", 0))
                 if dedup is not None:
                     self.dedup.load_state_dict(dedup)
                 if (path / PENDING).is_file():
@@ -173,11 +187,22 @@ class StreamingStudent:
             t_counts.missing += int((~has).sum())
             finite = torch.isfinite(logits[:, list(self.t.distill_cols.values())]).all(1)
             t_counts.rejected_non_finite += int((found & ~finite).sum())
+            self._materialise(ids, logits, has, rows)
             _, mask = self.t.gate(batch, logits, found)
             logits = torch.nan_to_num(logits)  # masked rows get no loss; keep NaN out of the arithmetic
             self.t.train_step(batch, logits, mask)
         else:
             self.t.train_step(batch)
+
+    def _materialise(self, ids: np.ndarray, logits: torch.Tensor, has: np.ndarray, rows: pa.Table) -> None:
+        """Write the rows' signals as consumed (raw, NaN included: readers reject them as the student did) into the
+        open window of the materialised store."""
+        if self.writer is None or not has.any():
+            return
+        if self.writer.window != self.window:
+            self.writer.begin_window(self.window)
+        step = int(np.nanmax(column_np(rows.filter(pa.array(has)), "teacher_step")))
+        self.writer.write(torch.from_numpy(ids[has]), logits[torch.from_numpy(has)], step)
 
     def _signals(self, rows: pa.Table, has: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw teacher logits [B, T] (NaN where no signal) and the found mask [B]."""
@@ -194,19 +219,36 @@ class StreamingStudent:
             for cur in self.uncommitted:  # nothing to resume from: commit as soon as the rows are trained
                 self.stream.commit(cur)
             self.uncommitted.clear()
+            if force and self.writer is not None and self.writer.window == self.window:
+                self.writer.commit_window()
+                self.writer.flush()
+                self.window += 1
             return
         if force:
             if not self.uncommitted and self.t.steps == self.saved_step:
                 return
         elif self.t.steps - self.saved_step < s.checkpoint_every:
             return
+        if self.writer is not None:
+            # Committed before the checkpoint: a restart from the previous checkpoint retrains the same rows and
+            # writes this window again, which the writer drops as committed (never twice, never lost).
+            if self.writer.window == self.window:
+                self.writer.commit_window()
+                self.writer.flush()
+            self.window += 1
         files = {PENDING: _ipc(self.buffer)} if self.buffer is not None and self.buffer.num_rows else None
-        self.t.save_checkpoint(dedup=self.dedup.state_dict(), files=files, phase="stream",
+        self.t.save_checkpoint(dedup=self.dedup.state_dict(), files=files, phase="stream", window=self.window,
                                stream=self.stream.state_after(self.uncommitted), stream_counts=asdict(self.counts))
         self.saved_step = self.t.steps
         for cur in self.uncommitted:  # only now: the checkpoint holds every step these rows went into
             self.stream.commit(cur)
         self.uncommitted.clear()
+
+    def close(self) -> None:
+        """Stop the materialising writer (its open window is left uncommitted: the next checkpoint's rows)."""
+        if self.writer is not None:
+            self.writer.close(commit=False)
+            self.writer = None
 
     def summary(self) -> dict:
         """Stream and signal counters, steps and samples."""

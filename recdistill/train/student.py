@@ -34,7 +34,7 @@ from recdistill.config import Config, SamplingConfig
 from recdistill.data.batch import Batch
 from recdistill.data.loader import BatchLoader, Position
 from recdistill.data.roles import roles_for
-from recdistill.data.source import DataSource, build_source
+from recdistill.data.source import DataSource, build_source, phase_days
 from recdistill.distill import metrics
 from recdistill.distill.debias import distill_pair, true_space
 from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
@@ -102,8 +102,8 @@ class StudentTrainer:
         schema = self.source.schema
         self.kinds = {t.name: t.kind for t in schema.tasks}
         self.num_traffic = schema.num_traffic
-        days = self.source.days()
-        self.train_days, self.eval_days = days[: -cfg.data.eval_days], days[-cfg.data.eval_days:]
+        self.train_days, self.eval_days, self.stream_days = phase_days(self.source.days(), cfg.data.eval_days,
+                                                                       cfg.stream.days)
         if self.s.train_days is not None:
             self.train_days = self.train_days[-self.s.train_days:]
         self.view = cfg.sampling.student

@@ -51,16 +51,17 @@ def in_span(ids, span):
     return (idx >= span[1]) & (idx < span[2])
 
 
-def streaming(cfg, ck_dir, stream_path):
+def streaming(cfg, ck_dir, stream_path, materialise=None):
     c = cfg.model_copy(deep=True)
     c.student.checkpoint_dir, c.stream.path = str(ck_dir), str(stream_path)
-    return StreamingStudent(StudentTrainer(c, run_dir=ck_dir, open_store=False), open_stream(c.stream, "joined"))
+    return StreamingStudent(StudentTrainer(c, run_dir=ck_dir, open_store=False), open_stream(c.stream, "joined"),
+                            materialise_uri=materialise)
 
 
 def test_every_view_row_trained_once_labels_only_while_the_teacher_stalls(published, tmp_path):
     tmp, cfg, info = published
     assert info["join/expired"] == int(in_span(info["ids"], STALL).sum()) > 0  # the stalled span went out label-only
-    s = streaming(cfg, tmp_path / "ck", tmp / "stream")
+    s = streaming(cfg, tmp_path / "ck", tmp / "stream", materialise=str(tmp_path / "mat"))
     s.run()
     assert s.stream.lag() > 0  # rows after the last checkpoint are not committed yet
     summary = s.finish()
@@ -74,6 +75,19 @@ def test_every_view_row_trained_once_labels_only_while_the_teacher_stalls(publis
     assert summary["signals/joined"] > 0.5 * len(mine)  # signals picked up again after the stall
     assert s.stream.lag() == 0 and ckpt.step_of(ckpt.newest(tmp_path / "ck")) == summary["train/steps"]
     assert all(torch.isfinite(p).all() for p in s.t.model.parameters())
+    s.close()
+
+    # materialised: a batch student on that store (day 1 only, the streamed day) sees the same supervision
+    mat = ["student.train_days=1", f"student.signals_uri={tmp_path / 'mat'}"]
+    batch = StudentTrainer(load_config(None, [*SMALL, *mat]), run_dir=tmp_path)
+    assert batch.train_days == [1]
+    got = batch.train()
+    assert got["train/samples"] == summary["train/samples"]
+    for k in ("looked_up", "missing", "rejected_non_finite", "joined", "rejected_batches"):
+        assert got[f"signals/{k}"] == summary[f"signals/{k}"], k
+    # the store holds exactly the signals that came with the rows: same ids, same raw logits
+    logits, found = batch.reader.lookup(torch.from_numpy(mine))
+    assert int(found.sum()) + summary["signals/rejected_non_finite"] == summary["stream/with_signal"]
 
     # an at-least-once re-delivery of rows already trained is dropped, not trained again
     joined = open_stream(cfg.stream.model_copy(update={"path": str(tmp / "stream")}), "joined")
