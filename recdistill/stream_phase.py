@@ -181,6 +181,10 @@ def write_stream_report(out_dir: Path, cfg: Config, rows: list[dict], join: dict
     table = [{"day": r["day"], "eval day": r["eval_day"], **{k.split("/")[0]: r[k] for k in auc_cols}} for r in rows]
     keep = ("join/join_rate", "join/joined", "join/expired", "join/late", "join/duplicate_samples",
             "join/duplicate_signals", "join/latency_p50_ms", "join/latency_p99_ms", "join/watermark_lag_ms")
+    base = cfg.experiment.base_student
+    gains = [{"day": r["day"], **{k.split("/")[0]: r[k] - r[f"{base}/auc/ctr"] for k in auc_cols
+                                  if not k.startswith((base + "/", "teacher/"))}}
+             for r in rows if f"{base}/auc/ctr" in r]
     sections = [
         ("What ran", f"{len(rows)} streaming day(s) on the `{cfg.stream.backend}` backend after the batch phase; "
                      f"max_delay {cfg.stream.max_delay_s} s, rate {cfg.stream.rate or 'unlimited'} rows/s. Students: "
@@ -188,6 +192,7 @@ def write_stream_report(out_dir: Path, cfg: Config, rows: list[dict], join: dict
                                  f"({' '.join([*r.set, *r.stream_set]) or 'defaults'})"
                                  for r in cfg.experiment.students) + "."),
         ("Next-day AUC (ctr) per streaming day", markdown_table(table)),
+        (f"Gain over `{base}` (next-day AUC, ctr)", markdown_table(gains) if gains else "(no base student)"),
         ("Join", markdown_table([{"metric": k, "value": join.get(k)} for k in keep])),
     ]
     return write_report(out_dir, f"recdistill stream — {out_dir.parent.name}", sections, images=[])
