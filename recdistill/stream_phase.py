@@ -9,7 +9,7 @@ A phased simulation in one process, every record through the real stream backend
 streaming day d (recdistill/data/source.py `phase_days`):
 
 1. publish: the teacher's sampled view of day d goes on the `samples` stream (`stream.rate` rows/s, 0 = as fast as
-   possible; event time = the day's timeline, recdistill/streams/records.py), in chunks of 16 batches; after each
+   possible; event time = the day's timeline, recdistill/streams/records.py), in chunks of 4 batches; after each
    chunk the teacher, the joiner and the students consume what has arrived (steps 2-4), and at the end of the day
    the teacher trains its short last batch, the joiner is flushed and the students train theirs;
 2. teach: the teacher, resumed from its batch checkpoint (one process: recdistill/train/stream_teacher.py), trains
@@ -32,7 +32,7 @@ import json
 import time
 from pathlib import Path
 
-from recdistill.config import Config, apply_overrides
+from recdistill.config import Config, StreamConfig, apply_overrides
 from recdistill.data.loader import BatchLoader
 from recdistill.data.source import DataSource, build_source, phase_days
 from recdistill.errors import UsageError
@@ -70,6 +70,11 @@ class Publisher:
             yield last
 
 
+def _group(cfg: Config, who: str) -> StreamConfig:
+    """The stream settings with a consumer group of `who`'s own: `{stream.group}-{who}` (redis; local ignores it)."""
+    return cfg.stream.model_copy(update={"group": f"{cfg.stream.group}-{who}"})
+
+
 def _students(cfg: Config, batch_dir: Path, out_dir: Path, url: str | None) -> dict:
     """name -> (StreamingStudent or a frozen StudentTrainer), each from its batch-phase checkpoint."""
     from recdistill.train.stream_student import StreamingStudent
@@ -89,8 +94,8 @@ def _students(cfg: Config, batch_dir: Path, out_dir: Path, url: str | None) -> d
             trainer.load_checkpoint(init, digest=None)
             out[run.name] = trainer
             continue
-        group = scfg.stream.model_copy(update={"group": f"{scfg.stream.group}-{run.name}"})  # each gets every row
-        out[run.name] = StreamingStudent(trainer, open_stream(group, "joined", url=url, consumer=run.name),
+        joined = open_stream(_group(scfg, run.name), "joined", url=url, consumer=run.name)  # each gets every row
+        out[run.name] = StreamingStudent(trainer, joined,
                                          init_from=init, materialise_uri=str(out_dir / f"{run.name}.signals"))
     return out
 
@@ -123,12 +128,14 @@ def run_stream_phase(cfg: Config, batch_dir: Path, *, tracker: Tracker | None = 
     try:
         with stream_server(cfg.stream) as url:
             samples = open_stream(cfg.stream, "samples", url=url, producer_id="publisher")
+            # a consumer group each: members of one group would share the rows (redis), and each needs all of them
             teacher = StreamingTeacher(TeacherTrainer(cfg, info, run_dir=out_dir / "teacher"),
-                                       open_stream(cfg.stream, "samples", url=url, consumer="teacher"),
+                                       open_stream(_group(cfg, "teacher"), "samples", url=url, consumer="teacher"),
                                        open_stream(cfg.stream, "signals", url=url, producer_id="teacher"),
                                        store_uri=str(out_dir / "signals"))
-            joiner = Joiner.from_config(cfg.stream, open_stream(cfg.stream, "samples", url=url, consumer="joiner"),
-                                        open_stream(cfg.stream, "signals", url=url, consumer="joiner"),
+            joiner = Joiner.from_config(cfg.stream,
+                                        open_stream(_group(cfg, "joiner"), "samples", url=url, consumer="joiner"),
+                                        open_stream(_group(cfg, "joiner"), "signals", url=url, consumer="joiner"),
                                         open_stream(cfg.stream, "joined", url=url, producer_id="joiner"),
                                         num_tasks=len(tasks))
             clock = [0]
@@ -136,7 +143,7 @@ def run_stream_phase(cfg: Config, batch_dir: Path, *, tracker: Tracker | None = 
             students = _students(cfg, batch_dir, out_dir, url)
             publisher = Publisher(cfg, source, samples)
             for day in days:
-                for now_ms in publisher.day(day, chunk_rows=16 * cfg.data.batch_size):
+                for now_ms in publisher.day(day, chunk_rows=4 * cfg.data.batch_size):
                     clock[0] = now_ms  # the simulated now: the event time of the newest sample published
                     teacher.run()
                     joiner.drain()

@@ -129,3 +129,13 @@ def test_stream_rows_rebuild_the_worlds_samples(published):
     ref = src.read(1, 0, cfg.data.samples_per_day).select(torch.from_numpy(ids & ((1 << 40) - 1)))
     assert b.sample_id.tolist() == ids.tolist() and torch.equal(b.dense, ref.dense)
     assert torch.equal(b.history.fields["item"], ref.history.fields["item"])
+
+
+def test_phase_days_leave_the_streaming_days_out_of_the_batch_phase():
+    from recdistill.data.source import phase_days
+
+    assert phase_days(list(range(8)), 1) == (list(range(7)), [7], [])  # no streaming phase: as before
+    # 4 streaming days: batch trains on 0-6 and is scored on 7; streaming days 7-10, each scored on the next
+    assert phase_days(list(range(12)), 1, 4) == (list(range(7)), [7], [7, 8, 9, 10])
+    with pytest.raises(ValueError, match="cannot hold"):
+        phase_days(list(range(5)), 1, 4)
