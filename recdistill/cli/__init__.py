@@ -3,6 +3,8 @@
     recdistill demo                       # the main job on the embedded default (what `make demo` runs)
     recdistill demo --set data.source=parquet --set data.path=DIR
     recdistill experiment --config configs/experiments/ablations.yaml   # one teacher, many students compared
+    recdistill demo --streaming           # then the streaming phase: teacher, joiner, students on live streams
+    recdistill stream --resume-from RUN   # the streaming phase of a batch run (stream.days set, one teacher process)
     recdistill teacher --dry-run --config configs/teacher/7b.yaml   # size a teacher; without --dry-run: train it
     recdistill student --config configs/demo.yaml --set student.signals_uri=DIR   # one student on a signal store
     recdistill predict --model RUN/student_main_tower.pt2 --data DIR --out preds.parquet   # score with the export

@@ -98,6 +98,7 @@ def test_every_view_row_trained_once_labels_only_while_the_teacher_stalls(publis
     assert after["stream/redelivered"] == 200 and after["stream/trained"] == summary["stream/trained"]
 
 
+@pytest.mark.multiproc
 def test_sigkilled_streaming_student_resumes_bit_identical(published, tmp_path):
     tmp, cfg, info = published
     ref = streaming(cfg, tmp_path / "ref", tmp / "stream")
