@@ -14,6 +14,7 @@ from recdistill.config import load_config
 from recdistill.data.sampling import keep_mask
 from recdistill.data.source import build_source
 from recdistill.streams import open_stream
+from recdistill.streams.server import RedisServer
 from recdistill.train import student_checkpoint as ckpt
 from recdistill.train.stream_student import StreamingStudent
 from recdistill.train.student import StudentTrainer
@@ -51,9 +52,22 @@ def in_span(ids, span):
     return (idx >= span[1]) & (idx < span[2])
 
 
-def streaming(cfg, ck_dir, stream_path, materialise=None):
+@pytest.fixture(scope="module")
+def published_redis(tmp_path_factory):
+    """The same day on a real redis-server (entries of 100 rows, so polls span several)."""
+    tmp = tmp_path_factory.mktemp("pubr")
+    with RedisServer() as server:
+        extra = ["stream.backend=redis", f"stream.redis_url={server.url}", "stream.entry_rows=100"]
+        cfg = load_config(None, overrides(tmp, *extra))
+        info = publish_oracle_joined(cfg, [1], stall=STALL, nan=NAN)
+        yield tmp, cfg, info, extra
+
+
+def streaming(cfg, ck_dir, stream_path, materialise=None, group=None):
     c = cfg.model_copy(deep=True)
     c.student.checkpoint_dir, c.stream.path = str(ck_dir), str(stream_path)
+    if group is not None:  # redis: a group of its own gets every row
+        c.stream.group = group
     return StreamingStudent(StudentTrainer(c, run_dir=ck_dir, open_store=False), open_stream(c.stream, "joined"),
                             materialise_uri=materialise)
 
@@ -98,20 +112,20 @@ def test_every_view_row_trained_once_labels_only_while_the_teacher_stalls(publis
     assert after["stream/redelivered"] == 200 and after["stream/trained"] == summary["stream/trained"]
 
 
-@pytest.mark.multiproc
-def test_sigkilled_streaming_student_resumes_bit_identical(published, tmp_path):
-    tmp, cfg, info = published
-    ref = streaming(cfg, tmp_path / "ref", tmp / "stream")
+def kill_and_resume(cfg, tmp, tmp_path, extra=()):
+    """A reference student runs through; another is SIGKILLed mid-stream in a subprocess and resumed here: both
+    must end with the same counts and bit-identical weights."""
+    ref = streaming(cfg, tmp_path / "ref", tmp / "stream", group="ref")
     ref.run()
     want = ref.finish()
     kill_at = 11  # of ~15 steps; checkpoints every 4 steps at poll boundaries: some trained steps die with the process
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train" / "stream_student_kill_at.py"), str(kill_at),
-                           *overrides(tmp), f"student.checkpoint_dir={tmp_path / 'ck'}"],
+                           *overrides(tmp), *extra, f"student.checkpoint_dir={tmp_path / 'ck'}", "stream.group=kill"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     saved = ckpt.step_of(ckpt.newest(tmp_path / "ck"))
     assert 0 < saved < kill_at  # the at-least-once window: steps (saved, kill_at) are trained again
-    resumed = streaming(cfg, tmp_path / "ck", tmp / "stream")
+    resumed = streaming(cfg, tmp_path / "ck", tmp / "stream", group="kill")
     assert resumed.resumed_from is not None and resumed.t.steps == saved
     resumed.run()
     got = resumed.finish()
@@ -120,6 +134,22 @@ def test_sigkilled_streaming_student_resumes_bit_identical(published, tmp_path):
         assert got[k] == want[k], k
     for (name, a), b in zip(ref.t.model.state_dict().items(), resumed.t.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    assert resumed.stream.lag() == 0  # everything trained is committed (redis: acknowledged)
+
+
+@pytest.mark.multiproc
+def test_sigkilled_streaming_student_resumes_bit_identical(published, tmp_path):
+    tmp, cfg, _ = published
+    kill_and_resume(cfg, tmp, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_sigkilled_streaming_student_on_redis_resumes_bit_identical(published_redis, tmp_path):
+    """Redis: the killed consumer's un-acknowledged entries are delivered to it again after the restart (its
+    pending list), the ones its checkpoint already holds dropped by the restored dedup window."""
+    tmp, cfg, _, extra = published_redis
+    kill_and_resume(cfg, tmp, tmp_path, extra)
 
 
 def test_stream_rows_rebuild_the_worlds_samples(published):
