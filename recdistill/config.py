@@ -388,6 +388,15 @@ class StudentConfig(Section):
                             "(counted as signals/task_gated_batches; recdistill/distill/gate.py).")
     task_gate_rows: int = Field(4096, ge=64, description="Training rows per task the per-task gate judges.")
     log_every: int = Field(20, ge=1, description="Steps between W&B points / training-AUC updates.")
+    checkpoint_dir: str | None = Field(None, description="Directory of student checkpoints (model, optimizer, data "
+                                       "or stream position, counts; recdistill/train/student_checkpoint.py). None: "
+                                       "no checkpoints.")
+    checkpoint_every: int = Field(200, ge=1, description="Training steps between checkpoints (one is also taken at "
+                                  "the end of training). In the streaming phase it bounds the at-least-once window: "
+                                  "the stream cursor is committed only once a checkpoint holds the step.")
+    checkpoint_keep: int = Field(2, ge=1, description="Complete checkpoints kept (older ones are deleted once a "
+                                 "newer one is complete).")
+    resume: bool = Field(True, description="Resume from the newest complete checkpoint in checkpoint_dir, if any.")
 
 
 class SignalsConfig(Section):
@@ -439,6 +448,11 @@ class StreamConfig(Section):
     poll_rows: int = Field(65536, ge=1, description="Rows the joiner polls from each input per step.")
     buffer_rows: int = Field(2_000_000, ge=1, description="Joiner buffer cap per input: beyond it the oldest samples "
                              "go out label-only early and the oldest unmatched signals go to the late sink (counted).")
+    days: int = Field(0, ge=0, description="Streaming days: the last `days` days before the evaluation days are "
+                      "left out of the batch phase (which then evaluates on the first of them) and arrive on the "
+                      "stream in `recdistill stream`, each scored on the day after it. 0: no streaming phase.")
+    rate: float = Field(0.0, ge=0, description="Rows per second at which the streaming days' samples are published "
+                        "(event time follows each day's timeline); 0: as fast as possible.")
     dedup_horizon_s: float | None = Field(None, gt=0, description="Event time behind the watermark for which the "
                                           "joiner remembers sample ids to drop duplicates (default 2 x max_delay_s); "
                                           "older samples are dropped as stale.")
@@ -462,6 +476,10 @@ class StudentRun(Section):
     name: str = Field(description="Name in tables, plots, logs and file names.")
     set: list[str] = Field(default_factory=list, description="KEY=VALUE overrides for this student only, e.g. "
                            "'student.towers=single' or 'sampling.student.r=0.2'.")
+    stream_set: list[str] = Field(default_factory=list, description="More overrides for the streaming phase only "
+                                  "(`recdistill stream`), e.g. 'student.tower_loss=task' to go on with labels only.")
+    frozen: bool = Field(False, description="Streaming phase: do not train this student, only score it each day "
+                         "(the batch student frozen).")
 
 
 class ExperimentConfig(Section):
@@ -539,8 +557,11 @@ class Config(Section):
             data["world"].pop(k)
         if "roles" in data:
             data["roles"].pop("strict")
-        return _hash({"data": data, "sampling": self.sampling.teacher.model_dump(
-            mode="json"), "teacher": t, "window_steps": self.signals.window_steps})
+        tree = {"data": data, "sampling": self.sampling.teacher.model_dump(mode="json"), "teacher": t,
+                "window_steps": self.signals.window_steps}
+        if self.stream.days:  # they leave the batch phase's training days; 0 keeps the versions written before
+            tree["stream_days"] = self.stream.days
+        return _hash(tree)
 
 
 def _hash(tree: dict) -> str:

@@ -270,8 +270,13 @@ def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker, *, source: Data
     students, preds = {}, {}
     for i, run in enumerate(cfg.experiment.students):
         scfg = load_config(cfg_path, run.set)
+        extra = []
         if scfg.student.tower_loss != "task" and scfg.student.signals_uri is None:
-            scfg = load_config(cfg_path, [*run.set, f"student.signals_uri={signals}"])
+            extra.append(f"student.signals_uri={signals}")
+        if cfg.stream.days and scfg.student.checkpoint_dir is None:  # what `recdistill stream` starts from
+            extra.append(f"student.checkpoint_dir={student_checkpoint_dir(run_dir, run.name)}")
+        if extra:
+            scfg = load_config(cfg_path, [*run.set, *extra])
         console(f"experiment: student {i + 1}/{len(cfg.experiment.students)} '{run.name}' "
                 f"({scfg.student.towers}, tower_loss={scfg.student.tower_loss}, debias={scfg.student.debias}, "
                 f"beta={scfg.student.beta})")
@@ -342,6 +347,11 @@ def write_experiment_report(run_dir: Path, cfg: Config, auc_rows: list[dict], ga
         ("Time", markdown_table([{"part": k, "seconds": v} for k, v in times.items()], floatfmt=".1f")),
     ]
     return write_report(run_dir, f"recdistill {cfg.experiment.name} — {run_dir.name}", sections, images=images)
+
+
+def student_checkpoint_dir(run_dir: Path, name: str) -> Path:
+    """Where a run's student `name` keeps its checkpoints."""
+    return run_dir / "students" / f"{name}.ckpt"
 
 
 def default_config_path() -> Path | None:

@@ -5,6 +5,7 @@ Importable from every test file (pytest's `pythonpath` includes tests/).
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -118,3 +119,59 @@ def write_oracle_signals(cfg, uri: str, *, window_steps: int = 4, corrupt: dict 
         path = Path(shard_path(uri, window, 0))
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     return {"rows": rows, "windows": -(-steps // window_steps)}
+
+
+def oracle_logits(batch, tasks, view, num_traffic):
+    """[B, T] raw logits a perfect teacher with sampling view `view` would write (logit(p_true) in its sampled space;
+    log1p of the expectation for watch_time)."""
+    from recdistill.distill.debias import to_sampled
+
+    cols = []
+    for t in tasks:
+        p = batch.p_true[t].double()
+        if t == "watch_time":
+            cols.append(torch.log1p(p).float())
+            continue
+        p = p.clamp(1e-6, 1 - 1e-6)
+        cols.append(to_sampled((torch.log(p) - torch.log1p(-p)).float(), view, batch.traffic, num_traffic))
+    return torch.stack(cols, 1)
+
+
+def publish_oracle_joined(cfg, days, *, stall=None, nan=None) -> dict:
+    """Publish the teacher's view of `days` on the real sample stream, oracle signals on the signal stream, and run
+    the real joiner into the `joined` stream (cfg.stream: backend, path, partitions, max_delay_s).
+
+    stall = (day, lo, hi): the teacher writes nothing for the samples of `day` with index in [lo, hi) (they go out
+    label-only); nan = (day, lo, hi): it writes NaN logits for those. Returns the joiner's metrics, the ids of the
+    published samples (`ids`) and the joiner itself (`joiner`, to keep using)."""
+    from recdistill.data.loader import BatchLoader
+    from recdistill.data.source import build_source
+    from recdistill.streams import open_stream
+    from recdistill.streams.joiner import Joiner
+    from recdistill.streams.records import day_end_ms, sample_records, signal_records
+
+    src = build_source(cfg.data)
+    tasks, view, nt, n = src.schema.task_names, cfg.sampling.teacher, src.schema.num_traffic, cfg.data.samples_per_day
+    s_in, g_in, out = (open_stream(cfg.stream, name) for name in ("samples", "signals", "joined"))
+    joiner = Joiner.from_config(cfg.stream, open_stream(cfg.stream, "samples"), open_stream(cfg.stream, "signals"),
+                                out, num_tasks=len(tasks))
+    ids, seq = [], 0
+    for day in days:
+        for step, b in enumerate(BatchLoader(src, [day], cfg.data.batch_size, view=view, prefetch=0)):
+            s_in.append(sample_records(b, tasks, n, seq))
+            idx = b.sample_id.numpy() & ((1 << 40) - 1)
+            z = oracle_logits(b, tasks, view, nt)
+            keep = torch.ones(len(b), dtype=torch.bool)
+            if stall and stall[0] == day:
+                keep = torch.from_numpy(~((idx >= stall[1]) & (idx < stall[2])))
+            if nan and nan[0] == day:
+                z[torch.from_numpy((idx >= nan[1]) & (idx < nan[2]))] = float("nan")
+            if keep.any():
+                g_in.append(signal_records(b.sample_id[keep].numpy(), z[keep].numpy(), step=step, version="oracle",
+                                           rows_per_day=n, seq0=seq))
+            ids.append(b.sample_id.numpy())
+            seq += len(b)
+            joiner.drain()
+        joiner.drain()
+        joiner.flush(day_end_ms(day))
+    return {**joiner.metrics(), "ids": np.concatenate(ids), "joiner": joiner}

@@ -79,7 +79,8 @@ def test_wheel_help_and_config(installed):
     bin_dir, site, work = installed
     cli = str(bin_dir / "recdistill")
     help_text = _run([cli, "--help"], cwd=work).stdout
-    for command in ("demo", "experiment", "teacher", "student", "baselines", "data", "signals", "config", "bench"):
+    for command in ("demo", "experiment", "stream", "teacher", "student", "baselines", "data", "signals", "config",
+                    "bench"):
         assert command in help_text
     assert "--set" in _run([cli, "demo", "--help"], cwd=work).stdout
     bench = _call([cli, "bench", "data", "--quick"], cwd=work)

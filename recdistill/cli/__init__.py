@@ -3,6 +3,8 @@
     recdistill demo                       # the main job on the embedded default (what `make demo` runs)
     recdistill demo --set data.source=parquet --set data.path=DIR
     recdistill experiment --config configs/experiments/ablations.yaml   # one teacher, many students compared
+    recdistill demo --streaming           # then the streaming phase: teacher, joiner, students on live streams
+    recdistill stream --resume-from RUN   # the streaming phase of a batch run (stream.days set, one teacher process)
     recdistill teacher --dry-run --config configs/teacher/7b.yaml   # size a teacher; without --dry-run: train it
     recdistill student --config configs/demo.yaml --set student.signals_uri=DIR   # one student on a signal store
     recdistill baselines --config configs/demo.yaml --out DIR   # logistic regression + LightGBM alone, AUC/NE
@@ -38,7 +40,8 @@ from recdistill.errors import RecdistillError
 
 #: The commands, in help order: module `recdistill.cli.<name>` has `register(subparsers)`. Imported on use, so
 #: `recdistill --help` stays fast and one command's heavy imports do not slow another.
-COMMANDS = ("demo", "experiment", "teacher", "student", "baselines", "predict", "data", "signals", "config", "bench")
+COMMANDS = ("demo", "experiment", "stream", "teacher", "student", "baselines", "predict", "data", "signals", "config",
+            "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,14 @@ def _config(args) -> tuple[Config, list[str]]:  # noqa: ANN001 - argparse.Namesp
         return load_config(saved, args.overrides), [str(saved)]
     default = default_config_path() if args.command == "demo" else None
     paths = ([str(default)] if default else []) + list(args.config or [])
-    return load_config(paths, args.overrides), paths
+    cfg = load_config(paths, args.overrides)
+    if getattr(args, "streaming", False):
+        # the streaming teacher is one process (recdistill/train/stream_teacher.py); 4 streaming days by default
+        extra = ["experiment.teacher_procs=1", *([] if cfg.stream.days else
+                                                 ["stream.days=4", f"data.num_days={cfg.data.num_days + 4}"])]
+        args.overrides = [*extra, *args.overrides]
+        cfg = load_config(paths, args.overrides)
+    return cfg, paths
 
 
 def _preflight(cfg: Config) -> None:
@@ -64,10 +71,16 @@ def run(args) -> int:  # noqa: ANN001 - argparse.Namespace
     t0 = time.perf_counter()
     with Tracker(cfg.tracking, run_dir, cfg.model_dump(mode="json"), name=run_dir.name) as tracker:
         out = run_experiment(cfg, run_dir, tracker, source=source, resume=bool(args.resume))
+        if getattr(args, "streaming", False):
+            from recdistill.stream_phase import run_stream_phase
+
+            out["stream"] = run_stream_phase(cfg, run_dir, tracker=tracker, source=source)
         wandb_dir = tracker.wandb_dir
     console("\n" + markdown_table(out["auc_rows"]) + "\n")
     if out["gain_rows"]:
         console(markdown_table(out["gain_rows"]) + "\n")
+    if "stream" in out:
+        console(f"{args.command}: streaming phase: report {out['stream']['report']}")
     console(f"{args.command}: done in {time.perf_counter() - t0:.0f} s")
     console(f"{args.command}: report {out['report']}; plots {run_dir}/*.png; metrics {run_dir / 'metrics.jsonl'}")
     console(f"{args.command}: teacher signals {run_dir / 'signals'}; students and exported main towers "
@@ -87,4 +100,7 @@ def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
         p.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue an interrupted run in RUN_DIR with its saved config.yaml: the teacher from its "
                        "newest checkpoint (or reused if it had finished), then every student")
+        p.add_argument("--streaming", action="store_true",
+                       help="then run the streaming phase (recdistill stream) on the same run: stream.days "
+                       "(default 4, added to data.num_days) after the batch days, one teacher process")
         p.set_defaults(func=run)

@@ -86,6 +86,18 @@ def _takes_view(cls: type) -> bool:
     return "view" in inspect.signature(cls.read).parameters
 
 
+def phase_days(days: list[int], eval_days: int, stream_days: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """(batch training days, batch evaluation days, streaming days) of a source's `days`. Without a streaming phase:
+    all but the last `eval_days`, the last `eval_days`, none. With one: the streaming days are the `stream_days`
+    before the last `eval_days`; the batch phase trains on the days before them and evaluates on the first
+    `eval_days` of them (its next days), and streaming day d is evaluated on d + 1."""
+    if stream_days < 0 or eval_days < 1 or len(days) < eval_days + stream_days + 1:
+        raise ValueError(f"{len(days)} days cannot hold {eval_days} evaluation day(s), {stream_days} streaming day(s) "
+                         "and at least one batch training day")
+    cut = len(days) - eval_days - stream_days
+    return days[:cut], days[cut:cut + eval_days], days[cut:len(days) - eval_days]
+
+
 #: data.source name -> "module:attribute" of a callable taking the DataConfig and returning a DataSource.
 SOURCES: dict[str, str] = {
     "synthetic": "recdistill.data.world:SyntheticWorld",

@@ -280,6 +280,30 @@ class SyntheticWorld:
         keep = keep_mask(x["sid"], x["label_" + view.task] > 0.5, x["traffic"], view, self.w.num_traffic)
         return self._batch(day, {k: v[keep] for k, v in x.items()}, view)
 
+    def read_ids(self, sample_ids: np.ndarray, view: SamplingConfig | None = None) -> Batch:
+        """The samples with these ids, in the order given (any days; ids may repeat). Every sample is a pure function
+        of (seed, sample_id), so a consumer of a stream that carries only ids and labels (the streaming student)
+        rebuilds the features here. `view` only tags the batch (Batch.sampling): no row is dropped."""
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        days, idx = sample_ids >> np.int64(40), sample_ids & np.int64((1 << 40) - 1)
+        bad = (days < 0) | (days >= self.cfg.num_days) | (idx >= self.cfg.samples_per_day)
+        if bad.any():
+            raise ValueError(f"sample_id {int(sample_ids[bad][0])} is outside the world "
+                             f"({self.cfg.num_days} days x {self.cfg.samples_per_day} samples)")
+        order = np.argsort(days, kind="stable")
+        parts, bounds = [], np.flatnonzero(np.diff(days[order])) + 1
+        for rows in np.split(order, bounds):
+            if len(rows):
+                parts.append(self._batch(int(days[rows[0]]), self._samples(int(days[rows[0]]), idx[rows]), view))
+        if not parts:
+            return self._batch(0, self._samples(0, idx), view)
+        out = Batch.concat(parts)
+        if len(parts) == 1:
+            return out
+        inverse = np.empty(len(order), np.int64)
+        inverse[order] = np.arange(len(order))
+        return out.select(torch.from_numpy(inverse))
+
     @staticmethod
     def sample_ids(day: int, idx: np.ndarray) -> np.ndarray:
         """sample_id of rows `idx` of `day` (day << 40 | index)."""

@@ -157,6 +157,12 @@ class Stream(abc.ABC):
         """The consumer's committed position, small JSON-able state for a checkpoint."""
         return {}
 
+    def state_after(self, cursors: list[Cursor]) -> dict:
+        """The `state_dict()` this consumer will have once `cursors` are committed: what a checkpoint taken before
+        the commit stores (the commit follows the checkpoint). Default: the current one (a backend whose position
+        lives in the server, such as redis, keeps only names)."""
+        return self.state_dict()
+
     def load_state_dict(self, state: dict) -> None:  # noqa: B027 (optional hook: a stateless backend keeps it)
         """Restore a position saved by `state_dict` (rows after it are delivered again)."""
 
@@ -268,3 +274,17 @@ class DuplicateFilter:
             self._latest = max(self._latest or 0, int(times[keep].max()))
             self.seen.evict(self._latest - self.horizon_ms)
         return batch if keep.all() else batch.filter(pa.array(keep))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The ids remembered (one array per chunk, `ids{k}`), each chunk's newest event time, the drop count: numpy
+        arrays for a checkpoint, so a consumer restarted from it still drops re-deliveries of what it trained."""
+        chunks = self.seen._chunks
+        return {"tmax": np.array([c[1] for c in chunks], np.int64),
+                "meta": np.array([self.dropped, -1 if self._latest is None else self._latest], np.int64),
+                **{f"ids{k}": c[0] for k, c in enumerate(chunks)}}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what `state_dict` saved."""
+        self.seen._chunks = [(np.asarray(state[f"ids{k}"]), int(t)) for k, t in enumerate(state["tmax"])]
+        self.dropped, latest = (int(x) for x in state["meta"])
+        self._latest = None if latest < 0 else latest

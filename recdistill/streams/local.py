@@ -192,6 +192,14 @@ class LocalStream(Stream):
         return {"stream": self.name, "partitions": self.partitions,
                 "committed": {str(p): o for p, o in self.committed.items()}}
 
+    def state_after(self, cursors: list[Cursor]) -> dict:
+        """The state with the cursors' offsets committed (this backend's offsets live only in the checkpoint)."""
+        state = self.state_dict()
+        for cur in cursors:
+            for p, off in cur.positions.items():
+                state["committed"][str(p)] = max(state["committed"][str(p)], int(off))
+        return state
+
     def load_state_dict(self, state: dict) -> None:
         """Resume after the committed offsets of a checkpoint; uncommitted rows are delivered again."""
         if state.get("stream") != self.name or state.get("partitions") != self.partitions:

@@ -25,15 +25,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from recdistill.config import Config
+from recdistill.config import Config, SamplingConfig
 from recdistill.data.batch import Batch
 from recdistill.data.loader import BatchLoader, Position
 from recdistill.data.roles import roles_for
-from recdistill.data.source import DataSource, build_source
+from recdistill.data.source import DataSource, build_source, phase_days
 from recdistill.distill import metrics
 from recdistill.distill.debias import distill_pair, true_space, within_of
 from recdistill.distill.gate import TaskGate
@@ -43,6 +44,7 @@ from recdistill.models.student import ServedStudent, StudentModel
 from recdistill.serve import EXAMPLE_BATCH, ServingSpec, export_served, load_served
 from recdistill.signals.bounded import open_reader
 from recdistill.tracking import Tracker, console, progress
+from recdistill.train import student_checkpoint as ckpt
 
 
 def rows_done_at(loader: BatchLoader) -> Callable[[Position | None], int]:
@@ -95,7 +97,7 @@ class StudentTrainer:
     """Trains and evaluates one student (see module docstring). `train()`, `evaluate()`, `export()`."""
 
     def __init__(self, cfg: Config, *, run_dir: str | Path, source: DataSource | None = None,
-                 tracker: Tracker | None = None, name: str = "student") -> None:
+                 tracker: Tracker | None = None, name: str = "student", open_store: bool = True) -> None:
         self.cfg, self.s = cfg, cfg.student
         self.run_dir, self.name, self.tracker = Path(run_dir), name, tracker
         self.device = pick_device(self.s.device)
@@ -104,8 +106,8 @@ class StudentTrainer:
         self.kinds = {t.name: t.kind for t in schema.tasks}
         self.within = within_of(schema.tasks)
         self.num_traffic = schema.num_traffic
-        days = self.source.days()
-        self.train_days, self.eval_days = days[: -cfg.data.eval_days], days[-cfg.data.eval_days:]
+        self.train_days, self.eval_days, self.stream_days = phase_days(self.source.days(), cfg.data.eval_days,
+                                                                       cfg.stream.days)
         if self.s.train_days is not None:
             self.train_days = self.train_days[-self.s.train_days:]
         self.view = cfg.sampling.student
@@ -123,9 +125,10 @@ class StudentTrainer:
         self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
         self.counts = SignalCounts()
         self.reader, self.teacher_view, self.distill_cols = None, None, {}
-        if self.s.tower_loss != "task":
+        if self.s.tower_loss != "task" and open_store:  # else: use_stream_signals()
             self._open_signals()
         self.steps = self.samples = 0
+        self.digest = ckpt.student_digest(cfg)
 
     def _open_signals(self) -> None:
         uri = self.s.signals_uri or self.cfg.signals.uri
@@ -154,12 +157,25 @@ class StudentTrainer:
                              f"({[t for t, k in self.kinds.items() if k == 'binary']})")
 
     # ---- losses ------------------------------------------------------------------------------------------------
+    def use_stream_signals(self, tasks: list[str], view: SamplingConfig) -> None:
+        """Take teacher signals from the joined stream instead of the store: the teacher's task order and view."""
+        self.teacher_view = view
+        self.distill_cols = {t: tasks.index(t) for t, k in self.kinds.items() if k == "binary" and t in tasks}
+        if not self.distill_cols:
+            raise ValueError(f"teacher tasks {tasks} hold no binary task of the student")
+
     def _signals(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw teacher logits [B, T] and a usable mask [B, T] for the batch (on the host), with the counts."""
         logits, found = self.reader.lookup(batch.sample_id)
+        self.counts.looked_up += len(batch)
+        self.counts.missing = self.reader.stats.missing
+        self.counts.rejected_non_finite = self.reader.stats.rejected_non_finite
+        return self.gate(batch, logits, found)
+
+    def gate(self, batch: Batch, logits: torch.Tensor, found: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, usable-signal mask [B, T]) of raw teacher logits [B, T] whose rows are present where `found` [B]:
+        non-finite logits are rejected per column, and a batch that fails the quality gate gets none (counted)."""
         c = self.counts
-        c.looked_up += len(batch)
-        c.missing, c.rejected_non_finite = self.reader.stats.missing, self.reader.stats.rejected_non_finite
         mask = valid_signal(logits, found.unsqueeze(1).expand_as(logits))  # a NaN in any column rejects that one
         gate_task = next(iter(self.distill_cols))
         col = self.distill_cols[gate_task]
@@ -222,9 +238,70 @@ class StudentTrainer:
         return BatchLoader(self.source, days, bs, view=view, prefetch=self.cfg.data.prefetch,
                            workers=self.cfg.data.workers)
 
+    def train_step(self, batch: Batch, t_logits: torch.Tensor | None = None, t_mask: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
+        """One optimizer step on `batch` (on the host); teacher logits and mask from the store unless given."""
+        if t_logits is None and self.reader is not None:
+            t_logits, t_mask = self._signals(batch)
+        if t_logits is not None:
+            t_logits, t_mask = t_logits.to(self.device), t_mask.to(self.device)
+        batch = batch.to(self.device)
+        losses = self.loss(batch, t_logits, t_mask)
+        self.opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        self.opt.step()
+        self.steps += 1
+        self.samples += len(batch)
+        losses["batch"] = batch
+        return losses
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def checkpoint_state(self, **extra: Any) -> dict[str, Any]:
+        """JSON-able training state besides weights and optimizer: steps, samples, counts, auto-beta, `extra`."""
+        ab = self.auto_beta
+        return {"steps": self.steps, "samples": self.samples, "counts": asdict(self.counts),
+                "auto_beta": None if ab is None or ab.task_avg is None else
+                [float(ab.task_avg), float(ab.distill_avg)], **extra}
+
+    def save_checkpoint(self, dedup: dict[str, np.ndarray] | None = None, files: dict[str, bytes] | None = None,
+                        **extra: Any) -> Path:
+        """Checkpoint after the current step into student.checkpoint_dir (see student_checkpoint.py)."""
+        return ckpt.save(self.s.checkpoint_dir, step=self.steps, model=self.model, opt=self.opt, digest=self.digest,
+                         state=self.checkpoint_state(**extra), dedup=dedup, files=files, keep=self.s.checkpoint_keep)
+
+    def load_checkpoint(self, path: Path, *, digest: str | None) -> tuple[dict[str, Any], dict | None]:
+        """Load a checkpoint into this trainer (weights, optimizer, counters); returns (state, dedup arrays)."""
+        state, dedup = ckpt.load(path, model=self.model, opt=self.opt, digest=digest)
+        self.steps, self.samples = int(state["steps"]), int(state["samples"])
+        self.counts = SignalCounts(**state["counts"])
+        if self.auto_beta is not None and state.get("auto_beta"):
+            t, d = state["auto_beta"]
+            self.auto_beta.task_avg = torch.tensor(t, dtype=torch.float32, device=self.device)
+            self.auto_beta.distill_avg = torch.tensor(d, dtype=torch.float32, device=self.device)
+        if self.reader is not None:  # the reader's counters continue from the saved ones
+            self.reader.stats.missing = self.counts.missing
+            self.reader.stats.rejected_non_finite = self.counts.rejected_non_finite
+        console(f"{self.name}: resumed from {path} (step {self.steps})")
+        return state, dedup
+
+    def _resume_batch(self) -> tuple[int, Position | None]:
+        """(epoch, loader position) to start the batch phase from: the newest checkpoint's when resuming."""
+        path = ckpt.newest(self.s.checkpoint_dir) if self.s.resume else None
+        if path is None:
+            return 0, None
+        state, _ = self.load_checkpoint(path, digest=self.digest)
+        if state.get("phase") != "batch":
+            raise RuntimeError(f"student checkpoint {path} is of the {state.get('phase')!r} phase; the batch phase "
+                               "resumes only its own (use another student.checkpoint_dir)")
+        pos = Position.from_state(state["position"])
+        return (int(state["epoch"]) + 1, None) if pos.day is None else (int(state["epoch"]), pos)
+
     def train(self) -> dict:
-        """`student.epochs` passes over the student's view of the training days; returns a summary."""
+        """`student.epochs` passes over the student's view of the training days; returns a summary. With
+        student.checkpoint_dir: checkpoints every student.checkpoint_every steps and at the end, and resumes from
+        the newest one (student.resume)."""
         t0 = time.perf_counter()
+        start_epoch, start = self._resume_batch()
         loader = self.loader(self.train_days, self.view)
         done_before = rows_done_at(loader)
         per_epoch = done_before(None)
@@ -232,31 +309,30 @@ class StudentTrainer:
         bar = progress(total=per_epoch * self.s.epochs, desc=f"{self.name} train", unit="row",
                        enabled=self.cfg.tracking.progress)
         train_metrics = metrics.StreamingMetrics(self.kinds, window=20_000)
-        log_every = self.s.log_every
-        for epoch in range(self.s.epochs):
-            for positioned in loader.stream():
-                batch = positioned.batch
-                t_logits = t_mask = None
-                if self.reader is not None:
-                    t_logits, t_mask = self._signals(batch)
-                    t_logits, t_mask = t_logits.to(self.device), t_mask.to(self.device)
-                batch = batch.to(self.device)
-                losses = self.loss(batch, t_logits, t_mask)
-                self.opt.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                self.opt.step()
-                self.steps += 1
-                self.samples += len(batch)
-                bar.update(epoch * per_epoch + done_before(positioned.end) - bar.n)
+        log_every, every = self.s.log_every, self.s.checkpoint_every
+        steps0, saved, last_epoch = self.steps, self.steps, self.s.epochs - 1
+        for epoch in range(start_epoch, self.s.epochs):
+            end = None
+            for positioned in loader.stream(start=start if epoch == start_epoch else None):
+                losses = self.train_step(positioned.batch)
+                end = positioned.end
+                bar.update(epoch * per_epoch + done_before(end) - bar.n)
                 if self.steps % log_every == 0:
+                    batch = losses["batch"]
                     with torch.no_grad():
                         probs = self._true_space(self.model(batch).main, batch)
                     train_metrics.update(batch.labels, probs)
                     self._log(losses, train_metrics, t0)
+                if self.s.checkpoint_dir and self.steps % every == 0:
+                    self.save_checkpoint(phase="batch", epoch=epoch, position=end.state())
+                    saved = self.steps
             bar.update((epoch + 1) * per_epoch - bar.n)  # the pass's last work item is read
         bar.close()
+        if self.s.checkpoint_dir and self.steps != saved:
+            self.save_checkpoint(phase="batch", epoch=last_epoch, position={"day": None, "chunk": 0, "row": 0})
         secs = time.perf_counter() - t0
         return {"train/steps": self.steps, "train/samples": self.samples, "train/seconds": secs,
+                "train/resumed_at_step": steps0,
                 "throughput/samples_per_s": self.samples / max(secs, 1e-9),
                 **{f"signals/{k}": v for k, v in asdict(self.counts).items()}}
 

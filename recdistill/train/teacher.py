@@ -42,7 +42,7 @@ import torch.distributed as dist
 from recdistill.config import ROOT, Config, add_config_arguments, config_from_args
 from recdistill.data.loader import BatchLoader
 from recdistill.data.roles import roles_for
-from recdistill.data.source import DataSource, build_source
+from recdistill.data.source import DataSource, build_source, phase_days
 from recdistill.distill.losses import task_loss
 from recdistill.distill.metrics import StreamingMetrics
 from recdistill.models.teacher import TeacherModel
@@ -112,9 +112,7 @@ class TeacherTrainer:
         self.source = build_source(cfg.data)
         self.tasks = self.source.schema.task_names
         self.kinds = {t.name: t.kind for t in self.source.schema.tasks}
-        days = self.source.days()
-        self.train_days = days[: -cfg.data.eval_days]
-        self.eval_days = days[-cfg.data.eval_days:]
+        self.train_days, self.eval_days, _ = phase_days(self.source.days(), cfg.data.eval_days, cfg.stream.days)
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
         roles = roles_for(cfg.data.roles, self.source, "teacher", info.rank)  # reports missing roles once, at start
         model = TeacherModel(self.source.schema, cfg.teacher, roles)
@@ -133,6 +131,9 @@ class TeacherTrainer:
         self.trained = 0  # valid (real) rows trained by this rank
         self.steps = 0  # global steps: every rank takes each one, with or without data
         self.resumed_from: int | None = None
+        #: called as sink(sample_id, raw logits [n, T], step) with each step's valid rows, after the signal writer
+        #: (the streaming teacher publishes them on the signal stream)
+        self.signal_sinks: list = []
         self.rows_before = 0  # rows committed by this rank before a resume (the checkpoint vouches for them)
 
     def valid_loss(self, out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], valid: int) -> torch.Tensor:
@@ -164,8 +165,12 @@ class TeacherTrainer:
             window = self.steps // self.cfg.signals.window_steps
             if self.writer.window != window:
                 self.writer.begin_window(window)  # also with no valid rows: every rank commits every window
-            if valid:  # never a padded row: it would duplicate a sample id
-                self.writer.write(batch.sample_id[:valid], stacked_logits(out, self.tasks)[:valid], self.steps)
+        if valid and (self.writer is not None or self.signal_sinks):  # never a padded row: it would duplicate an id
+            ids, z = batch.sample_id[:valid], stacked_logits(out, self.tasks)[:valid]
+            if self.writer is not None:
+                self.writer.write(ids, z, self.steps)
+            for sink in self.signal_sinks:
+                sink(ids, z, self.steps)
         loss = self.valid_loss(out, batch.labels, valid)
         self.engine.backward(loss)
         self.engine.step()

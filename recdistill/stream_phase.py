@@ -1,0 +1,205 @@
+"""The streaming phase after a batch run: `recdistill stream` and `recdistill demo --streaming`.
+
+    recdistill demo --streaming --set stream.days=4                      # batch, then streaming, end to end
+    recdistill stream --config CFG --resume-from runs/demo-X             # streaming after the batch run runs/demo-X
+    recdistill stream --config CFG --resume-from RUN --set stream.backend=redis --set stream.start_server=true
+
+A phased simulation in one process, every record through the real stream backend (local by default; redis with
+`stream.backend=redis`, its own redis-server with `stream.start_server=true`) and the real joiner. For each
+streaming day d (recdistill/data/source.py `phase_days`):
+
+1. publish: the teacher's sampled view of day d goes on the `samples` stream (`stream.rate` rows/s, 0 = as fast as
+   possible; event time = the day's timeline, recdistill/streams/records.py), in chunks of 4 batches; after each
+   chunk the teacher, the joiner and the students consume what has arrived (steps 2-4), and at the end of the day
+   the teacher trains its short last batch, the joiner is flushed and the students train theirs;
+2. teach: the teacher, resumed from its batch checkpoint (one process: recdistill/train/stream_teacher.py), trains
+   on the stream and publishes each forward's logits on the `signals` stream and in the signal store;
+3. join: the joiner matches the two streams under the watermark and `stream.max_delay_s` into `joined`; its clock
+   is the simulated now (the event time of the newest sample published), so join latency is in timeline time;
+4. students: each experiment student, resumed from its batch checkpoint (`<run>/students/<name>.ckpt`), trains on
+   `joined` (recdistill/train/stream_student.py) with its `stream_set` overrides, or stays `frozen`;
+5. score: every student (and the teacher) on day d + 1, unsampled: the per-day next-day AUC table of the report.
+
+Outputs go to `<batch run>/stream/`: the streams (local backend), the teacher's streaming signal store (`signals/`),
+each student's materialised signals (`<name>.signals/`, the batch store layout: what it consumed), checkpoints,
+report.md and stream_summary.json with the per-day AUCs and the join metrics. The batch run's own files are left as
+they were: delete `<batch run>/stream/` to run the phase again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from recdistill.config import Config, StreamConfig, apply_overrides
+from recdistill.data.loader import BatchLoader
+from recdistill.data.source import DataSource, build_source, phase_days
+from recdistill.errors import UsageError
+from recdistill.experiment import student_checkpoint_dir
+from recdistill.report import markdown_table, write_report
+from recdistill.streams import open_stream, stream_server
+from recdistill.streams.joiner import Joiner
+from recdistill.streams.records import day_end_ms, sample_records
+from recdistill.tracking import Tracker, console
+from recdistill.train import student_checkpoint as ckpt
+
+
+class Publisher:
+    """The sample stream's producer: the teacher's view of each streaming day, `seq` counting the rows appended."""
+
+    def __init__(self, cfg: Config, source: DataSource, out) -> None:  # noqa: ANN001 - Stream
+        self.cfg, self.source, self.out, self.seq = cfg, source, out, 0
+
+    def day(self, day: int, chunk_rows: int):  # noqa: ANN201 - a generator of ints
+        """Append `day` at `stream.rate` rows/s, yielding the event time of the last row appended after about every
+        `chunk_rows` rows (the caller lets the consumers catch up there)."""
+        cfg, tasks = self.cfg, self.source.schema.task_names
+        rate, t0, sent, since, last = cfg.stream.rate, time.monotonic(), 0, 0, None
+        for b in BatchLoader(self.source, [day], cfg.data.batch_size, view=cfg.sampling.teacher, prefetch=0):
+            rec = sample_records(b, tasks, cfg.data.samples_per_day, self.seq)
+            self.out.append(rec)
+            self.seq, sent, since = self.seq + len(b), sent + len(b), since + len(b)
+            last = int(rec.column("event_time_ms")[-1].as_py())
+            if rate > 0:  # keep pace with the wall clock: row k goes out k / rate seconds after the first
+                time.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
+            if since >= chunk_rows:
+                since = 0
+                yield last
+        if since:
+            yield last
+
+
+def _group(cfg: Config, who: str) -> StreamConfig:
+    """The stream settings with a consumer group of `who`'s own: `{stream.group}-{who}` (redis; local ignores it)."""
+    return cfg.stream.model_copy(update={"group": f"{cfg.stream.group}-{who}"})
+
+
+def _students(cfg: Config, batch_dir: Path, out_dir: Path, url: str | None) -> dict:
+    """name -> (StreamingStudent or a frozen StudentTrainer), each from its batch-phase checkpoint."""
+    from recdistill.train.stream_student import StreamingStudent
+    from recdistill.train.student import StudentTrainer
+
+    out = {}
+    for run in cfg.experiment.students:
+        scfg = apply_overrides(cfg, [*run.set, *run.stream_set, f"student.checkpoint_dir={out_dir / run.name}.ckpt"],
+                               origin=f"experiment.students[{run.name}]")
+        init = ckpt.newest(student_checkpoint_dir(batch_dir, run.name))
+        if init is None:
+            raise UsageError(f"{batch_dir}: student '{run.name}' has no batch-phase checkpoint under "
+                             f"{student_checkpoint_dir(batch_dir, run.name)}",
+                             fix="run the batch phase with stream.days set (recdistill demo --streaming)")
+        trainer = StudentTrainer(scfg, run_dir=out_dir, name=run.name, open_store=False)
+        if run.frozen:
+            trainer.load_checkpoint(init, digest=None)
+            out[run.name] = trainer
+            continue
+        joined = open_stream(_group(scfg, run.name), "joined", url=url, consumer=run.name)  # each gets every row
+        out[run.name] = StreamingStudent(trainer, joined,
+                                         init_from=init, materialise_uri=str(out_dir / f"{run.name}.signals"))
+    return out
+
+
+def run_stream_phase(cfg: Config, batch_dir: Path, *, tracker: Tracker | None = None,
+                     source: DataSource | None = None) -> dict:
+    """The streaming phase after the batch run in `batch_dir` (see module docstring); returns the summary."""
+    from recdistill.train.distributed import destroy_distributed, init_distributed
+    from recdistill.train.stream_student import StreamingStudent
+    from recdistill.train.stream_teacher import StreamingTeacher
+    from recdistill.train.teacher import TeacherTrainer
+
+    source = source or build_source(cfg.data)
+    _, _, days = phase_days(source.days(), cfg.data.eval_days, cfg.stream.days)
+    if not days:
+        raise UsageError("stream.days is 0: there is no streaming phase", fix="--set stream.days=4 (as the batch run)")
+    out_dir = batch_dir / "stream"
+    if any((out_dir / d).exists() for d in ("signals", "streams", "stream_summary.json")):
+        raise UsageError(f"{out_dir} already holds a streaming phase (its streams, checkpoints and signals)",
+                         fix=f"delete {out_dir} to run the streaming phase of {batch_dir} again")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sets = [f"signals.uri={batch_dir / 'signals'}", f"teacher.checkpoint_dir={batch_dir / 'teacher_ckpt'}",
+            "teacher.resume=true"]
+    if cfg.stream.backend == "local":
+        sets.append(f"stream.path={out_dir / 'streams'}")
+    cfg = apply_overrides(cfg, sets, origin="stream")
+    tasks = source.schema.task_names
+    rows, join_metrics, t0 = [], {}, time.perf_counter()
+    info = init_distributed()
+    try:
+        with stream_server(cfg.stream) as url:
+            samples = open_stream(cfg.stream, "samples", url=url, producer_id="publisher")
+            # a consumer group each: members of one group would share the rows (redis), and each needs all of them
+            teacher = StreamingTeacher(TeacherTrainer(cfg, info, run_dir=out_dir / "teacher"),
+                                       open_stream(_group(cfg, "teacher"), "samples", url=url, consumer="teacher"),
+                                       open_stream(cfg.stream, "signals", url=url, producer_id="teacher"),
+                                       store_uri=str(out_dir / "signals"))
+            joiner = Joiner.from_config(cfg.stream,
+                                        open_stream(_group(cfg, "joiner"), "samples", url=url, consumer="joiner"),
+                                        open_stream(_group(cfg, "joiner"), "signals", url=url, consumer="joiner"),
+                                        open_stream(cfg.stream, "joined", url=url, producer_id="joiner"),
+                                        num_tasks=len(tasks))
+            clock = [0]
+            joiner.clock = lambda: clock[0]  # join latency on the simulated timeline, not the wall clock
+            students = _students(cfg, batch_dir, out_dir, url)
+            publisher = Publisher(cfg, source, samples)
+            for day in days:
+                for now_ms in publisher.day(day, chunk_rows=4 * cfg.data.batch_size):
+                    clock[0] = now_ms  # the simulated now: the event time of the newest sample published
+                    teacher.run()
+                    joiner.drain()
+                    for s in students.values():
+                        if isinstance(s, StreamingStudent):
+                            s.run()
+                teacher.finish()
+                joiner.drain()
+                joiner.flush(day_end_ms(day))
+                join_metrics = joiner.metrics()
+                row = {"day": day, "eval_day": day + 1}
+                row.update({f"teacher/{k}": v for k, v in teacher.evaluate([day + 1]).items() if k.startswith("auc/")})
+                for name, s in students.items():
+                    trainer = s.t if isinstance(s, StreamingStudent) else s
+                    if isinstance(s, StreamingStudent):
+                        s.run()
+                        row.update({f"{name}/{k}": v for k, v in s.finish().items() if k.startswith("stream/")})
+                    res, _ = trainer.evaluate([day + 1])
+                    row.update({f"{name}/{k}": v for k, v in res.items() if k.startswith("auc/")})
+                rows.append(row)
+                console(f"stream: day {day} done, next-day AUC "
+                        + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.endswith("auc/ctr")))
+                if tracker is not None:
+                    tracker.log({f"stream/{k}": v for k, v in {**row, **join_metrics}.items()
+                                 if isinstance(v, int | float)}, step=day)
+            teacher_sum = teacher.summary()
+            teacher.t.close()
+            for s in students.values():
+                if isinstance(s, StreamingStudent):
+                    s.close()
+    finally:
+        destroy_distributed()
+    summary = {"days": rows, "join": join_metrics, "teacher": teacher_sum, "seconds": time.perf_counter() - t0}
+    (out_dir / "stream_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["report"] = write_stream_report(out_dir, cfg, rows, join_metrics)
+    return summary
+
+
+def write_stream_report(out_dir: Path, cfg: Config, rows: list[dict], join: dict) -> Path:
+    """report.md: next-day AUC per streaming day and model, and the join metrics."""
+    auc_cols = [k for k in rows[0] if k.endswith("auc/ctr")] if rows else []
+    table = [{"day": r["day"], "eval day": r["eval_day"], **{k.split("/")[0]: r[k] for k in auc_cols}} for r in rows]
+    keep = ("join/join_rate", "join/joined", "join/expired", "join/late", "join/duplicate_samples",
+            "join/duplicate_signals", "join/latency_p50_ms", "join/latency_p99_ms", "join/watermark_lag_ms")
+    base = cfg.experiment.base_student
+    gains = [{"day": r["day"], **{k.split("/")[0]: r[k] - r[f"{base}/auc/ctr"] for k in auc_cols
+                                  if not k.startswith((base + "/", "teacher/"))}}
+             for r in rows if f"{base}/auc/ctr" in r]
+    sections = [
+        ("What ran", f"{len(rows)} streaming day(s) on the `{cfg.stream.backend}` backend after the batch phase; "
+                     f"max_delay {cfg.stream.max_delay_s} s, rate {cfg.stream.rate or 'unlimited'} rows/s. Students: "
+                     + ", ".join(f"`{r.name}`{' (frozen)' if r.frozen else ''} "
+                                 f"({' '.join([*r.set, *r.stream_set]) or 'defaults'})"
+                                 for r in cfg.experiment.students) + "."),
+        ("Next-day AUC (ctr) per streaming day", markdown_table(table)),
+        (f"Gain over `{base}` (next-day AUC, ctr)", markdown_table(gains) if gains else "(no base student)"),
+        ("Join", markdown_table([{"metric": k, "value": join.get(k)} for k in keep])),
+    ]
+    return write_report(out_dir, f"recdistill stream — {out_dir.parent.name}", sections, images=[])

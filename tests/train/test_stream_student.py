@@ -1,0 +1,172 @@
+"""The streaming student on a real joined stream (local backend, real joiner, oracle teacher signals on the real
+signal stream): every row of its view trained once, label-only rows while the teacher stalls, NaN signals rejected,
+re-deliveries dropped, the cursor committed only with a checkpoint, and a SIGKILLed student that resumes ends
+bit-identical to one that was never killed."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, publish_oracle_joined
+
+from recdistill.config import load_config
+from recdistill.data.sampling import keep_mask
+from recdistill.data.source import build_source
+from recdistill.streams import open_stream
+from recdistill.streams.server import RedisServer
+from recdistill.train import student_checkpoint as ckpt
+from recdistill.train.stream_student import StreamingStudent
+from recdistill.train.student import StudentTrainer
+
+SMALL = ["data.num_days=3", "data.samples_per_day=3000", "data.history_len=16", "data.batch_size=64",
+         "data.prefetch=0", "data.world.num_users=200", "data.world.num_items=300", "student.history_len=8",
+         "student.export=false", "tracking.progress=false", "student.lr=0.01", "student.batch_size=32",
+         "student.checkpoint_every=4", "stream.max_delay_s=600"]
+STALL, NAN = (1, 1000, 1600), (1, 2000, 2300)  # (day, first index, end index) of teacher faults
+
+
+def overrides(tmp, *extra):
+    return [*SMALL, f"stream.path={tmp / 'stream'}", f"student.checkpoint_dir={tmp / 'ck'}", *extra]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """Day 1 on the joined stream, the teacher stalled for one span and writing NaN for another."""
+    tmp = tmp_path_factory.mktemp("pub")
+    cfg = load_config(None, overrides(tmp))
+    info = publish_oracle_joined(cfg, [1], stall=STALL, nan=NAN)
+    return tmp, cfg, info
+
+
+def student_view(cfg, ids):
+    src = build_source(cfg.data)
+    b = src.read_ids(ids)
+    view = cfg.sampling.student
+    keep = keep_mask(ids, b.labels[view.task].numpy() > 0.5, b.traffic.numpy(), view, src.schema.num_traffic)
+    return ids[keep]
+
+
+def in_span(ids, span):
+    idx = ids & ((1 << 40) - 1)
+    return (idx >= span[1]) & (idx < span[2])
+
+
+@pytest.fixture(scope="module")
+def published_redis(tmp_path_factory):
+    """The same day on a real redis-server (entries of 100 rows, so polls span several)."""
+    tmp = tmp_path_factory.mktemp("pubr")
+    with RedisServer() as server:
+        extra = ["stream.backend=redis", f"stream.redis_url={server.url}", "stream.entry_rows=100"]
+        cfg = load_config(None, overrides(tmp, *extra))
+        info = publish_oracle_joined(cfg, [1], stall=STALL, nan=NAN)
+        yield tmp, cfg, info, extra
+
+
+def streaming(cfg, ck_dir, stream_path, materialise=None, group=None):
+    c = cfg.model_copy(deep=True)
+    c.student.checkpoint_dir, c.stream.path = str(ck_dir), str(stream_path)
+    if group is not None:  # redis: a group of its own gets every row
+        c.stream.group = group
+    return StreamingStudent(StudentTrainer(c, run_dir=ck_dir, open_store=False), open_stream(c.stream, "joined"),
+                            materialise_uri=materialise)
+
+
+def test_every_view_row_trained_once_labels_only_while_the_teacher_stalls(published, tmp_path):
+    tmp, cfg, info = published
+    assert info["join/expired"] == int(in_span(info["ids"], STALL).sum()) > 0  # the stalled span went out label-only
+    s = streaming(cfg, tmp_path / "ck", tmp / "stream", materialise=str(tmp_path / "mat"))
+    s.run()
+    assert s.stream.lag() > 0  # rows after the last checkpoint are not committed yet
+    summary = s.finish()
+    mine = student_view(cfg, info["ids"])
+    assert summary["stream/trained"] == len(mine) == summary["train/samples"] > 300
+    assert summary["stream/outside_view"] == len(info["ids"]) - len(mine)
+    assert summary["stream/label_only"] == int(in_span(mine, STALL).sum()) > 0
+    assert summary["stream/with_signal"] == len(mine) - summary["stream/label_only"]
+    assert summary["signals/rejected_non_finite"] == int(in_span(mine, NAN).sum()) > 0
+    assert summary["signals/missing"] == summary["stream/label_only"]
+    assert summary["signals/joined"] > 0.5 * len(mine)  # signals picked up again after the stall
+    assert s.stream.lag() == 0 and ckpt.step_of(ckpt.newest(tmp_path / "ck")) == summary["train/steps"]
+    assert all(torch.isfinite(p).all() for p in s.t.model.parameters())
+    s.close()
+
+    # materialised: a batch student on that store (day 1 only, the streamed day) sees the same supervision
+    mat = ["student.train_days=1", f"student.signals_uri={tmp_path / 'mat'}"]
+    batch = StudentTrainer(load_config(None, [*SMALL, *mat]), run_dir=tmp_path)
+    assert batch.train_days == [1]
+    got = batch.train()
+    assert got["train/samples"] == summary["train/samples"]
+    for k in ("looked_up", "missing", "rejected_non_finite", "joined", "rejected_batches"):
+        assert got[f"signals/{k}"] == summary[f"signals/{k}"], k
+    # the store holds exactly the signals that came with the rows: same ids, same raw logits
+    logits, found = batch.reader.lookup(torch.from_numpy(mine))
+    assert int(found.sum()) + summary["signals/rejected_non_finite"] == summary["stream/with_signal"]
+
+    # an at-least-once re-delivery of rows already trained is dropped, not trained again
+    joined = open_stream(cfg.stream.model_copy(update={"path": str(tmp / "stream")}), "joined")
+    first, _ = joined.poll(200)
+    open_stream(cfg.stream.model_copy(update={"path": str(tmp / "stream")}), "joined").append(first)
+    again = streaming(cfg, tmp_path / "ck", tmp / "stream")
+    after = again.run()
+    assert after["stream/redelivered"] == 200 and after["stream/trained"] == summary["stream/trained"]
+
+
+def kill_and_resume(cfg, tmp, tmp_path, extra=()):
+    """A reference student runs through; another is SIGKILLed mid-stream in a subprocess and resumed here: both
+    must end with the same counts and bit-identical weights."""
+    ref = streaming(cfg, tmp_path / "ref", tmp / "stream", group="ref")
+    ref.run()
+    want = ref.finish()
+    kill_at = 11  # of ~15 steps; checkpoints every 4 steps at poll boundaries: some trained steps die with the process
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train" / "stream_student_kill_at.py"), str(kill_at),
+                           *overrides(tmp), *extra, f"student.checkpoint_dir={tmp_path / 'ck'}", "stream.group=kill"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    saved = ckpt.step_of(ckpt.newest(tmp_path / "ck"))
+    assert 0 < saved < kill_at  # the at-least-once window: steps (saved, kill_at) are trained again
+    resumed = streaming(cfg, tmp_path / "ck", tmp / "stream", group="kill")
+    assert resumed.resumed_from is not None and resumed.t.steps == saved
+    resumed.run()
+    got = resumed.finish()
+    for k in ("train/steps", "stream/trained", "stream/label_only", "stream/with_signal", "signals/joined",
+              "signals/rejected_non_finite"):
+        assert got[k] == want[k], k
+    for (name, a), b in zip(ref.t.model.state_dict().items(), resumed.t.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed.stream.lag() == 0  # everything trained is committed (redis: acknowledged)
+
+
+@pytest.mark.multiproc
+def test_sigkilled_streaming_student_resumes_bit_identical(published, tmp_path):
+    tmp, cfg, _ = published
+    kill_and_resume(cfg, tmp, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_sigkilled_streaming_student_on_redis_resumes_bit_identical(published_redis, tmp_path):
+    """Redis: the killed consumer's un-acknowledged entries are delivered to it again after the restart (its
+    pending list), the ones its checkpoint already holds dropped by the restored dedup window."""
+    tmp, cfg, _, extra = published_redis
+    kill_and_resume(cfg, tmp, tmp_path, extra)
+
+
+def test_stream_rows_rebuild_the_worlds_samples(published):
+    _, cfg, info = published
+    src = build_source(cfg.data)
+    ids = info["ids"][[5, 0, 900]]
+    b = src.read_ids(ids)
+    ref = src.read(1, 0, cfg.data.samples_per_day).select(torch.from_numpy(ids & ((1 << 40) - 1)))
+    assert b.sample_id.tolist() == ids.tolist() and torch.equal(b.dense, ref.dense)
+    assert torch.equal(b.history.fields["item"], ref.history.fields["item"])
+
+
+def test_phase_days_leave_the_streaming_days_out_of_the_batch_phase():
+    from recdistill.data.source import phase_days
+
+    assert phase_days(list(range(8)), 1) == (list(range(7)), [7], [])  # no streaming phase: as before
+    # 4 streaming days: batch trains on 0-6 and is scored on 7; streaming days 7-10, each scored on the next
+    assert phase_days(list(range(12)), 1, 4) == (list(range(7)), [7], [7, 8, 9, 10])
+    with pytest.raises(ValueError, match="cannot hold"):
+        phase_days(list(range(5)), 1, 4)
