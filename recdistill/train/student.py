@@ -124,7 +124,7 @@ class StudentTrainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.s.lr)
         self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
         self.counts = SignalCounts()
-        self.reader, self.teacher_view, self.distill_cols = None, None, {}
+        self.reader, self.teacher_view, self.distill_cols, self.distill_by, self.task_gate = None, None, {}, {}, None
         if self.s.tower_loss != "task" and open_store:  # else: use_stream_signals()
             self._open_signals()
         self.steps = self.samples = 0
@@ -144,25 +144,26 @@ class StudentTrainer:
             console(f"{self.name}: skipped {self.counts.corrupt_shards} corrupt signal shard(s) of {uri} "
                     f"({self.counts.corrupt_rows} rows; signals.on_corrupt=skip): those samples train on labels only")
         meta = self.reader.meta
-        self.teacher_view = meta.sampling  # the teacher's logits live in the space of the view it trained on
+        self._teacher_tasks(meta.tasks, meta.sampling, f"teacher signals at {uri}")
+
+    def _teacher_tasks(self, tasks: list[str], view: SamplingConfig, where: str) -> None:
+        """What distillation uses of a teacher with `tasks` (its signal columns, in order) trained on `view`."""
+        self.teacher_view = view  # the teacher's logits live in the space of the view it trained on
         # Distillation covers the binary tasks both sides have; continuous heads learn from labels only.
-        self.distill_cols = {t: meta.tasks.index(t) for t, k in self.kinds.items() if k == "binary" and t in meta.tasks}
+        self.distill_cols = {t: tasks.index(t) for t, k in self.kinds.items() if k == "binary" and t in tasks}
+        if not self.distill_cols:
+            raise ValueError(f"{where} have tasks {tasks}; none is a binary task of the student "
+                             f"({[t for t, k in self.kinds.items() if k == 'binary']})")
         # a task within the sampling task is mapped between the views with the teacher's logit of that task
         by = self.view.task
-        self.distill_by = {t: meta.tasks.index(by) for t in self.distill_cols
-                           if self.within.get(t) == by == self.teacher_view.task and by in meta.tasks}
-        self.gate = TaskGate(list(self.distill_cols), rows=self.s.task_gate_rows) if self.s.task_gate else None
-        if not self.distill_cols:
-            raise ValueError(f"teacher signals at {uri} have tasks {meta.tasks}; none is a binary task of the student "
-                             f"({[t for t, k in self.kinds.items() if k == 'binary']})")
+        self.distill_by = {t: tasks.index(by) for t in self.distill_cols
+                           if self.within.get(t) == by == view.task and by in tasks}
+        self.task_gate = TaskGate(list(self.distill_cols), rows=self.s.task_gate_rows) if self.s.task_gate else None
 
     # ---- losses ------------------------------------------------------------------------------------------------
     def use_stream_signals(self, tasks: list[str], view: SamplingConfig) -> None:
         """Take teacher signals from the joined stream instead of the store: the teacher's task order and view."""
-        self.teacher_view = view
-        self.distill_cols = {t: tasks.index(t) for t, k in self.kinds.items() if k == "binary" and t in tasks}
-        if not self.distill_cols:
-            raise ValueError(f"teacher tasks {tasks} hold no binary task of the student")
+        self._teacher_tasks(tasks, view, "the joined stream's teacher signals")
 
     def _signals(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw teacher logits [B, T] and a usable mask [B, T] for the batch (on the host), with the counts."""
@@ -201,10 +202,10 @@ class StudentTrainer:
             z_by = None if by is None else t_logits[:, by]
             target, pred = distill_pair(self.s.debias, t_logits[:, col], z[task], batch.traffic, self.teacher_view,
                                         self.view, self.num_traffic, z_by)
-            if self.gate is not None:  # teacher vs served tower, both in the distillation loss's space
+            if self.task_gate is not None:  # teacher vs served tower, both in the distillation loss's space
                 _, served = distill_pair(self.s.debias, t_logits[:, col], main[task], batch.traffic,
                                          self.teacher_view, self.view, self.num_traffic, z_by)
-                if not self.gate.update(task, target, served, batch.labels[task], mask):
+                if not self.task_gate.update(task, target, served, batch.labels[task], mask):
                     self.counts.task_gated_batches += 1
                     mask = torch.zeros_like(mask)
             loss = distill_loss(target, pred, mask, kind=self.s.distill_loss, temperature=self.s.temperature)
