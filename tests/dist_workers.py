@@ -20,22 +20,36 @@ KINDS = {"ctr": "binary", "watch_time": "continuous"}
 LR_DENSE, LR_SPARSE = 0.05, 0.1
 
 
-def reference(global_batch, init):
+def sparse_optimizer(name: str):  # noqa: ANN201 - (optimizer class, kwargs)
+    """The tables' optimizer: plain SGD (its step is proportional to the gradient, so it also checks TorchRec's
+    gradient division by the world size) or the trainer's RowWiseAdagrad (eps explicit: fbgemm's fused kernel and
+    torchrec's optimizer class default to different ones)."""
+    from torchrec.optim import RowWiseAdagrad
+
+    if name == "sgd":
+        return torch.optim.SGD, {"lr": LR_SPARSE}
+    return RowWiseAdagrad, {"lr": LR_SPARSE, "eps": 1e-8}
+
+
+def reference(global_batch, init, sparse: str = "sgd"):
+    """The single-process step on the whole batch: SGD on the dense part, `sparse` (sparse_optimizer) on the tables,
+    torchrec's unfused RowWiseAdagrad where the sharded run has fbgemm's fused one."""
     torch.manual_seed(0)
     model = TeacherModel(SCHEMA, TeacherConfig(**CFG))
     model.load_state_dict(init)
     before = model(global_batch)
-    opt = torch.optim.SGD([{"params": model.dense.parameters(), "lr": LR_DENSE},
-                           {"params": model.embed.parameters(), "lr": LR_SPARSE}])
+    cls, kwargs = sparse_optimizer(sparse)
+    opts = [torch.optim.SGD(model.dense.parameters(), lr=LR_DENSE), cls(model.embed.parameters(), **kwargs)]
     task_loss(before, global_batch.labels, KINDS).backward()
-    opt.step()
+    for opt in opts:
+        opt.step()
     with torch.no_grad():
         after = model(global_batch)
     return before, after, model
 
 
 def rank_main(rank: int, port: int, sharding: str, stage: int, init: dict, out: dict, bf16: bool = False,
-              more_steps: int = 0) -> None:
+              more_steps: int = 0, sparse: str = "sgd") -> None:
     """One rank of the sharded step: logits before and after one step on its half of the global batch, and the
     dense parameters after it. bf16: DeepSpeed's bf16 mode (as teacher.precision=bf16 sets it). more_steps: then
     that many more steps on the same batch, their losses in out[rank]['losses']."""
@@ -51,9 +65,10 @@ def rank_main(rank: int, port: int, sharding: str, stage: int, init: dict, out: 
         model.load_state_dict(init)
         ds = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16}}
+        cls, kwargs = sparse_optimizer(sparse)
         dmp, engine = parallelize_teacher(model, sharding=sharding, device=info.device, ds_config=ds,
                                           dense_optimizer=lambda p: torch.optim.SGD(p, lr=LR_DENSE),
-                                          sparse_optimizer=torch.optim.SGD, sparse_kwargs={"lr": LR_SPARSE})
+                                          sparse_optimizer=cls, sparse_kwargs=kwargs)
         dmp.load_state_dict({k: v for k, v in init.items() if k.startswith("embed.")}, strict=False)
         full = make_batch(n=16, seed=5)
         local = full.select(torch.arange(rank * 8, rank * 8 + 8))

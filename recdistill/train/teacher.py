@@ -122,6 +122,7 @@ class TeacherTrainer:
         self.dmp, self.engine = parallelize_teacher(
             model, sharding=cfg.teacher.sharding, device=info.device, ds_config=ds_config,
             local_size=info.local_world_size, dense_optimizer=dense_adam(ds_config, cfg.teacher.lr),
+            pins=cfg.teacher.sharding_pins, mem_gib=cfg.teacher.sharding_mem_gib,
             sparse_optimizer=RowWiseAdagrad, sparse_kwargs={"lr": cfg.teacher.sparse_lr})
         self.control = dist.new_group(backend="gloo")  # CPU-side agreement on step counts, also under NCCL
         self.writer = build_writer(cfg, info.rank, self.tasks)
