@@ -71,10 +71,11 @@ def zero_estimates(dense_params: int, largest_layer: int, world_size: int) -> di
 
 
 def dry_run(cfg: Config, schema: Schema, world_size: int, roles: Roles | None = None,
-            gpu_mem_gib: float | None = None, gpus_per_node: int = 8) -> dict:
+            gpu_mem_gib: float | None = None, gpus_per_node: int = 8, fused_attention: bool = True) -> dict:
     """Everything `--dry-run` reports, as a dict; `roles`: the resolved feature roles (None: the conventional
     names the schema has). gpu_mem_gib: also whether the preset fits `world_size` GPUs of that memory under its
-    own DeepSpeed config and sharding (the 'fit' and 'plan' keys; recdistill/train/fit.py)."""
+    own DeepSpeed config and sharding (the 'fit' and 'plan' keys; recdistill/train/fit.py); fused_attention: False
+    for CPU ranks, where the attention is the PyTorch reference (activation_elements)."""
     with torch.device("meta"):
         model = TeacherModel(schema, cfg.teacher, roles)
     params = param_table(model)
@@ -87,12 +88,13 @@ def dry_run(cfg: Config, schema: Schema, world_size: int, roles: Roles | None = 
               "flops_per_sample": flops, "gflops_per_sample": sum(flops.values()) / 1e9, "world_size": world_size,
               "zero_memory": zero_estimates(dense, largest, world_size)}
     if gpu_mem_gib is not None:
-        report.update(fit_on_gpus(cfg, model, dense, largest, world_size, gpu_mem_gib, gpus_per_node))
+        report.update(fit_on_gpus(cfg, model, dense, largest, world_size, gpu_mem_gib, gpus_per_node,
+                                  fused_attention))
     return report
 
 
 def fit_on_gpus(cfg: Config, model: TeacherModel, dense: int, largest: int, world_size: int, gpu_mem_gib: float,
-                gpus_per_node: int) -> dict:
+                gpus_per_node: int, fused_attention: bool = True) -> dict:
     """The 'plan' and 'fit' keys of dry_run: the sharding plan on `world_size` GPUs (the torchrec backend's
     tables; the plan of a meta-device model) and the per-GPU memory verdict."""
     from recdistill.train.fit import fit_report
@@ -107,7 +109,7 @@ def fit_on_gpus(cfg: Config, model: TeacherModel, dense: int, largest: int, worl
         rows = describe_plan(model, plan)
     fit = fit_report(dense_params=dense, largest_layer=largest, cfg=cfg, ds=ds, world_size=world_size,
                      gpu_mem_gib=gpu_mem_gib, n_in=model.dense.mixer.tokenizer.padded_in,
-                     n_global=model.dense.n_global, plan_rows=rows)
+                     n_global=model.dense.n_global, plan_rows=rows, fused_attention=fused_attention)
     return {"plan": rows, "fit": fit}
 
 

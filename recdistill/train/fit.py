@@ -99,7 +99,8 @@ def embedding_bytes_per_rank(plan_rows: list[dict], world_size: int) -> list[int
 
 
 def fit_report(*, dense_params: int, largest_layer: int, cfg, ds: dict, world_size: int,  # noqa: ANN001
-               gpu_mem_gib: float, n_in: int, n_global: int, plan_rows: list[dict], batch: int | None = None) -> dict:
+               gpu_mem_gib: float, n_in: int, n_global: int, plan_rows: list[dict], batch: int | None = None,
+               fused_attention: bool = True) -> dict:
     """Per-GPU memory for `cfg` (a Config) under DeepSpeed config `ds` on `world_size` GPUs of `gpu_mem_gib`:
     model states, activations with and without checkpointing, embeddings on the fullest rank; the verdict uses the
     config's own activation_checkpointing setting and bf16 (the precision on GPUs: auto means bf16 there)."""
@@ -110,7 +111,7 @@ def fit_report(*, dense_params: int, largest_layer: int, cfg, ds: dict, world_si
     states = model_state_gib(ds, dense_params, largest_layer, world_size)
     acts = {}
     for mode, fn in (("none", activation_elements), ("block", activation_elements_checkpointed)):
-        parts = fn(t, history, n_in, n_global)
+        parts = fn(t, history, n_in, n_global, fused_attention)
         acts[mode] = {"per_sample_mib": sum(parts.values()) * act_bytes / 2**20,
                       "gib": sum(parts.values()) * act_bytes * batch / GIB, "parts": parts}
     emb = embedding_bytes_per_rank(plan_rows, world_size)
