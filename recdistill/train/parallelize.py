@@ -33,6 +33,18 @@ class DenseLeftAlone(DataParallelWrapper):
         return None
 
 
+class Unsharded(torch.nn.Module):
+    """The teacher with plain PyTorch tables on one rank (embedding_backend=torch: a GPU host without TorchRec's
+    CUDA kernels), wrapped as DMP wraps it: `module` is the model, calling it runs the model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = model
+
+    def forward(self, batch):  # noqa: ANN001, ANN201 - Batch -> logits per task
+        return self.module(batch)
+
+
 def _tables(module: torch.nn.Module) -> list[tuple[str, int, list[str]]]:
     configs = module.embedding_bag_configs() if hasattr(module, "embedding_bag_configs") else \
         module.embedding_configs()
@@ -184,6 +196,14 @@ def parallelize_teacher(model: torch.nn.Module, *, sharding: Sharding, device: t
 
     apply_optimizer_in_backward(sparse_optimizer, model.embed.parameters(), sparse_kwargs or {"lr": 0.01})
     world = dist.get_world_size()
+    if not hasattr(model.embed.sparse, "ebc"):  # embedding_backend=torch: plain tables, nothing for DMP to shard
+        if world > 1:
+            raise ValueError("teacher.embedding_backend=torch trains on one rank only: its tables are neither "
+                             "sharded nor synchronised across ranks (use torchrec for several)")
+        model.embed.to(device)
+        engine, _, _, _ = deepspeed.initialize(model=model.dense, optimizer=dense_optimizer(model.dense.parameters()),
+                                               config=ds_config)
+        return Unsharded(model), engine
     dmp = DistributedModelParallel(
         model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device,
         plan=sharding_plan(model, sharding, world, device.type, local_size, pins, mem_gib, dist.GroupMember.WORLD),
