@@ -163,6 +163,26 @@ def describe_plan(model: torch.nn.Module, plan: ShardingPlan) -> list[dict]:
     return out
 
 
+def build_teacher(schema, cfg, roles, ds_config: dict) -> torch.nn.Module:  # noqa: ANN001 - Schema, TeacherConfig, Roles
+    """The TeacherModel without a full copy of it on any rank: the TorchRec tables on the meta device (DMP then
+    allocates and initialises only this rank's shards), the dense part under `deepspeed.zero.Init` for ZeRO-3 (each
+    module's parameters are partitioned as soon as the module is built: a rank holds its 1/N, plus one module whole
+    while it is built). ZeRO-1/2 keep every dense parameter on every rank anyway, so there it is built as before.
+    The model code stays single-device: its two parts are rebuilt here, the meta-device model gives the layout."""
+    import deepspeed
+
+    from recdistill.models.teacher import TeacherDense, TeacherEmbeddings, TeacherModel
+
+    with torch.device("meta"):
+        model = TeacherModel(schema, cfg, roles)
+    if cfg.embedding_backend == "torch":  # plain tables, trained whole on one rank: built for real
+        model.embed = TeacherEmbeddings(schema, cfg, model.roles)
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+        model.dense = TeacherDense(schema, cfg, model.roles)
+    return model
+
+
 def offloads_optimizer(ds_config: dict) -> bool:
     """Whether the DeepSpeed config moves the optimizer off the accelerator (ZeRO-Offload to CPU or NVMe)."""
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
