@@ -9,7 +9,10 @@
 # peak memory, MFU (dry-run FLOPs against a measured bf16 matmul rate); (3) 7b under ZeRO-3 + CPU offload, STEPS_7B
 # steps; (4) python -m kernels.bench. Results: benchmarks/results/device_teacher-<preset>-<device>.json and
 # kernels/results/, copied with the logs to $OUT when set. Environment: STEPS_1B (20), STEPS_7B (3), BATCH (the
-# preset's data.batch_size), HISTORY (the preset's), PYTHON (python3; QUICK: .venv/bin/python if present).
+# preset's data.batch_size), HISTORY (the preset's), PYTHON (python3; QUICK: .venv/bin/python if present), DS_7B
+# (zero3_offload; DeepSpeed's estimate puts 7b's offloaded model states at ~122 GiB of host memory, x1.5 buffer 183,
+# against the H200 host's 128 GiB: if it is refused, DS_7B=zero3 keeps them on the GPU, ~126 GiB + ~7 GiB of
+# checkpointed activations, see `recdistill teacher --dry-run --preset 7b --world-size 1 --gpu-mem-gib 139`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device-out}
@@ -28,6 +31,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+DS_7B=${DS_7B:-zero3_offload}
 "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 device=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")' \
   | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9-')
@@ -44,8 +48,7 @@ sets=(${BATCH:+--batch "$BATCH"} ${HISTORY:+--history "$HISTORY"})
 step teacher_1b "$PYTHON" benchmarks/device_teacher.py --preset "$PRESET_1B" --steps "$STEPS_1B" "${sets[@]}" \
   --precision bf16 --out "$RESULTS/device_teacher-$PRESET_1B-$device.json"
 step teacher_7b "$PYTHON" benchmarks/device_teacher.py --preset "$PRESET_7B" --steps "$STEPS_7B" "${sets[@]}" \
-  --precision bf16 --deepspeed configs/deepspeed/zero3_offload.json \
-  --out "$RESULTS/device_teacher-$PRESET_7B-zero3_offload-$device.json"
+  --precision bf16 --deepspeed "configs/deepspeed/$DS_7B.json" --out "$RESULTS/device_teacher-$PRESET_7B-$DS_7B-$device.json"
 if [ -z "${QUICK:-}" ]; then
   step kernels_bench "$PYTHON" -m kernels.bench --device cuda
   cp kernels/results/*.json "$OUT"/ 2>/dev/null || true
