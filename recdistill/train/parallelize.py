@@ -224,11 +224,15 @@ def parallelize_teacher(model: torch.nn.Module, *, sharding: Sharding, device: t
         engine, _, _, _ = deepspeed.initialize(model=model.dense, optimizer=dense_optimizer(model.dense.parameters()),
                                                config=ds_config)
         return Unsharded(model), engine
-    dmp = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device,
-        plan=sharding_plan(model, sharding, world, device.type, local_size, pins, mem_gib, dist.GroupMember.WORLD),
-        sharders=[EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()],
-        data_parallel_wrapper=DenseLeftAlone())
+    plan = sharding_plan(model, sharding, world, device.type, local_size, pins, mem_gib, dist.GroupMember.WORLD)
+    # Meta-device tables (build_teacher) are initialised shard by shard on their ranks; under the one seed that all
+    # ranks share, every row-wise shard would start with the same values, so each rank draws from its own stream.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(torch.initial_seed() + 1 + dist.get_rank())
+        dmp = DistributedModelParallel(
+            model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device, plan=plan,
+            sharders=[EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()],
+            data_parallel_wrapper=DenseLeftAlone())
     dense = dmp.module.dense
     engine, _, _, _ = deepspeed.initialize(model=dense, optimizer=dense_optimizer(dense.parameters()),
                                            config=ds_config)
