@@ -194,3 +194,26 @@ def test_construction_without_a_full_copy_trains_the_same_step():
         for task in KINDS:
             torch.testing.assert_close(out[r]["before"][task], before[task][rows], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(out[r]["after"][task], after[task][rows], atol=1e-6, rtol=1e-5)
+
+
+def test_auto_plan_and_pins():
+    """auto on CPU plans table/column-wise only (the planner's row-wise is GPU-only), never data_parallel (the
+    fused optimizer would not update such a table); a pin, by feature or table name, wins in every mode (row-wise
+    on CPU too, through the explicit plan); a pin naming nothing is refused."""
+    from recdistill.train.parallelize import describe_plan
+
+    with torch.device("meta"):
+        model = TeacherModel(SCHEMA, TeacherConfig(**CFG))
+    for device, allowed in (("cpu", {"table_wise", "column_wise"}),
+                            ("cuda", {"table_wise", "column_wise", "row_wise", "table_row_wise"})):
+        rows = {r["table"]: r for r in describe_plan(model, sharding_plan(model, "auto", 2, device))}
+        assert {r["type"] for r in rows.values()} <= allowed, rows
+        pinned = {r["table"]: r for r in describe_plan(model, sharding_plan(
+            model, "auto", 2, device, pins={"item_id": "row_wise", "h_cat": "table_wise"}))}
+        assert pinned["t_item_id"]["type"] == "row_wise" and pinned["h_cat"]["type"] == "table_wise"
+        assert [r for r, _ in pinned["t_item_id"]["shards"]] == [0, 1]
+    explicit = {r["table"]: r["type"] for r in describe_plan(model, sharding_plan(
+        model, "column_wise", 2, "cpu", pins={"user_id": "table_wise"}))}
+    assert explicit.pop("t_user_id") == "table_wise" and set(explicit.values()) == {"column_wise"}
+    with pytest.raises(ValueError, match="names no table"):
+        sharding_plan(model, "auto", 2, "cpu", pins={"no_such_feature": "row_wise"})
