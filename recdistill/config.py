@@ -458,7 +458,9 @@ class Config(Section):
         # activation_checkpointing recomputes the same values (nothing learned changes); precision counts once set
         # explicitly, so configs written before it existed (auto, what they ran) keep their versions.
         skip = {"checkpoint_dir", "checkpoint_every", "checkpoint_keep", "resume", "log_every", "steps",
-                "activation_checkpointing", *(("precision",) if self.teacher.precision == "auto" else ())}
+                "activation_checkpointing", *(("precision",) if self.teacher.precision == "auto" else ()),
+                *(("sharding_pins",) if not self.teacher.sharding_pins else ()),  # likewise: count once set
+                *(("sharding_mem_gib",) if self.teacher.sharding_mem_gib is None else ())}
         t = self.teacher.model_dump(mode="json", exclude=skip)
         # data.roles counts once a role is set (it changes the model); `strict` changes nothing the teacher learns,
         # and leaving roles out when none is set keeps the versions of configs written before roles existed.
