@@ -278,8 +278,16 @@ class TeacherConfig(Section):
     steps: int | None = Field(None, ge=1, description="Training steps; None: one pass over the training days.")
     lr: float = Field(1e-3, gt=0, description="Dense learning rate.")
     sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the fused row-wise Adagrad on the tables.")
-    sharding: Literal["table_wise", "column_wise", "row_wise"] = Field(
-        "table_wise", description="Embedding sharding type (explicit plan; on GPU the same plans apply).")
+    sharding: Literal["table_wise", "column_wise", "row_wise", "auto"] = Field(
+        "table_wise", description="Embedding sharding type for every table (explicit plan; on GPU the same plans "
+        "apply), or auto: TorchRec's EmbeddingShardingPlanner sizes tables against each rank's memory (on CPU it "
+        "chooses among table-wise and column-wise only).")
+    sharding_pins: dict[str, Literal["table_wise", "column_wise", "row_wise"]] = Field(
+        default_factory=dict, description="Sharding type per table, by table or feature name (e.g. {item_id: "
+        "row_wise}), on top of `sharding` (also auto).")
+    sharding_mem_gib: float | None = Field(None, gt=0, description="Memory per rank the auto planner may fill "
+                                           "(HBM on GPUs, host memory on CPU); None: the GPU's own, TorchRec's "
+                                           "default on CPU.")
     deepspeed: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed config file (ZeRO stage, "
                            "offload). Each preset names the one it is meant for (configs/teacher/*.yaml).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -547,7 +555,9 @@ class Config(Section):
         # activation_checkpointing recomputes the same values (nothing learned changes); precision counts once set
         # explicitly, so configs written before it existed (auto, what they ran) keep their versions.
         skip = {"checkpoint_dir", "checkpoint_every", "checkpoint_keep", "resume", "log_every", "steps",
-                "activation_checkpointing", *(("precision",) if self.teacher.precision == "auto" else ())}
+                "activation_checkpointing", *(("precision",) if self.teacher.precision == "auto" else ()),
+                *(("sharding_pins",) if not self.teacher.sharding_pins else ()),  # likewise: count once set
+                *(("sharding_mem_gib",) if self.teacher.sharding_mem_gib is None else ())}
         t = self.teacher.model_dump(mode="json", exclude=skip)
         # data.roles counts once a role is set (it changes the model); `strict` changes nothing the teacher learns,
         # and leaving roles out when none is set keeps the versions of configs written before roles existed.

@@ -21,25 +21,41 @@ KINDS = {"ctr": "binary", "watch_time": "continuous"}
 LR_DENSE, LR_SPARSE = 0.05, 0.1
 
 
-def reference(global_batch, init):
+def sparse_optimizer(name: str):  # noqa: ANN201 - (optimizer class, kwargs)
+    """The tables' optimizer: plain SGD (its step is proportional to the gradient, so it also checks TorchRec's
+    gradient division by the world size) or the trainer's RowWiseAdagrad (eps explicit: fbgemm's fused kernel and
+    torchrec's optimizer class default to different ones)."""
+    from torchrec.optim import RowWiseAdagrad
+
+    if name == "sgd":
+        return torch.optim.SGD, {"lr": LR_SPARSE}
+    return RowWiseAdagrad, {"lr": LR_SPARSE, "eps": 1e-8}
+
+
+def reference(global_batch, init, sparse: str = "sgd"):
+    """The single-process step on the whole batch: SGD on the dense part, `sparse` (sparse_optimizer) on the tables,
+    torchrec's unfused RowWiseAdagrad where the sharded run has fbgemm's fused one."""
     torch.manual_seed(0)
     model = TeacherModel(SCHEMA, TeacherConfig(**CFG))
     model.load_state_dict(init)
     before = model(global_batch)
-    opt = torch.optim.SGD([{"params": model.dense.parameters(), "lr": LR_DENSE},
-                           {"params": model.embed.parameters(), "lr": LR_SPARSE}])
+    cls, kwargs = sparse_optimizer(sparse)
+    opts = [torch.optim.SGD(model.dense.parameters(), lr=LR_DENSE), cls(model.embed.parameters(), **kwargs)]
     task_loss(before, global_batch.labels, KINDS).backward()
-    opt.step()
+    for opt in opts:
+        opt.step()
     with torch.no_grad():
         after = model(global_batch)
     return before, after, model
 
 
 def rank_main(rank: int, port: int, sharding: str, stage: int, init: dict, out: dict, bf16: bool = False,
-              more_steps: int = 0) -> None:
+              more_steps: int = 0, sparse: str = "sgd", meta: bool = False) -> None:
     """One rank of the sharded step: logits before and after one step on its half of the global batch, and the
     dense parameters after it. bf16: DeepSpeed's bf16 mode (as teacher.precision=bf16 sets it). more_steps: then
-    that many more steps on the same batch, their losses in out[rank]['losses']."""
+    that many more steps on the same batch, their losses in out[rank]['losses']. meta: the trainer's construction
+    (build_teacher: tables on meta, dense under zero.Init for ZeRO-3), `init` loaded into its partitions; the
+    elements this rank holds right after construction and after sharding in out[rank]['numel']."""
     try:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
@@ -48,13 +64,18 @@ def rank_main(rank: int, port: int, sharding: str, stage: int, init: dict, out: 
 
         info = init_distributed("gloo")
         torch.manual_seed(0)
-        model = TeacherModel(SCHEMA, TeacherConfig(**CFG))
-        model.load_state_dict(init)
         ds = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16}}
+        numel = {}
+        if meta:
+            model = built_and_loaded(ds, init, numel)
+        else:
+            model = TeacherModel(SCHEMA, TeacherConfig(**CFG))
+            model.load_state_dict(init)
+        cls, kwargs = sparse_optimizer(sparse)
         dmp, engine = parallelize_teacher(model, sharding=sharding, device=info.device, ds_config=ds,
                                           dense_optimizer=lambda p: torch.optim.SGD(p, lr=LR_DENSE),
-                                          sparse_optimizer=torch.optim.SGD, sparse_kwargs={"lr": LR_SPARSE})
+                                          sparse_optimizer=cls, sparse_kwargs=kwargs)
         dmp.load_state_dict({k: v for k, v in init.items() if k.startswith("embed.")}, strict=False)
         full = make_batch(n=16, seed=5)
         local = full.select(torch.arange(rank * 8, rank * 8 + 8))
@@ -74,12 +95,36 @@ def rank_main(rank: int, port: int, sharding: str, stage: int, init: dict, out: 
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
+        numel["embed_sharded"] = sum(
+            sum(sh.tensor.numel() for sh in v.local_shards()) if hasattr(v, "local_shards") else v.numel()
+            for k, v in dmp.state_dict().items() if k.startswith("embed."))
         out[rank] = {"before": {k: v.detach() for k, v in logits.items()}, "after": after, "dense": dense,
-                     "losses": losses}
+                     "losses": losses, "numel": numel}
         destroy_distributed()
     except Exception:  # noqa: BLE001 - reported to the parent with the traceback
         out[rank] = {"error": traceback.format_exc()}
         raise
+
+
+def built_and_loaded(ds: dict, init: dict, numel: dict):  # noqa: ANN201 - TeacherModel
+    """build_teacher's model with `init`'s dense values written into its partitions (rank 0's copy, then
+    re-partitioned); records the elements held here after construction: dense (partitions under ZeRO-3; the full
+    count in numel['dense_full']) and embedding (meta tables hold none)."""
+    import deepspeed
+
+    from recdistill.train.parallelize import build_teacher
+
+    model = build_teacher(SCHEMA, TeacherConfig(**CFG), None, ds)
+    params = dict(model.dense.named_parameters())
+    local = lambda p: p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()  # noqa: E731
+    numel.update(dense=sum(local(p) for p in params.values()),
+                 dense_full=sum(getattr(p, "ds_numel", p.numel()) for p in params.values()),
+                 embed=sum(p.numel() for p in model.embed.parameters() if not p.is_meta))
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=ds["zero_optimization"][
+            "stage"] == 3), torch.no_grad():
+        for name, p in params.items():
+            p.copy_(init[f"dense.{name}"])
+    return model
 
 
 def free_port() -> int:

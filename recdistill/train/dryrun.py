@@ -1,6 +1,7 @@
 """Size a teacher without memory (what `recdistill teacher --dry-run` prints).
 
     recdistill teacher --dry-run --config configs/teacher/7b.yaml --world-size 8
+    recdistill teacher --dry-run --preset 24b --world-size 64 --gpu-mem-gib 80      # does it fit? (fit.py)
 
 Builds the model on the meta device (no memory), prints dense and embedding parameters by module, forward FLOPs
 per sample by module (analytic, at the configured history length), and DeepSpeed's own ZeRO model-state memory
@@ -69,9 +70,12 @@ def zero_estimates(dense_params: int, largest_layer: int, world_size: int) -> di
     return out
 
 
-def dry_run(cfg: Config, schema: Schema, world_size: int, roles: Roles | None = None) -> dict:
+def dry_run(cfg: Config, schema: Schema, world_size: int, roles: Roles | None = None,
+            gpu_mem_gib: float | None = None, gpus_per_node: int = 8, fused_attention: bool = True) -> dict:
     """Everything `--dry-run` reports, as a dict; `roles`: the resolved feature roles (None: the conventional
-    names the schema has)."""
+    names the schema has). gpu_mem_gib: also whether the preset fits `world_size` GPUs of that memory under its
+    own DeepSpeed config and sharding (the 'fit' and 'plan' keys; recdistill/train/fit.py); fused_attention: False
+    for CPU ranks, where the attention is the PyTorch reference (activation_elements)."""
     with torch.device("meta"):
         model = TeacherModel(schema, cfg.teacher, roles)
     params = param_table(model)
@@ -79,10 +83,34 @@ def dry_run(cfg: Config, schema: Schema, world_size: int, roles: Roles | None = 
     emb = sum(r["embedding"] for r in params.values())
     largest = max(p.numel() for n, p in model.named_parameters() if not n.startswith(EMBEDDING_PREFIXES))
     flops = flops_per_sample(cfg, schema, model.dense.mixer.tokenizer.padded_in, model.dense.n_global)
-    return {"preset": cfg.teacher.preset, "roles": model.roles.as_dict(), "dense_params": dense,
-            "embedding_params": emb, "params": params,
-            "flops_per_sample": flops, "gflops_per_sample": sum(flops.values()) / 1e9, "world_size": world_size,
-            "zero_memory": zero_estimates(dense, largest, world_size)}
+    report = {"preset": cfg.teacher.preset, "roles": model.roles.as_dict(), "dense_params": dense,
+              "embedding_params": emb, "params": params,
+              "flops_per_sample": flops, "gflops_per_sample": sum(flops.values()) / 1e9, "world_size": world_size,
+              "zero_memory": zero_estimates(dense, largest, world_size)}
+    if gpu_mem_gib is not None:
+        report.update(fit_on_gpus(cfg, model, dense, largest, world_size, gpu_mem_gib, gpus_per_node,
+                                  fused_attention))
+    return report
+
+
+def fit_on_gpus(cfg: Config, model: TeacherModel, dense: int, largest: int, world_size: int, gpu_mem_gib: float,
+                gpus_per_node: int, fused_attention: bool = True) -> dict:
+    """The 'plan' and 'fit' keys of dry_run: the sharding plan on `world_size` GPUs (the torchrec backend's
+    tables; the plan of a meta-device model) and the per-GPU memory verdict."""
+    from recdistill.train.fit import fit_report
+    from recdistill.train.parallelize import describe_plan, sharding_plan
+    from recdistill.train.teacher import deepspeed_config
+
+    ds = deepspeed_config(cfg, cfg.teacher.deepspeed, torch.device("cuda"))
+    rows = []
+    if cfg.teacher.embedding_backend == "torchrec":
+        plan = sharding_plan(model, cfg.teacher.sharding, world_size, "cuda", math.gcd(world_size, gpus_per_node),
+                             cfg.teacher.sharding_pins, cfg.teacher.sharding_mem_gib or gpu_mem_gib)
+        rows = describe_plan(model, plan)
+    fit = fit_report(dense_params=dense, largest_layer=largest, cfg=cfg, ds=ds, world_size=world_size,
+                     gpu_mem_gib=gpu_mem_gib, n_in=model.dense.mixer.tokenizer.padded_in,
+                     n_global=model.dense.n_global, plan_rows=rows, fused_attention=fused_attention)
+    return {"plan": rows, "fit": fit}
 
 
 def print_report(r: dict) -> None:
@@ -99,3 +127,7 @@ def print_report(r: dict) -> None:
     print(f"\nDeepSpeed ZeRO model-state memory estimate, world size {r['world_size']} (per GPU / CPU per node):")
     for k, v in r["zero_memory"].items():
         print(f"  {k:<16}{v['gpu_gib']:>10.1f} GiB GPU {v['cpu_gib']:>10.1f} GiB CPU")
+    if "fit" in r:
+        from recdistill.train.fit import print_fit
+
+        print_fit(r["fit"], r["plan"])

@@ -45,13 +45,12 @@ from recdistill.data.roles import roles_for
 from recdistill.data.source import DataSource, build_source, phase_days
 from recdistill.distill.losses import task_loss
 from recdistill.distill.metrics import StreamingMetrics
-from recdistill.models.teacher import TeacherModel
 from recdistill.signals.schema import SignalMeta
 from recdistill.signals.writer import SignalWriter
 from recdistill.tracking import console
 from recdistill.train.distributed import DistInfo, destroy_distributed, init_distributed
 from recdistill.train.lockstep import LockstepBatches
-from recdistill.train.parallelize import dense_adam, parallelize_teacher
+from recdistill.train.parallelize import build_teacher, dense_adam, parallelize_teacher
 from recdistill.train.teacher_checkpoint import TeacherCheckpoints
 from recdistill.train.teacher_eval import TeacherEvaluator
 from recdistill.train.teacher_log import TrainLog
@@ -115,11 +114,12 @@ class TeacherTrainer:
         self.train_days, self.eval_days, _ = phase_days(self.source.days(), cfg.data.eval_days, cfg.stream.days)
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
         roles = roles_for(cfg.data.roles, self.source, "teacher", info.rank)  # reports missing roles once, at start
-        model = TeacherModel(self.source.schema, cfg.teacher, roles)
         ds_config = deepspeed_config(cfg, cfg.teacher.deepspeed, info.device)
+        model = build_teacher(self.source.schema, cfg.teacher, roles, ds_config)  # no full copy per rank
         self.dmp, self.engine = parallelize_teacher(
             model, sharding=cfg.teacher.sharding, device=info.device, ds_config=ds_config,
             local_size=info.local_world_size, dense_optimizer=dense_adam(ds_config, cfg.teacher.lr),
+            pins=cfg.teacher.sharding_pins, mem_gib=cfg.teacher.sharding_mem_gib,
             sparse_optimizer=RowWiseAdagrad, sparse_kwargs={"lr": cfg.teacher.sparse_lr})
         self.control = dist.new_group(backend="gloo")  # CPU-side agreement on step counts, also under NCCL
         self.writer = build_writer(cfg, info.rank, self.tasks)

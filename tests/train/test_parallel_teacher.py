@@ -4,7 +4,8 @@ and takes the same training step as a single-process run of the same math.
 Same math: each rank's loss is the mean over its local batch (equal batch sizes). DeepSpeed averages dense
 gradients over ranks, and TorchRec divides the summed embedding gradients by the world size (its default
 gradient division, seen here: without it the table updates come out twice as large), so both equal the
-gradient of the global-batch mean: the single-process reference is plain SGD on the whole batch.
+gradient of the global-batch mean: the single-process reference is plain SGD on the whole batch (or, for the
+tables, torchrec's unfused RowWiseAdagrad where the sharded run has the trainer's fused one).
 Tolerance: fp32, 1e-6 absolute / 1e-5 relative on logits and dense weights (only the reduction order differs).
 """
 
@@ -16,17 +17,21 @@ from helpers import SCHEMA, make_batch
 from recdistill.config import TeacherConfig
 from recdistill.models.teacher import TeacherModel
 
+CASES = [(s, z, "sgd") for s in ("table_wise", "column_wise", "row_wise") for z in (2, 3)] + [
+    ("auto", 2, "rowwise_adagrad"), ("auto", 3, "rowwise_adagrad"), ("row_wise", 3, "rowwise_adagrad")]
+
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-@pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise", "row_wise"])
-def test_sharded_step_matches_single_process(sharding, stage):
+@pytest.mark.parametrize("sharding,stage,sparse", CASES)
+def test_sharded_step_matches_single_process(sharding, stage, sparse):
+    """sparse: the tables' optimizer; rowwise_adagrad is the trainer's (fbgemm's fused kernel in the sharded run,
+    torchrec's RowWiseAdagrad class in the reference), and `auto` is planned by TorchRec's planner on CPU."""
     torch.manual_seed(0)
     init = TeacherModel(SCHEMA, TeacherConfig(**CFG)).state_dict()
-    out = spawn_step(sharding, stage, init)
+    out = spawn_step(sharding, stage, init, sparse=sparse)
     full = make_batch(n=16, seed=5)
-    before, after, ref_model = reference(full, init)
+    before, after, ref_model = reference(full, init, sparse)
     ref_dense = dict(ref_model.dense.named_parameters())
     for r in range(WORLD):
         assert out[r]["dense"].keys() == ref_dense.keys()

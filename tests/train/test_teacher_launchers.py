@@ -59,3 +59,24 @@ def test_torchrun_script_trains(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "launch" / "teacher_torchrun.sh"), *args(tmp_path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=180)
     check(tmp_path, proc)
+
+
+@pytest.mark.slow
+def test_device_teacher_script_quick_mode(tmp_path):
+    """launch/device_teacher.sh with QUICK=1: its two teacher runs (the 1b and 7b steps, at the tiny preset on CPU,
+    the 7b one under ZeRO-3 + CPU offload) through benchmarks/device_teacher.py, each writing its JSON with the
+    measured figures; the GPU-only steps (kernel tests, kernels.bench) are left out on CPU."""
+    env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "PYTHON": str(ROOT / ".venv" / "bin" / "python")}
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "device_teacher.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "exit codes: teacher_1b=0 teacher_7b=0" in proc.stdout
+    runs = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("device_teacher-*.json")}
+    assert sorted(runs) == ["device_teacher-tiny-cpu.json", "device_teacher-tiny-zero3_offload-cpu.json"]
+    for r in runs.values():
+        assert r["rc"] == 0 and r["steps"] == 2 and len(r["losses"]) == 2, r
+        assert all(x == x for x in r["losses"]) and r["samples_per_s"] > 0 and r["peak_memory_gib"] > 0.1
+        assert 0 < r["mfu"] < 1 and r["bf16_matmul_tflops"] > 0
+        assert "teacher.embedding_backend=torch" in r["settings"] and "teacher.precision=bf16" in r["settings"]
+    assert "teacher.deepspeed=configs/deepspeed/zero3_offload.json" in runs[
+        "device_teacher-tiny-zero3_offload-cpu.json"]["settings"]

@@ -167,3 +167,53 @@ def test_each_preset_names_a_deepspeed_config_that_loads(name):
     stage = ds["zero_optimization"]["stage"]
     assert stage == {"tiny": 2, "small": 2, "1b": 2, "7b": 3, "24b": 3}[name]
     assert offloads_optimizer(ds) == (name == "7b")
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_construction_without_a_full_copy_trains_the_same_step():
+    """build_teacher (what the trainer builds): under ZeRO-3 on 2 ranks each holds half of the dense parameters
+    right after construction and no table element until DMP allocates its row-wise shard (half of each table);
+    with the same initial values loaded, the step equals the single-process reference (fp32, as in
+    tests/train/test_parallel_teacher.py)."""
+    torch.manual_seed(0)
+    init = TeacherModel(SCHEMA, TeacherConfig(**CFG)).state_dict()
+    out = spawn_step("row_wise", 3, init, meta=True)
+    before, after, ref_model = reference(make_batch(n=16, seed=5), init)
+    ref_dense = dict(ref_model.dense.named_parameters())
+    embed_full = sum(v.numel() for k, v in init.items() if k.startswith("embed."))
+    for r in range(WORLD):
+        n = out[r]["numel"]
+        assert n["dense_full"] == sum(p.numel() for p in ref_dense.values())
+        assert 0.45 < n["dense"] / n["dense_full"] < 0.56, n  # ZeRO-3 pads each partition to whole elements
+        assert n["embed"] == 0 and 0.45 < n["embed_sharded"] / embed_full < 0.56, (n, embed_full)
+        for name, value in out[r]["dense"].items():
+            torch.testing.assert_close(value, ref_dense[name].detach(), atol=1e-6, rtol=1e-5,
+                                       msg=f"rank {r} dense parameter {name} after one step")
+        rows = slice(r * 8, r * 8 + 8)
+        for task in KINDS:
+            torch.testing.assert_close(out[r]["before"][task], before[task][rows], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(out[r]["after"][task], after[task][rows], atol=1e-6, rtol=1e-5)
+
+
+def test_auto_plan_and_pins():
+    """auto on CPU plans table/column-wise only (the planner's row-wise is GPU-only), never data_parallel (the
+    fused optimizer would not update such a table); a pin, by feature or table name, wins in every mode (row-wise
+    on CPU too, through the explicit plan); a pin naming nothing is refused."""
+    from recdistill.train.parallelize import describe_plan
+
+    with torch.device("meta"):
+        model = TeacherModel(SCHEMA, TeacherConfig(**CFG))
+    for device, allowed in (("cpu", {"table_wise", "column_wise"}),
+                            ("cuda", {"table_wise", "column_wise", "row_wise", "table_row_wise"})):
+        rows = {r["table"]: r for r in describe_plan(model, sharding_plan(model, "auto", 2, device))}
+        assert {r["type"] for r in rows.values()} <= allowed, rows
+        pinned = {r["table"]: r for r in describe_plan(model, sharding_plan(
+            model, "auto", 2, device, pins={"item_id": "row_wise", "h_cat": "table_wise"}))}
+        assert pinned["t_item_id"]["type"] == "row_wise" and pinned["h_cat"]["type"] == "table_wise"
+        assert [r for r, _ in pinned["t_item_id"]["shards"]] == [0, 1]
+    explicit = {r["table"]: r["type"] for r in describe_plan(model, sharding_plan(
+        model, "column_wise", 2, "cpu", pins={"user_id": "table_wise"}))}
+    assert explicit.pop("t_user_id") == "table_wise" and set(explicit.values()) == {"column_wise"}
+    with pytest.raises(ValueError, match="names no table"):
+        sharding_plan(model, "auto", 2, "cpu", pins={"no_such_feature": "row_wise"})
