@@ -111,9 +111,9 @@ class TeacherTrainer:
         self.source = build_source(cfg.data)
         self.tasks = self.source.schema.task_names
         self.kinds = {t.name: t.kind for t in self.source.schema.tasks}
+        roles = roles_for(cfg.data.roles, self.source, "teacher", info.rank)  # reports missing roles once, at start
         self.train_days, self.eval_days, _ = phase_days(self.source.days(), cfg.data.eval_days, cfg.stream.days)
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
-        roles = roles_for(cfg.data.roles, self.source, "teacher", info.rank)  # reports missing roles once, at start
         ds_config = deepspeed_config(cfg, cfg.teacher.deepspeed, info.device)
         model = build_teacher(self.source.schema, cfg.teacher, roles, ds_config)  # no full copy per rank
         self.dmp, self.engine = parallelize_teacher(

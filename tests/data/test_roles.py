@@ -26,12 +26,12 @@ TINY = load_config(TINY_CONFIG).teacher
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Day 0 of a small synthetic world as Parquet (its roles recorded by write_parquet), and renamed copies."""
+    """Days 0-1 of a small synthetic world as Parquet (its roles recorded by write_parquet), and renamed copies."""
     from recdistill.data.world import SyntheticWorld
 
     root = tmp_path_factory.mktemp("roles")
     cfg = load_config(None, ["data.num_days=2", "data.samples_per_day=300", "data.history_len=32"])
-    write_parquet(SyntheticWorld(cfg.data), str(root / "orig"), days=[0], progress=False)
+    write_parquet(SyntheticWorld(cfg.data), str(root / "orig"), days=[0, 1], progress=False)
     rename(root / "orig", root / "declared", roles=ROLES)
     rename(root / "orig", root / "bare", roles=None)
     return root
