@@ -340,7 +340,7 @@ class StudentTrainer:
     def _log(self, losses: dict[str, torch.Tensor], train_metrics: metrics.StreamingMetrics, t0: float) -> None:
         if self.tracker is None:
             return
-        vals = {f"{self.name}/{k}": float(v) for k, v in losses.items() if k != "total"}
+        vals = {f"{self.name}/{k}": float(v) for k, v in losses.items() if k not in ("total", "batch")}
         vals.update({f"{self.name}/train/{k}": v for k, v in train_metrics.compute().items() if k.startswith("auc/")})
         vals[f"{self.name}/throughput/samples_per_s"] = self.samples / max(time.perf_counter() - t0, 1e-9)
         vals.update({f"{self.name}/signals/{k}": v for k, v in asdict(self.counts).items()})
