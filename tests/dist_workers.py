@@ -139,8 +139,10 @@ def spawn_step(sharding: str, stage: int, init: dict, **kwargs) -> dict:
 
     tests = str(Path(__file__).resolve().parent)  # spawned ranks import this module by name
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
-    out = mp.Manager().dict()
+    # the Manager's server from the spawn context too: a forked one can inherit a lock some thread of this process
+    # (pytest's, DeepSpeed's, an earlier test's) held at the fork and hang on it forever
     ctx, port = mp.get_context("spawn"), free_port()
+    out = ctx.Manager().dict()
     procs = [ctx.Process(target=rank_main, args=(r, port, sharding, stage, init, out), kwargs=kwargs)
              for r in range(WORLD)]
     for p in procs:
