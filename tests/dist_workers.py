@@ -14,9 +14,8 @@ from recdistill.distill.losses import task_loss
 from recdistill.models.teacher import TeacherModel
 
 WORLD = 2
-# one crossed feature (item_id x item_cat): cross tables are sharded and stepped like the others
 CFG = dict(history_len=20, merge_k=3, recent_k=4, d_model=16, num_tokens=4, longer_dim=8, emb_dim=4,
-           embedding_backend="torchrec", crosses="auto", cross_max_vocab=45)
+           embedding_backend="torchrec")
 KINDS = {"ctr": "binary", "watch_time": "continuous"}
 LR_DENSE, LR_SPARSE = 0.05, 0.1
 

@@ -104,7 +104,10 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     out = tmp_path / "pq"
     proc = subprocess.Popen([sys.executable, "-m", "recdistill.cli", "data", "export", str(out),
                              "--set", "data.samples_per_day=2000000", "--set", "tracking.progress=false"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # a SIGINT ignored in this process (left so by some earlier test) would be inherited,
+                            # and Python installs no KeyboardInterrupt handler when it starts with SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 600  # a loaded machine can take minutes to get there
         while not list(out.rglob("*.parquet")) and time.time() < deadline:  # it is writing: well past the imports

@@ -23,7 +23,7 @@ from recdistill.baselines.features import FeatureBuilder, Rows, collect_rows
 from recdistill.baselines.models import fit_gbdt, fit_logistic, gbdt_logit, valid_rows
 from recdistill.config import Config
 from recdistill.data.roles import resolve_roles
-from recdistill.data.source import DataSource
+from recdistill.data.source import DataSource, phase_days
 from recdistill.distill.debias import true_space, within_of
 from recdistill.tracking import console
 
@@ -78,8 +78,9 @@ def fit_baselines(train: Rows, evals: Rows, cfg: Config, schema, roles, names: l
 def load_rows(cfg: Config, source: DataSource, *, show_progress: bool | None = None) -> tuple[Rows, Rows]:
     """(training rows: the teacher's view of the days before the evaluation days, evaluation rows: unsampled)."""
     roles = resolve_roles(cfg.data.roles, source)
-    days = source.days()
-    train_days, eval_days = days[: -cfg.data.eval_days], days[-cfg.data.eval_days:]
+    # the teacher's days: with a streaming phase the batch phase trains before the streaming days and is scored
+    # on the first of them
+    train_days, eval_days, _ = phase_days(source.days(), cfg.data.eval_days, cfg.stream.days)
     history_len = min(cfg.teacher.history_len, cfg.data.history_len)  # the events the teacher sees
     show = cfg.tracking.progress if show_progress is None else show_progress
     train = collect_rows(source, train_days, cfg.sampling.teacher, roles, history_len, desc="baselines: train rows",
