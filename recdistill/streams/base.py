@@ -288,3 +288,21 @@ class DuplicateFilter:
         self.seen._chunks = [(np.asarray(state[f"ids{k}"]), int(t)) for k, t in enumerate(state["tmax"])]
         self.dropped, latest = (int(x) for x in state["meta"])
         self._latest = None if latest < 0 else latest
+
+
+def poll_new_rows(stream: Stream, max_rows: int, timeout: float, dedup: DuplicateFilter, counts, uncommitted: list
+                  ) -> tuple[pa.Table | None, Cursor]:  # noqa: ANN001 - counts: anything with polled / redelivered
+    """One poll of an at-least-once stream by a consumer: the cursor goes to `uncommitted` (committed once the
+    consumer's checkpoint holds the rows), re-deliveries are dropped by `dedup`, `counts.polled` and
+    `counts.redelivered` count both. Returns (the new rows or None, the cursor)."""
+    table, cursor = stream.poll(max_rows, timeout)
+    if cursor.empty:
+        return None, cursor
+    uncommitted.append(cursor)
+    if table is None or not table.num_rows:
+        return None, cursor
+    counts.polled += table.num_rows
+    before = dedup.dropped
+    table = dedup(table)
+    counts.redelivered += dedup.dropped - before
+    return table, cursor

@@ -43,7 +43,7 @@ import torch
 from recdistill.data.sampling import keep_mask
 from recdistill.signals.schema import SignalMeta
 from recdistill.signals.writer import SignalWriter
-from recdistill.streams.base import Cursor, DuplicateFilter, Stream, column_np
+from recdistill.streams.base import Cursor, DuplicateFilter, Stream, column_np, poll_new_rows
 from recdistill.train import student_checkpoint as ckpt
 from recdistill.train.student import SignalCounts, StudentTrainer
 
@@ -129,15 +129,10 @@ class StreamingStudent:
     # ---- one poll ------------------------------------------------------------------------------------------------
     def poll_once(self, timeout: float = 0.0) -> int:
         """Poll once, train every full batch now buffered, checkpoint and commit when due; returns rows polled."""
-        table, cursor = self.stream.poll(self.poll_rows, timeout)
+        table, cursor = poll_new_rows(self.stream, self.poll_rows, timeout, self.dedup, self.counts, self.uncommitted)
         if cursor.empty:
             return 0
-        self.uncommitted.append(cursor)
-        if table is not None and table.num_rows:
-            self.counts.polled += table.num_rows
-            before = self.dedup.dropped
-            table = self.dedup(table)
-            self.counts.redelivered += self.dedup.dropped - before
+        if table is not None:
             table = self._in_view(table)
             if table.num_rows:
                 self.buffer = table if self.buffer is None else pa.concat_tables([self.buffer, table])

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from recdistill.streams.base import Cursor, DuplicateFilter, Stream, column_np
+from recdistill.streams.base import Cursor, DuplicateFilter, Stream, column_np, poll_new_rows
 from recdistill.streams.records import signal_records
 from recdistill.train.teacher import TeacherTrainer, build_writer
 
@@ -83,15 +83,10 @@ class StreamingTeacher:
 
     def poll_once(self, timeout: float = 0.0) -> int:
         """Poll the sample stream once and train every full batch buffered; returns rows polled."""
-        table, cursor = self.samples.poll(16 * self.bs, timeout)
+        table, cursor = poll_new_rows(self.samples, 16 * self.bs, timeout, self.dedup, self.counts, self.uncommitted)
         if cursor.empty:
             return 0
-        self.uncommitted.append(cursor)
-        if table is not None and table.num_rows:
-            self.counts.polled += table.num_rows
-            before = self.dedup.dropped
-            table = self.dedup(table)
-            self.counts.redelivered += self.dedup.dropped - before
+        if table is not None:
             self.buffer = table if self.buffer is None else pa.concat_tables([self.buffer, table])
         while self.buffer is not None and self.buffer.num_rows >= self.bs:
             rows, self.buffer = self.buffer.slice(0, self.bs), self.buffer.slice(self.bs)
