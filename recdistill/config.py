@@ -364,6 +364,11 @@ class StudentConfig(Section):
                                  "(share and count of events in the candidate's category) as one more field.")
     history_len: int = Field(64, ge=0, le=MAX_HISTORY, description="Most recent history events the student's "
                              "target attention sees (0: no history).")
+    history_summary: int = Field(0, ge=0, le=MAX_HISTORY, description="Summarise the user's last N history events "
+                                 "as a per-category count vector, served with the request like any per-user feature, "
+                                 "and feed the student the candidate category's share of it plus a long-term "
+                                 "interest vector (0: none). What the teacher's long sequence sees, at the cost of "
+                                 "one [categories] vector per request (docs/GUIDE.md, Student).")
     beta: float | Literal["auto"] = Field(1.0, description="Weight of the distillation loss, or 'auto' (keeps "
                                           "beta * L_distill near beta_ratio * L_task, running estimate).")
     beta_ratio: float = Field(1.0, gt=0, description="Target ratio of distillation to task loss for beta=auto.")

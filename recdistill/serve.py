@@ -7,7 +7,8 @@ Artefact: ``<name>.pt2`` is a torch.export program of `ServedStudent` (backbone 
 inside); ``<name>.json`` beside it is its `ServingSpec`: which features, history fields and history length the
 program reads, in which order, and which tasks (and kinds) its output columns are. The program's inputs are
 `serving_inputs(spec, batch)` (recdistill/models/student.py): per-feature ids and row lengths, dense [B, Fd],
-right-aligned history ids [B, n] per field with their mask, traffic [B]; its output is [B, num_tasks], true-space
+right-aligned history ids [B, n] per field with their mask, the long-history summary [B, C] (category counts of
+the user's last `summary_len` events, [B, 0] without one), traffic [B]; its output is [B, num_tasks], true-space
 probabilities for binary tasks and values for continuous ones. Every size but n is dynamic.
 """
 
@@ -29,7 +30,7 @@ from recdistill.data.source import DataSource
 from recdistill.models.student import ServedStudent, StudentModel, serving_inputs
 from recdistill.tracking import progress
 
-SPEC_FORMAT, SPEC_VERSION = "recdistill.served_student", 1
+SPEC_FORMAT, SPEC_VERSION = "recdistill.served_student", 2
 #: Rows of the synthetic batch an export traces with (see `example_inputs`).
 EXAMPLE_BATCH = 6
 #: Rows buffered before a Parquet row group is written (a few MB of predictions: large enough for fast reads).
@@ -53,6 +54,9 @@ class ServingSpec:
     tasks: list[str]  # output columns, in order
     kinds: dict[str, str]  # task -> binary (output is a probability) | continuous (output is the value)
     num_traffic: int  # traffic ids must lie in [0, num_traffic): the correction has one entry each
+    summary_len: int = 0  # the summary input counts the categories of the last summary_len events (0: no summary)
+    summary_field: str | None = None  # the history field whose ids the summary counts
+    summary_cats: int = 0  # C: the summary input is [B, C]
 
     @classmethod
     def of(cls, model: StudentModel, schema: Schema) -> ServingSpec:
@@ -62,7 +66,8 @@ class ServingSpec:
                    history_cardinality={f: schema.history[f] for f in model.hist_fields},
                    history_len=model.history_len if model.hist_fields else 0, dense=list(schema.dense),
                    tasks=list(model.tasks), kinds={t.name: t.kind for t in schema.tasks if t.name in model.tasks},
-                   num_traffic=schema.num_traffic)
+                   num_traffic=schema.num_traffic, summary_len=model.summary_len, summary_field=model.summary_field,
+                   summary_cats=model.summary_cats)
 
     def to_json(self) -> str:
         return json.dumps({"format": SPEC_FORMAT, "version": SPEC_VERSION, **asdict(self)}, indent=1)
@@ -106,9 +111,11 @@ def example_inputs(spec: ServingSpec, device: torch.device, batch: int = EXAMPLE
     mask = torch.arange(n).expand(batch, n) >= keep
     hist = {f: torch.where(mask, v, torch.zeros_like(v)) for f, v in hist.items()}
     dense = torch.randn(batch, len(spec.dense), generator=g)
+    summary = torch.randint(0, 5, (batch, spec.summary_cats), generator=g).float()
     traffic = torch.randint(0, spec.num_traffic, (batch,), generator=g)
     return ({f: v.to(device) for f, v in values.items()}, {f: v.to(device) for f, v in lengths.items()},
-            dense.to(device), {f: v.to(device) for f, v in hist.items()}, mask.to(device), traffic.to(device))
+            dense.to(device), {f: v.to(device) for f, v in hist.items()}, mask.to(device), summary.to(device),
+            traffic.to(device))
 
 
 def dynamic_shapes(spec: ServingSpec) -> tuple:
@@ -117,7 +124,7 @@ def dynamic_shapes(spec: ServingSpec) -> tuple:
     # Dims are named by position: a feature's name need not be a Python identifier.
     ids = {f: torch.export.Dim(f"ids_{i}", min=0, max=1 << 30) for i, f in enumerate(spec.features)}
     return ({f: {0: ids[f]} for f in spec.features}, {f: {0: batch} for f in spec.features}, {0: batch},
-            {f: {0: batch} for f in spec.hist_fields}, {0: batch}, {0: batch})
+            {f: {0: batch} for f in spec.hist_fields}, {0: batch}, {0: batch}, {0: batch})
 
 
 def export_served(served: ServedStudent, spec: ServingSpec, path: str | Path) -> Path:
@@ -184,6 +191,8 @@ def check_source(spec: ServingSpec, source: DataSource) -> list[int]:
     s, where = source.schema, _where(source)
     needs = [("sparse feature", f, f"sparse_{f}", s.sparse) for f in spec.features]
     needs += [("history field", f, f"hist_{f}", s.history) for f in spec.hist_fields]
+    if spec.summary_len and spec.summary_field not in spec.hist_fields:  # summarised, not embedded
+        needs.append(("history field", spec.summary_field, f"hist_{spec.summary_field}", s.history))
     needs += [("dense feature", f, f"dense_{f}", s.dense) for f in spec.dense]
     for role, name, column, have in needs:
         if name not in have:
@@ -200,6 +209,9 @@ def _check_ids(spec: ServingSpec, batch: Batch, where: str) -> None:
     pairs = [(f"sparse feature '{f}'", jts[f].values(), spec.sparse_cardinality[f]) for f in spec.features]
     pairs += [(f"history field '{f}'", batch.history.fields[f], spec.history_cardinality[f])
               for f in spec.hist_fields]
+    if spec.summary_len:
+        pairs.append((f"history field '{spec.summary_field}' (summarised)", batch.history.fields[spec.summary_field],
+                      spec.summary_cats))
     for what, ids, card in pairs:
         if ids.numel() and int(ids.max()) >= card:
             raise DataError(f"{where}: {what} has id {int(ids.max())}, beyond the model's table of {card} rows")

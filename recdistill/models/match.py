@@ -42,3 +42,34 @@ def target_match_padded(cand_cat: torch.Tensor, hist_cat: torch.Tensor, mask: to
         out += [count / n.clamp(min=1), torch.log1p(count)]
     out.append(torch.log1p(valid.sum(1)))
     return torch.stack(out, 1)
+
+
+# ---- long-history summary (the student's servable stand-in for the teacher's long sequence) --------------------
+#: Numbers per row of `summary_match`: share and log1p(count) of the candidate's category, log1p(events summarised).
+NUM_SUMMARY = 3
+
+
+def history_summary(hist_cat: torch.Tensor, offsets: torch.Tensor, window: int, num_cats: int) -> torch.Tensor:
+    """[B, num_cats] float: how many of each row's last `window` history events fall in each category.
+
+    This is the per-user summary a feature service keeps and serves with the request (one small vector per user,
+    updated as events arrive), so a student that reads it needs no long sequence at serving time. Training computes
+    it from the same jagged history (`offsets` [B+1], categories oldest first), which gives the numbers that service
+    would hold at the sample's time."""
+    lengths = offsets[1:] - offsets[:-1]
+    b = lengths.numel()
+    row = torch.repeat_interleave(torch.arange(b, device=offsets.device), lengths, output_size=hist_cat.numel())
+    back = offsets[1:][row] - 1 - torch.arange(hist_cat.numel(), device=offsets.device)  # 0 = most recent
+    keep = back < window
+    out = torch.zeros(b * num_cats, device=offsets.device)
+    return out.index_add_(0, (row * num_cats + hist_cat)[keep], torch.ones(int(keep.sum()), device=offsets.device)
+                          ).view(b, num_cats)
+
+
+def summary_match(summary: torch.Tensor, cand_cat: torch.Tensor) -> torch.Tensor:
+    """[B, NUM_SUMMARY] target-match statistics of the candidate's category read off a `history_summary` [B, C]."""
+    total = summary.sum(1)
+    c = summary.shape[1]
+    count = summary.gather(1, cand_cat.clamp(0, c - 1).unsqueeze(1)).squeeze(1)
+    count = torch.where(cand_cat < c, count, torch.zeros_like(count))  # a category no history event has: none seen
+    return torch.stack([count / total.clamp(min=1), torch.log1p(count), torch.log1p(total)], 1)

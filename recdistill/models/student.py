@@ -1,6 +1,7 @@
 """The student: a small single-device ranking model with decoupled towers (Rec-Distill).
 
     backbone (shared): sparse-feature embeddings + dense projection + target attention over the last <= n events
+                       (+ optionally a per-user category summary of a much longer history, `summary_len`)
        ├── main tower -> one head per task   (served; trained on the task loss only)
        └── aux tower  -> one head per task   (trained on task loss + beta * distillation loss)
 
@@ -27,7 +28,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from recdistill.data.batch import CONVENTIONAL_ROLES, Batch, History, Roles, Schema
 from recdistill.models.cross import Cross, cross_ids, first_or_missing
 from recdistill.models.embedding import _default_device
-from recdistill.models.match import NUM_MATCH, target_match_padded
+from recdistill.models.match import NUM_MATCH, NUM_SUMMARY, history_summary, summary_match, target_match_padded
 
 
 def recent_padded(history: History, n: int, fields: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -86,7 +87,8 @@ class StudentModel(nn.Module):
 
     def __init__(self, schema: Schema, *, features: list[str] | None = None, emb_dim: int = 16, hidden: int = 64,
                  depth: int = 2, history_len: int = 64, decoupled: bool = True, roles: Roles | None = None,
-                 interactions: bool = True, match_features: bool = True, crosses: Sequence[Cross] = ()) -> None:
+                 interactions: bool = True, match_features: bool = True, crosses: Sequence[Cross] = (),
+                 summary_len: int = 0) -> None:
         super().__init__()
         unknown = sorted(set(features or []) - set(schema.sparse))
         if unknown:
@@ -130,8 +132,23 @@ class StudentModel(nn.Module):
         self.match_cat = roles.category if match_features and roles.hist_category in self.hist_fields \
             and roles.category in self.features else None
         self.match_proj = nn.Linear(NUM_MATCH, emb_dim) if self.match_cat else None
+        # Long-history summary: the category counts of the user's last `summary_len` events, one [C] vector per
+        # request (models/match.py history_summary). Two fields come of it: the candidate category's match statistics,
+        # and a long-term interest vector (the category shares times a learned category embedding), whose FM dot
+        # with the candidate's category embedding is a user x category affinity over the long history.
+        self.summary_len, self.summary_field, self.summary_cats = 0, None, 0
+        if summary_len > 0:
+            if roles.hist_category not in schema.history or roles.category not in self.features:
+                raise ValueError(f"summary_len={summary_len} needs the history's category field "
+                                 f"'{roles.hist_category}' and the candidate's category feature '{roles.category}' "
+                                 f"among the student's features (history fields {sorted(schema.history)}, "
+                                 f"features {self.features})")
+            self.summary_len, self.summary_field = summary_len, roles.hist_category
+            self.summary_cats = schema.history[roles.hist_category]
+        self.summary_proj = nn.Linear(NUM_SUMMARY, emb_dim) if self.summary_len else None
+        self.summary_emb = nn.Linear(self.summary_cats, emb_dim, bias=False) if self.summary_len else None
         n_vec = len(self.features) + len(self.crosses) + (1 if schema.dense else 0) + (2 if self.hist_fields else 0) \
-            + (1 if self.match_cat else 0)
+            + (1 if self.match_cat else 0) + (2 if self.summary_len else 0)
         # FM-style pairwise dot products of the field vectors: an MLP over concatenated embeddings approximates a
         # product of two of them (user x category affinity, say) poorly; ranking models add explicit crosses.
         self.interactions, self.dot_scale = interactions, 1.0 / math.sqrt(emb_dim)
@@ -175,20 +192,23 @@ class StudentModel(nn.Module):
         return out
 
     def encode_tensors(self, values: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor], dense: torch.Tensor,
-                       hist_ids: dict[str, torch.Tensor], hist_mask: torch.Tensor) -> torch.Tensor:
+                       hist_ids: dict[str, torch.Tensor], hist_mask: torch.Tensor,
+                       summary: torch.Tensor | None = None) -> torch.Tensor:
         """The backbone on plain tensors (`model_inputs` builds them from a Batch): what `encode` and the served
         module both run. Target item / candidate category: the first id of that feature in the row (0 if none)."""
         pooled = self.pool(values, lengths)
         target = first_id(values[self.target_feature], lengths[self.target_feature]) \
             if self.target_feature is not None else None
-        cand_cat = first_id(values[self.match_cat], lengths[self.match_cat]) if self.match_cat else None
-        return self.encode_parts(pooled, dense, hist_ids, hist_mask if self.hist_fields else None, target, cand_cat)
+        cat_feature = self.match_cat or (self.roles.category if self.summary_len else None)
+        cand_cat = first_id(values[cat_feature], lengths[cat_feature]) if cat_feature else None
+        return self.encode_parts(pooled, dense, hist_ids, hist_mask if self.hist_fields else None, target, cand_cat,
+                                 summary if self.summary_len else None)
 
     def encode_parts(self, pooled: dict[str, torch.Tensor], dense: torch.Tensor, hist_ids: dict[str, torch.Tensor],
                      hist_mask: torch.Tensor | None, target: torch.Tensor | None,
-                     cand_cat: torch.Tensor | None = None) -> torch.Tensor:
+                     cand_cat: torch.Tensor | None = None, summary: torch.Tensor | None = None) -> torch.Tensor:
         """The backbone from pooled [B, E] per feature, dense [B, Fd], right-aligned history ids [B, n] per field
-        with their mask, target item ids [B] and candidate categories [B]."""
+        with their mask, target item ids [B], candidate categories [B] and the long-history summary [B, C]."""
         parts = [pooled[f] for f in self.features] + [pooled[c.name] for c in self.crosses]
         if self.dense_proj is not None:
             parts.append(self.dense_proj(dense))
@@ -201,6 +221,9 @@ class StudentModel(nn.Module):
             parts += [self.attn(query, events, hist_mask), mean]
         if self.match_proj is not None:
             parts.append(self.match_proj(target_match_padded(cand_cat, hist_ids[self.roles.hist_category], hist_mask)))
+        if self.summary_proj is not None:
+            parts.append(self.summary_proj(summary_match(summary, cand_cat)))
+            parts.append(self.summary_emb(summary / summary.sum(1, keepdim=True).clamp(min=1)))
         if self.interactions:
             vecs = torch.stack(parts, dim=1)  # [B, n, E]
             dots = torch.bmm(vecs, vecs.transpose(1, 2)) * self.dot_scale  # 1/sqrt(E): unit-size inputs
@@ -236,11 +259,12 @@ def first_id(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.where(lengths > 0, padded[_offsets(lengths)[:-1]], torch.zeros_like(lengths))
 
 
-def model_inputs(spec, batch: Batch) -> tuple:  # noqa: ANN001 - StudentModel or anything with its three attributes
+def model_inputs(spec, batch: Batch) -> tuple:  # noqa: ANN001 - StudentModel or anything with its attributes
     """A Batch as the plain tensors the student runs on (`StudentModel.encode_tensors`):
     (values {feature: ids [N_f]}, lengths {feature: [B]}, dense [B, Fd], hist_ids {field: [B, n]} right-aligned,
-    hist_mask [B, n] bool). `spec` names the features, history fields and history length (n): a StudentModel, or
-    the ServingSpec of an exported one. With no history fields the history is {} and a [B, 0] mask."""
+    hist_mask [B, n] bool, summary [B, C] float). `spec` names the features, history fields, history length (n)
+    and long-history summary (window, field, C): a StudentModel, or the ServingSpec of an exported one. With no
+    history fields the history is {} and a [B, 0] mask; with no summary it is [B, 0]."""
     jts = batch.sparse.to_dict()
     values = {f: jts[f].values() for f in spec.features}
     lengths = {f: jts[f].lengths().to(torch.int64) for f in spec.features}
@@ -248,7 +272,12 @@ def model_inputs(spec, batch: Batch) -> tuple:  # noqa: ANN001 - StudentModel or
         hist_ids, mask = recent_padded(batch.history, spec.history_len, tuple(spec.hist_fields))
     else:
         hist_ids, mask = {}, torch.zeros(len(batch), 0, dtype=torch.bool, device=batch.dense.device)
-    return values, lengths, batch.dense, hist_ids, mask
+    if spec.summary_len:
+        h = batch.history
+        summary = history_summary(h.fields[spec.summary_field], h.offsets, spec.summary_len, spec.summary_cats)
+    else:
+        summary = torch.zeros(len(batch), 0, device=batch.dense.device)
+    return values, lengths, batch.dense, hist_ids, mask, summary
 
 
 def serving_inputs(spec, batch: Batch) -> tuple:  # noqa: ANN001 - see model_inputs
@@ -278,9 +307,10 @@ class ServedStudent(nn.Module):
         self.within = [self.by is not None and (within or {}).get(t) == self.by for t in model.tasks]
 
     def forward(self, values: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor], dense: torch.Tensor,
-                hist_ids: dict[str, torch.Tensor], hist_mask: torch.Tensor, traffic: torch.Tensor) -> torch.Tensor:
+                hist_ids: dict[str, torch.Tensor], hist_mask: torch.Tensor, summary: torch.Tensor,
+                traffic: torch.Tensor) -> torch.Tensor:
         m = self.model
-        z = m._run_tower(m.main, m.encode_tensors(values, lengths, dense, hist_ids, hist_mask))
+        z = m._run_tower(m.main, m.encode_tensors(values, lengths, dense, hist_ids, hist_mask, summary))
         c = self.correction[traffic]
         p_by = torch.sigmoid(z[self.by] + c) if self.by is not None else None
         cols = []

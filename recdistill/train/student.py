@@ -120,7 +120,7 @@ class StudentTrainer:
                                   crosses=plan_crosses({f: schema.sparse[f] for f in self.s.features or schema.sparse},
                                                        self.s.crosses, max_vocab=self.s.cross_max_vocab,
                                                        order=self.s.cross_order, buckets=self.s.cross_buckets),
-                                  ).to(self.device)
+                                  summary_len=self.s.history_summary).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.s.lr)
         self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
         self.counts = SignalCounts()

@@ -2,7 +2,14 @@
 
 import torch
 
-from recdistill.models.match import NUM_MATCH, target_match, target_match_padded
+from recdistill.models.match import (
+    NUM_MATCH,
+    NUM_SUMMARY,
+    history_summary,
+    summary_match,
+    target_match,
+    target_match_padded,
+)
 
 
 def test_target_match_statistics():
@@ -35,3 +42,27 @@ def test_jagged_and_padded_forms_agree():
             padded[i, -n:] = cat[offsets[i]:offsets[i + 1]]
             mask[i, -n:] = True
     torch.testing.assert_close(target_match_padded(cand, padded, mask), target_match(cand, cat, offsets))
+
+
+def test_history_summary_counts_the_last_window_and_matches_target_match():
+    """The per-user summary counts each category over the last `window` events; the candidate's share and count
+    read off it equal the jagged target-match statistics over a window of the same length."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([0, 1, 5, 12, 40])
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    offsets[1:] = lengths.cumsum(0)
+    cat = torch.randint(0, 6, (int(lengths.sum()),), generator=g)
+    s = history_summary(cat, offsets, window=10, num_cats=6)
+    for i, n in enumerate(lengths.tolist()):
+        last = cat[offsets[i]:offsets[i + 1]][-10:]
+        assert torch.equal(s[i], torch.bincount(last, minlength=6).float()), i
+    cand = torch.tensor([0, cat[0].item(), 3, 5, 2])
+    m = summary_match(s, cand)
+    assert m.shape == (5, NUM_SUMMARY)
+    full = target_match(cand, cat, offsets)  # columns 4, 5: share and log count over each row's whole history
+    short = lengths <= 10  # rows the window covers entirely
+    torch.testing.assert_close(m[short, 0], full[short, 4])
+    torch.testing.assert_close(m[short, 1], full[short, 5])
+    torch.testing.assert_close(m[:, 2], torch.log1p(lengths.clamp(max=10).float()))
+    # a candidate category beyond the summary's categories: seen nowhere, not another category's count
+    assert summary_match(s, torch.tensor([9, 9, 9, 9, 9]))[:, :2].abs().sum() == 0

@@ -104,3 +104,27 @@ def test_pooling_and_target_ids_are_the_ebc_and_kjt_ones_exactly():
     for f in model.features:
         assert torch.equal(got[f], want[f]), f
         assert torch.equal(first_id(vals[f], lens[f]), b.sparse[f].to_padded_dense(1).squeeze(1)), f
+
+
+def test_long_history_summary_is_a_served_input_the_program_follows(tmp_path):
+    """With summary_len the student reads a per-user category-count vector of the last summary_len events (not the
+    events themselves): the exported program takes it as an input and follows the model on another batch size;
+    the summary changes the predictions; the spec names it, so `predict` can build it."""
+    from recdistill.models.student import ServedStudent, serving_inputs
+    from recdistill.serve import ServingSpec, export_served, load_served
+
+    torch.manual_seed(0)
+    model = StudentModel(SCHEMA, emb_dim=4, hidden=8, history_len=3, summary_len=20).eval()
+    spec = ServingSpec.of(model, SCHEMA)
+    assert (spec.summary_len, spec.summary_field, spec.summary_cats) == (20, "cat", SCHEMA.history["cat"])
+    served = ServedStudent(model, torch.zeros(SCHEMA.num_traffic), {"ctr": "binary", "watch_time": "continuous"})
+    loaded = load_served(export_served(served, spec, tmp_path / "student.pt2"))
+    batch = make_batch(n=13, seed=5)
+    inputs = serving_inputs(model, batch)
+    assert inputs[5].shape == (13, SCHEMA.history["cat"]) and inputs[5].sum(1).max() == 20  # capped at the window
+    expect = served(*inputs)
+    torch.testing.assert_close(loaded(batch), expect)
+    blank = (*inputs[:5], torch.zeros_like(inputs[5]), inputs[6])
+    assert not torch.allclose(served(*blank), expect)
+    with pytest.raises(ValueError, match="summary_len=5 needs the history's category field"):
+        StudentModel(SCHEMA, features=["user_id"], summary_len=5)
