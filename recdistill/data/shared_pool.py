@@ -30,8 +30,12 @@ def new_flags(workers: int, slots: int) -> torch.Tensor:
 
 
 def _fresh(n: int, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.empty(n, dtype=dtype)
-    return t.share_memory_() if n else t
+    """[n] uninitialised, in new shared memory. Made there directly: `empty(n).share_memory_()` would fault in and
+    copy n private pages too, and its shared pages all at once rather than as they are written."""
+    if n == 0:
+        return torch.empty(0, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(n * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, (n,), (1,))
 
 
 class WorkerArenas:
