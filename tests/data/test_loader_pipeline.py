@@ -39,8 +39,9 @@ def sources(tmp_path_factory):
 #: (source, day, rows [start, stop)): ranges across row groups and files for Parquet, a busy MovieLens day
 RANGES = {"world": (1, 130, 1290), "parquet": (1, 130, 1290), "parquet_teacher": (2, 40, 700),
           "movielens": (2, 3000, 4700)}
+BY_CVR = SamplingConfig(name="by-cvr", r=0.2, q=1.0, task="cvr")  # positives are conversions
 #: the views each source can take (a sampled file only nested ones)
-VIEWS = {"parquet_teacher": [None, STUDENT]}
+VIEWS = {"parquet_teacher": [None, STUDENT], "world": [None, TEACHER, STUDENT, BY_CVR]}
 
 
 @pytest.mark.parametrize("name", list(RANGES))
@@ -52,6 +53,16 @@ def test_view_pushdown_equals_apply_view(sources, name):
         got = src.read(day, start, stop, view=view)
         assert_same_batch(got, apply_view(full, view, src.schema.num_traffic), f"{name} view {view and view.name}")
         assert view is None or 0 < len(got) < len(full)
+
+
+@pytest.mark.parametrize("view", [STUDENT, BY_CVR], ids=["by-ctr", "by-cvr"])
+def test_world_makes_other_labels_for_kept_rows_only(sources, monkeypatch, view):
+    """A row the view drops costs the label it is dropped by: the logits of the other tasks only for kept rows."""
+    w = sources["world"]
+    real, seen = w._cvr_wt_logits, []
+    monkeypatch.setattr(w, "_cvr_wt_logits", lambda latent: seen.append(len(latent["quality"])) or real(latent))
+    kept = len(w.read(1, 0, 1000, view=view))
+    assert kept < 500 and seen[-1] == kept and (len(seen) == 1) == (view.task == "ctr")
 
 
 #: the method that turns a source's rows into histories, and the number of rows one call gets
