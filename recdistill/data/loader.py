@@ -27,9 +27,11 @@ yields exactly the batches that followed it: resuming costs one work item, not a
 N processes (torch DataLoader over an IterableDataset) read the parts, worker w the items i with i % N == w; the
 DataLoader hands results back round-robin in dispatch order and every worker yields exactly one part per item, so
 the parts, and the batches cut from them here, are the same sequence for any N. Workers are forked (the source is
-not pickled; a source with open files gets `reopen()` in each worker), and the world makes its histories in shared
-memory there, in arenas each worker reuses once the training process has let go of every batch cut from them
-(recdistill/data/shared_pool.py), so handing them over copies nothing and faults in no fresh pages.
+not pickled; a source with open files gets `reopen()` in each worker). A part's tensors go to one shared-memory
+arena of its worker (the world makes its histories there; the small tensors are copied in), which the worker
+reuses once the training process has let go of every batch cut from it (recdistill/data/shared_pool.py): handing
+a part over copies no history, sends one file descriptor, and after a worker's first few parts faults in no fresh
+pages.
 
 **CUDA.** With `device` a CUDA device, batches are pinned (with workers, the DataLoader pins each part and a sliced
 batch keeps its history, dense and label tensors there; its small sparse ids and offsets are new, pageable tensors)
