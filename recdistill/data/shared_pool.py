@@ -39,8 +39,8 @@ def _fresh(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class WorkerArenas:
-    """One worker's arenas; `flags` is its row of :func:`new_flags`. Per part: :meth:`begin`, the source allocates
-    through :meth:`alloc`, then :meth:`place` copies the remaining tensors in and returns the part's lease."""
+    """One worker's arenas; `flags` is its row of :func:`new_flags`. Per part: :meth:`begin`; the source allocates
+    through :meth:`alloc`; :meth:`place` copies the part's other tensors in; :meth:`finish` gives its lease."""
 
     def __init__(self, flags: torch.Tensor) -> None:
         self.flags = flags.numpy()
