@@ -7,9 +7,11 @@
 Steps, each at history 1,024 and 20K events of the synthetic world:
 1. raw: SyntheticWorld.read of the day's rows in chunks, one thread (what the loader cannot beat per worker);
 2. loader: a full pass of BatchLoader over the same rows with 0 (background thread), 1, 2 ... worker processes,
-   consumer idle; samples/s, per worker, and the ratio to raw (worker start-up included);
+   consumer idle; samples/s, per worker, and the ratio to raw (worker start-up included); and CPU seconds, which
+   a busy machine inflates less than wall time: raw's CPU over the readers' for the same rows;
 3. view: the same pass through a view with r = 0.1 (q = 1) against one with r = 1.0 (keeps every row): the cost
-   ratio (pushdown makes a dropped row cost its labels, not its history);
+   ratio (pushdown makes a dropped row cost its features and deciding label, not its history), also in CPU seconds
+   and with 10x larger work items (what is fixed per work item);
 4. resume: the time to the first batch after k batches, by the saved position (LockstepBatches.seek) and by
    replaying k batches (what a checkpoint without a position costs; k batches of 256 rows span k / 4 work items).
 The last line of output is one JSON object. Numbers on a machine shared with other jobs are lower bounds.
@@ -21,7 +23,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import resource
 import time
 
 import numpy as np
@@ -45,30 +47,53 @@ def make_world(history: int, rows: int) -> SyntheticWorld:
 
 
 def timed(fn, repeats: int) -> float:  # noqa: ANN001
-    """Median seconds of `repeats` calls."""
+    """Least seconds of `repeats` calls: on a machine shared with other jobs the least disturbed call is the best
+    estimate of the code's own cost (a median moves with the others' load)."""
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+    return min(out)
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds of this process, of its waited-for children: the loader's worker processes once they exit)."""
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time(), c.ru_utime + c.ru_stime
+
+
+def cpu_timed(fn, repeats: int) -> tuple[float, float]:  # noqa: ANN001
+    """Least (own, children's) CPU seconds of `repeats` calls (see timed)."""
+    own, kids = [], []
+    for _ in range(repeats):
+        a = cpu_seconds()
+        fn()
+        b = cpu_seconds()
+        own.append(b[0] - a[0])
+        kids.append(b[1] - a[1])
+    return min(own), min(kids)
 
 
 def raw(w: SyntheticWorld, rows: int, repeats: int) -> dict:
     """Step 1: generation alone, chunk by chunk, one thread; each chunk dropped before the next is made, as the
     loader's consumer drops batches (kept, they would page-fault fresh memory throughout and understate raw)."""
-    sec = timed(lambda: [len(w.read(1, s, min(s + CHUNK, rows))) for s in range(0, rows, CHUNK)], repeats)
-    return {"seconds": sec, "samples_per_s": rows / sec}
+    def run() -> list[int]:
+        return [len(w.read(1, s, min(s + CHUNK, rows))) for s in range(0, rows, CHUNK)]
+    sec = timed(run, repeats)
+    return {"seconds": sec, "samples_per_s": rows / sec, "cpu_s": cpu_timed(run, repeats)[0]}
 
 
-def loader_pass(w: SyntheticWorld, workers: int, view: SamplingConfig | None = None) -> tuple[int, float]:
+def loader_pass(w: SyntheticWorld, workers: int, view: SamplingConfig | None = None,
+                chunk_rows: int | None = None) -> tuple[int, float]:
     """(rows delivered, seconds) of one BatchLoader pass over day 1."""
     t0 = time.perf_counter()
-    n = sum(len(b) for b in BatchLoader(w, [1], BATCH, view=view, workers=workers))
+    n = sum(len(b) for b in BatchLoader(w, [1], BATCH, view=view, workers=workers, chunk_rows=chunk_rows))
     return n, time.perf_counter() - t0
 
 
-def loaders(w: SyntheticWorld, rows: int, workers: list[int], raw_rate: float, repeats: int) -> list[dict]:
+def loaders(w: SyntheticWorld, rows: int, workers: list[int], raw_rate: float, raw_cpu: float,
+            repeats: int) -> list[dict]:
     """Step 2: loader passes with each worker count. A pass includes starting the workers (fork, first touches of
     copy-on-write pages), paid once per run: `startup_s` is a pass over one work item, and the steady rate leaves it
     out ((rows - one item) / (seconds - startup_s))."""
@@ -78,9 +103,16 @@ def loaders(w: SyntheticWorld, rows: int, workers: list[int], raw_rate: float, r
         startup = timed(lambda k=k: loader_pass_rows(w, k, CHUNK), repeats)
         steady = (rows - CHUNK) / max(sec - startup, 1e-9)
         per = steady / max(k, 1)
+        own, kids = cpu_timed(lambda k=k: loader_pass(w, k), repeats)
+        own1, kids1 = cpu_timed(lambda k=k: loader_pass_rows(w, k, CHUNK), repeats)
+        readers, readers1 = (kids, kids1) if k else (own, own1)
         out.append({"workers": k, "seconds": sec, "samples_per_s": rows / sec, "startup_s": startup,
                     "steady_samples_per_s": steady, "steady_samples_per_s_per_worker": per,
-                    "per_worker_vs_raw": per / raw_rate})
+                    "per_worker_vs_raw": per / raw_rate, "cpu_s_main": own, "cpu_s_readers": readers,
+                    "startup_cpu_s_readers": readers1,
+                    # raw's CPU seconds over the readers' for the same rows, start-up (a pass over one work item)
+                    # left out as in the steady rate: 1.0 = no overhead
+                    "steady_cpu_raw_over_readers": raw_cpu * (rows - CHUNK) / rows / max(readers - readers1, 1e-9)})
     return out
 
 
@@ -92,12 +124,20 @@ def loader_pass_rows(w: SyntheticWorld, workers: int, rows: int) -> None:
 
 
 def view_cost(w: SyntheticWorld, rows: int, repeats: int) -> dict:
-    """Step 3: a pass through r = 0.1 against one through r = 1.0 (both q = 1; one thread)."""
+    """Step 3: a pass through r = 0.1 against one through r = 1.0 (both q = 1; one thread), in wall and CPU seconds;
+    and both with work items of 10 x CHUNK rows."""
     low, full = SamplingConfig(name="r0.1", r=0.1, q=1.0), SamplingConfig(name="r1", r=1.0, q=1.0)
     kept = loader_pass(w, 0, low)[0]
     s_low = timed(lambda: loader_pass(w, 0, low), repeats)
     s_full = timed(lambda: loader_pass(w, 0, full), repeats)
-    return {"kept_share_r0.1": kept / rows, "seconds_r0.1": s_low, "seconds_r1.0": s_full, "cost_ratio": s_low / s_full}
+    c_low = cpu_timed(lambda: loader_pass(w, 0, low), repeats)[0]
+    c_full = cpu_timed(lambda: loader_pass(w, 0, full), repeats)[0]
+    big_low = timed(lambda: loader_pass(w, 0, low, 10 * CHUNK), repeats)
+    big_full = timed(lambda: loader_pass(w, 0, full, 10 * CHUNK), repeats)
+    return {"kept_share_r0.1": kept / rows, "seconds_r0.1": s_low, "seconds_r1.0": s_full, "cost_ratio": s_low / s_full,
+            "cpu_s_r0.1": c_low, "cpu_s_r1.0": c_full, "cpu_cost_ratio": c_low / c_full,
+            "seconds_r0.1_chunk_x10": big_low, "seconds_r1.0_chunk_x10": big_full,
+            "cost_ratio_chunk_x10": big_low / big_full}
 
 
 def resume_cost(w: SyntheticWorld, ks: list[int]) -> list[dict]:
@@ -135,7 +175,8 @@ def measure(history: int, rows: int, workers: list[int], repeats: int, ks: list[
     w = make_world(history, rows)
     base = raw(w, rows, repeats)
     return {"history_len": history, "rows": rows, "batch_size": BATCH, "chunk_rows": CHUNK, "raw": base,
-            "loader": loaders(w, rows, workers, base["samples_per_s"], repeats), "view": view_cost(w, rows, repeats),
+            "loader": loaders(w, rows, workers, base["samples_per_s"], base["cpu_s"], repeats),
+            "view": view_cost(w, rows, repeats),
             "resume": resume_cost(w, [k for k in ks if k < rows // BATCH])}
 
 
@@ -147,19 +188,22 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)  # one core per reader; worker processes run one thread each as well
     q = args.quick
-    results = [measure(1024, 4096 if q else 32768, args.workers, 1 if q else 3, [1, 8] if q else [1, 32, 96]),
-               measure(20000, 2048 if q else 6144, args.workers, 1 if q else 3, [1, 4] if q else [1, 8, 16])]
+    load_before = os.getloadavg()
+    results = [measure(1024, 4096 if q else 32768, args.workers, 1 if q else 5, [1, 8] if q else [1, 32, 96]),
+               measure(20000, 2048 if q else 6144, args.workers, 1 if q else 5, [1, 4] if q else [1, 8, 16])]
     load = os.getloadavg()
     res = {"bench": "loader", "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(), "cpus": os.cpu_count(),
            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "quick": q, "load_average_after": load, "results": results}
+           "quick": q, "load_average_before": load_before, "load_average_after": load, "results": results}
     out = write_result("loader", res, q, args.out)
     for r in results:
         lo = ", ".join(f"{x['workers']}w {x['samples_per_s']:,.0f}/s, steady {x['steady_samples_per_s']:,.0f}/s "
-                       f"({x['per_worker_vs_raw']:.2f}x raw per worker; start {x['startup_s']:.2f}s)"
-                       for x in r["loader"])
+                       f"({x['per_worker_vs_raw']:.2f}x raw per worker, CPU {x['steady_cpu_raw_over_readers']:.2f}x; "
+                       f"start {x['startup_s']:.2f}s)" for x in r["loader"])
+        v = r["view"]
         print(f"history {r['history_len']:>6}: raw {r['raw']['samples_per_s']:,.0f} samples/s; loader {lo}; "
-              f"r=0.1 costs {r['view']['cost_ratio']:.2f}x of r=1.0; resume "
+              f"r=0.1 costs {v['cost_ratio']:.2f}x of r=1.0 (CPU {v['cpu_cost_ratio']:.2f}x, 10x work items "
+              f"{v['cost_ratio_chunk_x10']:.2f}x); resume "
               + ", ".join(f"k={x['k']}: {x['seek_s']:.3f}s by position, {x['replay_s']:.3f}s replayed"
                           for x in r["resume"]))
     print(f"wrote {out} (load average {load[0]:.2f})")

@@ -4,6 +4,7 @@ that describes the features of a data source.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -97,21 +98,20 @@ CONVENTIONAL_ROLES = Roles(user="user_id", item="item_id", category="item_cat", 
                            hist_action="action")
 
 
-_SHARED = False  # set in loader worker processes only (see share_new_buffers)
+_ALLOCATOR: Callable[[int, torch.dtype], torch.Tensor] | None = None  # set in loader worker processes only
 
 
-def share_new_buffers(on: bool = True) -> None:
-    """Make :func:`empty_buffer` allocate in shared memory (this process only). A loader worker sets it: a tensor
-    it hands to the training process must be in shared memory, and one allocated there is sent as is, where any
-    other is first copied (at long histories that copy cost as much as making the events)."""
-    global _SHARED
-    _SHARED = on
+def set_buffer_allocator(alloc: Callable[[int, torch.dtype], torch.Tensor] | None) -> None:
+    """Make :func:`empty_buffer` allocate through `alloc` (this process only; None: plain memory). A loader worker
+    sets its shared-memory arenas (recdistill/data/shared_pool.py): a tensor made there reaches the training process
+    as is, where any other is first copied (at long histories that copy cost as much as making the events)."""
+    global _ALLOCATOR
+    _ALLOCATOR = alloc
 
 
 def empty_buffer(n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """An uninitialised [n] tensor for a source to fill (through `.numpy()`), in shared memory in a loader worker."""
-    t = torch.empty(n, dtype=dtype)
-    return t.share_memory_() if _SHARED and n else t
+    return torch.empty(n, dtype=dtype) if _ALLOCATOR is None else _ALLOCATOR(n, dtype)
 
 
 def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
@@ -249,6 +249,17 @@ class Batch:
             history=self.history.pin_memory(),
             p_true=None if self.p_true is None else {k: v.pin_memory() for k, v in self.p_true.items()},
         )
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """A Batch with `fn` applied to every tensor (the sparse values, lengths and weights one by one)."""
+        kjt, w = self.sparse, self.sparse.weights_or_none()
+        return replace(
+            self, sample_id=fn(self.sample_id), day=fn(self.day), traffic=fn(self.traffic),
+            labels={k: fn(v) for k, v in self.labels.items()}, dense=fn(self.dense),
+            sparse=KeyedJaggedTensor(keys=kjt.keys(), values=fn(kjt.values()), lengths=fn(kjt.lengths()),
+                                     weights=None if w is None else fn(w), stride=kjt.stride()),
+            history=History(fn(self.history.offsets), {k: fn(v) for k, v in self.history.fields.items()}),
+            p_true=None if self.p_true is None else {k: fn(v) for k, v in self.p_true.items()})
 
     def select(self, idx: torch.Tensor) -> Batch:
         """Rows `idx` (int64 indices or a bool mask) as a new Batch."""

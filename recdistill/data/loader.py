@@ -27,8 +27,11 @@ yields exactly the batches that followed it: resuming costs one work item, not a
 N processes (torch DataLoader over an IterableDataset) read the parts, worker w the items i with i % N == w; the
 DataLoader hands results back round-robin in dispatch order and every worker yields exactly one part per item, so
 the parts, and the batches cut from them here, are the same sequence for any N. Workers are forked (the source is
-not pickled; a source with open files gets `reopen()` in each worker), and the world makes its histories in shared
-memory there (recdistill/data/batch.py `share_new_buffers`), so handing them over copies nothing.
+not pickled; a source with open files gets `reopen()` in each worker). A part's tensors go to one shared-memory
+arena of its worker (the world makes its histories there; the small tensors are copied in), which the worker
+reuses once the training process has let go of every batch cut from it (recdistill/data/shared_pool.py): handing
+a part over copies no history, sends one file descriptor, and after a worker's first few parts faults in no fresh
+pages.
 
 **CUDA.** With `device` a CUDA device, batches are pinned (with workers, the DataLoader pins each part and a sliced
 batch keeps its history, dense and label tensors there; its small sparse ids and offsets are new, pageable tensors)
@@ -47,7 +50,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from recdistill.config import SamplingConfig
-from recdistill.data.batch import Batch, share_new_buffers
+from recdistill.data.batch import Batch, set_buffer_allocator
+from recdistill.data.shared_pool import Releaser, WorkerArenas, new_flags
 from recdistill.data.source import DataSource, check_nested, read_view
 
 
@@ -85,13 +89,16 @@ class WorkItem:
 
 @dataclass
 class Part:
-    """The viewed rows of one work item from its `skip` on."""
+    """The viewed rows of one work item from its `skip` on. From a worker: `lease` (worker, slot) and `arena` name
+    the shared arena its tensors are in, until the training process starts watching it (shared_pool.Releaser)."""
 
     item: WorkItem
     batch: Batch
+    lease: tuple[int, int] | None = None
+    arena: torch.Tensor | None = None
 
     def pin_memory(self) -> Part:  # called by the DataLoader's pin-memory thread
-        return Part(self.item, self.batch.pin_memory())
+        return Part(self.item, self.batch.pin_memory(), self.lease, self.arena)
 
 
 @dataclass
@@ -108,11 +115,15 @@ class BatchLoader:
 
     `workers`: reader processes (0: one background thread; `prefetch` <= 0 then reads inline). `device`: with a
     CUDA device, batches come pinned and already on it (copied on a side stream); otherwise they stay on the CPU.
+    `arena_slots`: shared-memory arenas per worker (recdistill/data/shared_pool.py), each as large as the largest
+    part; 4 are in use with a consumer that keeps no batch (2 prefetched, 1 being made, 1 being cut), the rest
+    serve a consumer that keeps a few; past that, parts go to fresh shared memory.
     """
 
     def __init__(self, source: DataSource, days: list[int], batch_size: int, *, view: SamplingConfig | None = None,
                  rank: int = 0, world_size: int = 1, chunk_rows: int | None = None, prefetch: int = 4,
-                 drop_last: bool = False, workers: int = 0, device: torch.device | str | None = None) -> None:
+                 drop_last: bool = False, workers: int = 0, device: torch.device | str | None = None,
+                 arena_slots: int = 8) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if workers < 0:
@@ -132,6 +143,7 @@ class BatchLoader:
         self.prefetch, self.drop_last, self.workers = prefetch, drop_last, workers
         self.device = torch.device(device) if device is not None else None
         self.cuda = self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
+        self.arena_slots = arena_slots
 
     # ---- work items and parts ------------------------------------------------------------------------------
     def items(self, start: Position | None = None) -> Iterator[WorkItem]:
@@ -160,8 +172,10 @@ class BatchLoader:
         if workers == 0:
             return (self.read_part(it) for it in self.items(start))
         ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # the source is not pickled
-        return iter(DataLoader(_Parts(self, start), batch_size=None, num_workers=workers, pin_memory=self.cuda,
-                               multiprocessing_context=ctx, prefetch_factor=2))
+        flags = new_flags(workers, self.arena_slots)
+        parts = DataLoader(_Parts(self, start, flags), batch_size=None, num_workers=workers, pin_memory=self.cuda,
+                           multiprocessing_context=ctx, prefetch_factor=2)
+        return _released(parts, Releaser(flags))
 
     # ---- batches -------------------------------------------------------------------------------------------
     def _cut(self, parts: Iterable[Part], pin: bool) -> Iterator[Positioned]:
@@ -223,22 +237,42 @@ class BatchLoader:
 
 
 class _Parts(IterableDataset):
-    """A DataLoader worker's share of the work items: those with index i % num_workers == its id, one part each."""
+    """A DataLoader worker's share of the work items: those with index i % num_workers == its id, one part each, its
+    tensors in one of the worker's shared arenas (`flags`: shared_pool.new_flags, made before the fork)."""
 
-    def __init__(self, loader: BatchLoader, start: Position | None) -> None:
-        self.loader, self.start = loader, start
+    def __init__(self, loader: BatchLoader, start: Position | None, flags: torch.Tensor) -> None:
+        self.loader, self.start, self.flags = loader, start, flags
 
     def __iter__(self) -> Iterator[Part]:
         info = get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is None:  # iterated in this process (not through the DataLoader): plain parts
+            yield from (self.loader.read_part(it) for it in self.loader.items(self.start))
+            return
+        wid, n = info.id, info.num_workers
         reopen = getattr(self.loader.source, "reopen", None)
-        if info is not None:
-            share_new_buffers()  # histories made in shared memory reach the training process without a copy
-            if reopen is not None:
-                reopen()  # file handles inherited over fork share their offsets with the parent's
+        if reopen is not None:
+            reopen()  # file handles inherited over fork share their offsets with the parent's
+        arenas = WorkerArenas(self.flags[wid])
+        set_buffer_allocator(arenas.alloc)
         for i, item in enumerate(self.loader.items(self.start)):
             if i % n == wid:
-                yield self.loader.read_part(item)
+                arenas.begin()
+                part = self.loader.read_part(item)
+                part.batch = part.batch.map_tensors(arenas.place)
+                lease = arenas.finish()
+                if lease is not None:
+                    part.lease, part.arena = (wid, lease[0]), lease[1]
+                yield part
+
+
+def _released(parts: Iterable[Part], releaser: Releaser) -> Iterator[Part]:
+    """The parts, their arenas watched from here on: a slot is freed once nothing here refers to its arena."""
+    for part in parts:
+        releaser.sweep()
+        if part.lease is not None:
+            releaser.received(*part.lease, part.arena)
+            part.arena = None
+        yield part
 
 
 def _to_device(items: Iterator[Positioned], device: torch.device) -> Iterator[Positioned]:

@@ -151,6 +151,7 @@ class SyntheticWorld:
         self.base = -3.5  # puts the CTR base rate near 9%
         self._event_salt = splitmix64(np.uint64((s * 0x9E3779B1 + 0xE7E7) & 0xFFFFFFFF))
         self._pop_cache: dict[int, np.ndarray] = {}
+        self._cat_cache: dict[int, np.ndarray] = {}
         self._pop_lock = threading.Lock()  # the loader's background thread and the caller may both read
         if w.positive_rate is not None:
             self.base = self._calibrated_base(w.positive_rate)
@@ -243,9 +244,15 @@ class SyntheticWorld:
         return acc
 
     def cat_popularity(self, day: int) -> np.ndarray:
-        """[C] category popularity on `day`: a fixed part plus a drifting one."""
-        c = np.arange(self.w.num_categories)
-        return 0.3 * _normal(c, self.seed, 31) + self._walk(c, day, 30, self.w.drift)
+        """[C] category popularity on `day`: a fixed part plus a drifting one (cached like item_popularity: its
+        61-day walk costs a read of a few hundred rows as much as the rows themselves)."""
+        with self._pop_lock:
+            if day not in self._cat_cache:
+                if len(self._cat_cache) >= 4:
+                    del self._cat_cache[next(iter(self._cat_cache))]
+                c = np.arange(self.w.num_categories)
+                self._cat_cache[day] = 0.3 * _normal(c, self.seed, 31) + self._walk(c, day, 30, self.w.drift)
+            return self._cat_cache[day]
 
     def item_popularity(self, day: int) -> np.ndarray:
         """[num_items] drifting item popularity on `day` (cached for a few days: the loader reads day by day)."""
@@ -274,11 +281,9 @@ class SyntheticWorld:
         if view is None:
             return self._batch(day, self._samples(day, idx), view)
         # Cheapest order: the ids decide the rows no label can keep; labels (and traffic) of the others decide the
-        # rest; only the kept rows then get a history (the bulk of the work at long histories).
+        # rest; only the kept rows then get their other labels and a history (the bulk of the work at long histories).
         idx = idx[maybe_kept(self.sample_ids(day, idx), view, self.w.num_traffic)]
-        x = self._samples(day, idx)
-        keep = keep_mask(x["sid"], x["label_" + view.task] > 0.5, x["traffic"], view, self.w.num_traffic)
-        return self._batch(day, {k: v[keep] for k, v in x.items()}, view)
+        return self._batch(day, self._samples(day, idx, view), view)
 
     def read_ids(self, sample_ids: np.ndarray, view: SamplingConfig | None = None) -> Batch:
         """The samples with these ids, in the order given (any days; ids may repeat). Every sample is a pure function
@@ -310,14 +315,24 @@ class SyntheticWorld:
         return (np.int64(day) << np.int64(40)) | idx
 
     # ---- generation ----------------------------------------------------------------------------------------
-    def _samples(self, day: int, idx: np.ndarray) -> dict[str, np.ndarray]:
+    def _samples(self, day: int, idx: np.ndarray, view: SamplingConfig | None = None) -> dict[str, np.ndarray]:
         """Every per-sample array of rows `idx` (int64 indices within the day): features, latent state, ground truth
-        and labels."""
+        and labels. With `view`: of the rows it keeps only; a row it drops costs its features and the label the view
+        decides by (the click logit needs nearly every feature), not the other labels and ground truths."""
         s, x = self.seed, self._features(day, idx)
+        parts, latent = self._parts(day, x)
+        p_ctr = _sigmoid(self._ctr_logit(parts))
+        click = _u(x["sid"], s, 61) < p_ctr
+        if view is not None:
+            positive = click
+            if view.task != "ctr":  # decided by conversions: their logit for every row
+                positive = click & (_u(x["sid"], s, 62) < _sigmoid(self._cvr_wt_logits(latent)[0]))
+            keep = keep_mask(x["sid"], positive, x["traffic"], view, self.w.num_traffic)
+            x, latent = {k: v[keep] for k, v in x.items()}, {k: v[keep] for k, v in latent.items()}
+            p_ctr, click = p_ctr[keep], click[keep]
         sid = x["sid"]
-        logit_ctr, logit_cvr, mu_wt = self._logits(day, x)
-        p_ctr, p_cvr_click = _sigmoid(logit_ctr), _sigmoid(logit_cvr)
-        click = _u(sid, s, 61) < p_ctr
+        logit_cvr, mu_wt = self._cvr_wt_logits(latent)
+        p_cvr_click = _sigmoid(logit_cvr)
         conv = click & (_u(sid, s, 62) < p_cvr_click)
         wt_sigma = 0.5
         x["label_ctr"], x["p_ctr"] = click.astype(np.float32), p_ctr
@@ -406,17 +421,21 @@ class SyntheticWorld:
             else zero,
         }, {"interest": interest, "quality": quality, "cell": cell}
 
-    def _logits(self, day: int, x: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Ground-truth logits of click and of conversion given click, and the log-mean of watch time."""
-        c, latent = self._parts(day, x)
-        logit_ctr = c["base"]
-        for name, part in c.items():
+    @staticmethod
+    def _ctr_logit(parts: dict[str, np.ndarray]) -> np.ndarray:
+        """The ground-truth click logit: the sum of its parts (ctr_components), in their order."""
+        logit_ctr = parts["base"]
+        for name, part in parts.items():
             if name != "base":
                 logit_ctr = logit_ctr + part
+        return logit_ctr
+
+    def _cvr_wt_logits(self, latent: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Ground-truth logit of conversion given click, and the log-mean of watch time."""
         quality, interest, cell = latent["quality"], latent["interest"], latent["cell"]
         logit_cvr = -1.5 + 0.8 * quality + 0.6 * self.w.long_range * interest + 0.5 * self.w.interactions * cell
         mu_wt = 3.0 + 0.5 * quality + 0.3 * interest
-        return logit_ctr, logit_cvr, mu_wt
+        return logit_cvr, mu_wt
 
     def _batch(self, day: int, x: dict[str, np.ndarray], view: SamplingConfig | None) -> Batch:
         """Assemble the Batch (history generated here, for the rows in x only)."""

@@ -11,6 +11,7 @@ from recdistill.data.loader import END, BatchLoader, Position
 from recdistill.data.movielens import MovieLensSource
 from recdistill.data.parquet import ParquetSource, write_parquet
 from recdistill.data.sampling import SamplingConfig
+from recdistill.data.shared_pool import Releaser, WorkerArenas, new_flags
 from recdistill.data.source import apply_view
 from recdistill.data.world import SyntheticWorld
 
@@ -38,8 +39,9 @@ def sources(tmp_path_factory):
 #: (source, day, rows [start, stop)): ranges across row groups and files for Parquet, a busy MovieLens day
 RANGES = {"world": (1, 130, 1290), "parquet": (1, 130, 1290), "parquet_teacher": (2, 40, 700),
           "movielens": (2, 3000, 4700)}
+BY_CVR = SamplingConfig(name="by-cvr", r=0.2, q=1.0, task="cvr")  # positives are conversions
 #: the views each source can take (a sampled file only nested ones)
-VIEWS = {"parquet_teacher": [None, STUDENT]}
+VIEWS = {"parquet_teacher": [None, STUDENT], "world": [None, TEACHER, STUDENT, BY_CVR]}
 
 
 @pytest.mark.parametrize("name", list(RANGES))
@@ -51,6 +53,16 @@ def test_view_pushdown_equals_apply_view(sources, name):
         got = src.read(day, start, stop, view=view)
         assert_same_batch(got, apply_view(full, view, src.schema.num_traffic), f"{name} view {view and view.name}")
         assert view is None or 0 < len(got) < len(full)
+
+
+@pytest.mark.parametrize("view", [STUDENT, BY_CVR], ids=["by-ctr", "by-cvr"])
+def test_world_makes_other_labels_for_kept_rows_only(sources, monkeypatch, view):
+    """A row the view drops costs the label it is dropped by: the logits of the other tasks only for kept rows."""
+    w = sources["world"]
+    real, seen = w._cvr_wt_logits, []
+    monkeypatch.setattr(w, "_cvr_wt_logits", lambda latent: seen.append(len(latent["quality"])) or real(latent))
+    kept = len(w.read(1, 0, 1000, view=view))
+    assert kept < 500 and seen[-1] == kept and (len(seen) == 1) == (view.task == "ctr")
 
 
 #: the method that turns a source's rows into histories, and the number of rows one call gets
@@ -162,3 +174,72 @@ def test_cuda_batches_arrive_on_the_device_equal():
         assert all(b.sample_id.is_cuda and b.history.fields["item"].is_cuda for b in got)
         for i, (a, b) in enumerate(zip(got, cpu, strict=True)):
             assert_same_batch(a.to("cpu"), b, f"{workers} workers, batch {i}")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_arenas_are_reused_and_never_while_a_batch_is_held(sources, monkeypatch, workers):
+    """Many work items over 3 arenas per worker: arenas are reused, every batch equals the one-thread batch when it
+    arrives, and batches the consumer keeps are unchanged at the end (a reused arena would overwrite them)."""
+    w = sources["world"]
+    kw = dict(view=TEACHER, chunk_rows=60)
+    one = list(BatchLoader(w, [0, 1], 40, workers=0, **kw))
+    leases = []
+    real = Releaser.received
+    monkeypatch.setattr(Releaser, "received", lambda self, wk, s, a: leases.append((wk, s)) or real(self, wk, s, a))
+    kept = []
+    for i, b in enumerate(BatchLoader(w, [0, 1], 40, workers=workers, arena_slots=3, **kw)):
+        assert_same_batch(b, one[i], f"{workers} workers, batch {i} on arrival")
+        if i % 5 == 0:
+            kept.append((i, b))
+    assert i == len(one) - 1 and len(leases) > 3 * workers
+    assert len(set(leases)) < len(leases), "no arena was reused"
+    for i, b in kept:
+        assert_same_batch(b, one[i], f"{workers} workers, kept batch {i} at the end")
+
+
+def test_a_consumer_keeping_every_batch_gets_fresh_memory_past_the_arenas(sources):
+    w = sources["world"]
+    kw = dict(view=STUDENT, chunk_rows=50)
+    one = list(BatchLoader(w, [0, 1], 10, workers=0, **kw))
+    got = list(BatchLoader(w, [0, 1], 10, workers=2, arena_slots=2, **kw))
+    assert len(got) == len(one) > 20
+    for i, (a, b) in enumerate(zip(got, one, strict=True)):
+        assert_same_batch(a, b, f"batch {i}")
+
+
+def test_worker_arenas_place_a_part_and_free_a_slot_only_once_released():
+    """In one process; the training process's own mapping of an arena is stood in for by a copy (`mapped`)."""
+    flags = new_flags(1, 2)
+    arenas, releaser = WorkerArenas(flags[0]), Releaser(flags)
+    arenas.begin()  # first part: no size known yet, fresh shared memory
+    a = arenas.alloc(1000)
+    assert a.is_shared() and arenas.place(a) is a and arenas.finish() is None and flags.tolist() == [[0, 0]]
+    arenas.begin()
+    h = arenas.alloc(900)
+    small = arenas.place(torch.arange(10, dtype=torch.int32))
+    h.fill_(7)
+    slot, arena = arenas.finish()
+    base = arena.untyped_storage().data_ptr()
+    same = lambda t: t.untyped_storage().data_ptr() == base  # noqa: E731
+    assert same(h) and same(small) and small.tolist() == list(range(10)) and h.data_ptr() % 64 == 0
+    assert flags[0, slot] == 1
+    mapped = arena.clone()
+    releaser.received(0, slot, mapped)
+    held = mapped[10:20]  # a batch cut from the part, still held by the consumer
+    del mapped
+    releaser.sweep()
+    assert flags[0, slot] == 1
+    arenas.begin()
+    assert arenas.slot != slot  # the held slot is not handed out again
+    assert arenas.finish() is None  # nothing placed: the slot is free again at once
+    del held
+    releaser.sweep()
+    assert flags.tolist() == [[0, 0]]
+    arenas.begin()
+    assert arenas.slot == slot
+    big = arenas.alloc(5000)  # more than the arena holds: fresh memory, and the arena grows at the slot's next use
+    assert not same(big) and big.is_shared()
+    assert arenas.finish()[0] == slot
+    flags[0, slot] = 0  # released
+    arenas.begin()
+    assert arenas.slot == slot and arenas.arenas[slot].numel() >= 5000 * 8
