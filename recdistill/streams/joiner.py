@@ -16,6 +16,11 @@ Rules (DESIGN §4 'Streams'), all on event time:
   told from a duplicate and is dropped as `stale`.
 * **Bounded buffer**: more than `buffer_rows` samples waiting -> the oldest go out label-only early (`evicted`);
   more than `buffer_rows` signals waiting -> the oldest go to `late_sink` (`signals_dropped`).
+* **Malformed input** (recdistill/streams/validate.py) is dead-lettered on the input stream that brought it, logged
+  by sample id and counted (`malformed_samples`, `malformed_signals`), and the join goes on: a sample without a
+  finite value in a `label_*` column of the first sample table, or whose table lacks a column of the first one (the
+  joined schema is fixed by it) or has one of another type; a signal without `num_tasks` logits, a teacher step or
+  a version. (A table that lacks a column but comes in one poll with complete ones reads as nulls there.)
 * Signal values are passed through untouched: NaN or infinite logits go out as they came, with `has_signal` true;
   the student rejects non-finite teacher logits and counts them (DESIGN §4 'Losses'), as in the batch phase.
 
@@ -50,7 +55,9 @@ from recdistill.streams.base import (
     column_np,
     first_unseen,
     joined_schema,
+    signal_schema,
 )
+from recdistill.streams.validate import RecordCheck, split_malformed
 
 
 def match_ids(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +150,8 @@ class JoinCounts:
     duplicate_samples: int = 0
     duplicate_signals: int = 0
     stale: int = 0
+    malformed_samples: int = 0  # dead-lettered on the sample stream
+    malformed_signals: int = 0  # dead-lettered on the signal stream
 
 
 class JoinCore:
@@ -309,6 +318,7 @@ class JoinCore:
             "join/expired": c.expired, "join/evicted": c.evicted, "join/late": c.late,
             "join/signals_dropped": c.signals_dropped, "join/duplicate_samples": c.duplicate_samples,
             "join/duplicate_signals": c.duplicate_signals, "join/stale": c.stale,
+            "join/malformed_samples": c.malformed_samples, "join/malformed_signals": c.malformed_signals,
             "join/join_rate": c.joined / out_rows if out_rows else None,
             "join/waiting_samples": len(self.samples), "join/waiting_signals": len(self.signals),
             "join/latency_p50_ms": self.latency_joined.percentile(50),
@@ -338,6 +348,9 @@ class Joiner:
         self._uncommitted: deque[tuple[int, Stream, Cursor]] = deque()
         self._tick = 0
         self.rows_in = self.rows_out = 0
+        self._sample_check: RecordCheck | None = None  # labels of the first sample table must be finite
+        self._signal_check = RecordCheck(logits=num_tasks, required=["teacher_step", "teacher_version"])
+        self._signal_schema = signal_schema(num_tasks)
 
     @classmethod
     def from_config(cls, cfg: StreamConfig, samples: Stream, signals: Stream, out: Stream, *, num_tasks: int,
@@ -360,12 +373,54 @@ class Joiner:
         g_tab, g_cur = self.signals_in.poll(self.poll_rows, 0.0)
         for p, t in s_cur.event_time_max.items():
             self._latest[p] = max(self._latest.get(p, t), t)
+        s_tab, g_tab = self._checked_samples(s_tab), self._checked_signals(g_tab)
         out = self.core.step(s_tab, g_tab, self.watermark(), self.clock(), tick=self._tick)
         for stream, cur in ((self.samples_in, s_cur), (self.signals_in, g_cur)):
             if not cur.empty:
                 self._uncommitted.append((self._tick, stream, cur))
         self.rows_in += s_cur.rows + g_cur.rows
         return self._publish(out)
+
+    def _checked_samples(self, table: pa.Table | None) -> pa.Table | None:
+        """The samples, cast to the columns of the first sample table (which fixed the joined schema); a table that
+        cannot be is dead-lettered whole on the sample stream (counted)."""
+        schema = self.core.out_schema
+        if table is None or not table.num_rows:
+            return table
+        if schema is not None:
+            want = pa.schema(list(schema)[:len(schema) - len(SIGNAL_COLUMNS) - 1])
+            try:
+                table = table if table.schema.equals(want) else table.select(want.names).cast(want)
+            except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+                reason = f"sample columns do not fit the first sample table's ({type(e).__name__}: {e})"
+                split_malformed(table, lambda t: np.full(t.num_rows, reason, dtype=object), self.samples_in,
+                                "joiner")
+                self.core.counts.malformed_samples += table.num_rows
+                return None
+        if self._sample_check is None:
+            self._sample_check = RecordCheck(labels=[n for n in table.column_names if n.startswith("label_")])
+        table, bad = split_malformed(table, self._sample_check, self.samples_in, "joiner")
+        self.core.counts.malformed_samples += bad
+        return table if table.num_rows else None
+
+    def _checked_signals(self, table: pa.Table | None) -> pa.Table | None:
+        """The signals with `num_tasks` logits each, cast to the signal schema; the others are dead-lettered on the
+        signal stream (counted)."""
+        if table is None or not table.num_rows:
+            return table
+        table, bad = split_malformed(table, self._signal_check, self.signals_in, "joiner")
+        self.core.counts.malformed_signals += bad
+        want = self._signal_schema
+        if not table.num_rows or table.schema.field("logits").type == want.field("logits").type:
+            return table if table.num_rows else None
+        try:
+            i = table.schema.get_field_index("logits")
+            return table.set_column(i, want.field("logits"), table.column(i).cast(want.field("logits").type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            reason = f"logits of type {table.schema.field('logits').type} do not cast to the signal schema's: {e}"
+            split_malformed(table, lambda t: np.full(t.num_rows, reason, dtype=object), self.signals_in, "joiner")
+            self.core.counts.malformed_signals += table.num_rows
+            return None
 
     def drain(self) -> int:
         """Step until a step takes in nothing (both inputs caught up); returns rows published."""

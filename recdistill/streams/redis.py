@@ -18,6 +18,9 @@ consumer keeps the entries it holds until its next checkpoint from going idle wi
 itself, not counted as a delivery), which every poll calls. An entry
 delivered more than `dead_letter_after` times (a poison entry that kills its consumer) and an entry that cannot be
 decoded are moved to the dead-letter stream, acknowledged, logged with their entry id, and consumption goes on.
+Malformed *rows* inside a good entry (found by the consumer's checks, recdistill/streams/validate.py) go to the same
+dead-letter stream through `dead_letter(rows, reasons)`, as Arrow bytes with a `dead_reason` column; their entry is
+acknowledged with the consumer's commit.
 
 Durability: with the AOF on and `appendfsync everysec`, a server crash can lose about the last second of appends.
 The producer re-sends from its checkpoint: an append fails with a connection error during the crash, or with
@@ -37,7 +40,17 @@ from contextlib import contextmanager
 import pyarrow as pa
 import redis
 
-from recdistill.streams.base import Cursor, Stream, StreamError, as_table, check_keys, column_np, split_by_partition
+from recdistill.streams.base import (
+    Cursor,
+    Stream,
+    StreamError,
+    as_table,
+    check_keys,
+    column_np,
+    concat_compatible,
+    split_by_partition,
+    with_reasons,
+)
 
 log = logging.getLogger(__name__)
 PREFIX = "recdistill"
@@ -270,6 +283,7 @@ class RedisStream(Stream):
             rows = int((fields or {}).get(b"n", 0) or 0)
         except ValueError:  # a malformed entry may have any `n`; it then counts as no rows
             rows = 0
+        self.dead_rows += rows
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(self.dead_key, {**(fields or {}), "src": key, "id": eid, "group": self.group, "reason": reason})
         pipe.xack(key, self.group, eid)
@@ -297,10 +311,30 @@ class RedisStream(Stream):
             if table.num_rows:
                 tmax = int(column_np(table, "event_time_ms").max())
                 cursor.event_time_max[p] = max(cursor.event_time_max.get(p, tmax), tmax)
-                tables.append(table)
-        if not tables:
-            return None, cursor
-        return pa.concat_tables(tables, promote_options="default"), cursor
+                tables.append((table, where))
+        return concat_compatible(self, tables), cursor
+
+    def dead_letter(self, rows: pa.Table, reasons: list[str]) -> None:
+        """XADD the rows with their reasons to the dead-letter stream (one entry); acknowledges nothing."""
+        payload = with_reasons(rows, reasons)
+        with self._server("dead letter"):
+            self.client.xadd(self.dead_key, {"b": encode(payload), "n": payload.num_rows, "group": self.group,
+                                             "src": f"consumer {self.consumer}",
+                                             "reason": reasons[0] if reasons else ""})
+
+    def dead_letters(self) -> list[dict]:
+        """The dead-letter stream, oldest first: whole entries (`where` = their id) and rows found malformed."""
+        with self._server("reading dead letters"):
+            entries = self.client.xrange(self.dead_key)
+        out = []
+        for eid, f in entries:
+            try:
+                rows = pa.ipc.open_stream(pa.BufferReader(f[b"b"])).read_all() if b"b" in f else None
+            except (pa.ArrowInvalid, OSError):
+                rows = None
+            where = _text(f[b"id"]) if b"id" in f else _text(f.get(b"src", b"")) + f" ({_text(eid)})"
+            out.append({"where": where, "reason": _text(f.get(b"reason", b"")), "rows": rows})
+        return out
 
     def commit(self, cursor: Cursor) -> None:
         """XACK the cursor's entries and count the rows that this call acknowledged."""

@@ -6,6 +6,8 @@ bit-identical to one that was never killed."""
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from helpers import ROOT, publish_oracle_joined
@@ -14,6 +16,8 @@ from recdistill.config import load_config
 from recdistill.data.sampling import keep_mask
 from recdistill.data.source import build_source
 from recdistill.streams import open_stream
+from recdistill.streams.base import column_np
+from recdistill.streams.redis import RedisStream, encode
 from recdistill.streams.server import RedisServer
 from recdistill.train import student_checkpoint as ckpt
 from recdistill.train.stream_student import StreamingStudent
@@ -178,3 +182,73 @@ def test_phase_days_leave_the_streaming_days_out_of_the_batch_phase():
     assert phase_days(list(range(12)), 1, 4) == (list(range(7)), [7], [7, 8, 9, 10])
     with pytest.raises(ValueError, match="cannot hold"):
         phase_days(list(range(5)), 1, 4)
+
+
+def _inject(stream, table):
+    """Write rows as a foreign producer would, past the producer-side key checks of `append`."""
+    if isinstance(stream, RedisStream):
+        stream.client.xadd(stream.keys[0], {"b": encode(table), "n": table.num_rows, "t": 0, "pid": "x", "seq": 0})
+        stream.client.hincrby(stream.rows_key, "appended", table.num_rows)  # as append counts its rows
+    else:
+        if stream._next_append is None:
+            stream._next_append = {p: stream.end_offset(p) for p in range(stream.partitions)}
+        stream._publish(0, table)
+
+
+def _malformed(good):
+    """Joined rows that must be dead-lettered, built from good ones moved to ids of day 2 (in the world, never
+    published): (rows the student's checks catch: a, b), (records the backend puts aside: c, d)."""
+    tpl = good.slice(0, 6)
+    ids = (np.int64(2) << np.int64(40)) + np.arange(6, dtype=np.int64)
+    tpl = tpl.set_column(0, "sample_id", pa.array(ids))
+    a = tpl.slice(0, 4).to_pydict()
+    a["label_ctr"][0] = float("nan")
+    a["traffic"][1] = 99
+    a["has_signal"][2], a["logits"][2] = True, None
+    a["sample_id"][3] = 50 << 40  # no such day in the world
+    a = pa.Table.from_pydict(a, schema=tpl.schema)
+    b = tpl.slice(4, 1).to_pydict()
+    b["has_signal"], b["logits"] = [True], [[0.1, 0.2]]  # two logits for three tasks
+    b = pa.Table.from_pydict(b, schema=tpl.schema.set(tpl.schema.get_field_index("logits"),
+                                                      pa.field("logits", pa.list_(pa.float32()))))
+    c = tpl.slice(5, 1).set_column(0, "sample_id", pa.array([None], pa.int64()))  # null id: the backend refuses it
+    d = tpl.slice(5, 1).set_column(tpl.schema.get_field_index("label_ctr"), "label_ctr", pa.array(["1"]))
+    return (a, b), (c, d)
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_malformed_joined_records_are_dead_lettered_and_training_goes_on(backend, published, published_redis,
+                                                                          tmp_path, caplog):
+    tmp, cfg = (published[:2] if backend == "local" else published_redis[:2])
+    src_cfg = cfg.stream.model_copy(update={"path": str(tmp / "stream"), "group": f"copy-{tmp_path.name}"})
+    reader = open_stream(src_cfg, "joined", consumer="copy")
+    good = pa.concat_tables([t for t in iter(lambda: reader.poll(10_000)[0], None)]).slice(0, 640)
+    out = open_stream(src_cfg, f"bad-{tmp_path.name}")
+    (a, b), (c, d) = _malformed(good)
+    for table in (good.slice(0, 300), a, good.slice(300, 150), b, c, good.slice(450, 150), d, good.slice(600)):
+        if table is c:
+            _inject(out, table)
+        else:
+            out.append(table)
+    c_ = cfg.model_copy(deep=True)
+    c_.student.checkpoint_dir, c_.stream = str(tmp_path / "ck"), src_cfg.model_copy(update={"group": "learner"})
+    s = StreamingStudent(StudentTrainer(c_, run_dir=tmp_path, open_store=False),
+                         open_stream(c_.stream, f"bad-{tmp_path.name}", consumer="learner"))
+    with caplog.at_level("WARNING"):
+        s.run()
+        summary = s.finish()
+    mine = student_view(cfg, column_np(good, "sample_id"))
+    assert summary["stream/trained"] == len(mine) == summary["train/samples"] > 100  # every good row, once
+    assert summary["stream/dead_lettered"] == 5 and summary["stream/dead_lettered_by_backend"] == 2
+    bad_ids = column_np(a, "sample_id").tolist() + column_np(b, "sample_id").tolist()
+    assert all(f"sample_id {i}:" in caplog.text for i in bad_ids)  # the log names every record
+    dead = s.stream.dead_letters()
+    rows = pa.concat_tables([dl["rows"].select(["sample_id", "dead_reason"]) for dl in dead
+                             if dl["rows"] is not None and "dead_reason" in dl["rows"].column_names])
+    why = dict(zip(column_np(rows, "sample_id").tolist(), rows.column("dead_reason").to_pylist(), strict=True))
+    assert "label_ctr" in why[bad_ids[0]] and "traffic" in why[bad_ids[1]] and "logits" in why[bad_ids[2]]
+    assert "outside the data source" in why[bad_ids[3]] and "not 3 values" in why[bad_ids[4]]
+    assert "schema does not fit" in why[int(column_np(d, "sample_id")[0])]
+    assert any("sample_id" in dl["reason"] and "null" in dl["reason"] for dl in dead)  # the null-id record
+    assert s.stream.lag() == 0  # acknowledged with the checkpoint: not delivered again
+    s.close()
