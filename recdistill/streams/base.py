@@ -109,12 +109,15 @@ class Cursor:
     positions: partition -> backend position after the polled rows (local: row offset; redis: last entry id).
     rows: rows handed out. event_time_max: partition -> largest event time among the rows of that partition (the
     joiner's watermark input). acks: backend-private handles (redis: (stream key, entry id, rows) to XACK).
+    caught_up: the poll read every partition to its end (nothing more was there when it looked): the consumer has
+    no backlog. False when unsure (redis: re-reading pending or claimed entries).
     """
 
     positions: dict[int, int | str] = field(default_factory=dict)
     rows: int = 0
     event_time_max: dict[int, int] = field(default_factory=dict)
     acks: list = field(default_factory=list)
+    caught_up: bool = False
 
     @property
     def empty(self) -> bool:

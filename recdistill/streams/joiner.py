@@ -9,6 +9,15 @@ Rules (DESIGN §4 'Streams'), all on event time:
   arrived, with `has_signal` true. A signal may come before its sample (it then waits for it).
 * **Expired**: a sample still without a signal when the watermark reaches `event_time + max_delay` goes out with
   labels only (`has_signal` false, signal columns null).
+* **Clock watermark** (`stream.clock_watermark`, off by default): for a live stream whose event times are this
+  machine's wall clock. The data watermark trails the clock by the producer's batching and the transport (a sample
+  stamped at t is polled some milliseconds after t), so a sample would expire only once a sample stamped after its
+  deadline has been polled, up to a poll later than needed; and a quiet partition holds it back altogether. With
+  the option on, when both inputs are caught up (the last polls read every partition to its end: no backlog), the
+  clock's now also expires samples, so a sample leaves within max_delay plus one poll interval of real time.
+  It drives nothing else: duplicates, stale samples and late signals stay on the data watermark, so a producer that
+  lags the clock loses no sample (its samples go out label-only at once if already past their deadline). Off for
+  replays and the simulated timeline, where event times are not now.
 * **Late**: a signal whose sample already went out label-only, or that waited `max_delay` for a sample that never
   came, is counted late and handed to `late_sink` (the caller keeps it in the signal store); it is never joined.
 * **Duplicates** (at-least-once delivery upstream) are dropped by sample id on both inputs. Ids are remembered for
@@ -179,11 +188,12 @@ class JoinCore:
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def step(self, samples: pa.Table | None, signals: pa.Table | None, watermark_ms: int | None, now_ms: int,
-             tick: int = 0) -> pa.Table | None:
+             tick: int = 0, clock_watermark_ms: int | None = None) -> pa.Table | None:
         """Take new input rows, join, expire under `watermark_ms`; returns the rows that go out now (or None).
 
         `now_ms` is the processing-time clock (join latency = now - event time of the row that goes out); `tick`
         tags the new rows so the caller can tell when the input that brought them may be committed.
+        `clock_watermark_ms` (the clock watermark, module docstring) expires waiting samples too, nothing else.
         """
         out: list[pa.Table] = []
         if samples is not None and samples.num_rows:
@@ -195,7 +205,7 @@ class JoinCore:
         # as the sample rows that moved the watermark past its deadline came in time.
         if watermark_ms is not None:
             self.watermark_ms = max(self.watermark_ms or watermark_ms, watermark_ms)
-        out += self._expire(now_ms)
+        out += self._expire(now_ms, clock_watermark_ms)
         out += self._enforce_cap(now_ms)
         if self.watermark_ms is not None:
             horizon = self.watermark_ms - self.dedup_horizon_ms
@@ -259,14 +269,17 @@ class JoinCore:
         self.latency_all.add(lat)
         return [self._emit(s_tab, g_tab)]
 
-    def _expire(self, now_ms: int) -> list[pa.Table]:
-        if self.watermark_ms is None:
+    def _expire(self, now_ms: int, clock_watermark_ms: int | None = None) -> list[pa.Table]:
+        marks = [w for w in (self.watermark_ms, clock_watermark_ms) if w is not None]
+        if not marks:
             return []
         out = []
-        due = self.samples.times + self.max_delay_ms <= self.watermark_ms
+        due = self.samples.times + self.max_delay_ms <= max(marks)
         if due.any():
             out.append(self._label_only(due, now_ms))
             self.counts.expired += out[-1].num_rows
+        if self.watermark_ms is None:
+            return out
         orphan = self.signals.times + self.max_delay_ms <= self.watermark_ms
         if orphan.any():
             self._late(self.signals.take_out(orphan)[0])
@@ -336,14 +349,16 @@ class Joiner:
     """Polls the sample and signal streams, runs a JoinCore, appends its output to `out`, commits inputs safely.
 
     clock: processing-time clock in ms (a fake one in tests). Late signals go to `late_sink` (e.g. a function that
-    appends them to the signal store).
+    appends them to the signal store). clock_watermark: expire by the clock too once both inputs are caught up
+    (module docstring; only where event times are the clock's time).
     """
 
     def __init__(self, samples: Stream, signals: Stream, out: Stream, *, num_tasks: int, max_delay_ms: int,
-                 poll_rows: int = 65536, clock: Callable[[], int] = _wall_ms, **core_kwargs) -> None:
+                 poll_rows: int = 65536, clock: Callable[[], int] = _wall_ms, clock_watermark: bool = False,
+                 **core_kwargs) -> None:
         self.samples_in, self.signals_in, self.out = samples, signals, out
         self.core = JoinCore(num_tasks, max_delay_ms, **core_kwargs)
-        self.poll_rows, self.clock = poll_rows, clock
+        self.poll_rows, self.clock, self.clock_watermark = poll_rows, clock, clock_watermark
         self._latest: dict[int, int] = {}  # sample partition -> latest event time polled
         self._uncommitted: deque[tuple[int, Stream, Cursor]] = deque()
         self._tick = 0
@@ -358,6 +373,7 @@ class Joiner:
         """A joiner with the delay, buffer, dedup horizon and poll size of the `stream` config section."""
         return cls(samples, signals, out, num_tasks=num_tasks, max_delay_ms=int(cfg.max_delay_s * 1000),
                    poll_rows=cfg.poll_rows, buffer_rows=cfg.buffer_rows, late_sink=late_sink,
+                   clock_watermark=cfg.clock_watermark,
                    dedup_horizon_ms=int(cfg.dedup_horizon_s * 1000) if cfg.dedup_horizon_s else None)
 
     def watermark(self) -> int | None:
@@ -374,7 +390,11 @@ class Joiner:
         for p, t in s_cur.event_time_max.items():
             self._latest[p] = max(self._latest.get(p, t), t)
         s_tab, g_tab = self._checked_samples(s_tab), self._checked_signals(g_tab)
-        out = self.core.step(s_tab, g_tab, self.watermark(), self.clock(), tick=self._tick)
+        now = self.clock()
+        # the clock may expire samples only when no backlog is left on either input: a signal still unread there
+        # could be on time
+        clock_wm = now if self.clock_watermark and s_cur.caught_up and g_cur.caught_up else None
+        out = self.core.step(s_tab, g_tab, self.watermark(), now, tick=self._tick, clock_watermark_ms=clock_wm)
         for stream, cur in ((self.samples_in, s_cur), (self.signals_in, g_cur)):
             if not cur.empty:
                 self._uncommitted.append((self._tick, stream, cur))

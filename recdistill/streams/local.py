@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -31,6 +32,7 @@ import uuid
 import fsspec
 import numpy as np
 import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
 
 from recdistill.streams.base import (
     Cursor,
@@ -68,21 +70,32 @@ class LocalStream(Stream):
         self.position = dict(self.committed)  # next offset to hand out, per partition
         self._rr = 0  # round-robin start partition of the next poll
         self._cache: dict[str, tuple[str, pa.Table]] = {}  # partition dir -> (path, table) of the last segment read
+        self._parsed: dict[int, dict[str, tuple | None]] = {}  # partition -> listed path -> parsed segment (or None)
+        self._local = isinstance(self.fs, LocalFileSystem)
 
     def _pdir(self, p: int) -> str:
         return f"{self.base}/p={p}"
 
     # ---- listing -------------------------------------------------------------------------------------------------
     def _refresh(self, p: int) -> list[tuple[int, int, int, int, str]]:
-        """Re-list partition p: (first offset, rows, tmin, tmax, path) of every published segment, by offset."""
-        segs = []
-        for path in self.fs.ls(self._pdir(p), detail=False):
+        """Re-list partition p: (first offset, rows, tmin, tmax, path) of every published segment, by offset.
+
+        A live consumer lists every poll, and a partition gains a segment per append, so the cost of a listing is
+        what grows: only names not seen before are parsed, and a local directory is read with os.listdir (fsspec's
+        `ls` costs several times more per entry, which at a thousand segments was milliseconds of every poll)."""
+        pdir = self._pdir(p)
+        if self._local:
+            paths = [f"{pdir}/{n}" for n in os.listdir(pdir)]
+        else:
+            paths = self.fs.ls(pdir, detail=False)
+        known = self._parsed.setdefault(p, {})
+        new = [path for path in paths if path not in known]  # segments are never removed: only new names matter
+        for path in new:
             m = _SEG_RE.search(path)
-            if m:
-                segs.append((int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4)), path))
-        segs.sort()
-        self._segments[p] = segs
-        return segs
+            known[path] = (int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4)), path) if m else None
+        if new or not self._segments[p]:
+            self._segments[p] = sorted(s for s in known.values() if s is not None)
+        return self._segments[p]
 
     def end_offset(self, p: int) -> int:
         """Rows published in partition p (offset one past the last row)."""
@@ -123,9 +136,20 @@ class LocalStream(Stream):
         segs = self._segments[p]
         if not segs or segs[-1][0] + segs[-1][1] <= offset:
             segs = self._refresh(p)
+            listed = True
+        else:
+            listed = False
         parts, got, consumed = [], 0, 0
         i = max(0, int(np.searchsorted([s[0] for s in segs], offset, side="right")) - 1)
-        while i < len(segs) and got < max_rows:
+        while got < max_rows:
+            if i >= len(segs):
+                if listed:  # read to the end of a fresh listing: nothing more is there now
+                    break
+                # read to the end of what was listed: list again, so a poll that returns fewer than max_rows has
+                # seen everything published (Cursor.caught_up)
+                segs, listed = self._refresh(p), True
+                if i >= len(segs):
+                    break
             first, rows, _, _, path = segs[i]
             if first + rows > offset:
                 start = max(0, offset - first)
@@ -194,6 +218,7 @@ class LocalStream(Stream):
             cursor.event_time_max[p] = int(column_np(part, "event_time_ms").max())
             parts.append((part, f"partition {p}"))
         self._rr = (self._rr + 1) % self.partitions
+        cursor.caught_up = cursor.rows < max_rows  # every partition was read to the end of a fresh listing
         return concat_compatible(self, parts), cursor
 
     def commit(self, cursor: Cursor) -> None:

@@ -254,7 +254,7 @@ class RedisStream(Stream):
         count = max(1, -(-max_rows // (self.entry_rows * self.partitions)))
         with self._server("poll"):
             while True:
-                entries = self._read_pending(count) if self._recovering else []
+                entries, caught_up = (self._read_pending(count) if self._recovering else []), False
                 if not entries and time.monotonic() >= self._next_claim:
                     entries = self._claim_idle(count)
                     self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
@@ -265,7 +265,9 @@ class RedisStream(Stream):
                                                   count=count, block=int(timeout * 1000) if timeout > 0 else None)
                     entries = [(k.decode(), eid.decode(), f) for k, items in resp or [] for eid, f in items]
                     read_any = bool(entries)
+                    caught_up = all(len(items) < count for _, items in resp or [])  # no key filled its COUNT
                 table, cursor = self._assemble(entries)
+                cursor.caught_up = caught_up
                 # Read something but all of it was dead-lettered: look again rather than answer "nothing new".
                 if table is not None or not cursor.empty or not read_any:
                     return table, cursor

@@ -182,3 +182,16 @@ def test_malformed_rows_are_dead_lettered_with_their_ids(make_stream, sample_row
     assert all("label_ctr" in r for r in dead["rows"].column("dead_reason").to_pylist())
     s.commit(cur)  # dead letters are acknowledged with the poll that brought them
     assert s.lag() == 0 and s.poll(100)[0] is None
+
+
+def test_cursor_says_when_the_consumer_is_caught_up(make_stream, sample_rows):
+    s = make_stream(partitions=2)
+    s.append(sample_rows(0, 100))
+    t, cur = s.poll(50)
+    assert t is not None and not cur.caught_up  # a poll that filled its quota cannot know there is no more
+    while not cur.caught_up:
+        t, cur = s.poll(1000)
+    s.append(sample_rows(100, 110))
+    t, cur = s.poll(1000)  # a new append after a caught-up poll: listed again and read (local), not missed
+    assert sorted(column_np(t, "sample_id").tolist()) == list(range(100, 110)) and cur.caught_up
+    assert s.poll(1000)[1].caught_up

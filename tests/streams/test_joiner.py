@@ -350,3 +350,33 @@ def test_malformed_inputs_are_dead_lettered_and_the_join_goes_on(make_stream, ca
     assert sorted(why) == [10, 11, *range(12, 30)] and "2 values" in why[10] and "teacher_step" in why[12]
     assert "sample_id 10: logits missing or not 2 values" in caplog.text
     assert s_in.lag() == g_in.lag() == 0  # dead letters are committed with their polls
+
+
+def test_clock_watermark_expires_on_time_only_without_backlog(tmp_path):
+    """Event times on the clock (a live stream): the data watermark trails it (the newest sample polled is at 1090,
+    the clock at 1200), so only the clock watermark expires the samples due by 1200, and only once both inputs are
+    caught up: a signal still unread in a backlog may be on time. A producer far behind the clock loses nothing: its
+    samples go out label-only, none dropped as stale."""
+    def run(clock_watermark, now, n_signals=0, poll_rows=1000):
+        tag = np.random.default_rng().integers(1 << 30)
+        s_in, g_in, out = (LocalStream(str(tmp_path), f"{n}-{tag}") for n in ("s", "g", "j"))
+        s_in.append(samples_of(range(10)))  # event times 1000 .. 1090
+        if n_signals:
+            g_in.append(signals(range(10, 10 + n_signals)))  # other samples' signals, a backlog to read first
+            g_in.append(signals([3]))
+        j = Joiner(s_in, g_in, out, num_tasks=T, max_delay_ms=DELAY, poll_rows=poll_rows, clock=lambda: now,
+                   clock_watermark=clock_watermark)
+        return j, j.step()
+
+    j, published = run(False, now=1200)
+    assert published == 0 and j.core.watermark_ms == 1090  # the data watermark is behind: nothing is due by it
+    j, published = run(True, now=1200)
+    assert published == 10 == j.core.counts.expired  # due by the clock: t + 100 <= 1200
+    j, published = run(True, now=1150)
+    assert published == 6  # 1000 .. 1050 are due, 1060 .. 1090 wait
+    j, published = run(True, now=1200, n_signals=40, poll_rows=20)  # the signal poll is not caught up
+    assert published == 0
+    published += j.step() + j.step()  # the backlog is read: sample 3 meets its signal, the rest expire by the clock
+    assert published == 10 and j.core.counts.joined == 1 and j.core.counts.expired == 9
+    j, published = run(True, now=10**9)  # samples far behind the clock: label-only at once, none stale
+    assert published == 10 and j.core.counts.stale == 0
