@@ -255,11 +255,11 @@ def main() -> None:
 def run_parts(args: argparse.Namespace) -> None:
     """--only: the chosen parts again, written over their entries in the existing result file (a part run on a busier
     machine than the rest is marked by its own load average)."""
-    from _common import RESULTS
+    from _common import result_path
 
     n_join, n_redis, lat_s = (300_000, 200_000, 2.0) if args.quick else (4_000_000, 2_000_000, 10.0)
-    path = args.out or next(iter(sorted(RESULTS.glob(f"streams-*{'-quick' if args.quick else ''}.json"))), None)
-    res = json.loads(open(path).read()) if path and os.path.exists(path) else {"bench": "streams"}
+    path = args.out or str(result_path("streams", args.quick))
+    res = json.loads(open(path).read()) if os.path.exists(path) else {"bench": "streams"}
     with tempfile.TemporaryDirectory() as tmp:
         if "redis" in args.only:
             res["redis"] = {**bench_redis(n_redis, args.batch, args.entry_rows), "load_avg_end": os.getloadavg()}
@@ -273,7 +273,7 @@ def run_parts(args: argparse.Namespace) -> None:
             res["join_local"] = bench_join_local(n_join, args.batch, args.batch, os.path.join(tmp, "join"))
             res["join_local_memfs"] = bench_join_local(n_join, args.batch, args.batch, "memory://streams-bench")
     res["parts_rerun"] = sorted(set(res.get("parts_rerun", [])) | set(args.only))
-    out = write_result("streams", res, args.quick, str(path) if path else None)
+    out = write_result("streams", res, args.quick, path)
     summary = {part: {k: v for k, v in res[part].items() if k.endswith(("_per_s", "_ms", "target"))}
                for part in ("latency", "latency_data_watermark", "redis", "join_local") if part in res
                and (part.split("_")[0] in args.only or part == "latency_data_watermark" and "latency" in args.only)}

@@ -35,8 +35,8 @@ class RecordCheck:
 
     labels: `label_<task>` columns that must be finite numbers. traffic_sources: when set, `traffic` must be an
     integer in [0, traffic_sources). has_signal: the joined stream's flag must be there, non-null. logits: when set,
-    a row with a signal (or every row, on the signal stream: `has_signal` false) needs `logits` with this many
-    values. known_ids: a mask function of the ids the consumer can use (the data source's `known_ids`).
+    a row with a signal needs `logits` with this many values (every row does when `has_signal` is off: the signal
+    stream). known_ids: a mask function of the ids the consumer can use (the data source's `known_ids`).
     required: more columns that must be there (any type), without nulls.
     """
 
