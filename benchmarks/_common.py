@@ -20,10 +20,15 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def result_path(bench: str, quick: bool) -> Path:
+    """results/<bench>-<cpu>[-quick].json: where this machine's result of `bench` goes."""
+    name = cpu_name().lower().replace("(r)", "").replace("(tm)", "").replace(" ", "-")[:40]
+    return RESULTS / f"{bench}-{name}{'-quick' if quick else ''}.json"
+
+
 def write_result(bench: str, res: dict, quick: bool, out: str | None = None) -> Path:
     """Write `res` to out, or to results/<bench>-<cpu>[-quick].json; returns the path."""
-    name = cpu_name().lower().replace("(r)", "").replace("(tm)", "").replace(" ", "-")[:40]
-    path = Path(out) if out else RESULTS / f"{bench}-{name}{'-quick' if quick else ''}.json"
+    path = Path(out) if out else result_path(bench, quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2))
     return path

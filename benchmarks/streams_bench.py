@@ -2,6 +2,7 @@
 
     python benchmarks/streams_bench.py            # about two minutes; writes benchmarks/results/streams-<cpu>.json
     python benchmarks/streams_bench.py --quick    # smaller, a smoke run (writes ...-quick.json)
+    python benchmarks/streams_bench.py --only latency   # one part again, merged into the existing result file
 
 1. joiner rows/s on one core (the process pinned to one CPU, Arrow's pool at one thread): the join core alone on
    batches in memory, and end to end on the local backend (poll two local streams, join, append the joined stream);
@@ -15,6 +16,9 @@
 3. join latency in real time: samples produced at `--rate` rows/s with event time = wall clock, each signal sent
    after a random delay of 0..1.5 x max_delay (so about a third expire), the joiner polling every `--poll-ms`;
    p50/p99 of (emit time - event time) for joined rows and for all rows; target p99 <= max_delay + one poll interval.
+   Event times are the wall clock here (a live stream), so the joiner runs with its clock watermark
+   (`stream.clock_watermark`); the same run without it (`latency_data_watermark`) shows what the data watermark's
+   lag behind the clock (producer ticks, listing, the poll itself) adds.
 The last line of output is one JSON object.
 """
 
@@ -148,11 +152,13 @@ def bench_redis(n: int, batch: int, entry_rows: int) -> dict:
             "redis_version": info.get("redis_version")}
 
 
-def bench_latency(seconds: float, rate: int, max_delay_ms: int, poll_ms: int, root: str) -> dict:
+def bench_latency(seconds: float, rate: int, max_delay_ms: int, poll_ms: int, root: str,
+                  clock_watermark: bool = True) -> dict:
     """Real-time joins on the local backend: wall-clock event times, random signal delays, a polling joiner."""
     s_st, g_st = LocalStream(root, "lat-samples"), LocalStream(root, "lat-signals")
     j = Joiner(LocalStream(root, "lat-samples"), LocalStream(root, "lat-signals"), LocalStream(root, "lat-out"),
-               num_tasks=len(TASKS), max_delay_ms=max_delay_ms, poll_rows=1 << 20)
+               num_tasks=len(TASKS), max_delay_ms=max_delay_ms, poll_rows=1 << 20, clock_watermark=clock_watermark)
+    load0 = os.getloadavg()
     stop, rng = threading.Event(), np.random.default_rng(1)
 
     def produce():
@@ -190,7 +196,9 @@ def bench_latency(seconds: float, rate: int, max_delay_ms: int, poll_ms: int, ro
     m = j.metrics()
     target = max_delay_ms + poll_ms
     return {"seconds": seconds, "rate_rows_per_s": rate, "max_delay_ms": max_delay_ms, "poll_ms": poll_ms,
-            "producer_tick_ms": PRODUCER_TICK_S * 1000,
+            "producer_tick_ms": PRODUCER_TICK_S * 1000, "clock_watermark": clock_watermark,
+            "load_avg_start": load0, "load_avg_end": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                             time.gmtime()),
             "joined": m["join/joined"], "expired": m["join/expired"], "late": m["join/late"],
             "latency_p50_ms": m["join/latency_p50_ms"], "latency_p99_ms": m["join/latency_p99_ms"],
             "emit_latency_p99_ms": m["join/emit_latency_p99_ms"], "target_p99_ms": target,
@@ -208,7 +216,12 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=50_000, help="latency run: samples per second")
     ap.add_argument("--poll-ms", type=int, default=50, help="latency run: joiner poll interval")
     ap.add_argument("--out", default=None, help="result JSON path (default benchmarks/results/streams-<cpu>.json)")
+    ap.add_argument("--only", choices=["redis", "latency", "join"], action="append",
+                    help="run only these parts (repeatable) and merge them into the existing result file; each part "
+                    "records when it ran and the load average around it")
     args = ap.parse_args()
+    if args.only:
+        return run_parts(args)
     n_join, n_redis, lat_s = (300_000, 200_000, 2.0) if args.quick else (4_000_000, 2_000_000, 10.0)
     res = {"bench": "streams", "quick": args.quick, "cpu": cpu_name(), "cpus_visible": len(os.sched_getaffinity(0)),
            "python": platform.python_version(), "pyarrow": pa.__version__, "numpy": np.__version__,
@@ -237,6 +250,34 @@ def main() -> None:
                "emit_latency_p99_ms": res["latency"]["emit_latency_p99_ms"],
                "load_avg": res["load_avg_end"][0], "result": str(path)}
     print(json.dumps(summary))
+
+
+def run_parts(args: argparse.Namespace) -> None:
+    """--only: the chosen parts again, written over their entries in the existing result file (a part run on a busier
+    machine than the rest is marked by its own load average)."""
+    from _common import result_path
+
+    n_join, n_redis, lat_s = (300_000, 200_000, 2.0) if args.quick else (4_000_000, 2_000_000, 10.0)
+    path = args.out or str(result_path("streams", args.quick))
+    res = json.loads(open(path).read()) if os.path.exists(path) else {"bench": "streams"}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "redis" in args.only:
+            res["redis"] = {**bench_redis(n_redis, args.batch, args.entry_rows), "load_avg_end": os.getloadavg()}
+        if "latency" in args.only:
+            res["latency"] = bench_latency(lat_s, args.rate, 500, args.poll_ms, os.path.join(tmp, "lat"))
+            res["latency_data_watermark"] = bench_latency(lat_s, args.rate, 500, args.poll_ms,
+                                                          os.path.join(tmp, "lat0"), clock_watermark=False)
+        if "join" in args.only:
+            res["pinned_cpu"] = pin_one_core()
+            res["join_core"] = bench_join_core(n_join, args.batch, max_delay_ms=args.batch)
+            res["join_local"] = bench_join_local(n_join, args.batch, args.batch, os.path.join(tmp, "join"))
+            res["join_local_memfs"] = bench_join_local(n_join, args.batch, args.batch, "memory://streams-bench")
+    res["parts_rerun"] = sorted(set(res.get("parts_rerun", [])) | set(args.only))
+    out = write_result("streams", res, args.quick, path)
+    summary = {part: {k: v for k, v in res[part].items() if k.endswith(("_per_s", "_ms", "target"))}
+               for part in ("latency", "latency_data_watermark", "redis", "join_local") if part in res
+               and (part.split("_")[0] in args.only or part == "latency_data_watermark" and "latency" in args.only)}
+    print(json.dumps({**summary, "result": str(out)}))
 
 
 if __name__ == "__main__":

@@ -458,6 +458,14 @@ class StreamConfig(Section):
     claim_idle_s: float = Field(60.0, gt=0, description="Idle time after which a dead consumer's pending Redis "
                                 "entries are taken over by another (XAUTOCLAIM); a live consumer heartbeats the "
                                 "entries it holds on every poll, so this need not exceed its checkpoint interval.")
+    clock_watermark: bool = Field(False, description="Live streams whose event times are this machine's wall clock: "
+                                  "once the joiner's inputs are caught up, the clock's now also expires waiting "
+                                  "samples, so each leaves within max_delay + one poll interval of real time (the "
+                                  "data watermark trails the clock by the producer's batching). Leave off for "
+                                  "replays and the simulated timeline of `recdistill stream`.")
+    reconnect_s: float = Field(60.0, gt=0, description="How long a Redis consumer (student, joiner, teacher) retries a "
+                               "server it cannot reach (killed, restarting, loading its AOF), with backoff, before "
+                               "failing with an error that says the server did not come back.")
     poll_rows: int = Field(65536, ge=1, description="Rows the joiner polls from each input per step.")
     buffer_rows: int = Field(2_000_000, ge=1, description="Joiner buffer cap per input: beyond it the oldest samples "
                              "go out label-only early and the oldest unmatched signals go to the late sink (counted).")

@@ -291,7 +291,7 @@ class SyntheticWorld:
         rebuilds the features here. `view` only tags the batch (Batch.sampling): no row is dropped."""
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         days, idx = sample_ids >> np.int64(40), sample_ids & np.int64((1 << 40) - 1)
-        bad = (days < 0) | (days >= self.cfg.num_days) | (idx >= self.cfg.samples_per_day)
+        bad = ~self.known_ids(sample_ids)
         if bad.any():
             raise ValueError(f"sample_id {int(sample_ids[bad][0])} is outside the world "
                              f"({self.cfg.num_days} days x {self.cfg.samples_per_day} samples)")
@@ -308,6 +308,13 @@ class SyntheticWorld:
         inverse = np.empty(len(order), np.int64)
         inverse[order] = np.arange(len(order))
         return out.select(torch.from_numpy(inverse))
+
+    def known_ids(self, sample_ids: np.ndarray) -> np.ndarray:
+        """Mask of the ids that name a sample of this world (a day it has, an index within the day): what a stream
+        consumer checks before `read_ids`, so one foreign id is dead-lettered instead of failing its whole batch."""
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        days, idx = sample_ids >> np.int64(40), sample_ids & np.int64((1 << 40) - 1)
+        return (days >= 0) & (days < self.cfg.num_days) & (idx < self.cfg.samples_per_day)
 
     @staticmethod
     def sample_ids(day: int, idx: np.ndarray) -> np.ndarray:

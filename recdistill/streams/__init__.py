@@ -23,7 +23,8 @@ def open_stream(cfg: StreamConfig, name: str, *, url: str | None = None, consume
     return RedisStream(url or cfg.redis_url, name, cfg.partitions, group=cfg.group, consumer=consumer,
                        producer_id=producer_id, entry_rows=cfg.entry_rows, maxlen=cfg.retention_maxlen,
                        retention_ms=int(cfg.retention_s * 1000) if cfg.retention_s else None,
-                       dead_letter_after=cfg.dead_letter_after, claim_idle_ms=int(cfg.claim_idle_s * 1000))
+                       dead_letter_after=cfg.dead_letter_after, claim_idle_ms=int(cfg.claim_idle_s * 1000),
+                       reconnect_s=cfg.reconnect_s)
 
 
 @contextmanager

@@ -28,12 +28,16 @@ stores beside its weights.
 from __future__ import annotations
 
 import abc
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from recdistill.errors import RecdistillError
+
+log = logging.getLogger(__name__)
 
 KEY_FIELDS = (pa.field("sample_id", pa.int64(), nullable=False),
               pa.field("event_time_ms", pa.int64(), nullable=False),
@@ -105,12 +109,15 @@ class Cursor:
     positions: partition -> backend position after the polled rows (local: row offset; redis: last entry id).
     rows: rows handed out. event_time_max: partition -> largest event time among the rows of that partition (the
     joiner's watermark input). acks: backend-private handles (redis: (stream key, entry id, rows) to XACK).
+    caught_up: the poll read every partition to its end (nothing more was there when it looked): the consumer has
+    no backlog. False when unsure (redis: re-reading pending or claimed entries).
     """
 
     positions: dict[int, int | str] = field(default_factory=dict)
     rows: int = 0
     event_time_max: dict[int, int] = field(default_factory=dict)
     acks: list = field(default_factory=list)
+    caught_up: bool = False
 
     @property
     def empty(self) -> bool:
@@ -127,6 +134,8 @@ class Stream(abc.ABC):
 
     name: str
     partitions: int
+    dead_rows: int = 0  # rows this object's backend put aside itself (unreadable, wrong schema, poison), this process
+    seen_schema: pa.Schema | None = None  # schema of the rows polled so far: what a conflicting table is told from
 
     @abc.abstractmethod
     def append(self, batch: pa.RecordBatch | pa.Table) -> int:
@@ -153,6 +162,17 @@ class Stream(abc.ABC):
     def lag(self) -> int:
         """Rows appended but not yet committed by this consumer (group)."""
 
+    def dead_letter(self, rows: pa.Table, reasons: list[str]) -> None:
+        """Put malformed rows aside with why (one reason per row) in the backend's dead-letter place, where
+        `dead_letters()` finds them. It acknowledges nothing: the caller commits their positions with the rest of the
+        poll that brought them (recdistill/streams/validate.py)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no dead letters")
+
+    def dead_letters(self) -> list[dict]:
+        """What was dead-lettered, oldest first: dicts with `where` (entry, segment or consumer), `reason` and `rows`
+        (a table with a `dead_reason` column; None where the payload could not be decoded)."""
+        return []
+
     def state_dict(self) -> dict:
         """The consumer's committed position, small JSON-able state for a checkpoint."""
         return {}
@@ -174,6 +194,52 @@ class Stream(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+REASON_COLUMN = "dead_reason"
+
+
+def with_reasons(rows: pa.Table, reasons: list[str]) -> pa.Table:
+    """`rows` with a string column `dead_reason` appended (the dead-letter payload)."""
+    return as_table(rows).append_column(REASON_COLUMN, pa.array(list(reasons), pa.string()))
+
+
+def ipc_file_bytes(table: pa.Table) -> bytes:
+    """Arrow IPC file bytes of a table (dictionaries unified: the file format allows one per field)."""
+    sink = pa.BufferOutputStream()
+    table = table.unify_dictionaries()
+    with pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def concat_compatible(stream: Stream, tables: list[tuple[pa.Table, str]]) -> pa.Table | None:
+    """The tables of one poll as one (schemas unified permissively: a missing column becomes nulls, float32 meets
+    float64); a table whose schema cannot join the stream's so far (`stream.seen_schema`: a column of another
+    type) is dead-lettered with the reason, naming `where` (its entry or segment), instead of failing the poll.
+    None if nothing is left."""
+    if not tables:
+        return None
+    schemas = [s for s in (stream.seen_schema,) if s is not None] + [t.schema for t, _ in tables]
+    try:
+        stream.seen_schema = pa.unify_schemas(schemas, promote_options="permissive") if len(schemas) > 1 \
+            else schemas[0]
+        return pa.concat_tables([t for t, _ in tables], promote_options="permissive") if len(tables) > 1 \
+            else tables[0][0]
+    except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError):
+        pass
+    keep, schema = [], stream.seen_schema
+    for t, where in tables:
+        try:
+            schema = t.schema if schema is None else pa.unify_schemas([schema, t.schema],
+                                                                      promote_options="permissive")
+            keep.append(t)
+            stream.seen_schema = schema
+        except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError) as e:
+            stream.dead_letter(t, [f"{where}: schema does not fit the stream's ({e})"] * t.num_rows)
+            stream.dead_rows += t.num_rows
+            log.warning("stream %s: %s dead-lettered: schema does not fit the stream's (%s)", stream.name, where, e)
+    return pa.concat_tables(keep, promote_options="permissive") if keep else None
 
 
 def partition_of(sample_id: np.ndarray, partitions: int) -> np.ndarray:
@@ -290,11 +356,13 @@ class DuplicateFilter:
         self._latest = None if latest < 0 else latest
 
 
-def poll_new_rows(stream: Stream, max_rows: int, timeout: float, dedup: DuplicateFilter, counts, uncommitted: list
+def poll_new_rows(stream: Stream, max_rows: int, timeout: float, dedup: DuplicateFilter, counts, uncommitted: list,
+                  validate: Callable[[pa.Table], pa.Table] | None = None
                   ) -> tuple[pa.Table | None, Cursor]:  # noqa: ANN001 - counts: anything with polled / redelivered
     """One poll of an at-least-once stream by a consumer: the cursor goes to `uncommitted` (committed once the
-    consumer's checkpoint holds the rows), re-deliveries are dropped by `dedup`, `counts.polled` and
-    `counts.redelivered` count both. Returns (the new rows or None, the cursor)."""
+    consumer's checkpoint holds the rows), `validate` (if given) takes the malformed rows out, re-deliveries are
+    dropped by `dedup`, `counts.polled` and `counts.redelivered` count both. Returns (the new rows or None, the
+    cursor). Validation comes before dedup: a malformed copy must not hide a good re-delivery of the same id."""
     table, cursor = stream.poll(max_rows, timeout)
     if cursor.empty:
         return None, cursor
@@ -302,6 +370,10 @@ def poll_new_rows(stream: Stream, max_rows: int, timeout: float, dedup: Duplicat
     if table is None or not table.num_rows:
         return None, cursor
     counts.polled += table.num_rows
+    if validate is not None:
+        table = validate(table)
+        if not table.num_rows:
+            return None, cursor
     before = dedup.dropped
     table = dedup(table)
     counts.redelivered += dedup.dropped - before

@@ -9,6 +9,15 @@ Rules (DESIGN §4 'Streams'), all on event time:
   arrived, with `has_signal` true. A signal may come before its sample (it then waits for it).
 * **Expired**: a sample still without a signal when the watermark reaches `event_time + max_delay` goes out with
   labels only (`has_signal` false, signal columns null).
+* **Clock watermark** (`stream.clock_watermark`, off by default): for a live stream whose event times are this
+  machine's wall clock. The data watermark trails the clock by the producer's batching and the transport (a sample
+  stamped at t is polled some milliseconds after t), so a sample would expire only once a sample stamped after its
+  deadline has been polled, up to a poll later than needed; and a quiet partition holds it back altogether. With
+  the option on, when both inputs are caught up (the last polls read every partition to its end: no backlog), the
+  clock's now also expires samples, so a sample leaves within max_delay plus one poll interval of real time.
+  It drives nothing else: duplicates, stale samples and late signals stay on the data watermark, so a producer that
+  lags the clock loses no sample (its samples go out label-only at once if already past their deadline). Off for
+  replays and the simulated timeline, where event times are not now.
 * **Late**: a signal whose sample already went out label-only, or that waited `max_delay` for a sample that never
   came, is counted late and handed to `late_sink` (the caller keeps it in the signal store); it is never joined.
 * **Duplicates** (at-least-once delivery upstream) are dropped by sample id on both inputs. Ids are remembered for
@@ -16,6 +25,11 @@ Rules (DESIGN §4 'Streams'), all on event time:
   told from a duplicate and is dropped as `stale`.
 * **Bounded buffer**: more than `buffer_rows` samples waiting -> the oldest go out label-only early (`evicted`);
   more than `buffer_rows` signals waiting -> the oldest go to `late_sink` (`signals_dropped`).
+* **Malformed input** (recdistill/streams/validate.py) is dead-lettered on the input stream that brought it, logged
+  by sample id and counted (`malformed_samples`, `malformed_signals`), and the join goes on: a sample without a
+  finite value in a `label_*` column of the first sample table, or whose table lacks a column of the first one (the
+  joined schema is fixed by it) or has one of another type; a signal without `num_tasks` logits, a teacher step or
+  a version. (A table that lacks a column but comes in one poll with complete ones reads as nulls there.)
 * Signal values are passed through untouched: NaN or infinite logits go out as they came, with `has_signal` true;
   the student rejects non-finite teacher logits and counts them (DESIGN §4 'Losses'), as in the batch phase.
 
@@ -50,7 +64,9 @@ from recdistill.streams.base import (
     column_np,
     first_unseen,
     joined_schema,
+    signal_schema,
 )
+from recdistill.streams.validate import RecordCheck, split_malformed
 
 
 def match_ids(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +159,8 @@ class JoinCounts:
     duplicate_samples: int = 0
     duplicate_signals: int = 0
     stale: int = 0
+    malformed_samples: int = 0  # dead-lettered on the sample stream
+    malformed_signals: int = 0  # dead-lettered on the signal stream
 
 
 class JoinCore:
@@ -170,11 +188,12 @@ class JoinCore:
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def step(self, samples: pa.Table | None, signals: pa.Table | None, watermark_ms: int | None, now_ms: int,
-             tick: int = 0) -> pa.Table | None:
+             tick: int = 0, clock_watermark_ms: int | None = None) -> pa.Table | None:
         """Take new input rows, join, expire under `watermark_ms`; returns the rows that go out now (or None).
 
         `now_ms` is the processing-time clock (join latency = now - event time of the row that goes out); `tick`
         tags the new rows so the caller can tell when the input that brought them may be committed.
+        `clock_watermark_ms` (the clock watermark, module docstring) expires waiting samples too, nothing else.
         """
         out: list[pa.Table] = []
         if samples is not None and samples.num_rows:
@@ -186,7 +205,7 @@ class JoinCore:
         # as the sample rows that moved the watermark past its deadline came in time.
         if watermark_ms is not None:
             self.watermark_ms = max(self.watermark_ms or watermark_ms, watermark_ms)
-        out += self._expire(now_ms)
+        out += self._expire(now_ms, clock_watermark_ms)
         out += self._enforce_cap(now_ms)
         if self.watermark_ms is not None:
             horizon = self.watermark_ms - self.dedup_horizon_ms
@@ -250,14 +269,17 @@ class JoinCore:
         self.latency_all.add(lat)
         return [self._emit(s_tab, g_tab)]
 
-    def _expire(self, now_ms: int) -> list[pa.Table]:
-        if self.watermark_ms is None:
+    def _expire(self, now_ms: int, clock_watermark_ms: int | None = None) -> list[pa.Table]:
+        marks = [w for w in (self.watermark_ms, clock_watermark_ms) if w is not None]
+        if not marks:
             return []
         out = []
-        due = self.samples.times + self.max_delay_ms <= self.watermark_ms
+        due = self.samples.times + self.max_delay_ms <= max(marks)
         if due.any():
             out.append(self._label_only(due, now_ms))
             self.counts.expired += out[-1].num_rows
+        if self.watermark_ms is None:
+            return out
         orphan = self.signals.times + self.max_delay_ms <= self.watermark_ms
         if orphan.any():
             self._late(self.signals.take_out(orphan)[0])
@@ -309,6 +331,7 @@ class JoinCore:
             "join/expired": c.expired, "join/evicted": c.evicted, "join/late": c.late,
             "join/signals_dropped": c.signals_dropped, "join/duplicate_samples": c.duplicate_samples,
             "join/duplicate_signals": c.duplicate_signals, "join/stale": c.stale,
+            "join/malformed_samples": c.malformed_samples, "join/malformed_signals": c.malformed_signals,
             "join/join_rate": c.joined / out_rows if out_rows else None,
             "join/waiting_samples": len(self.samples), "join/waiting_signals": len(self.signals),
             "join/latency_p50_ms": self.latency_joined.percentile(50),
@@ -326,18 +349,23 @@ class Joiner:
     """Polls the sample and signal streams, runs a JoinCore, appends its output to `out`, commits inputs safely.
 
     clock: processing-time clock in ms (a fake one in tests). Late signals go to `late_sink` (e.g. a function that
-    appends them to the signal store).
+    appends them to the signal store). clock_watermark: expire by the clock too once both inputs are caught up
+    (module docstring; only where event times are the clock's time).
     """
 
     def __init__(self, samples: Stream, signals: Stream, out: Stream, *, num_tasks: int, max_delay_ms: int,
-                 poll_rows: int = 65536, clock: Callable[[], int] = _wall_ms, **core_kwargs) -> None:
+                 poll_rows: int = 65536, clock: Callable[[], int] = _wall_ms, clock_watermark: bool = False,
+                 **core_kwargs) -> None:
         self.samples_in, self.signals_in, self.out = samples, signals, out
         self.core = JoinCore(num_tasks, max_delay_ms, **core_kwargs)
-        self.poll_rows, self.clock = poll_rows, clock
+        self.poll_rows, self.clock, self.clock_watermark = poll_rows, clock, clock_watermark
         self._latest: dict[int, int] = {}  # sample partition -> latest event time polled
         self._uncommitted: deque[tuple[int, Stream, Cursor]] = deque()
         self._tick = 0
         self.rows_in = self.rows_out = 0
+        self._sample_check: RecordCheck | None = None  # labels of the first sample table must be finite
+        self._signal_check = RecordCheck(logits=num_tasks, required=["teacher_step", "teacher_version"])
+        self._signal_schema = signal_schema(num_tasks)
 
     @classmethod
     def from_config(cls, cfg: StreamConfig, samples: Stream, signals: Stream, out: Stream, *, num_tasks: int,
@@ -345,6 +373,7 @@ class Joiner:
         """A joiner with the delay, buffer, dedup horizon and poll size of the `stream` config section."""
         return cls(samples, signals, out, num_tasks=num_tasks, max_delay_ms=int(cfg.max_delay_s * 1000),
                    poll_rows=cfg.poll_rows, buffer_rows=cfg.buffer_rows, late_sink=late_sink,
+                   clock_watermark=cfg.clock_watermark,
                    dedup_horizon_ms=int(cfg.dedup_horizon_s * 1000) if cfg.dedup_horizon_s else None)
 
     def watermark(self) -> int | None:
@@ -360,12 +389,58 @@ class Joiner:
         g_tab, g_cur = self.signals_in.poll(self.poll_rows, 0.0)
         for p, t in s_cur.event_time_max.items():
             self._latest[p] = max(self._latest.get(p, t), t)
-        out = self.core.step(s_tab, g_tab, self.watermark(), self.clock(), tick=self._tick)
+        s_tab, g_tab = self._checked_samples(s_tab), self._checked_signals(g_tab)
+        now = self.clock()
+        # the clock may expire samples only when no backlog is left on either input: a signal still unread there
+        # could be on time
+        clock_wm = now if self.clock_watermark and s_cur.caught_up and g_cur.caught_up else None
+        out = self.core.step(s_tab, g_tab, self.watermark(), now, tick=self._tick, clock_watermark_ms=clock_wm)
         for stream, cur in ((self.samples_in, s_cur), (self.signals_in, g_cur)):
             if not cur.empty:
                 self._uncommitted.append((self._tick, stream, cur))
         self.rows_in += s_cur.rows + g_cur.rows
         return self._publish(out)
+
+    def _checked_samples(self, table: pa.Table | None) -> pa.Table | None:
+        """The samples, cast to the columns of the first sample table (which fixed the joined schema); a table that
+        cannot be is dead-lettered whole on the sample stream (counted)."""
+        schema = self.core.out_schema
+        if table is None or not table.num_rows:
+            return table
+        if schema is not None:
+            want = pa.schema(list(schema)[:len(schema) - len(SIGNAL_COLUMNS) - 1])
+            try:
+                table = table if table.schema.equals(want) else table.select(want.names).cast(want)
+            except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+                reason = f"sample columns do not fit the first sample table's ({type(e).__name__}: {e})"
+                split_malformed(table, lambda t: np.full(t.num_rows, reason, dtype=object), self.samples_in,
+                                "joiner")
+                self.core.counts.malformed_samples += table.num_rows
+                return None
+        if self._sample_check is None:
+            self._sample_check = RecordCheck(labels=[n for n in table.column_names if n.startswith("label_")])
+        table, bad = split_malformed(table, self._sample_check, self.samples_in, "joiner")
+        self.core.counts.malformed_samples += bad
+        return table if table.num_rows else None
+
+    def _checked_signals(self, table: pa.Table | None) -> pa.Table | None:
+        """The signals with `num_tasks` logits each, cast to the signal schema; the others are dead-lettered on the
+        signal stream (counted)."""
+        if table is None or not table.num_rows:
+            return table
+        table, bad = split_malformed(table, self._signal_check, self.signals_in, "joiner")
+        self.core.counts.malformed_signals += bad
+        want = self._signal_schema
+        if not table.num_rows or table.schema.field("logits").type == want.field("logits").type:
+            return table if table.num_rows else None
+        try:
+            i = table.schema.get_field_index("logits")
+            return table.set_column(i, want.field("logits"), table.column(i).cast(want.field("logits").type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            reason = f"logits of type {table.schema.field('logits').type} do not cast to the signal schema's: {e}"
+            split_malformed(table, lambda t: np.full(t.num_rows, reason, dtype=object), self.signals_in, "joiner")
+            self.core.counts.malformed_signals += table.num_rows
+            return None
 
     def drain(self) -> int:
         """Step until a step takes in nothing (both inputs caught up); returns rows published."""

@@ -18,6 +18,16 @@ consumer keeps the entries it holds until its next checkpoint from going idle wi
 itself, not counted as a delivery), which every poll calls. An entry
 delivered more than `dead_letter_after` times (a poison entry that kills its consumer) and an entry that cannot be
 decoded are moved to the dead-letter stream, acknowledged, logged with their entry id, and consumption goes on.
+Malformed *rows* inside a good entry (found by the consumer's checks, recdistill/streams/validate.py) go to the same
+dead-letter stream through `dead_letter(rows, reasons)`, as Arrow bytes with a `dead_reason` column; their entry is
+acknowledged with the consumer's commit.
+
+Reconnecting: a consumer call (poll, commit, lag, dead_letter) that finds the server unreachable (killed,
+restarting, loading its AOF) is retried with backoff for up to `reconnect_s`, then fails with a StreamError that
+says the server did not come back. After a reconnect the consumer re-reads its own pending entries (a poll whose
+reply was lost left its entries there) and, if the restarted server lost the group, recreates it from the start;
+either way rows come again and are dropped downstream as duplicates, and nothing is lost. Appends are not retried
+here: the producer must learn of a restart (`ServerRestarted`) and re-send from its checkpoint.
 
 Durability: with the AOF on and `appendfsync everysec`, a server crash can lose about the last second of appends.
 The producer re-sends from its checkpoint: an append fails with a connection error during the crash, or with
@@ -37,7 +47,17 @@ from contextlib import contextmanager
 import pyarrow as pa
 import redis
 
-from recdistill.streams.base import Cursor, Stream, StreamError, as_table, check_keys, column_np, split_by_partition
+from recdistill.streams.base import (
+    Cursor,
+    Stream,
+    StreamError,
+    as_table,
+    check_keys,
+    column_np,
+    concat_compatible,
+    split_by_partition,
+    with_reasons,
+)
 
 log = logging.getLogger(__name__)
 PREFIX = "recdistill"
@@ -76,15 +96,19 @@ class RedisStream(Stream):
 
     entry_rows: rows per entry at most. dead_letter_after: deliveries after which an entry is dead-lettered.
     claim_idle_ms: idle time after which another consumer's pending entry is taken over (XAUTOCLAIM).
+    reconnect_s: how long a consumer call retries a server it cannot reach before failing.
     """
 
     def __init__(self, url: str, name: str, partitions: int = 1, *, group: str = "students", consumer: str = "c0",
                  producer_id: str = "p0", entry_rows: int = 16384, maxlen: int | None = None,
-                 retention_ms: int | None = None, dead_letter_after: int = 5, claim_idle_ms: int = 60_000) -> None:
+                 retention_ms: int | None = None, dead_letter_after: int = 5, claim_idle_ms: int = 60_000,
+                 reconnect_s: float = 60.0) -> None:
         self.url, self.name, self.partitions = url, name, partitions
         self.group, self.consumer, self.producer_id = group, consumer, producer_id
         self.entry_rows, self.maxlen, self.retention_ms = entry_rows, maxlen, retention_ms
         self.dead_letter_after, self.claim_idle_ms = dead_letter_after, claim_idle_ms
+        self.reconnect_s = reconnect_s
+        self.reconnects = 0  # times a consumer call found the server gone and got it back
         self.client = redis.Redis.from_url(url, socket_timeout=30, health_check_interval=0)
         self.keys = [f"{PREFIX}:{name}:{p}" for p in range(partitions)]
         self.dead_key, self.rows_key = f"{PREFIX}:{name}:dead", f"{PREFIX}:{name}:rows"
@@ -105,6 +129,37 @@ class RedisStream(Stream):
         except redis.RedisError as e:
             raise StreamError(f"stream {self.name!r}: {what} on {self.url} failed ({type(e).__name__}: {e})",
                               fix="check that the redis server runs and stream.redis_url points at it") from e
+
+    def _reconnecting(self, what: str, fn):  # noqa: ANN202 - returns what fn returns
+        """fn(), retried with backoff while the server cannot be reached, for up to `reconnect_s` (module docstring)."""
+        lost, delay = None, 0.05
+        while True:
+            try:
+                out = fn()
+            except StreamError as e:
+                if not isinstance(e.__cause__, redis.ConnectionError | redis.TimeoutError):  # incl. BusyLoadingError
+                    raise
+                now = time.monotonic()
+                if lost is None:
+                    lost = now
+                    log.warning("stream %s: redis at %s unreachable during %s (%s); retrying for up to %.0f s",
+                                self.name, self.url, what, e.__cause__, self.reconnect_s)
+                if now - lost >= self.reconnect_s:
+                    raise StreamError(f"stream {self.name!r}: the redis server at {self.url} did not come back within "
+                                      f"{self.reconnect_s:g} s ({what}: {e.__cause__})",
+                                      fix="start the redis server again (its AOF keeps the streams and groups) and "
+                                      "resume from the checkpoint, or raise stream.reconnect_s") from e
+                # Once back, re-read this consumer's own pending entries first: a poll whose reply was lost left its
+                # entries there, and a server that lost its last writes may have rolled the group back.
+                self._recovering, self._pel_after, self._next_beat = True, {k: "0" for k in self.keys}, 0.0
+                time.sleep(min(delay, max(0.0, lost + self.reconnect_s - now)))
+                delay = min(2 * delay, 1.0)
+                continue
+            if lost is not None:
+                self.reconnects += 1
+                log.warning("stream %s: redis at %s is back after %.1f s", self.name, self.url,
+                            time.monotonic() - lost)
+            return out
 
     # ---- producer ------------------------------------------------------------------------------------------------
     def append(self, batch: pa.RecordBatch | pa.Table) -> int:
@@ -174,9 +229,12 @@ class RedisStream(Stream):
 
     def poll(self, max_rows: int, timeout: float = 0.0) -> tuple[pa.Table | None, Cursor]:
         """Own pending entries first (after a restart), then idle entries of others (XAUTOCLAIM), then new ones."""
-        self._ensure_group()
-        self.heartbeat()
+        return self._reconnecting("poll", lambda: self._poll_or_regroup(max_rows, timeout))
+
+    def _poll_or_regroup(self, max_rows: int, timeout: float) -> tuple[pa.Table | None, Cursor]:
         try:
+            self._ensure_group()
+            self.heartbeat()
             return self._poll(max_rows, timeout)
         except StreamError as e:
             if "NOGROUP" not in str(e):
@@ -196,7 +254,7 @@ class RedisStream(Stream):
         count = max(1, -(-max_rows // (self.entry_rows * self.partitions)))
         with self._server("poll"):
             while True:
-                entries = self._read_pending(count) if self._recovering else []
+                entries, caught_up = (self._read_pending(count) if self._recovering else []), False
                 if not entries and time.monotonic() >= self._next_claim:
                     entries = self._claim_idle(count)
                     self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
@@ -207,7 +265,9 @@ class RedisStream(Stream):
                                                   count=count, block=int(timeout * 1000) if timeout > 0 else None)
                     entries = [(k.decode(), eid.decode(), f) for k, items in resp or [] for eid, f in items]
                     read_any = bool(entries)
+                    caught_up = all(len(items) < count for _, items in resp or [])  # no key filled its COUNT
                 table, cursor = self._assemble(entries)
+                cursor.caught_up = caught_up
                 # Read something but all of it was dead-lettered: look again rather than answer "nothing new".
                 if table is not None or not cursor.empty or not read_any:
                     return table, cursor
@@ -270,6 +330,7 @@ class RedisStream(Stream):
             rows = int((fields or {}).get(b"n", 0) or 0)
         except ValueError:  # a malformed entry may have any `n`; it then counts as no rows
             rows = 0
+        self.dead_rows += rows
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(self.dead_key, {**(fields or {}), "src": key, "id": eid, "group": self.group, "reason": reason})
         pipe.xack(key, self.group, eid)
@@ -297,15 +358,51 @@ class RedisStream(Stream):
             if table.num_rows:
                 tmax = int(column_np(table, "event_time_ms").max())
                 cursor.event_time_max[p] = max(cursor.event_time_max.get(p, tmax), tmax)
-                tables.append(table)
-        if not tables:
-            return None, cursor
-        return pa.concat_tables(tables, promote_options="default"), cursor
+                tables.append((table, where))
+        return concat_compatible(self, tables), cursor
+
+    def dead_letter(self, rows: pa.Table, reasons: list[str]) -> None:
+        """XADD the rows with their reasons to the dead-letter stream (one entry); acknowledges nothing."""
+        payload = with_reasons(rows, reasons)
+        fields = {"b": encode(payload), "n": payload.num_rows, "group": self.group, "src": f"consumer {self.consumer}",
+                  "reason": reasons[0] if reasons else ""}
+
+        def add() -> None:
+            with self._server("dead letter"):
+                self.client.xadd(self.dead_key, fields)
+
+        self._reconnecting("dead letter", add)
+
+    def dead_letters(self) -> list[dict]:
+        """The dead-letter stream, oldest first: whole entries (`where` = their id) and rows found malformed."""
+        with self._server("reading dead letters"):
+            entries = self.client.xrange(self.dead_key)
+        out = []
+        for eid, f in entries:
+            try:
+                rows = pa.ipc.open_stream(pa.BufferReader(f[b"b"])).read_all() if b"b" in f else None
+            except (pa.ArrowInvalid, OSError):
+                rows = None
+            where = _text(f[b"id"]) if b"id" in f else _text(f.get(b"src", b"")) + f" ({_text(eid)})"
+            out.append({"where": where, "reason": _text(f.get(b"reason", b"")), "rows": rows})
+        return out
 
     def commit(self, cursor: Cursor) -> None:
-        """XACK the cursor's entries and count the rows that this call acknowledged."""
+        """XACK the cursor's entries and count the rows that this call acknowledged (XACK is idempotent: a retry
+        after a lost reply counts nothing twice). A group the server lost has nothing to acknowledge: the next poll
+        recreates it, and the rows come again as duplicates."""
         if not cursor.acks:
             return
+        try:
+            self._reconnecting("commit", lambda: self._commit(cursor))
+        except StreamError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            log.warning("stream %s: consumer group %s is gone on the server; nothing to acknowledge", self.name,
+                        self.group)
+            self._held.difference_update((key, eid) for key, eid, _ in cursor.acks)
+
+    def _commit(self, cursor: Cursor) -> None:
         with self._server("commit"):
             pipe = self.client.pipeline(transaction=False)
             for key, eid, _ in cursor.acks:
@@ -359,8 +456,12 @@ class RedisStream(Stream):
     def lag(self) -> int:
         """Rows appended minus rows this group acknowledged (dead letters count as acknowledged). Approximate after
         a seek or when retention trimmed unread entries."""
-        with self._server("lag"):
-            got = self.client.hmget(self.rows_key, ["appended", f"acked:{self.group}"])
+
+        def get() -> list:
+            with self._server("lag"):
+                return self.client.hmget(self.rows_key, ["appended", f"acked:{self.group}"])
+
+        got = self._reconnecting("lag", get)
         return int(got[0] or 0) - int(got[1] or 0)
 
     def pending(self) -> int:

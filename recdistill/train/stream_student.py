@@ -17,6 +17,13 @@ Re-deliveries are dropped by a DuplicateFilter (saved in the checkpoint). Rows w
 false: the teacher was late or stalled) train both towers on labels only (counted as `stream/label_only`); signals
 go through the batch phase's non-finite rejection and quality gate (StudentTrainer.gate).
 
+**Malformed rows** (a null or NaN label, a traffic source the data lacks, a signal without its `num_tasks` logits,
+an id the source cannot rebuild, a missing column: recdistill/streams/validate.py) are dead-lettered on the joined
+stream with their reason before anything else sees them, logged by sample id and counted (`stream/dead_lettered`);
+their positions are committed with the poll, so they are not delivered again once a checkpoint holds it. Records the
+backend cannot even read (undecodable, no key columns, a column of another type) it puts aside itself
+(`stream/dead_lettered_by_backend`, this process only). Training goes on either way.
+
 **Delivery.** Rows are trained in batches of the student's batch size, cut in stream order. A checkpoint is taken
 at a poll boundary once `student.checkpoint_every` steps have passed since the last: it holds the weights, the
 stream position *after* the polls trained (`Stream.state_after`), the rows polled but short of a batch, and the
@@ -44,6 +51,7 @@ from recdistill.data.sampling import keep_mask
 from recdistill.signals.schema import SignalMeta
 from recdistill.signals.writer import SignalWriter
 from recdistill.streams.base import Cursor, DuplicateFilter, Stream, column_np, poll_new_rows
+from recdistill.streams.validate import RecordCheck, split_malformed
 from recdistill.train import student_checkpoint as ckpt
 from recdistill.train.student import SignalCounts, StudentTrainer
 
@@ -57,6 +65,7 @@ class StreamCounts:
     polled: int = 0
     redelivered: int = 0  # dropped by the DuplicateFilter
     outside_view: int = 0  # teacher-view rows the student's own view drops
+    dead_lettered: int = 0  # malformed rows put aside (recdistill/streams/validate.py)
     trained: int = 0
     with_signal: int = 0  # trained rows that came with a teacher signal (before the gate)
     label_only: int = 0  # trained rows without one
@@ -91,6 +100,9 @@ class StreamingStudent:
         self.bs = trainer.s.batch_size or cfg.data.batch_size
         self.poll_rows = poll_rows or 16 * self.bs
         self.dedup = DuplicateFilter(dedup_horizon_ms)
+        self.check = RecordCheck(labels=[f"label_{t}" for t in self.tasks], traffic_sources=trainer.num_traffic,
+                                 has_signal=True, logits=len(self.tasks) if self.distill else None,
+                                 known_ids=getattr(trainer.source, "known_ids", None))
         self.counts = StreamCounts()
         self.buffer: pa.Table | None = None  # polled rows of the student's view not yet trained
         self.uncommitted: list[Cursor] = []
@@ -129,13 +141,16 @@ class StreamingStudent:
     # ---- one poll ------------------------------------------------------------------------------------------------
     def poll_once(self, timeout: float = 0.0) -> int:
         """Poll once, train every full batch now buffered, checkpoint and commit when due; returns rows polled."""
-        table, cursor = poll_new_rows(self.stream, self.poll_rows, timeout, self.dedup, self.counts, self.uncommitted)
+        table, cursor = poll_new_rows(self.stream, self.poll_rows, timeout, self.dedup, self.counts, self.uncommitted,
+                                      validate=self._valid)
         if cursor.empty:
             return 0
         if table is not None:
             table = self._in_view(table)
             if table.num_rows:
-                self.buffer = table if self.buffer is None else pa.concat_tables([self.buffer, table])
+                # permissive: producers may differ in a column's exact type (fixed or variable list of logits)
+                self.buffer = table if self.buffer is None else pa.concat_tables([self.buffer, table],
+                                                                                 promote_options="permissive")
         while self.buffer is not None and self.buffer.num_rows >= self.bs:
             rows, self.buffer = self.buffer.slice(0, self.bs), self.buffer.slice(self.bs)
             self._train(rows)
@@ -156,6 +171,12 @@ class StreamingStudent:
             self._train(rows)
         self._maybe_checkpoint(force=True)
         return self.summary()
+
+    def _valid(self, table: pa.Table) -> pa.Table:
+        """The rows `self.check` passes; the others are dead-lettered on the joined stream, logged and counted."""
+        table, bad = split_malformed(table, self.check, self.stream, f"student {self.t.name}")
+        self.counts.dead_lettered += bad
+        return table
 
     def _in_view(self, table: pa.Table) -> pa.Table:
         view, nt = self.t.view, self.t.num_traffic
@@ -249,4 +270,5 @@ class StreamingStudent:
         """Stream and signal counters, steps and samples."""
         return {"train/steps": self.t.steps, "train/samples": self.t.samples,
                 **{f"stream/{k}": v for k, v in asdict(self.counts).items()},
+                "stream/dead_lettered_by_backend": self.stream.dead_rows,
                 **{f"signals/{k}": v for k, v in asdict(self.t.counts).items()}}

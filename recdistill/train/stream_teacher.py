@@ -16,7 +16,8 @@ its windows numbered on from the batch phase's. Forward distillation holds as in
 written by the forward of the step that first trains on the sample, before backward. Delivery: the sample-stream
 cursor is committed at `finish()` (the end of a streaming day), after the signal store's window is committed and
 flushed; the streaming teacher does not resume in the middle of a streaming day (a crashed one re-runs the day from
-its batch checkpoint).
+its batch checkpoint). Malformed sample rows (a null or NaN label, a traffic source the data lacks, an id the source
+cannot rebuild) are dead-lettered on the sample stream, logged by id and counted, as the student does.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from recdistill.streams.base import Cursor, DuplicateFilter, Stream, column_np, poll_new_rows
 from recdistill.streams.records import signal_records
+from recdistill.streams.validate import RecordCheck, split_malformed
 from recdistill.train.teacher import TeacherTrainer, build_writer
 
 
@@ -38,6 +40,7 @@ class TeacherStreamCounts:
 
     polled: int = 0
     redelivered: int = 0
+    dead_lettered: int = 0  # malformed sample rows put aside (recdistill/streams/validate.py)
     trained: int = 0
     published: int = 0
 
@@ -58,6 +61,9 @@ class StreamingTeacher:
         self.rows_per_day = trainer.cfg.data.samples_per_day
         self.dedup = DuplicateFilter(dedup_horizon_ms)
         self.counts = TeacherStreamCounts()
+        self.check = RecordCheck(labels=[f"label_{t}" for t in trainer.tasks],
+                                 traffic_sources=trainer.source.schema.num_traffic,
+                                 known_ids=getattr(trainer.source, "known_ids", None))
         self.buffer: pa.Table | None = None
         self.uncommitted: list[Cursor] = []
         self.resumed_step = trainer.maybe_resume()
@@ -83,11 +89,13 @@ class StreamingTeacher:
 
     def poll_once(self, timeout: float = 0.0) -> int:
         """Poll the sample stream once and train every full batch buffered; returns rows polled."""
-        table, cursor = poll_new_rows(self.samples, 16 * self.bs, timeout, self.dedup, self.counts, self.uncommitted)
+        table, cursor = poll_new_rows(self.samples, 16 * self.bs, timeout, self.dedup, self.counts, self.uncommitted,
+                                      validate=self._valid)
         if cursor.empty:
             return 0
         if table is not None:
-            self.buffer = table if self.buffer is None else pa.concat_tables([self.buffer, table])
+            self.buffer = table if self.buffer is None else pa.concat_tables([self.buffer, table],
+                                                                             promote_options="permissive")
         while self.buffer is not None and self.buffer.num_rows >= self.bs:
             rows, self.buffer = self.buffer.slice(0, self.bs), self.buffer.slice(self.bs)
             self._train(rows)
@@ -111,6 +119,11 @@ class StreamingTeacher:
             self.samples.commit(cur)
         self.uncommitted.clear()
         return self.summary()
+
+    def _valid(self, table: pa.Table) -> pa.Table:
+        table, bad = split_malformed(table, self.check, self.samples, "streaming teacher")
+        self.counts.dead_lettered += bad
+        return table
 
     def _train(self, rows: pa.Table) -> None:
         t = self.t

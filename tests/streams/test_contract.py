@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from recdistill.streams.base import DuplicateFilter, StreamError, column_np
+from recdistill.streams.validate import RecordCheck, split_malformed
 
 
 def drain(stream, max_rows=100, commit=True):
@@ -142,3 +143,55 @@ def test_open_stream_from_config(make_stream, sample_rows, tmp_path):
         assert s.partitions == 3
         s.append(sample_rows(0, 50))
         assert s.lag() == 50
+
+
+def test_rows_of_a_conflicting_schema_are_dead_lettered_not_fatal(make_stream, sample_rows):
+    """A producer that wrote a column with another type: its rows are put aside with the reason, the rest of the
+    poll comes through, and the poll's commit covers them (not delivered again)."""
+    s = make_stream()
+    s.append(sample_rows(0, 10))
+    odd = sample_rows(10, 15)
+    odd = odd.set_column(odd.schema.get_field_index("label_ctr"), "label_ctr", pa.array(["yes"] * 5))
+    s.append(odd)
+    s.append(sample_rows(15, 25))
+    got = []
+    while (t := s.poll(1000))[0] is not None:
+        got.append(column_np(t[0], "sample_id"))
+        s.commit(t[1])
+    assert sorted(np.concatenate(got).tolist()) == [*range(10), *range(15, 25)]
+    (dead,) = s.dead_letters()
+    assert "schema does not fit" in dead["reason"]
+    assert column_np(dead["rows"], "sample_id").tolist() == list(range(10, 15))
+    assert s.dead_rows == 5 and s.lag() == 0
+
+
+def test_malformed_rows_are_dead_lettered_with_their_ids(make_stream, sample_rows, caplog):
+    s = make_stream()
+    rows = sample_rows(0, 6)
+    labels = rows.column("label_ctr").to_numpy().copy()
+    labels[[1, 4]] = np.nan
+    rows = rows.set_column(rows.schema.get_field_index("label_ctr"), "label_ctr", pa.array(labels))
+    s.append(rows)
+    t, cur = s.poll(100)
+    with caplog.at_level("WARNING"):
+        good, bad = split_malformed(t, RecordCheck(labels=["label_ctr"]), s, "test consumer")
+    assert bad == 2 and column_np(good, "sample_id").tolist() == [0, 2, 3, 5]
+    assert "sample_id 1: label_ctr is null, NaN or infinite" in caplog.text and "sample_id 4" in caplog.text
+    (dead,) = s.dead_letters()
+    assert column_np(dead["rows"], "sample_id").tolist() == [1, 4]
+    assert all("label_ctr" in r for r in dead["rows"].column("dead_reason").to_pylist())
+    s.commit(cur)  # dead letters are acknowledged with the poll that brought them
+    assert s.lag() == 0 and s.poll(100)[0] is None
+
+
+def test_cursor_says_when_the_consumer_is_caught_up(make_stream, sample_rows):
+    s = make_stream(partitions=2)
+    s.append(sample_rows(0, 100))
+    t, cur = s.poll(50)
+    assert t is not None and not cur.caught_up  # a poll that filled its quota cannot know there is no more
+    while not cur.caught_up:
+        t, cur = s.poll(1000)
+    s.append(sample_rows(100, 110))
+    t, cur = s.poll(1000)  # a new append after a caught-up poll: listed again and read (local), not missed
+    assert sorted(column_np(t, "sample_id").tolist()) == list(range(100, 110)) and cur.caught_up
+    assert s.poll(1000)[1].caught_up

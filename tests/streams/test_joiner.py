@@ -313,3 +313,70 @@ def test_match_ids_pairs_equal_ids_whichever_side_is_longer(sizes):
     ia, ib = match_ids(a, b)
     np.testing.assert_array_equal(a[ia], b[ib])
     assert set(a[ia].tolist()) == set(a.tolist()) & set(b.tolist())
+
+
+def test_malformed_inputs_are_dead_lettered_and_the_join_goes_on(make_stream, caplog):
+    """Both backends: a sample table without a column of the first one, signals with the wrong number of logits or
+    none, and a signal table without teacher_step go to the dead letters of the stream that brought them, by id; every
+    good sample still goes out, with its signal where a good one came."""
+    tag = np.random.default_rng().integers(1 << 30)
+    s_in, g_in, out = (make_stream(f"{n}-{tag}") for n in ("samples", "signals", "joined"))
+    s_in.append(samples_of(range(0, 20)))
+    s_in.append(samples_of(range(20, 25)).drop_columns(["label_ctr"]))  # another producer's table
+    s_in.append(samples_of(range(25, 40)))
+    g_in.append(signals(range(0, 10)))
+    short = signals([10, 11]).to_pydict()
+    short["logits"] = [[1.0], None]  # one logit for two tasks; no logits at all
+    g_in.append(pa.Table.from_pydict(short, schema=signals([10]).schema.set(
+        3, pa.field("logits", pa.list_(pa.float32())))))
+    g_in.append(signals(range(12, 30)).drop_columns(["teacher_step"]))
+    g_in.append(signals(range(30, 40)))
+    j = Joiner(s_in, g_in, out, num_tasks=T, max_delay_ms=DELAY, poll_rows=1000, clock=lambda: 0)
+    with caplog.at_level("WARNING"):
+        j.drain()
+        j.flush(10**12)
+    m = j.metrics()
+    assert m["join/malformed_samples"] == 5 and m["join/malformed_signals"] == 2 + 18
+    student = make_stream(f"joined-{tag}")
+    rows = pa.concat_tables([t for t in iter(lambda: student.poll(1000)[0], None)])
+    ids, has = column_np(rows, "sample_id"), column_np(rows, "has_signal")
+    assert sorted(ids.tolist()) == [*range(20), *range(25, 40)]
+    assert sorted(ids[has].tolist()) == [*range(10), *range(30, 40)]
+    dead_s = pa.concat_tables([d["rows"] for d in s_in.dead_letters()])
+    assert column_np(dead_s, "sample_id").tolist() == list(range(20, 25))
+    assert "label_ctr" in dead_s.column("dead_reason")[0].as_py()
+    why = {i: r for d in g_in.dead_letters() for i, r in zip(column_np(d["rows"], "sample_id").tolist(),
+                                                             d["rows"].column("dead_reason").to_pylist(), strict=True)}
+    assert sorted(why) == [10, 11, *range(12, 30)] and "2 values" in why[10] and "teacher_step" in why[12]
+    assert "sample_id 10: logits missing or not 2 values" in caplog.text
+    assert s_in.lag() == g_in.lag() == 0  # dead letters are committed with their polls
+
+
+def test_clock_watermark_expires_on_time_only_without_backlog(tmp_path):
+    """Event times on the clock (a live stream): the data watermark trails it (the newest sample polled is at 1090,
+    the clock at 1200), so only the clock watermark expires the samples due by 1200, and only once both inputs are
+    caught up: a signal still unread in a backlog may be on time. A producer far behind the clock loses nothing: its
+    samples go out label-only, none dropped as stale."""
+    def run(clock_watermark, now, n_signals=0, poll_rows=1000):
+        tag = np.random.default_rng().integers(1 << 30)
+        s_in, g_in, out = (LocalStream(str(tmp_path), f"{n}-{tag}") for n in ("s", "g", "j"))
+        s_in.append(samples_of(range(10)))  # event times 1000 .. 1090
+        if n_signals:
+            g_in.append(signals(range(10, 10 + n_signals)))  # other samples' signals, a backlog to read first
+            g_in.append(signals([3]))
+        j = Joiner(s_in, g_in, out, num_tasks=T, max_delay_ms=DELAY, poll_rows=poll_rows, clock=lambda: now,
+                   clock_watermark=clock_watermark)
+        return j, j.step()
+
+    j, published = run(False, now=1200)
+    assert published == 0 and j.core.watermark_ms == 1090  # the data watermark is behind: nothing is due by it
+    j, published = run(True, now=1200)
+    assert published == 10 == j.core.counts.expired  # due by the clock: t + 100 <= 1200
+    j, published = run(True, now=1150)
+    assert published == 6  # 1000 .. 1050 are due, 1060 .. 1090 wait
+    j, published = run(True, now=1200, n_signals=40, poll_rows=20)  # the signal poll is not caught up
+    assert published == 0
+    published += j.step() + j.step()  # the backlog is read: sample 3 meets its signal, the rest expire by the clock
+    assert published == 10 and j.core.counts.joined == 1 and j.core.counts.expired == 9
+    j, published = run(True, now=10**9)  # samples far behind the clock: label-only at once, none stale
+    assert published == 10 and j.core.counts.stale == 0

@@ -65,13 +65,24 @@ def test_offsets_travel_in_the_checkpoint(sample_rows):
         LocalStream("memory://ckpt-test", "other", partitions=2).load_state_dict(state)
 
 
-def test_unreadable_segment_names_the_file(tmp_path, sample_rows):
+def test_unreadable_segment_is_dead_lettered_by_name_and_consumption_goes_on(tmp_path, sample_rows, caplog):
     s = LocalStream(str(tmp_path), "rot")
     s.append(sample_rows(0, 10))
     seg = next((tmp_path / "rot" / "p=0").glob("*.arrow"))
-    seg.write_bytes(seg.read_bytes()[:40])  # bit rot / truncation after publish
-    with pytest.raises(StreamError, match=seg.name):
-        LocalStream(str(tmp_path), "rot").poll(100)
+    s.append(sample_rows(10, 20))
+    good = seg.read_bytes()
+    seg.write_bytes(good[:40])  # bit rot / truncation after publish
+    reader = LocalStream(str(tmp_path), "rot")
+    with caplog.at_level("WARNING"):
+        t, cur = reader.poll(100)
+    assert column_np(t, "sample_id").tolist() == list(range(10, 20))  # the rows after it still come
+    assert cur.positions == {0: 20}  # the bad segment's rows count as consumed: committed with the poll
+    assert seg.name in caplog.text
+    (dead,) = reader.dead_letters()
+    assert dead["where"].endswith(seg.name) and "unreadable" in dead["reason"] and dead["rows"] is None
+    assert (tmp_path / "rot" / "_dead" / dead["payload"]).read_bytes() == good[:40]  # kept for inspection
+    reader.commit(cur)
+    assert reader.lag() == 0 and reader.poll(100)[0] is None
 
 
 def test_schema_is_kept(tmp_path, sample_rows):

@@ -248,3 +248,28 @@ def test_each_student_population_gets_every_row(redis_server, sample_rows):
         assert sorted(ids.tolist()) == list(range(200)), g  # every row once per group
         assert consumers[0].lag() == 0
     assert groups["small"][0].lag() == 0 and RedisStream(redis_server.url, "fanout", 2, group="new").lag() == 200
+
+
+def test_consumer_waits_for_a_restarted_server_and_fails_clearly_if_it_never_returns(tmp_path, sample_rows):
+    server = RedisServer(dir=str(tmp_path / "redis")).start()
+    try:
+        RedisStream(server.url, "gone", entry_rows=10).append(sample_rows(0, 50))
+        c = RedisStream(server.url, "gone", consumer="c", entry_rows=10, reconnect_s=20)
+        t, cur = c.poll(20)
+        server.kill()
+        threading.Timer(0.5, server.start).start()  # back on the same port, from its AOF
+        c.commit(cur)  # waits for the server, then acknowledges
+        got = [t]
+        while (r := c.poll(100))[0] is not None:
+            got.append(r[0])
+            c.commit(r[1])
+        assert sorted(column_np(pa.concat_tables(got), "sample_id").tolist()) == list(range(50))
+        assert c.reconnects == 1 and c.lag() == 0
+        server.kill()  # and now it stays down
+        c.reconnect_s = 0.5
+        t0 = time.monotonic()
+        with pytest.raises(StreamError, match=r"did not come back within 0.5 s") as e:
+            c.poll(100)
+        assert 0.5 <= time.monotonic() - t0 < 5 and server.url in str(e.value)
+    finally:
+        server.close()
