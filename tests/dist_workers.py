@@ -180,9 +180,3 @@ def spawn_steps(cases: dict[str, dict], init: dict) -> dict[str, dict]:
             results[name] = {"error": f"rank exit codes {codes}: {errors}"}
     return results
 
-
-def spawn_step(sharding: str, stage: int, init: dict, **kwargs) -> dict:
-    """One case (spawn_steps): {rank: result}, after asserting it finished on every rank."""
-    out = spawn_steps({"step": dict(sharding=sharding, stage=stage, **kwargs)}, init)["step"]
-    assert "error" not in out, out["error"]
-    return out
