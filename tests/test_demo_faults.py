@@ -20,7 +20,9 @@ from recdistill.signals.reader import SignalReader
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(ROOT / "configs" / "teacher" / "tiny.yaml"), "--set", "data.batch_size=128",
         "--set", "tracking.progress=false", "--set", "student.history_len=8", "--set", "tracking.mode=disabled"]
-ONE_STUDENT = ["--set", "experiment.students=[{name: base, set: [student.towers=single, student.tower_loss=task]}]"]
+# one student, not exported (torch.export is most of a small student's time; tests/test_demo.py checks the export)
+ONE_STUDENT = ["--set", "experiment.students=[{name: base, set: [student.towers=single, student.tower_loss=task]}]",
+               "--set", "student.export=false"]
 
 
 def err_line(err: str) -> str:
