@@ -3,7 +3,9 @@
 A torchrun run of the teacher costs most of its time in start-up (two ranks importing torch, TorchRec and
 DeepSpeed), so one run serves every test that checks a different aspect of the same kind of run:
 test_teacher_trainer.py (one committed row per trained sample, uneven ranks) and test_teacher_eval.py (every eval
-sample once, the logged metrics) check the same table-wise / ZeRO-2 run.
+sample once, the logged metrics) check the same table-wise / ZeRO-2 run; test_teacher_launchers.py (through
+launch/teacher_torchrun.sh) and test_teacher_scale.py (ZeRO-1 trains; two nodes of one rank equal one node of two)
+the same short ZeRO-1 run.
 """
 
 import os
@@ -13,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ZERO1_SETS
 
-TINY_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "teacher" / "tiny.yaml")  # from any cwd
+ROOT = Path(__file__).resolve().parents[2]
+TINY_CONFIG = str(ROOT / "configs" / "teacher" / "tiny.yaml")  # from any cwd
 
 #: The data is uneven over the ranks: 1200 rows a day in chunks of 256 (rank 0 gets 3 chunks, rank 1 two, the last
 #: one short; after sampling 12 and 10 batches of 64, with a partial last batch every day on both ranks), and the
@@ -56,3 +60,18 @@ def torchrun_teacher(tmp_path_factory):
         return root, sets
 
     return run
+
+
+@pytest.fixture(scope="session")
+def one_node_zero1(tmp_path_factory):
+    """(root, the script's CompletedProcess): ZERO1_SETS through launch/teacher_torchrun.sh (NPROC=2, both ranks'
+    output shown), once a session, asserted to have finished. Under root: one.rank{r}.json (--summary),
+    one-sig/ (the signal store), one-eval.npz (--eval-out), runs/."""
+    root = tmp_path_factory.mktemp("one_node_zero1")
+    sets = [*ZERO1_SETS, f"signals.uri={root}/one-sig", f"tracking.run_dir={root}/runs"]
+    env = {**os.environ, "NPROC": "2", "LOG_RANK": "0,1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "teacher_torchrun.sh"), "--summary", str(root / "one"),
+                           "--eval-out", str(root / "one-eval.npz"), *[a for s in sets for a in ("--set", s)]],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return root, proc

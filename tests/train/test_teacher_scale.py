@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from dist_workers import CFG, KINDS, WORLD, free_port, reference, spawn_steps
-from helpers import SCHEMA, TINY_CONFIG, make_batch
+from helpers import SCHEMA, SHORT_SETS, TINY_CONFIG, ZERO1_SETS, make_batch
 
 from recdistill.config import TeacherConfig, load_config
 from recdistill.models.teacher import TeacherModel
@@ -121,30 +121,11 @@ def torchrun(tmp_path: Path, name: str, sets: list[str], launch: list[str], env:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-SETS = ["data.samples_per_day=600", "data.num_days=2", "data.batch_size=32", "teacher.steps=4",
-        "signals.window_steps=2", "tracking.mode=disabled", "tracking.progress=false"]
-
-
 def summaries(tmp_path: Path, name: str) -> list[dict]:
     return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(2)]
 
 
-def scale_sets(zero: str, precision: str, ckpt: str) -> list[str]:
-    return [*SETS, f"teacher.deepspeed=configs/deepspeed/{zero}.json", f"teacher.precision={precision}",
-            f"teacher.activation_checkpointing={ckpt}"]
-
-
 ZERO1 = ("zero1", "fp32", "none")
-
-
-@pytest.fixture(scope="module")
-def one_node(tmp_path_factory) -> Path:
-    """The ZeRO-1 run on one node of two ranks (files named `one`): test_trainer_runs_zero1_and_offload checks it,
-    test_two_nodes_of_one_rank_equal_one_node_of_two compares the two-node run with it (one run, not two)."""
-    tmp = tmp_path_factory.mktemp("one_node")
-    proc = torchrun(tmp, "one", scale_sets(*ZERO1), ["--nproc_per_node=2", f"--master_port={free_port()}"])
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    return tmp
 
 
 @pytest.mark.multiproc
@@ -153,14 +134,17 @@ def one_node(tmp_path_factory) -> Path:
 def test_trainer_runs_zero1_and_offload(request, tmp_path, zero, precision, ckpt):
     """ZeRO-1 (fp32) and ZeRO-3 with optimizer and parameters offloaded to CPU (DeepSpeedCPUAdam; in bf16 with
     activation checkpointing, as the 7b preset runs) each train a few steps of the real trainer on 2 ranks and
-    write every row. DeepSpeedCPUAdam is JIT-built on its first use on a machine (minutes), then cached."""
-    if (zero, precision, ckpt) == ZERO1:  # the module's one-node run
-        root, name = request.getfixturevalue("one_node"), "one"
+    write every row. DeepSpeedCPUAdam is JIT-built on its first use on a machine (minutes), then cached. The ZeRO-1
+    run is conftest.py's one_node_zero1 (through launch/teacher_torchrun.sh; also the two-nodes test's reference)."""
+    sets = [*SHORT_SETS, f"teacher.deepspeed=configs/deepspeed/{zero}.json", f"teacher.precision={precision}",
+            f"teacher.activation_checkpointing={ckpt}"]
+    if (zero, precision, ckpt) == ZERO1:
+        assert sets == ZERO1_SETS
+        root, name = request.getfixturevalue("one_node_zero1")[0], "one"
     else:
         # a cold TORCH_EXTENSIONS_DIR builds DeepSpeedCPUAdam first: minutes on a busy 2-core machine
         root, name = tmp_path, "run"
-        proc = torchrun(root, name, scale_sets(zero, precision, ckpt),
-                        ["--nproc_per_node=2", f"--master_port={free_port()}"], timeout=600)
+        proc = torchrun(root, name, sets, ["--nproc_per_node=2", f"--master_port={free_port()}"], timeout=600)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     sums = summaries(root, name)
     assert sums[0]["steps"] == sums[1]["steps"] == 4 and all(np.isfinite(s["loss"]) for s in sums)
@@ -174,15 +158,15 @@ def test_trainer_runs_zero1_and_offload(request, tmp_path, zero, precision, ckpt
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_two_nodes_of_one_rank_equal_one_node_of_two(tmp_path, one_node):
+def test_two_nodes_of_one_rank_equal_one_node_of_two(tmp_path, one_node_zero1):
     """torchrun --nnodes 2 --node_rank {0,1} --nproc_per_node 1 over a localhost rendezvous (what SLURM's one
-    torchrun per node does, launch/teacher_slurm.sbatch) takes the same steps as one node of two ranks (the
-    module's ZeRO-1 run): same losses, same stored logits for every sample, same eval predictions (the trained
-    parameters)."""
+    torchrun per node does, launch/teacher_slurm.sbatch) takes the same steps as one node of two ranks (conftest's
+    one_node_zero1, the same settings): same losses, same stored logits for every sample, same eval predictions
+    (the trained parameters)."""
     port = free_port()
-    nodes = [torchrun(tmp_path, "nodes", scale_sets(*ZERO1), ["--nnodes=2", f"--node_rank={n}", "--nproc_per_node=1",
-                                                             "--master_addr=127.0.0.1", f"--master_port={port}"],
-                      wait=False)
+    one_node = one_node_zero1[0]
+    nodes = [torchrun(tmp_path, "nodes", ZERO1_SETS, ["--nnodes=2", f"--node_rank={n}", "--nproc_per_node=1",
+                                                      "--master_addr=127.0.0.1", f"--master_port={port}"], wait=False)
              for n in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
