@@ -3,6 +3,7 @@ import it by name: the parent puts tests/ on PYTHONPATH before spawning."""
 
 import os
 import socket
+import time
 import traceback
 from pathlib import Path
 
@@ -48,61 +49,73 @@ def reference(global_batch, init, sparse: str = "sgd"):
     return before, after, model
 
 
-def rank_main(rank: int, port: int, sharding: str, stage: int, init: dict, out: dict, bf16: bool = False,
-              more_steps: int = 0, sparse: str = "sgd", meta: bool = False) -> None:
-    """One rank of the sharded step: logits before and after one step on its half of the global batch, and the
-    dense parameters after it. bf16: DeepSpeed's bf16 mode (as teacher.precision=bf16 sets it). more_steps: then
-    that many more steps on the same batch, their losses in out[rank]['losses']. meta: the trainer's construction
-    (build_teacher: tables on meta, dense under zero.Init for ZeRO-3), `init` loaded into its partitions; the
-    elements this rank holds right after construction and after sharding in out[rank]['numel']."""
+def rank_main(rank: int, port: int, init: dict, cases: list[tuple[str, dict]], out: dict) -> None:
+    """One rank of a run of sharded steps: one gloo group, then each case of `cases` (name, step_case kwargs) in
+    turn on a model of its own, its result in out[(name, rank)]. One group serves every case: the ranks' start-up
+    (interpreter, torch, TorchRec, DeepSpeed imports) is paid once, not once per case. A case that raises records
+    its traceback and ends the rank: the other rank may be inside a collective of that case, so later cases would
+    not line up; they are left without a result."""
+    name = None
     try:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
         from recdistill.train.distributed import destroy_distributed, init_distributed
-        from recdistill.train.parallelize import parallelize_teacher
 
         info = init_distributed("gloo")
-        torch.manual_seed(0)
-        ds = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16}}
-        numel = {}
-        if meta:
-            model = built_and_loaded(ds, init, numel)
-        else:
-            model = TeacherModel(SCHEMA, TeacherConfig(**CFG))
-            model.load_state_dict(init)
-        cls, kwargs = sparse_optimizer(sparse)
-        dmp, engine = parallelize_teacher(model, sharding=sharding, device=info.device, ds_config=ds,
-                                          dense_optimizer=lambda p: torch.optim.SGD(p, lr=LR_DENSE),
-                                          sparse_optimizer=cls, sparse_kwargs=kwargs)
-        dmp.load_state_dict({k: v for k, v in init.items() if k.startswith("embed.")}, strict=False)
-        full = make_batch(n=16, seed=5)
-        local = full.select(torch.arange(rank * 8, rank * 8 + 8))
-        logits = dmp(local)
-        engine.backward(task_loss(logits, local.labels, KINDS))
-        engine.step()
-        with torch.no_grad():
-            after = dmp(local)
-        import deepspeed
-
-        params = dict(engine.module.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
-            dense = {n: p.detach().clone() for n, p in params.items()}
-        losses = []
-        for _ in range(more_steps):
-            loss = task_loss(dmp(local), local.labels, KINDS)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        numel["embed_sharded"] = sum(
-            sum(sh.tensor.numel() for sh in v.local_shards()) if hasattr(v, "local_shards") else v.numel()
-            for k, v in dmp.state_dict().items() if k.startswith("embed."))
-        out[rank] = {"before": {k: v.detach() for k, v in logits.items()}, "after": after, "dense": dense,
-                     "losses": losses, "numel": numel}
+        for name, kwargs in cases:
+            out[(name, rank)] = step_case(rank, info, init, **kwargs)
         destroy_distributed()
     except Exception:  # noqa: BLE001 - reported to the parent with the traceback
-        out[rank] = {"error": traceback.format_exc()}
+        out[(name, rank)] = {"error": traceback.format_exc()}
         raise
+
+
+def step_case(rank: int, info, init: dict, sharding: str, stage: int, bf16: bool = False,  # noqa: ANN001
+              more_steps: int = 0, sparse: str = "sgd", meta: bool = False) -> dict:
+    """One sharded step on this rank: logits before and after one step on its half of the global batch, and the
+    dense parameters after it. bf16: DeepSpeed's bf16 mode (as teacher.precision=bf16 sets it). more_steps: then
+    that many more steps on the same batch, their losses in ['losses']. meta: the trainer's construction
+    (build_teacher: tables on meta, dense under zero.Init for ZeRO-3), `init` loaded into its partitions; the
+    elements this rank holds right after construction and after sharding in ['numel']."""
+    import deepspeed
+
+    from recdistill.train.parallelize import parallelize_teacher
+
+    torch.manual_seed(0)
+    ds = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16}}
+    numel = {}
+    if meta:
+        model = built_and_loaded(ds, init, numel)
+    else:
+        model = TeacherModel(SCHEMA, TeacherConfig(**CFG))
+        model.load_state_dict(init)
+    cls, kwargs = sparse_optimizer(sparse)
+    dmp, engine = parallelize_teacher(model, sharding=sharding, device=info.device, ds_config=ds,
+                                      dense_optimizer=lambda p: torch.optim.SGD(p, lr=LR_DENSE),
+                                      sparse_optimizer=cls, sparse_kwargs=kwargs)
+    dmp.load_state_dict({k: v for k, v in init.items() if k.startswith("embed.")}, strict=False)
+    full = make_batch(n=16, seed=5)
+    local = full.select(torch.arange(rank * 8, rank * 8 + 8))
+    logits = dmp(local)
+    engine.backward(task_loss(logits, local.labels, KINDS))
+    engine.step()
+    with torch.no_grad():
+        after = dmp(local)
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
+        dense = {n: p.detach().clone() for n, p in params.items()}
+    losses = []
+    for _ in range(more_steps):
+        loss = task_loss(dmp(local), local.labels, KINDS)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    numel["embed_sharded"] = sum(
+        sum(sh.tensor.numel() for sh in v.local_shards()) if hasattr(v, "local_shards") else v.numel()
+        for k, v in dmp.state_dict().items() if k.startswith("embed."))
+    return {"before": {k: v.detach() for k, v in logits.items()}, "after": after, "dense": dense,
+            "losses": losses, "numel": numel}
 
 
 def built_and_loaded(ds: dict, init: dict, numel: dict):  # noqa: ANN201 - TeacherModel
@@ -132,8 +145,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn_step(sharding: str, stage: int, init: dict, **kwargs) -> dict:
-    """Run `rank_main` on WORLD spawned gloo ranks; returns {rank: result}, after asserting every exit code."""
+def spawn_steps(cases: dict[str, dict], init: dict) -> dict[str, dict]:
+    """Run every case of `cases` ({name: step_case kwargs}) on WORLD spawned gloo ranks, one after another in one
+    process group. Returns {name: {rank: result}}; a case that did not finish on every rank instead maps to
+    {"error": what each rank reported, with the ranks' exit codes} for its test to fail with."""
     import torch.multiprocessing as mp
 
     tests = str(Path(__file__).resolve().parent)  # spawned ranks import this module by name
@@ -141,13 +156,27 @@ def spawn_step(sharding: str, stage: int, init: dict, **kwargs) -> dict:
     # the Manager's server from the spawn context too: a forked one can inherit a lock some thread of this process
     # (pytest's, DeepSpeed's, an earlier test's) held at the fork and hang on it forever
     ctx, port = mp.get_context("spawn"), free_port()
-    out = ctx.Manager().dict()
-    procs = [ctx.Process(target=rank_main, args=(r, port, sharding, stage, init, out), kwargs=kwargs)
-             for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    errors = [out.get(r, {}).get("error") for r in range(WORLD)]
-    assert all(p.exitcode == 0 for p in procs), f"rank exit codes {[p.exitcode for p in procs]}: {errors}"
-    return dict(out)
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        procs = [ctx.Process(target=rank_main, args=(r, port, init, list(cases.items()), out)) for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 180 + 60 * len(cases)
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+        for p in procs:  # a rank still running past the deadline is hung (a collective the other left): end it
+            if p.is_alive():
+                p.kill()
+                p.join()
+        got = dict(out)
+    codes = [p.exitcode for p in procs]
+    results = {}
+    for name in cases:
+        ranks = [got.get((name, r)) for r in range(WORLD)]
+        if all(v is not None and "error" not in v for v in ranks):
+            results[name] = dict(enumerate(ranks))
+        else:
+            errors = [v["error"] if v else "no result (an earlier case failed, or the rank died)" for v in ranks]
+            results[name] = {"error": f"rank exit codes {codes}: {errors}"}
+    return results
+

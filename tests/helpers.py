@@ -17,6 +17,14 @@ from recdistill.signals.schema import SignalMeta, shard_path
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(ROOT / "configs" / "teacher" / "tiny.yaml")
 
+#: A short teacher run on 2 ranks, 4 steps of 32 (tests/train), and its ZeRO-1 form (fp32, no activation
+#: checkpointing: tests/train/conftest.py's one_node_zero1, shared by test_teacher_launchers.py and
+#: test_teacher_scale.py).
+SHORT_SETS = ["data.samples_per_day=600", "data.num_days=2", "data.batch_size=32", "teacher.steps=4",
+              "signals.window_steps=2", "tracking.mode=disabled", "tracking.progress=false"]
+ZERO1_SETS = [*SHORT_SETS, "teacher.deepspeed=configs/deepspeed/zero1.json", "teacher.precision=fp32",
+              "teacher.activation_checkpointing=none"]
+
 SCHEMA = Schema(tasks=(TaskSpec("ctr"), TaskSpec("watch_time", "continuous")), dense=("d0", "d1"),
                 sparse={"user_id": 50, "item_id": 40, "item_cat": 7}, history={"item": 40, "cat": 7, "ts": 10**9},
                 num_traffic=2, max_history=30)

@@ -68,7 +68,9 @@ def test_demo_then_an_experiment_on_its_signals(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     students = ("[{name: base, set: [student.towers=single, student.tower_loss=task]}, "
                 "{name: none, set: [student.debias=none]}, {name: exact, set: [student.debias=exact]}]")
-    assert main(["experiment", *DEMO_SMALL, "--set", "student.epochs=1", "--set", f"tracking.run_dir={tmp_path}",
+    # (no export: the demo above checked it; torch.export is most of a small student's time)
+    assert main(["experiment", *DEMO_SMALL, "--set", "student.epochs=1", "--set", "student.export=false",
+                 "--set", f"tracking.run_dir={tmp_path}",
                  "--set", "tracking.run_name=e",
                  "--set", f"experiment.teacher_signals={run / 'signals'}",
                  "--set", f"experiment.students={students}", "--set", "experiment.baselines=[]"]) == 0
@@ -88,7 +90,7 @@ def test_demo_on_exported_parquet(tmp_path, monkeypatch):
     assert main(["data", "export", "pq", "--view", "teacher", *TINY[2:]]) == 0
     assert main(["demo", *TINY, "--set", "data.source=parquet", "--set", "data.path=pq",
                  "--set", "tracking.run_dir=runs", "--set", "tracking.run_name=p",
-                 "--set", "experiment.baselines=[lr]"]) == 0
+                 "--set", "experiment.baselines=[lr]", "--set", "student.export=false"]) == 0  # export: the test above
     report = (tmp_path / "runs" / "p" / "report.md").read_text()
     assert "`teacher`: r=0.5" in report and "`student`: r=0.1" in report and "| distilled | ctr |" in report
     assert "| baseline_lr |" in report and "| baseline_gbdt |" not in report  # the baselines read Parquet too

@@ -20,7 +20,9 @@ from recdistill.signals.reader import SignalReader
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(ROOT / "configs" / "teacher" / "tiny.yaml"), "--set", "data.batch_size=128",
         "--set", "tracking.progress=false", "--set", "student.history_len=8", "--set", "tracking.mode=disabled"]
-ONE_STUDENT = ["--set", "experiment.students=[{name: base, set: [student.towers=single, student.tower_loss=task]}]"]
+# one student, not exported (torch.export is most of a small student's time; tests/test_demo.py checks the export)
+ONE_STUDENT = ["--set", "experiment.students=[{name: base, set: [student.towers=single, student.tower_loss=task]}]",
+               "--set", "student.export=false"]
 
 
 def err_line(err: str) -> str:
@@ -92,11 +94,15 @@ def test_ctrl_c_stops_the_teacher_and_resume_finishes_the_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_movielens_demo_end_to_end(tmp_path, monkeypatch):
-    """An unset data.tasks means MovieLens' own tasks, also for the teacher's ranks that reload the saved config."""
+    """An unset data.tasks means MovieLens' own tasks, also for the teacher's ranks that reload the saved config.
+    One baseline, GBDT, on MovieLens' rows (the LR fit on its ~70,000 teacher rows took 15 of the baselines' 17 s;
+    tests/test_demo.py fits both on synthetic rows)."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert main(["demo", *TINY, "--set", "data.source=movielens", "--set", "data.num_days=10",
                  "--set", "data.history_len=16", "--set", "teacher.steps=8", "--set", "student.train_days=1",
+                 "--set", "experiment.baselines=[gbdt]",
                  "--set", f"tracking.run_dir={tmp_path}", "--set", "tracking.run_name=m", *ONE_STUDENT]) == 0
     report = (tmp_path / "m" / "report.md").read_text()
     assert "on movielens data" in report and "| teacher |" in report and "| base |" in report
+    assert "| baseline_gbdt |" in report  # the baselines' features and fit on MovieLens' tasks
     assert SignalReader(str(tmp_path / "m" / "signals")).meta.tasks == list(TASKS)

@@ -96,7 +96,9 @@ def test_vectorised_bootstrap_auc_matches_the_weighted_auc(robustness):
 def test_quick_suite_on_one_world_then_reused(robustness, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "robustness.json"
-    argv = ["--quick", "--only", "pairwise", "--run-dir", str(tmp_path / "runs"), "--out", str(out)]
+    # no student export: the suite reads none (torch.export is most of a quick student's time)
+    argv = ["--quick", "--only", "pairwise", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
+            "--set", "student.export=false"]
     robustness.main(argv)
     doc = json.loads(out.read_text())
     world = doc["worlds"]["pairwise"]

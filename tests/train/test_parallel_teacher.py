@@ -7,11 +7,13 @@ gradient division, seen here: without it the table updates come out twice as lar
 gradient of the global-batch mean: the single-process reference is plain SGD on the whole batch (or, for the
 tables, torchrec's unfused RowWiseAdagrad where the sharded run has the trainer's fused one).
 Tolerance: fp32, 1e-6 absolute / 1e-5 relative on logits and dense weights (only the reduction order differs).
+The cases run one after another on one pair of spawned ranks (a module fixture), each on a model of its own: the
+ranks' start-up, most of a case's time on CPU, is paid once.
 """
 
 import pytest
 import torch
-from dist_workers import CFG, KINDS, WORLD, reference, spawn_step
+from dist_workers import CFG, KINDS, WORLD, reference, spawn_steps
 from helpers import SCHEMA, make_batch
 
 from recdistill.config import TeacherConfig
@@ -21,15 +23,28 @@ CASES = [(s, z, "sgd") for s in ("table_wise", "column_wise", "row_wise") for z 
     ("auto", 2, "rowwise_adagrad"), ("auto", 3, "rowwise_adagrad"), ("row_wise", 3, "rowwise_adagrad")]
 
 
+@pytest.fixture(scope="module")
+def sharded_steps(request) -> tuple[dict, dict]:
+    """(the initial state, {(sharding, stage, sparse): {rank: result}}) for the cases of this session's selected
+    tests, all on one pair of ranks (spawn_steps)."""
+    here = request.path
+    ids = {item.callspec.id for item in request.session.items
+           if item.path == here and item.originalname == "test_sharded_step_matches_single_process"}
+    cases = [c for c in CASES if "-".join(map(str, c)) in ids]
+    torch.manual_seed(0)
+    init = TeacherModel(SCHEMA, TeacherConfig(**CFG)).state_dict()
+    return init, spawn_steps({c: dict(sharding=c[0], stage=c[1], sparse=c[2]) for c in cases}, init)
+
+
 @pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("sharding,stage,sparse", CASES)
-def test_sharded_step_matches_single_process(sharding, stage, sparse):
+def test_sharded_step_matches_single_process(sharded_steps, sharding, stage, sparse):
     """sparse: the tables' optimizer; rowwise_adagrad is the trainer's (fbgemm's fused kernel in the sharded run,
     torchrec's RowWiseAdagrad class in the reference), and `auto` is planned by TorchRec's planner on CPU."""
-    torch.manual_seed(0)
-    init = TeacherModel(SCHEMA, TeacherConfig(**CFG)).state_dict()
-    out = spawn_step(sharding, stage, init, sparse=sparse)
+    init, results = sharded_steps
+    out = results[(sharding, stage, sparse)]
+    assert "error" not in out, out["error"]
     full = make_batch(n=16, seed=5)
     before, after, ref_model = reference(full, init, sparse)
     ref_dense = dict(ref_model.dense.named_parameters())

@@ -8,10 +8,6 @@ truth, and the summary's metrics must be the metrics of those rows on both ranks
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,29 +28,22 @@ SETS = ["data.samples_per_day=1200", "data.num_days=3", "data.batch_size=64", "s
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_torchrun_eval_counts_every_eval_sample_once_and_logs(tmp_path):
-    sets = [*SETS, f"signals.uri={tmp_path}/sig"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "recdistill.train.teacher", "--config", TINY_CONFIG, "--summary",
-           str(tmp_path / "sum"), "--eval-out", str(tmp_path / "eval.npz"), "--run-dir", str(tmp_path / "run"),
-           *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_torchrun_eval_counts_every_eval_sample_once_and_logs(torchrun_teacher):
+    """The table-wise / ZeRO-2 run of conftest.torchrun_teacher (the tiny preset's; test_teacher_trainer.py checks
+    its committed rows): these data, log_every and sampling settings."""
+    root, sets = torchrun_teacher("table_wise", 2)
+    assert set(SETS) <= set(sets)
     world = SyntheticWorld(load_config(TINY_CONFIG, sets).data)
     day = world.read(2, 0, 1200)
     order = np.argsort(day.sample_id.numpy())
-    got = np.load(tmp_path / "eval.npz")
+    got = np.load(root / "eval.npz")
     np.testing.assert_array_equal(got["sample_id"], day.sample_id.numpy()[order])  # all of day 2, once each
     for task in ("ctr", "cvr", "watch_time"):
         np.testing.assert_array_equal(got[f"label_{task}"], day.labels[task].numpy()[order], err_msg=task)
         np.testing.assert_array_equal(got[f"p_true_{task}"], day.p_true[task].numpy()[order], err_msg=task)
     assert ((got["pred_ctr"] > 0) & (got["pred_ctr"] < 1)).all() and (got["pred_watch_time"] > -1).all()
 
-    sums = [json.loads((tmp_path / f"sum.rank{r}.json").read_text()) for r in range(2)]
+    sums = [json.loads((root / f"sum.rank{r}.json").read_text()) for r in range(2)]
     evals = [{k: v for k, v in s.items() if k.startswith("eval/")} for s in sums]
     assert evals[0] == evals[1] and evals[0]["eval/samples"] == 1200
     y, p = torch.from_numpy(got["label_ctr"]), torch.from_numpy(got["pred_ctr"])
@@ -63,7 +52,7 @@ def test_torchrun_eval_counts_every_eval_sample_once_and_logs(tmp_path):
     assert math.isclose(evals[0]["eval/bayes_auc/ctr"], auc(y, torch.from_numpy(got["p_true_ctr"])), rel_tol=1e-12)
     assert {"eval/mse/watch_time", "eval/bayes_mse/watch_time", "eval/auc/cvr"} <= evals[0].keys()
 
-    records, summary = read_metrics(tmp_path / "run")
+    records, summary = read_metrics(root / "run")
     steps = sums[0]["steps"]
     assert [r["step"] for r in records] == list(range(3, steps + 1, 3))
     for r in records:
@@ -71,7 +60,7 @@ def test_torchrun_eval_counts_every_eval_sample_once_and_logs(tmp_path):
         assert r["throughput/samples_per_s"] > 0 and 0 <= r["signals/rows_written"] <= 2 * 64 * r["step"]
     assert records[-1]["signals/rows_written"] >= 2 * 64 * 4  # at least the first window of both ranks
     assert summary["eval/auc/ctr"] == evals[0]["eval/auc/ctr"]
-    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (root / "run" / "config.yaml").is_file()
 
 
 def test_eval_predictions_are_true_space_with_the_teachers_own_correction(tmp_path, monkeypatch):

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dist_workers import CFG, KINDS, WORLD, free_port, reference, spawn_step
-from helpers import SCHEMA, TINY_CONFIG, make_batch
+from dist_workers import CFG, KINDS, WORLD, free_port, reference, spawn_steps
+from helpers import SCHEMA, SHORT_SETS, TINY_CONFIG, ZERO1_SETS, make_batch
 
 from recdistill.config import TeacherConfig, load_config
 from recdistill.models.teacher import TeacherModel
@@ -61,12 +61,32 @@ def test_local_size_places_shards_on_the_local_device(monkeypatch):
         local_world_size(8)
 
 
-@pytest.mark.multiproc
-@pytest.mark.slow
-def test_bf16_step_matches_fp32_step_and_trains():
+#: the sharded-step cases of this module (dist_workers.step_case kwargs), by the test that checks each
+STEP_CASES = {
+    "test_bf16_step_matches_fp32_step_and_trains": dict(sharding="row_wise", stage=2, bf16=True, more_steps=5),
+    "test_construction_without_a_full_copy_trains_the_same_step": dict(sharding="row_wise", stage=3, meta=True)}
+
+
+@pytest.fixture(scope="module")
+def sharded_steps(request) -> tuple[dict, dict]:
+    """(the initial state, {test name: {rank: result}}) for this session's selected tests of STEP_CASES, one after
+    another on one pair of ranks (spawn_steps: the ranks' start-up is paid once)."""
+    names = {item.originalname for item in request.session.items if item.path == request.path}
     torch.manual_seed(0)
     init = TeacherModel(SCHEMA, TeacherConfig(**CFG)).state_dict()
-    out = spawn_step("row_wise", 2, init, bf16=True, more_steps=5)
+    return init, spawn_steps({n: kw for n, kw in STEP_CASES.items() if n in names}, init)
+
+
+def step_result(sharded_steps, name: str) -> tuple[dict, dict]:
+    init, results = sharded_steps
+    assert "error" not in results[name], results[name]["error"]
+    return init, results[name]
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_bf16_step_matches_fp32_step_and_trains(sharded_steps):
+    init, out = step_result(sharded_steps, "test_bf16_step_matches_fp32_step_and_trains")
     before, after, ref_model = reference(make_batch(n=16, seed=5), init)  # the fp32 step, single process
     ref_dense = dict(ref_model.dense.named_parameters())
     for r in range(WORLD):
@@ -101,61 +121,66 @@ def torchrun(tmp_path: Path, name: str, sets: list[str], launch: list[str], env:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-SETS = ["data.samples_per_day=600", "data.num_days=2", "data.batch_size=32", "teacher.steps=4",
-        "signals.window_steps=2", "tracking.mode=disabled", "tracking.progress=false"]
-
-
 def summaries(tmp_path: Path, name: str) -> list[dict]:
     return [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(2)]
 
 
+ZERO1 = ("zero1", "fp32", "none")
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("zero,precision,ckpt", [("zero1", "fp32", "none"), ("zero3_offload", "bf16", "block")])
-def test_trainer_runs_zero1_and_offload(tmp_path, zero, precision, ckpt):
+@pytest.mark.parametrize("zero,precision,ckpt", [ZERO1, ("zero3_offload", "bf16", "block")])
+def test_trainer_runs_zero1_and_offload(request, tmp_path, zero, precision, ckpt):
     """ZeRO-1 (fp32) and ZeRO-3 with optimizer and parameters offloaded to CPU (DeepSpeedCPUAdam; in bf16 with
     activation checkpointing, as the 7b preset runs) each train a few steps of the real trainer on 2 ranks and
-    write every row. DeepSpeedCPUAdam is JIT-built on its first use on a machine (minutes), then cached."""
-    sets = [*SETS, f"teacher.deepspeed=configs/deepspeed/{zero}.json", f"teacher.precision={precision}",
+    write every row. DeepSpeedCPUAdam is JIT-built on its first use on a machine (minutes), then cached. The ZeRO-1
+    run is conftest.py's one_node_zero1 (through launch/teacher_torchrun.sh; also the two-nodes test's reference)."""
+    sets = [*SHORT_SETS, f"teacher.deepspeed=configs/deepspeed/{zero}.json", f"teacher.precision={precision}",
             f"teacher.activation_checkpointing={ckpt}"]
-    # a cold TORCH_EXTENSIONS_DIR builds DeepSpeedCPUAdam first: minutes on a busy 2-core machine
-    proc = torchrun(tmp_path, "run", sets, ["--nproc_per_node=2", f"--master_port={free_port()}"],
-                    timeout=600 if zero == "zero3_offload" else 300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    sums = summaries(tmp_path, "run")
+    if (zero, precision, ckpt) == ZERO1:
+        assert sets == ZERO1_SETS
+        root, name = request.getfixturevalue("one_node_zero1")[0], "one"
+    else:
+        # a cold TORCH_EXTENSIONS_DIR builds DeepSpeedCPUAdam first: minutes on a busy 2-core machine
+        root, name = tmp_path, "run"
+        proc = torchrun(root, name, sets, ["--nproc_per_node=2", f"--master_port={free_port()}"], timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    sums = summaries(root, name)
     assert sums[0]["steps"] == sums[1]["steps"] == 4 and all(np.isfinite(s["loss"]) for s in sums)
-    reader = SignalReader(str(tmp_path / "run-sig"))
+    reader = SignalReader(str(root / f"{name}-sig"))
     assert reader.stats.rows == sum(s["trained_samples"] for s in sums) == 2 * 4 * 32
     assert reader.stats.duplicates == 0 and reader.stats.non_finite_rows == 0
     logits, found = reader.lookup(torch.as_tensor(reader.sample_ids))
     assert bool(found.all()) and bool(torch.isfinite(logits).all())
-    assert np.isfinite(np.load(tmp_path / "run-eval.npz")["pred_ctr"]).all()
+    assert np.isfinite(np.load(root / f"{name}-eval.npz")["pred_ctr"]).all()
 
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_two_nodes_of_one_rank_equal_one_node_of_two(tmp_path):
+def test_two_nodes_of_one_rank_equal_one_node_of_two(tmp_path, one_node_zero1):
     """torchrun --nnodes 2 --node_rank {0,1} --nproc_per_node 1 over a localhost rendezvous (what SLURM's one
-    torchrun per node does, launch/teacher_slurm.sbatch) takes the same steps as one node of two ranks: same
-    losses, same stored logits for every sample, same eval predictions (the trained parameters)."""
+    torchrun per node does, launch/teacher_slurm.sbatch) takes the same steps as one node of two ranks (conftest's
+    one_node_zero1, the same settings): same losses, same stored logits for every sample, same eval predictions
+    (the trained parameters)."""
     port = free_port()
-    nodes = [torchrun(tmp_path, "nodes", SETS, ["--nnodes=2", f"--node_rank={n}", "--nproc_per_node=1",
-                                               "--master_addr=127.0.0.1", f"--master_port={port}"], wait=False)
+    one_node = one_node_zero1[0]
+    nodes = [torchrun(tmp_path, "nodes", ZERO1_SETS, ["--nnodes=2", f"--node_rank={n}", "--nproc_per_node=1",
+                                                      "--master_addr=127.0.0.1", f"--master_port={port}"], wait=False)
              for n in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
-    one = torchrun(tmp_path, "one", SETS, ["--nproc_per_node=2", f"--master_port={free_port()}"])
-    assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
-    for a, b in zip(summaries(tmp_path, "nodes"), summaries(tmp_path, "one"), strict=True):
+    dirs = {"nodes": tmp_path, "one": one_node}
+    for a, b in zip(summaries(tmp_path, "nodes"), summaries(one_node, "one"), strict=True):
         assert a["rank"] == b["rank"] and a["steps"] == b["steps"] == 4 and a["batches"] == b["batches"]
         assert (a["local_world_size"], b["local_world_size"]) == (1, 2)  # from torchrun's LOCAL_WORLD_SIZE
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a["loss"], b["loss"])
-    sig = {n: SignalReader(str(tmp_path / f"{n}-sig")) for n in ("nodes", "one")}
+    sig = {n: SignalReader(str(d / f"{n}-sig")) for n, d in dirs.items()}
     ids = np.sort(sig["one"].sample_ids)
     assert np.array_equal(np.sort(sig["nodes"].sample_ids), ids) and len(ids) == 2 * 4 * 32
     got = {n: r.lookup(torch.as_tensor(ids))[0] for n, r in sig.items()}
     torch.testing.assert_close(got["nodes"], got["one"], atol=1e-6, rtol=1e-5)  # fp32; reduction order only
-    ev = {n: np.load(tmp_path / f"{n}-eval.npz") for n in ("nodes", "one")}
+    ev = {n: np.load(d / f"{n}-eval.npz") for n, d in dirs.items()}
     assert np.array_equal(ev["nodes"]["sample_id"], ev["one"]["sample_id"])
     np.testing.assert_allclose(ev["nodes"]["pred_ctr"], ev["one"]["pred_ctr"], atol=1e-6, rtol=1e-5)
 
@@ -171,14 +196,12 @@ def test_each_preset_names_a_deepspeed_config_that_loads(name):
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_construction_without_a_full_copy_trains_the_same_step():
+def test_construction_without_a_full_copy_trains_the_same_step(sharded_steps):
     """build_teacher (what the trainer builds): under ZeRO-3 on 2 ranks each holds half of the dense parameters
     right after construction and no table element until DMP allocates its row-wise shard (half of each table);
     with the same initial values loaded, the step equals the single-process reference (fp32, as in
     tests/train/test_parallel_teacher.py)."""
-    torch.manual_seed(0)
-    init = TeacherModel(SCHEMA, TeacherConfig(**CFG)).state_dict()
-    out = spawn_step("row_wise", 3, init, meta=True)
+    init, out = step_result(sharded_steps, "test_construction_without_a_full_copy_trains_the_same_step")
     before, after, ref_model = reference(make_batch(n=16, seed=5), init)
     ref_dense = dict(ref_model.dense.named_parameters())
     embed_full = sum(v.numel() for k, v in init.items() if k.startswith("embed."))

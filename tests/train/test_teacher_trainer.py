@@ -3,13 +3,11 @@ the training days once and writes exactly one committed raw-logit row for each, 
 
 The config makes the ranks' data uneven (1200 rows a day in chunks of 256: rank 0 gets 3 chunks, rank 1 two, the
 last one short; after sampling 12 and 10 batches of 64, with a partial last batch every day on both ranks), so the
-padded partial batches and a finished rank's filler batches are exercised: their rows must never be written.
+padded partial batches and a finished rank's filler batches are exercised: their rows must never be written. The
+torchrun runs are conftest.py's (torchrun_teacher), the table-wise one shared with test_teacher_eval.py.
 """
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,28 +28,17 @@ TINY_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "teacher" / 
 @pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("sharding,zero", [("row_wise", 3), ("table_wise", 2)])
-def test_torchrun_teacher_writes_one_row_per_trained_sample(tmp_path, sharding, zero):
-    sets = ["data.samples_per_day=1200", "data.num_days=3", "data.batch_size=64", f"signals.uri={tmp_path}/sig",
-            "signals.window_steps=4", f"teacher.sharding={sharding}",
-            f"teacher.deepspeed=configs/deepspeed/zero{zero}.json", "tracking.mode=disabled",
-            f"tracking.run_dir={tmp_path}/runs"]  # W&B off in tests; run directories under tmp
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "recdistill.train.teacher", "--config", TINY_CONFIG,
-           "--summary", str(tmp_path / "sum"), *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_torchrun_teacher_writes_one_row_per_trained_sample(torchrun_teacher, sharding, zero):
+    root, sets = torchrun_teacher(sharding, zero)
     cfg = load_config(TINY_CONFIG, sets)
     batches = [[len(b) for b in BatchLoader(build_source(cfg.data), [0, 1], 64, view=cfg.sampling.teacher, rank=r,
                                             world_size=2, prefetch=0)] for r in range(2)]
     # the case this test is about: unequal batch counts and partial last batches (else it could not fail)
     assert len(batches[0]) != len(batches[1]) and all(min(b) < 64 for b in batches), batches
-    sums = [json.loads((tmp_path / f"sum.rank{r}.json").read_text()) for r in range(2)]
+    sums = [json.loads((root / f"sum.rank{r}.json").read_text()) for r in range(2)]
     assert sums[0]["steps"] == sums[1]["steps"] == max(map(len, batches))  # ranks step while any has data
     assert [s["batches"] for s in sums] == [len(b) for b in batches]
-    reader = SignalReader(str(tmp_path / "sig"), tasks=["ctr", "cvr", "watch_time"])
+    reader = SignalReader(str(root / "sig"), tasks=["ctr", "cvr", "watch_time"])
     assert reader.stats.duplicates == 0 and reader.stats.non_finite_rows == 0
     assert reader.meta.sampling == cfg.sampling.teacher and reader.meta.teacher_version == cfg.teacher_digest()
     # the committed ids are exactly the teacher's view of the training days (day 2 is the eval day: never written),
@@ -67,7 +54,7 @@ def test_torchrun_teacher_writes_one_row_per_trained_sample(tmp_path, sharding, 
     view = np.sort(np.concatenate(view))
     np.testing.assert_array_equal(np.sort(reader.sample_ids), view)
     assert reader.stats.rows == sum(s["trained_samples"] for s in sums) == len(view) == sum(map(sum, batches))
-    commits = list((tmp_path / "sig" / COMMITS).glob("*.json"))
+    commits = list((root / "sig" / COMMITS).glob("*.json"))
     assert len(commits) == 2 * len(reader.windows)  # both ranks committed every window
     logits, found = reader.lookup(torch.from_numpy(view[:5]))
     assert found.all() and logits.shape == (5, 3)
