@@ -15,12 +15,18 @@ MATCH_WINDOWS = (8, 64)
 NUM_MATCH = 2 * (len(MATCH_WINDOWS) + 1) + 1
 
 
+def _jagged_rows(offsets: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lengths [B], row of each of the n jagged events [n], its recency [n]: 0 = the row's most recent event)."""
+    lengths = offsets[1:] - offsets[:-1]
+    row = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=n)
+    back = offsets[1:][row] - 1 - torch.arange(n, device=offsets.device)
+    return lengths, row, back
+
+
 def target_match(cand_cat: torch.Tensor, hist_cat: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """[B, NUM_MATCH] for jagged history categories (oldest first, rows delimited by `offsets` [B+1])."""
-    lengths = offsets[1:] - offsets[:-1]
+    lengths, row, back = _jagged_rows(offsets, hist_cat.numel())
     b = lengths.numel()
-    row = torch.repeat_interleave(torch.arange(b, device=offsets.device), lengths, output_size=hist_cat.numel())
-    back = offsets[1:][row] - 1 - torch.arange(hist_cat.numel(), device=offsets.device)  # 0 = most recent
     match = (hist_cat == cand_cat[row]).float()
     out = []
     for w in (*MATCH_WINDOWS, None):
@@ -56,14 +62,12 @@ def history_summary(hist_cat: torch.Tensor, offsets: torch.Tensor, window: int, 
     updated as events arrive), so a student that reads it needs no long sequence at serving time. Training computes
     it from the same jagged history (`offsets` [B+1], categories oldest first), which gives the numbers that service
     would hold at the sample's time."""
-    lengths = offsets[1:] - offsets[:-1]
+    lengths, row, back = _jagged_rows(offsets, hist_cat.numel())
     b = lengths.numel()
-    row = torch.repeat_interleave(torch.arange(b, device=offsets.device), lengths, output_size=hist_cat.numel())
-    back = offsets[1:][row] - 1 - torch.arange(hist_cat.numel(), device=offsets.device)  # 0 = most recent
-    keep = back < window
+    # every event is added, weighted 1 inside the window and 0 before it: no boolean indexing, which would wait on
+    # the device for the number of events kept
     out = torch.zeros(b * num_cats, device=offsets.device)
-    return out.index_add_(0, (row * num_cats + hist_cat)[keep], torch.ones(int(keep.sum()), device=offsets.device)
-                          ).view(b, num_cats)
+    return out.index_add_(0, row * num_cats + hist_cat, (back < window).float()).view(b, num_cats)
 
 
 def summary_match(summary: torch.Tensor, cand_cat: torch.Tensor) -> torch.Tensor:

@@ -199,10 +199,10 @@ class StudentModel(nn.Module):
         pooled = self.pool(values, lengths)
         target = first_id(values[self.target_feature], lengths[self.target_feature]) \
             if self.target_feature is not None else None
-        cat_feature = self.match_cat or (self.roles.category if self.summary_len else None)
-        cand_cat = first_id(values[cat_feature], lengths[cat_feature]) if cat_feature else None
+        cat = self.roles.category
+        cand_cat = first_id(values[cat], lengths[cat]) if self.match_cat or self.summary_len else None
         return self.encode_parts(pooled, dense, hist_ids, hist_mask if self.hist_fields else None, target, cand_cat,
-                                 summary if self.summary_len else None)
+                                 summary)
 
     def encode_parts(self, pooled: dict[str, torch.Tensor], dense: torch.Tensor, hist_ids: dict[str, torch.Tensor],
                      hist_mask: torch.Tensor | None, target: torch.Tensor | None,

@@ -53,7 +53,7 @@ def test_history_summary_counts_the_last_window_and_matches_target_match():
     offsets[1:] = lengths.cumsum(0)
     cat = torch.randint(0, 6, (int(lengths.sum()),), generator=g)
     s = history_summary(cat, offsets, window=10, num_cats=6)
-    for i, n in enumerate(lengths.tolist()):
+    for i in range(len(lengths)):
         last = cat[offsets[i]:offsets[i + 1]][-10:]
         assert torch.equal(s[i], torch.bincount(last, minlength=6).float()), i
     cand = torch.tensor([0, cat[0].item(), 3, 5, 2])
