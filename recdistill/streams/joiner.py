@@ -66,7 +66,7 @@ from recdistill.streams.base import (
     joined_schema,
     signal_schema,
 )
-from recdistill.streams.validate import RecordCheck, split_malformed
+from recdistill.streams.validate import RecordCheck, dead_letter_all, split_malformed
 
 
 def match_ids(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -413,9 +413,7 @@ class Joiner:
                 table = table if table.schema.equals(want) else table.select(want.names).cast(want)
             except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
                 reason = f"sample columns do not fit the first sample table's ({type(e).__name__}: {e})"
-                split_malformed(table, lambda t: np.full(t.num_rows, reason, dtype=object), self.samples_in,
-                                "joiner")
-                self.core.counts.malformed_samples += table.num_rows
+                self.core.counts.malformed_samples += dead_letter_all(table, reason, self.samples_in, "joiner")
                 return None
         if self._sample_check is None:
             self._sample_check = RecordCheck(labels=[n for n in table.column_names if n.startswith("label_")])
@@ -438,8 +436,7 @@ class Joiner:
             return table.set_column(i, want.field("logits"), table.column(i).cast(want.field("logits").type))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
             reason = f"logits of type {table.schema.field('logits').type} do not cast to the signal schema's: {e}"
-            split_malformed(table, lambda t: np.full(t.num_rows, reason, dtype=object), self.signals_in, "joiner")
-            self.core.counts.malformed_signals += table.num_rows
+            self.core.counts.malformed_signals += dead_letter_all(table, reason, self.signals_in, "joiner")
             return None
 
     def drain(self) -> int:

@@ -5,7 +5,8 @@ trust what it reads: a row may lack a column, carry a null id, a NaN label, a tr
 have, or logits of the wrong length. One such row must not stop training (issue 17: "malformed stream records get
 a clear error with the record's id, are dead-lettered, and training goes on"). :class:`RecordCheck` tells each row
 good or bad with the first reason that applies; :func:`split_malformed` hands the bad rows to
-`Stream.dead_letter` (with their reasons), logs their ids and returns the good ones. The bad rows' positions are
+`Stream.dead_letter` (with their reasons), logs their ids and returns the good ones (:func:`dead_letter_all` does
+the same for a whole table that does not fit). The bad rows' positions are
 committed with the rest of the poll, so they are not delivered again once the consumer's checkpoint holds the poll
 (a consumer that dies before that dead-letters them a second time: the dead letters are at-least-once too).
 
@@ -153,24 +154,27 @@ def _filled(table: pa.Table, name: str, fill) -> np.ndarray:  # noqa: ANN001 - a
     return col.to_numpy()
 
 
-def split_malformed(table: pa.Table, check: Callable[[pa.Table], np.ndarray], stream, where: str
-                    ) -> tuple[pa.Table, int]:  # noqa: ANN001 - stream: a Stream
-    """(good rows, number dead-lettered): rows `check` (a RecordCheck, or any function giving a reason per row) finds
-    bad go to `stream.dead_letter` with their reasons and
-    are logged by sample id (`where` names the consumer in the log line)."""
-    if isinstance(check, RecordCheck):
-        bad, why = check.check(table)
-    else:
-        reasons = check(table)
-        bad = reasons != ""
-        why = reasons[bad]
+def split_malformed(table: pa.Table, check: RecordCheck, stream, where: str) -> tuple[pa.Table, int]:  # noqa: ANN001
+    """(good rows, number dead-lettered): rows `check` finds bad go to `stream.dead_letter` (a Stream) with their
+    reasons and are logged by sample id (`where` names the consumer in the log line)."""
+    bad, why = check.check(table)
     if not bad.any():
         return table, 0
-    rows = table.filter(pa.array(bad))
-    stream.dead_letter(rows, list(why))
+    _dead_letter(table.filter(pa.array(bad)), list(why), stream, where)
+    return table.filter(pa.array(~bad)), int(bad.sum())
+
+
+def dead_letter_all(table: pa.Table, reason: str, stream, where: str) -> int:  # noqa: ANN001 - stream: a Stream
+    """Dead-letter every row of `table` for one `reason` (a table that does not fit as a whole), logged as
+    `split_malformed` logs; returns the rows."""
+    _dead_letter(table, [reason] * table.num_rows, stream, where)
+    return table.num_rows
+
+
+def _dead_letter(rows: pa.Table, why: list[str], stream, where: str) -> None:  # noqa: ANN001 - stream: a Stream
+    stream.dead_letter(rows, why)
     ids = (_filled(rows, "sample_id", -1).tolist() if "sample_id" in rows.column_names and
            pa.types.is_integer(rows.schema.field("sample_id").type) else ["?"] * rows.num_rows)
     shown = "; ".join(f"sample_id {i}: {r}" for i, r in zip(ids[:SHOW_IDS], why[:SHOW_IDS], strict=False))
     more = f" (and {len(ids) - SHOW_IDS} more)" if len(ids) > SHOW_IDS else ""
     log.warning("%s: stream %r: %d malformed record(s) dead-lettered: %s%s", where, stream.name, len(ids), shown, more)
-    return table.filter(pa.array(~bad)), int(bad.sum())
