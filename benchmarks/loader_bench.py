@@ -119,7 +119,7 @@ def loaders(w: SyntheticWorld, rows: int, workers: list[int], raw_rate: float, r
 def loader_pass_rows(w: SyntheticWorld, workers: int, rows: int) -> None:
     """One BatchLoader pass over the first `rows` rows of day 1 (a world with that many rows a day, same seed)."""
     part = SyntheticWorld(w.cfg.model_copy(update={"samples_per_day": rows}))
-    part._pop_cache = w._pop_cache  # the same day tables (they do not depend on samples_per_day)
+    part._day_cache = w._day_cache  # the same day tables (they do not depend on samples_per_day)
     sum(len(b) for b in BatchLoader(part, [1], BATCH, workers=workers))
 
 

@@ -49,6 +49,7 @@ AUC is a ceiling no model reaches: 0.83-0.84 for ctr with the defaults (base rat
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -150,8 +151,7 @@ class SyntheticWorld:
             self.cells = np.sqrt(1 - h) * self.cells + np.sqrt(h) * two / two.std()
         self.base = -3.5  # puts the CTR base rate near 9%
         self._event_salt = splitmix64(np.uint64((s * 0x9E3779B1 + 0xE7E7) & 0xFFFFFFFF))
-        self._pop_cache: dict[int, np.ndarray] = {}
-        self._cat_cache: dict[int, np.ndarray] = {}
+        self._day_cache: dict[str, dict[int, np.ndarray]] = {}  # per-day tables (see _per_day)
         self._pop_lock = threading.Lock()  # the loader's background thread and the caller may both read
         if w.positive_rate is not None:
             self.base = self._calibrated_base(w.positive_rate)
@@ -243,26 +243,28 @@ class SyntheticWorld:
             acc = RHO * acc + sd * _normal(_key(ids, d), self.seed, salt)
         return acc
 
-    def cat_popularity(self, day: int) -> np.ndarray:
-        """[C] category popularity on `day`: a fixed part plus a drifting one (cached like item_popularity: its
-        61-day walk costs a read of a few hundred rows as much as the rows themselves)."""
+    def _per_day(self, kind: str, day: int, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """make() of `day`, kept for the last 4 days of each `kind` (the loader reads day by day; a table's walk over
+        the days costs a read of a few hundred rows as much as the rows themselves)."""
         with self._pop_lock:
-            if day not in self._cat_cache:
-                if len(self._cat_cache) >= 4:
-                    del self._cat_cache[next(iter(self._cat_cache))]
-                c = np.arange(self.w.num_categories)
-                self._cat_cache[day] = 0.3 * _normal(c, self.seed, 31) + self._walk(c, day, 30, self.w.drift)
-            return self._cat_cache[day]
+            cache = self._day_cache.setdefault(kind, {})
+            if day not in cache:
+                if len(cache) >= 4:
+                    del cache[next(iter(cache))]
+                cache[day] = make()
+            return cache[day]
+
+    def cat_popularity(self, day: int) -> np.ndarray:
+        """[C] category popularity on `day`: a fixed part plus a drifting one."""
+        c = np.arange(self.w.num_categories)
+        return self._per_day("cat", day, lambda: 0.3 * _normal(c, self.seed, 31) + self._walk(c, day, 30,
+                                                                                                 self.w.drift))
 
     def item_popularity(self, day: int) -> np.ndarray:
-        """[num_items] drifting item popularity on `day` (cached for a few days: the loader reads day by day)."""
-        with self._pop_lock:
-            if day not in self._pop_cache:
-                if len(self._pop_cache) >= 4:
-                    del self._pop_cache[next(iter(self._pop_cache))]
-                items = np.arange(self.w.num_items)
-                self._pop_cache[day] = self._walk(items, day, 41, 0.5 * self.w.drift).astype(np.float32)
-            return self._pop_cache[day]
+        """[num_items] drifting item popularity on `day`."""
+        items = np.arange(self.w.num_items)
+        return self._per_day("item", day,
+                             lambda: self._walk(items, day, 41, 0.5 * self.w.drift).astype(np.float32))
 
     # ---- DataSource ----------------------------------------------------------------------------------------
     def days(self) -> list[int]:
