@@ -9,12 +9,12 @@ the same short ZeRO-1 run.
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from dist_workers import free_port
 from helpers import ZERO1_SETS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,10 +45,7 @@ def torchrun_teacher(tmp_path_factory):
         if (sharding, zero) not in done:
             root = tmp_path_factory.mktemp(f"teacher-{sharding}-zero{zero}")
             sets = teacher_sets(root, sharding, zero)
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                    "-m", "recdistill.train.teacher", "--config", TINY_CONFIG, "--summary", str(root / "sum"),
                    "--eval-out", str(root / "eval.npz"), "--run-dir", str(root / "run"),
                    *[a for s in sets for a in ("--set", s)]]
