@@ -41,6 +41,7 @@ and each batch is copied to the device on a side stream one batch ahead of the c
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -172,6 +173,11 @@ class BatchLoader:
         if workers == 0:
             return (self.read_part(it) for it in self.items(start))
         ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # the source is not pickled
+        # A forked worker sends its shared memory as file descriptors, through multiprocessing's resource sharer,
+        # whose first use makes a temp dir (tempfile, module locks). Forked while another thread here held such a lock,
+        # a worker hung there for good (seen once in the suite). Made here first, the dir is inherited: no worker
+        # makes one.
+        multiprocessing.util.get_temp_dir()
         flags = new_flags(workers, self.arena_slots)
         parts = DataLoader(_Parts(self, start, flags), batch_size=None, num_workers=workers, pin_memory=self.cuda,
                            multiprocessing_context=ctx, prefetch_factor=2)
