@@ -26,8 +26,9 @@ yields exactly the batches that followed it: resuming costs one work item, not a
 **Workers.** `workers=0`: parts are read and cut on one background thread, `prefetch` batches ahead. `workers=N`:
 N processes (torch DataLoader over an IterableDataset) read the parts, worker w the items i with i % N == w; the
 DataLoader hands results back round-robin in dispatch order and every worker yields exactly one part per item, so
-the parts, and the batches cut from them here, are the same sequence for any N. Workers are forked (the source is
-not pickled; a source with open files gets `reopen()` in each worker). A part's tensors go to one shared-memory
+the parts, and the batches cut from them here, are the same sequence for any N. Workers come from a fork server,
+never from a fork of the training process and its threads, so the source is pickled to each (a source drops its
+open files and locks in `__getstate__`). A part's tensors go to one shared-memory
 arena of its worker (the world makes its histories there; the small tensors are copied in), which the worker
 reuses once the training process has let go of every batch cut from it (recdistill/data/shared_pool.py): handing
 a part over copies no history, sends one file descriptor, and after a worker's first few parts faults in no fresh
@@ -41,7 +42,8 @@ and each batch is copied to the device on a side stream one batch ahead of the c
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.util
+import multiprocessing.context
+import pickle
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -172,16 +174,23 @@ class BatchLoader:
     def _parts(self, start: Position | None, workers: int) -> Iterator[Part]:
         if workers == 0:
             return (self.read_part(it) for it in self.items(start))
-        ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # the source is not pickled
-        # A forked worker sends its shared memory as file descriptors, through multiprocessing's resource sharer,
-        # whose first use makes a temp dir (tempfile, module locks). Forked while another thread here held such a lock,
-        # a worker hung there for good (seen once in the suite). Made here first, the dir is inherited: no worker
-        # makes one.
-        multiprocessing.util.get_temp_dir()
+        self._check_picklable(workers)
         flags = new_flags(workers, self.arena_slots)
         parts = DataLoader(_Parts(self, start, flags), batch_size=None, num_workers=workers, pin_memory=self.cuda,
-                           multiprocessing_context=ctx, prefetch_factor=2)
+                           multiprocessing_context=_worker_context(), prefetch_factor=2)
         return _released(parts, Releaser(flags))
+
+    def _check_picklable(self, workers: int) -> None:
+        """Workers get the source pickled: say which source cannot be, and what to do, before any worker starts."""
+        if getattr(self, "_pickle_checked", False):
+            return
+        try:
+            pickle.dumps(self.source)
+        except Exception as exc:  # noqa: BLE001 - any pickling failure gets the same explanation
+            raise ValueError(f"data source {type(self.source).__qualname__} cannot be sent to the loader's {workers} "
+                             f"worker process(es): {exc}. Make it picklable (drop open files and locks in "
+                             "__getstate__) or set data.workers=0") from exc
+        self._pickle_checked = True
 
     # ---- batches -------------------------------------------------------------------------------------------
     def _cut(self, parts: Iterable[Part], pin: bool) -> Iterator[Positioned]:
@@ -244,7 +253,7 @@ class BatchLoader:
 
 class _Parts(IterableDataset):
     """A DataLoader worker's share of the work items: those with index i % num_workers == its id, one part each, its
-    tensors in one of the worker's shared arenas (`flags`: shared_pool.new_flags, made before the fork)."""
+    tensors in one of the worker's shared arenas (`flags`: shared_pool.new_flags, shared with the workers)."""
 
     def __init__(self, loader: BatchLoader, start: Position | None, flags: torch.Tensor) -> None:
         self.loader, self.start, self.flags = loader, start, flags
@@ -255,9 +264,6 @@ class _Parts(IterableDataset):
             yield from (self.loader.read_part(it) for it in self.loader.items(self.start))
             return
         wid, n = info.id, info.num_workers
-        reopen = getattr(self.loader.source, "reopen", None)
-        if reopen is not None:
-            reopen()  # file handles inherited over fork share their offsets with the parent's
         arenas = WorkerArenas(self.flags[wid])
         set_buffer_allocator(arenas.alloc)
         for i, item in enumerate(self.loader.items(self.start)):
@@ -269,6 +275,19 @@ class _Parts(IterableDataset):
                 if lease is not None:
                     part.lease, part.arena = (wid, lease[0]), lease[1]
                 yield part
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Where loader workers come from: a fork server (forked from one clean single-threaded process that has torch
+    and this module imported), not a fork of the training process. Forking a process that runs other threads (the
+    signal writer, gloo, a loader abandoned mid-stream, W&B) copies whatever locks those threads hold at that moment;
+    a worker then waited on one for good (seen in the suite: in tempfile's lock, in an ABC check). The price is
+    that the source is pickled to each worker."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "torch", "recdistill.data.loader"])  # ignored once the server runs
+    return ctx
 
 
 def _released(parts: Iterable[Part], releaser: Releaser) -> Iterator[Part]:

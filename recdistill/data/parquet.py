@@ -156,9 +156,17 @@ class ParquetSource:
 
     # ---- file access -----------------------------------------------------------------------------------------
     def reopen(self) -> None:
-        """Forget open files and cached row groups (the loader calls it in each worker process: a file handle
-        inherited over fork shares its offset with the parent's, so concurrent reads would interleave)."""
+        """Forget open files and cached row groups (a file handle shared with another process shares its offset,
+        so concurrent reads would interleave)."""
         self._handles, self._cache, self._key_cache = {}, None, None
+
+    def __getstate__(self) -> dict:
+        # Pickled for the loader's worker processes: open files and cached row groups stay here.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_handles", "_cache", "_key_cache")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.reopen()
 
     def _open(self, f: str) -> pq.ParquetFile:
         if f not in self._handles:

@@ -8,7 +8,7 @@ large buffers directly (:func:`recdistill.data.batch.empty_buffer`), the small o
 
 A slot's life: free (flag 0) -> the worker takes it for one part (flag 1) and sends the part -> the training process
 maps the arena and, once no tensor of its own refers to that mapping any more (a storage weak reference expires),
-sets the flag back to 0. The flags are a small shared tensor made before the workers fork. A slot is therefore
+sets the flag back to 0. The flags are a small shared tensor the workers are given when they start. A slot is therefore
 reused only after the training process has let go of every batch cut from it; with no free slot (a consumer that
 keeps many batches) the worker uses fresh shared memory, as without arenas. Batches must not be sent on to another
 process while held: that process's mapping would not be seen here.
@@ -25,7 +25,7 @@ _HEADROOM = 1.25  # an arena is sized to the largest part seen so far times this
 
 
 def new_flags(workers: int, slots: int) -> torch.Tensor:
-    """The [workers, slots] busy flags, in shared memory: make them before the workers fork."""
+    """The [workers, slots] busy flags, in shared memory, handed to the workers as they start."""
     return torch.zeros(workers, slots, dtype=torch.int32).share_memory_()
 
 

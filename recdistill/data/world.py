@@ -156,6 +156,14 @@ class SyntheticWorld:
         if w.positive_rate is not None:
             self.base = self._calibrated_base(w.positive_rate)
 
+    def __getstate__(self) -> dict:
+        # Pickled for the loader's worker processes: without the lock (not picklable) and the per-day cache.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_day_cache", "_pop_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._day_cache, self._pop_lock = {}, threading.Lock()
+
     # ---- entities ------------------------------------------------------------------------------------------
     def item_cat(self, item: np.ndarray) -> np.ndarray:
         """Category of each item (items of category c are c, c + C, c + 2C, ...)."""

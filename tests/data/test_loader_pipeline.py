@@ -1,6 +1,8 @@
 """The input pipeline (issue 16): view pushdown in every source, batches cut as slices, positions that resume a
 stream where it stood, worker processes that give the same batches as one thread."""
 
+import threading
+
 import pytest
 import torch
 from helpers import assert_same_batch
@@ -149,7 +151,7 @@ def test_every_position_resumes_the_stream_exactly(sources, monkeypatch):
     assert Position.from_state(full[3].end.state()) == full[3].end
 
 
-@pytest.mark.parametrize("name", ["world", "parquet"])
+@pytest.mark.parametrize("name", ["world", "parquet", "movielens"])
 def test_workers_give_the_same_batches_as_one_thread(sources, name):
     src = sources[name]
     kw = dict(view=TEACHER, rank=0, world_size=2, chunk_rows=150)
@@ -163,6 +165,31 @@ def test_workers_give_the_same_batches_as_one_thread(sources, name):
     resumed = list(BatchLoader(src, [0, 1], 64, workers=2, **kw).stream(one[2].end))
     assert [p.start for p in resumed] == [p.start for p in one[3:]]
     assert_same_batch(resumed[-1].batch, one[-1].batch, "resumed with 2 workers, last batch")
+
+
+def test_workers_do_not_inherit_locks_held_here():
+    """A lock the source uses, held here while the workers start (as another thread of a trainer may hold one): a
+    forked worker would inherit it held and wait for good; a worker from the fork server gets the source pickled."""
+    w = small_world()
+    one = list(BatchLoader(w, [0], 64, view=TEACHER))
+    got: list = []
+    with w._pop_lock:  # the world's per-day cache lock: every read takes it
+        reader = threading.Thread(target=lambda: got.extend(BatchLoader(w, [0], 64, view=TEACHER, workers=2)),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout=120)
+        assert not reader.is_alive(), "loader workers hung on a lock held in the training process"
+    assert len(got) == len(one)
+    for i, (a, b) in enumerate(zip(got, one, strict=True)):
+        assert_same_batch(a, b, f"batch {i}")
+
+
+def test_an_unpicklable_source_is_refused_with_workers():
+    w = small_world()
+    w.hook = lambda: None  # a local lambda: cannot be pickled to a worker
+    assert len(list(BatchLoader(w, [0], 64, workers=0))) > 0
+    with pytest.raises(ValueError, match=r"SyntheticWorld cannot be sent to the loader's 2 worker.*data\.workers=0"):
+        next(iter(BatchLoader(w, [0], 64, workers=2)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned host batches and the side-stream copy")
