@@ -36,13 +36,13 @@ from recdistill.data.sampling import SamplingConfig
 from recdistill.data.world import SyntheticWorld
 
 BATCH = 256
-CHUNK = 4 * BATCH  # the loader's default chunk
+CHUNK = 4 * BATCH  # the loader's default work item without a view
 
 
 def make_world(history: int, rows: int) -> SyntheticWorld:
     w = SyntheticWorld(load_config(None, [f"data.history_len={history}", f"data.samples_per_day={rows}",
                                           "data.num_days=3"]).data)
-    w.read(1, 0, 16)  # the day's popularity table, built once (worker processes inherit it)
+    w.read(1, 0, 16)  # the day's popularity table, built once here (each worker builds its own)
     return w
 
 
@@ -94,9 +94,9 @@ def loader_pass(w: SyntheticWorld, workers: int, view: SamplingConfig | None = N
 
 def loaders(w: SyntheticWorld, rows: int, workers: list[int], raw_rate: float, raw_cpu: float,
             repeats: int) -> list[dict]:
-    """Step 2: loader passes with each worker count. A pass includes starting the workers (fork, first touches of
-    copy-on-write pages), paid once per run: `startup_s` is a pass over one work item, and the steady rate leaves it
-    out ((rows - one item) / (seconds - startup_s))."""
+    """Step 2: loader passes with each worker count. A pass includes starting the workers (from the fork server,
+    the source pickled to each; their arenas' first pages), paid once per run: `startup_s` is a pass over one work
+    item, and the steady rate leaves it out ((rows - one item) / (seconds - startup_s))."""
     out = []
     for k in workers:
         sec = timed(lambda k=k: loader_pass(w, k), repeats)
@@ -124,18 +124,23 @@ def loader_pass_rows(w: SyntheticWorld, workers: int, rows: int) -> None:
 
 
 def view_cost(w: SyntheticWorld, rows: int, repeats: int) -> dict:
-    """Step 3: a pass through r = 0.1 against one through r = 1.0 (both q = 1; one thread), in wall and CPU seconds;
-    and both with work items of 10 x CHUNK rows."""
+    """Step 3: a pass through r = 0.1 against one through r = 1.0 (both q = 1; one thread), in wall and CPU seconds,
+    with the loader's default work items (about 4 viewed batches each: 10 x CHUNK stored rows at r = 0.1, CHUNK at
+    r = 1.0; data/loader.py default_chunk_rows); and both views with the same items, CHUNK and 10 x CHUNK rows."""
     low, full = SamplingConfig(name="r0.1", r=0.1, q=1.0), SamplingConfig(name="r1", r=1.0, q=1.0)
     kept = loader_pass(w, 0, low)[0]
     s_low = timed(lambda: loader_pass(w, 0, low), repeats)
     s_full = timed(lambda: loader_pass(w, 0, full), repeats)
     c_low = cpu_timed(lambda: loader_pass(w, 0, low), repeats)[0]
     c_full = cpu_timed(lambda: loader_pass(w, 0, full), repeats)[0]
+    same_low = timed(lambda: loader_pass(w, 0, low, CHUNK), repeats)
     big_low = timed(lambda: loader_pass(w, 0, low, 10 * CHUNK), repeats)
     big_full = timed(lambda: loader_pass(w, 0, full, 10 * CHUNK), repeats)
-    return {"kept_share_r0.1": kept / rows, "seconds_r0.1": s_low, "seconds_r1.0": s_full, "cost_ratio": s_low / s_full,
+    return {"kept_share_r0.1": kept / rows, "chunk_rows_r0.1": BatchLoader(w, [1], BATCH, view=low).chunk_rows,
+            "chunk_rows_r1.0": BatchLoader(w, [1], BATCH, view=full).chunk_rows,
+            "seconds_r0.1": s_low, "seconds_r1.0": s_full, "cost_ratio": s_low / s_full,
             "cpu_s_r0.1": c_low, "cpu_s_r1.0": c_full, "cpu_cost_ratio": c_low / c_full,
+            "seconds_r0.1_same_chunk": same_low, "cost_ratio_same_chunk": same_low / s_full,
             "seconds_r0.1_chunk_x10": big_low, "seconds_r1.0_chunk_x10": big_full,
             "cost_ratio_chunk_x10": big_low / big_full}
 
@@ -190,7 +195,7 @@ def main() -> None:
     q = args.quick
     load_before = os.getloadavg()
     results = [measure(1024, 4096 if q else 32768, args.workers, 1 if q else 5, [1, 8] if q else [1, 32, 96]),
-               measure(20000, 2048 if q else 6144, args.workers, 1 if q else 5, [1, 4] if q else [1, 8, 16])]
+               measure(20000, 2048 if q else 12288, args.workers, 1 if q else 5, [1, 4] if q else [1, 8, 16])]
     load = os.getloadavg()
     res = {"bench": "loader", "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(), "cpus": os.cpu_count(),
            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
@@ -202,8 +207,8 @@ def main() -> None:
                        f"start {x['startup_s']:.2f}s)" for x in r["loader"])
         v = r["view"]
         print(f"history {r['history_len']:>6}: raw {r['raw']['samples_per_s']:,.0f} samples/s; loader {lo}; "
-              f"r=0.1 costs {v['cost_ratio']:.2f}x of r=1.0 (CPU {v['cpu_cost_ratio']:.2f}x, 10x work items "
-              f"{v['cost_ratio_chunk_x10']:.2f}x); resume "
+              f"r=0.1 costs {v['cost_ratio']:.2f}x of r=1.0 (CPU {v['cpu_cost_ratio']:.2f}x; with r=1.0's work "
+              f"items {v['cost_ratio_same_chunk']:.2f}x, both 10x {v['cost_ratio_chunk_x10']:.2f}x); resume "
               + ", ".join(f"k={x['k']}: {x['seek_s']:.3f}s by position, {x['replay_s']:.3f}s replayed"
                           for x in r["resume"]))
     print(f"wrote {out} (load average {load[0]:.2f})")
