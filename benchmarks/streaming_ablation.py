@@ -12,12 +12,14 @@ seed moves model initialisation and shuffling of the teacher and of every studen
 the rows are the same and only training noise differs between seeds.
 
 Per streaming day d (scored on day d + 1, unsampled) and student variant v of the experiment config: gain_v(d) =
-AUC_v - AUC_base on CTR, its mean over seeds and the standard error of that mean (sd / sqrt(seeds); '-' with one
-seed). The variants (configs/experiments/streaming.yaml): a = batch-distilled, streaming with distillation; b =
-batch-distilled, streaming on labels; c = batch-distilled, frozen; d = distilled in the streaming phase only. The
-paper's direction: a > b > c and a > d. Result: results/streaming_ablation-<cpu>[-quick].json (device, versions,
-commands, per-seed rows, the aggregate, join metrics, wall time) and a PNG beside it; the last stdout line is the
-aggregate as one JSON object.
+AUC_v - AUC_base on CTR, its mean over seeds, the standard error of that mean (sd / sqrt(seeds); none with one
+seed) and its share of the teacher's gain over the base that day; a first row does the same for the batch phase
+(its students before any streaming, scored on the first streaming day). The variants
+(configs/experiments/streaming.yaml): a = batch-distilled, streaming with distillation; b = batch-distilled,
+streaming on labels; c = batch-distilled, frozen; d = distilled in the streaming phase only. The paper's direction:
+a > b > c and a > d. Result: results/streaming_ablation-<cpu>[-quick].json (device, versions, commands, per-seed
+rows, the aggregate, join metrics, wall time) and a PNG beside it; the last stdout line is the aggregate as one
+JSON object.
 """
 
 from __future__ import annotations
@@ -75,24 +77,33 @@ def _batch_aucs(run_dir: Path, task: str) -> dict[str, float]:
 
 
 def aggregate(runs: dict[int, dict], base: str, task: str) -> dict:
-    """Per day and model: mean AUC; per day and variant: mean gain over `base` and its standard error."""
-    days = [r["day"] for r in next(iter(runs.values()))["days"]]
+    """Per day and model: mean AUC; per day and variant: mean gain over `base`, its standard error over seeds, and
+    the share of the teacher's gain over `base` it holds (gain / teacher gain, of the means). The first row is the
+    batch phase (day None: its students before any streaming, scored on the first streaming day)."""
+    first = next(iter(runs.values()))
     models = sorted({k.split("/")[0] for r in runs.values() for row in r["days"] for k in row
                      if k.endswith(f"auc/{task}")})
-    table = []
-    for i, day in enumerate(days):
-        row = {"day": day, "eval_day": day + 1}
-        for m in models:
-            aucs = np.array([r["days"][i][f"{m}/auc/{task}"] for r in runs.values()])
-            row[f"{m}/auc"] = float(aucs.mean())
-            if m not in (base, "teacher"):
-                gains = aucs - np.array([r["days"][i][f"{base}/auc/{task}"] for r in runs.values()])
-                row[f"{m}/gain"] = float(gains.mean())
-                row[f"{m}/gain_se"] = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else None
-        table.append(row)
     variants = [m for m in models if m not in (base, "teacher")]
-    return {"days": table, "variants": variants, "mean_gain": {
-        v: float(np.mean([row[f"{v}/gain"] for row in table])) for v in variants}}
+    batch = [{f"{m}/auc/{task}": r["batch"][f"{m}/auc/{task}"] for m in models} for r in runs.values()]
+    per_day = [("batch", None, first["days"][0]["day"], batch)] + [
+        ("stream", row["day"], row["eval_day"], [r["days"][i] for r in runs.values()])
+        for i, row in enumerate(first["days"])]
+    table = []
+    for phase, day, eval_day, rows in per_day:
+        out = {"phase": phase, "day": day, "eval_day": eval_day}
+        auc = {m: np.array([row[f"{m}/auc/{task}"] for row in rows]) for m in models}
+        for m in models:
+            out[f"{m}/auc"] = float(auc[m].mean())
+        teacher_gain = float((auc["teacher"] - auc[base]).mean())
+        for v in variants:
+            gains = auc[v] - auc[base]
+            out[f"{v}/gain"] = float(gains.mean())
+            out[f"{v}/gain_se"] = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else None
+            out[f"{v}/share_of_teacher_gain"] = float(gains.mean() / teacher_gain) if teacher_gain > 0 else None
+        table.append(out)
+    stream = [row for row in table if row["phase"] == "stream"]
+    return {"days": table, "variants": variants,
+            "mean_gain": {v: float(np.mean([row[f"{v}/gain"] for row in stream])) for v in variants}}
 
 
 def plot(agg: dict, base: str, path: Path, title: str) -> None:
@@ -102,19 +113,26 @@ def plot(agg: dict, base: str, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    days = [r["day"] for r in agg["days"]]
+    rows = agg["days"]
+    x = np.arange(len(rows))
+    labels = [f"batch\n(day {r['eval_day']})" if r["phase"] == "batch" else f"{r['day']}\n(day {r['eval_day']})"
+              for r in rows]
+    models = ["teacher", base, *agg["variants"]]
+    color = {m: f"C{i}" for i, m in enumerate(models)}  # one colour per model in both panels
     for v in agg["variants"]:
-        g = np.array([r[f"{v}/gain"] for r in agg["days"]]) * 100
-        se = np.array([r[f"{v}/gain_se"] or 0.0 for r in agg["days"]]) * 100
-        ax1.errorbar(days, g, yerr=se, marker="o", capsize=3, label=v)
+        g = np.array([r[f"{v}/gain"] for r in rows]) * 100
+        se = np.array([r[f"{v}/gain_se"] or 0.0 for r in rows]) * 100
+        ax1.errorbar(x, g, yerr=se, marker="o", capsize=3, label=v, color=color[v])
     ax1.axhline(0, color="grey", lw=0.8)
-    ax1.set(xlabel="streaming day (scored on the next day)", ylabel=f"AUC gain over {base} (x100)",
-            title="gain over the same-setting base")
+    ax1.set(ylabel=f"AUC gain over {base} (x100), mean ± SE over seeds", title="gain over the same-setting base")
     ax1.legend(fontsize=8)
-    for m in ["teacher", base, *agg["variants"]]:
-        ax2.plot(days, [r[f"{m}/auc"] for r in agg["days"]], marker="o", label=m)
-    ax2.set(xlabel="streaming day", ylabel="next-day AUC", title="next-day AUC")
+    for m in models:
+        ax2.plot(x, [r[f"{m}/auc"] for r in rows], marker="o", label=m, color=color[m])
+    ax2.set(ylabel="next-day AUC (mean over seeds)", title="next-day AUC")
     ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set_xlabel("phase / streaming day (scored on)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -147,12 +165,13 @@ def main() -> None:
            "wall_s_this_invocation": time.perf_counter() - t0}
     path = write_result("streaming_ablation", res, args.quick, args.out)
     plot(agg, base, path.with_suffix(".png"), f"streaming ablation, {len(seeds)} seed(s), {cpu_name()}")
-    hdr = ["day"] + [f"{v} gain" for v in agg["variants"]]
-    print(" | ".join(hdr))
+    print(" | ".join(["day (scored on)", "teacher gain"] + [f"{v} gain (share)" for v in agg["variants"]]))
     for r in agg["days"]:
         cells = [f"{r[f'{v}/gain'] * 100:+.3f}" + (f" ± {r[f'{v}/gain_se'] * 100:.3f}" if r[f"{v}/gain_se"] else "")
+                 + (f" ({r[f'{v}/share_of_teacher_gain']:.0%})" if r[f"{v}/share_of_teacher_gain"] is not None else "")
                  for v in agg["variants"]]
-        print(" | ".join([str(r["day"]), *cells]))
+        day = "batch" if r["phase"] == "batch" else str(r["day"])
+        print(" | ".join([f"{day} ({r['eval_day']})", f"{(r['teacher/auc'] - r[f'{base}/auc']) * 100:+.3f}", *cells]))
     print(f"wrote {path}", file=sys.stderr)
     print(json.dumps({"mean_gain": agg["mean_gain"], "seeds": seeds, "result": str(path)}))
 
