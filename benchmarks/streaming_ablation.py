@@ -1,7 +1,7 @@
 """The paper's streaming ablation (Table 8 / Fig. 5, issue 17) over several seeds: one table of next-day AUC gains
 per streaming day and a plot.
 
-    python benchmarks/streaming_ablation.py                        # seeds 0,1 (about 25 min each on the 2-core box)
+    python benchmarks/streaming_ablation.py                        # seeds 0,1 (about 16 min each on the 2-core box)
     python benchmarks/streaming_ablation.py --seeds 0,1,2          # more seeds; finished seeds are reused
     python benchmarks/streaming_ablation.py --quick --seeds 0      # tiny sizes: a smoke test (~3 min)
 

@@ -41,6 +41,7 @@ and each batch is copied to the device on a side stream one batch ahead of the c
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import multiprocessing.context
@@ -275,6 +276,9 @@ class _Parts(IterableDataset):
             yield from (self.loader.read_part(it) for it in self.loader.items(self.start))
             return
         wid, n = info.id, info.num_workers
+        # torch logs a notice once per process at the first KeyedJaggedTensor (torch.fx.wrap's tracing check): the
+        # training process has shown it already, and every worker of every pass would repeat it
+        logging.getLogger("torch.fx._symbolic_trace").addFilter(lambda r: "is_fx_tracing" not in r.getMessage())
         arenas = WorkerArenas(self.flags[wid])
         set_buffer_allocator(arenas.alloc)
         for i, item in enumerate(self.loader.items(self.start)):
