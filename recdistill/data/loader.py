@@ -42,7 +42,6 @@ and each batch is copied to the device on a side stream one batch ahead of the c
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import multiprocessing.context
 import pickle
@@ -115,20 +114,11 @@ class Positioned:
     end: Position
 
 
-def default_chunk_rows(batch_size: int, view: SamplingConfig | None) -> int:
-    """Rows per work item when none is given: about 4 batches of *viewed* rows. A view keeps at least a share r of
-    the rows (its negatives' rate), so the item spans 4 * batch_size / r stored rows: what a work item costs beyond
-    its rows (calls, per-item tables, arenas) is then spread over as many kept rows as without a view, and an r = 0.1
-    view costs about its kept share of a full read instead of a third of it."""
-    r = 1.0 if view is None else min(1.0, max(view.r, 1e-3))
-    return int(math.ceil(4 * batch_size / r))
-
-
 class BatchLoader:
     """Iterates fixed-size Batches of `days` from `source` for one rank, in a deterministic order (module docstring).
 
-    `chunk_rows`: stored rows per work item (default :func:`default_chunk_rows`). `workers`: reader processes (0:
-    one background thread; `prefetch` <= 0 then reads inline). `device`: with a
+    `chunk_rows`: stored rows per work item (default 4 batches). `workers`: reader processes (0: one background
+    thread; `prefetch` <= 0 then reads inline). `device`: with a
     CUDA device, batches come pinned and already on it (copied on a side stream); otherwise they stay on the CPU.
     `arena_slots`: shared-memory arenas per worker (recdistill/data/shared_pool.py), each as large as the largest
     part; 4 are in use with a consumer that keeps no batch (2 prefetched, 1 being made, 1 being cut), the rest
@@ -154,7 +144,7 @@ class BatchLoader:
             check_nested(view, source.sampling, source.schema.num_traffic)
         self.source, self.days, self.batch_size = source, list(days), batch_size
         self.view, self.rank, self.world_size = view, rank, world_size
-        self.chunk_rows = chunk_rows or default_chunk_rows(batch_size, view)
+        self.chunk_rows = chunk_rows or batch_size * 4
         self.prefetch, self.drop_last, self.workers = prefetch, drop_last, workers
         self.device = torch.device(device) if device is not None else None
         self.cuda = self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()

@@ -84,13 +84,13 @@ class LockstepBatches:
         when it is needed."""
         if self._loader is None or state.get("position", "absent") == "absent":
             raise ValueError("seek: needs a BatchLoader and a state with a 'position' (else skip(), which replays)")
-        # A position counts work items of the loader that saved it: with other chunk_rows (a changed batch size or
-        # view, or a checkpoint from before view-sized items) the same numbers are other rows.
+        # A position counts work items of the loader that saved it: with other chunk_rows (a changed batch size)
+        # the same numbers are other rows.
         saved = state.get("chunk_rows", 4 * self._loader.batch_size)
         if saved != self._loader.chunk_rows:
             raise ValueError(f"seek: the saved data position counts work items of {saved} rows, this loader's have "
-                             f"{self._loader.chunk_rows} (data.batch_size or the sampling view changed since the "
-                             "checkpoint); resume with the same data settings or start the run afresh")
+                             f"{self._loader.chunk_rows} (data.batch_size changed since the checkpoint)"
+                             "; resume with the same data settings or start the run afresh")
         self.position = None if state["position"] is None else Position.from_state(state["position"])
         self.last = None if state["last"] is None else Position.from_state(state["last"])
         self.taken, self.exhausted = int(state["batches"]), bool(state["exhausted"])

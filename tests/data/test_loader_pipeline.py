@@ -167,13 +167,6 @@ def test_workers_give_the_same_batches_as_one_thread(sources, name):
     assert_same_batch(resumed[-1].batch, one[-1].batch, "resumed with 2 workers, last batch")
 
 
-def test_default_work_items_hold_about_four_viewed_batches():
-    w = small_world()
-    assert BatchLoader(w, [0], 64).chunk_rows == 256
-    assert BatchLoader(w, [0], 64, view=SamplingConfig(name="s", r=0.1, q=1.0)).chunk_rows == 2560
-    assert BatchLoader(w, [0], 64, view=SamplingConfig(name="s", r=0.5, q=1.0), chunk_rows=100).chunk_rows == 100
-
-
 def test_workers_do_not_inherit_locks_held_here():
     """A lock the source uses, held here while the workers start (as another thread of a trainer may hold one): a
     forked worker would inherit it held and wait for good; a worker from the fork server gets the source pickled."""
