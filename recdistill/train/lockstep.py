@@ -74,8 +74,7 @@ class LockstepBatches:
         a BatchLoader the position of the next batch and of the last one taken."""
         pos = {"batches": self.taken, "exhausted": self.exhausted}
         if self._loader is not None:
-            pos.update(position=self.position and self.position.state(), last=self.last and self.last.state(),
-                       chunk_rows=self._loader.chunk_rows)
+            pos.update(position=self.position and self.position.state(), last=self.last and self.last.state())
         return pos
 
     def seek(self, state: dict) -> None:
@@ -84,13 +83,6 @@ class LockstepBatches:
         when it is needed."""
         if self._loader is None or state.get("position", "absent") == "absent":
             raise ValueError("seek: needs a BatchLoader and a state with a 'position' (else skip(), which replays)")
-        # A position counts work items of the loader that saved it: with other chunk_rows (a changed batch size)
-        # the same numbers are other rows.
-        saved = state.get("chunk_rows", 4 * self._loader.batch_size)
-        if saved != self._loader.chunk_rows:
-            raise ValueError(f"seek: the saved data position counts work items of {saved} rows, this loader's have "
-                             f"{self._loader.chunk_rows} (data.batch_size changed since the checkpoint)"
-                             "; resume with the same data settings or start the run afresh")
         self.position = None if state["position"] is None else Position.from_state(state["position"])
         self.last = None if state["last"] is None else Position.from_state(state["last"])
         self.taken, self.exhausted = int(state["batches"]), bool(state["exhausted"])

@@ -103,5 +103,5 @@ class TeacherCheckpoints:
                                "have no signal (resume with the store the checkpoint was written with)")
         return Resumed(path=Path(pick[0]), steps=steps, trained=int(mine["trained"]), batches=int(mine["batches"]),
                        exhausted=bool(mine["exhausted"]), tracking=meta.get("tracking") or {},
-                       data=None if "position" not in mine else
-                       {k: mine[k] for k in ("batches", "exhausted", "position", "last", "chunk_rows") if k in mine})
+                       data={k: mine[k] for k in ("batches", "exhausted", "position", "last")} if "position" in mine
+                       else None)

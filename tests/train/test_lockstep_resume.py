@@ -60,6 +60,3 @@ def test_seek_continues_without_replay(group, monkeypatch, workers):
     assert [v for _, v in old] == [v for _, v in ref[5:]]
     with pytest.raises(ValueError, match="state with a 'position'"):
         feed(world, group).seek({"batches": 5, "exhausted": False})
-    other = BatchLoader(world, [0, 1], 48, view=VIEW, chunk_rows=200)  # the same rows, other work items
-    with pytest.raises(ValueError, match="work items of 100 rows, this loader's have 200"):
-        LockstepBatches(other, 48, group, fallback=lambda: world.read(0, 0, 1)).seek(feed(world, group).state())
