@@ -26,6 +26,7 @@ import os
 import platform
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ def cpu_seconds() -> tuple[float, float]:
     kids = c.ru_utime + c.ru_stime
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
     if pid:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         kids += (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime (fields 16, 17)
     return time.process_time(), kids
 

@@ -47,6 +47,7 @@ import multiprocessing.context
 import pickle
 import queue
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -176,23 +177,23 @@ class BatchLoader:
     def _parts(self, start: Position | None, workers: int) -> Iterator[Part]:
         if workers == 0:
             return (self.read_part(it) for it in self.items(start))
-        self._check_picklable(workers)
         flags = new_flags(workers, self.arena_slots)
         parts = DataLoader(_Parts(self, start, flags), batch_size=None, num_workers=workers, pin_memory=self.cuda,
                            multiprocessing_context=_worker_context(), prefetch_factor=2)
-        return _released(parts, Releaser(flags))
+        return _released(self._started(parts, workers), Releaser(flags))
 
-    def _check_picklable(self, workers: int) -> None:
-        """Workers get the source pickled: say which source cannot be, and what to do, before any worker starts."""
-        if getattr(self, "_pickle_checked", False):
-            return
+    def _started(self, parts: DataLoader, workers: int) -> Iterator[Part]:
+        """The DataLoader's parts. Starting its workers pickles the source to each: a source that cannot be pickled
+        fails there, and the error says which one and what to do."""
         try:
-            pickle.dumps(self.source)
-        except Exception as exc:  # noqa: BLE001 - any pickling failure gets the same explanation
+            with warnings.catch_warnings():  # torch's own notice on this failure advises the fork start method
+                warnings.filterwarnings("ignore", message="Got pickle error when attempting to start a worker")
+                it = iter(parts)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:  # what pickle raises for such an object
             raise ValueError(f"data source {type(self.source).__qualname__} cannot be sent to the loader's {workers} "
                              f"worker process(es): {exc}. Make it picklable (drop open files and locks in "
                              "__getstate__) or set data.workers=0") from exc
-        self._pickle_checked = True
+        yield from it
 
     # ---- batches -------------------------------------------------------------------------------------------
     def _cut(self, parts: Iterable[Part], pin: bool) -> Iterator[Positioned]:
