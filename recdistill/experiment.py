@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -114,19 +115,17 @@ def _finished(run_dir: Path, nproc: int, since: float) -> bool:
     return all(p.exists() and p.stat().st_mtime >= since for p in done)
 
 
-def run_teacher(cfg_path: Path, run_dir: Path, nproc: int, *, append: bool = False) -> dict:
-    """Train the teacher with torchrun on `nproc` ranks. Every line the launcher and the ranks print goes to
-    <run>/teacher.log (appended to with `append`, a resumed run); the teacher's progress lines are also echoed to
-    the console. Returns rank 0's summary. A failure raises a RunError with the cause found in the log (the first
-    config, data or signal error of a rank, not the launcher's ChildFailedError) and the log's path; an interrupt
-    (Ctrl-C, in this process or in the teacher's) stops every rank and raises KeyboardInterrupt."""
+def run_ranks(module: str, args: list[str], nproc: int, log_path: Path, *, what: str, echo: tuple[str, ...],
+              append: bool = False, finished: Callable[[float], bool] | None = None) -> None:
+    """Run `python -m module args` on `nproc` ranks with torchrun. Every line the launcher and the ranks print goes
+    to `log_path` (appended to with `append`); lines starting with one of `echo` are also echoed to the console,
+    prefixed `[what]`. A failure raises a RunError naming `what` and the cause found in the log (the first config,
+    data or signal error of a rank, not the launcher's ChildFailedError) and the log's path, unless
+    `finished(start time)` says every rank had written its results (a crash at process teardown); an interrupt
+    (Ctrl-C, in this process or in the ranks) stops every rank and raises KeyboardInterrupt."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
-           "-m", "recdistill.train.teacher", "--config", str(cfg_path),
-           "--set", f"signals.uri={run_dir / 'signals'}", "--set", f"teacher.checkpoint_dir={run_dir / 'teacher_ckpt'}",
-           "--summary", str(run_dir / "teacher"), "--eval-out", str(run_dir / "teacher_eval.npz"),
-           "--run-dir", str(run_dir / "teacher")]
-    log_path = run_dir / "teacher.log"
-    console(f"experiment: teacher on {nproc} rank(s), log {log_path}: {' '.join(cmd[2:])}")
+           "-m", module, *args]
+    console(f"experiment: {what} on {nproc} rank(s), log {log_path}: {' '.join(cmd[2:])}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))}
     lines: list[str] = []
@@ -137,8 +136,8 @@ def run_teacher(cfg_path: Path, run_dir: Path, nproc: int, *, append: bool = Fal
             for line in proc.stdout:
                 log.write(line)
                 lines.append(line.rstrip())
-                if line.startswith(("teacher step", "teacher: resum")):  # progress; the rest stays in the log
-                    console("[teacher] " + line.rstrip()[:300])
+                if line.startswith(echo):  # progress; the rest stays in the log
+                    console(f"[{what}] " + line.rstrip()[:300])
             code = proc.wait()
         except KeyboardInterrupt:
             _stop(proc)
@@ -146,14 +145,25 @@ def run_teacher(cfg_path: Path, run_dir: Path, nproc: int, *, append: bool = Fal
     if code != 0:
         if _interrupted(code, lines):
             raise KeyboardInterrupt
-        if _finished(run_dir, nproc, started):
-            console(f"experiment: the teacher exited with code {code} after every rank had written its summary "
-                    f"(a crash at process teardown): its signals and evaluation are kept; details in {log_path}")
-            return json.loads((run_dir / "teacher.rank0.json").read_text())
+        if finished is not None and finished(started):
+            console(f"experiment: the {what} exited with code {code} after every rank had written its results "
+                    f"(a crash at process teardown): they are kept; details in {log_path}")
+            return
         cause, status = teacher_failure(lines)
-        err = RunError(f"teacher failed: {cause or f'exit code {code}'}", fix=f"full log: {log_path}")
+        err = RunError(f"{what} failed: {cause or f'exit code {code}'}", fix=f"full log: {log_path}")
         err.exit_code = status
         raise err
+
+
+def run_teacher(cfg_path: Path, run_dir: Path, nproc: int, *, append: bool = False) -> dict:
+    """Train the teacher with torchrun on `nproc` ranks (:func:`run_ranks`; log <run>/teacher.log, appended to with
+    `append`, a resumed run; its progress lines echoed). Returns rank 0's summary."""
+    run_ranks("recdistill.train.teacher",
+              ["--config", str(cfg_path), "--set", f"signals.uri={run_dir / 'signals'}",
+               "--set", f"teacher.checkpoint_dir={run_dir / 'teacher_ckpt'}", "--summary", str(run_dir / "teacher"),
+               "--eval-out", str(run_dir / "teacher_eval.npz"), "--run-dir", str(run_dir / "teacher")],
+              nproc, run_dir / "teacher.log", what="teacher", echo=("teacher step", "teacher: resum"), append=append,
+              finished=lambda since: _finished(run_dir, nproc, since))
     return json.loads((run_dir / "teacher.rank0.json").read_text())
 
 

@@ -4,15 +4,17 @@
     recdistill stream --config CFG --resume-from runs/demo-X             # streaming after the batch run runs/demo-X
     recdistill stream --config CFG --resume-from RUN --set stream.backend=redis --set stream.start_server=true
 
-A phased simulation in one process, every record through the real stream backend (local by default; redis with
+A phased simulation, every record through the real stream backend (local by default; redis with
 `stream.backend=redis`, its own redis-server with `stream.start_server=true`) and the real joiner. For each
 streaming day d (recdistill/data/source.py `phase_days`):
 
 1. publish: the teacher's sampled view of day d goes on the `samples` stream (`stream.rate` rows/s, 0 = as fast as
-   possible; event time = the day's timeline, recdistill/streams/records.py), in chunks of 4 batches; after each
-   chunk the teacher, the joiner and the students consume what has arrived (steps 2-4), and at the end of the day
-   the teacher trains its short last batch, the joiner is flushed and the students train theirs;
-2. teach: the teacher, resumed from its batch checkpoint (one process: recdistill/train/stream_teacher.py), trains
+   possible; event time = the day's timeline, recdistill/streams/records.py), in chunks of 4 global teacher
+   batches; after each chunk the teacher, the joiner and the students consume what has arrived (steps 2-4); after
+   the day's last chunk the teacher trains its short last batch first, and at the end of the day the joiner is
+   flushed and the students train theirs;
+2. teach: the teacher, resumed from its batch checkpoint on the batch teacher's ranks (recdistill/train/
+   stream_teacher.py; more than one rank: this under torchrun, rank 0 doing everything else), trains
    on the stream and publishes each forward's logits on the `signals` stream and in the signal store;
 3. join: the joiner matches the two streams under the watermark and `stream.max_delay_s` into `joined`; its clock
    is the simulated now (the event time of the newest sample published), so join latency is in timeline time;
@@ -32,6 +34,8 @@ import json
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 from recdistill.config import Config, StreamConfig, apply_overrides
 from recdistill.data.loader import BatchLoader
 from recdistill.data.source import DataSource, build_source, phase_days
@@ -50,24 +54,36 @@ class Publisher:
 
     def __init__(self, cfg: Config, source: DataSource, out) -> None:  # noqa: ANN001 - Stream
         self.cfg, self.source, self.out, self.seq = cfg, source, out, 0
+        self.now = 0  # the event time of the newest row appended
 
     def day(self, day: int, chunk_rows: int):  # noqa: ANN201 - a generator of ints
-        """Append `day` at `stream.rate` rows/s, yielding the event time of the last row appended after about every
-        `chunk_rows` rows (the caller lets the consumers catch up there)."""
+        """Append `day` at `stream.rate` rows/s in chunks of exactly `chunk_rows` rows (the day's last may be
+        short), yielding (the event time of the chunk's last row, whether the day is over) after each (the caller
+        lets the consumers catch up there; the day's end comes last, with or without rows of its own). Whole
+        chunks: with `chunk_rows` a multiple of the teacher's global batch, no row waits in the teacher's buffer for
+        the next chunk, where it could miss max_delay."""
         cfg, tasks = self.cfg, self.source.schema.task_names
-        rate, t0, sent, since, last = cfg.stream.rate, time.monotonic(), 0, 0, None
+        rate, t0, sent, held, seq0, now = cfg.stream.rate, time.monotonic(), 0, [], self.seq, self.now
         for b in BatchLoader(self.source, [day], cfg.data.batch_size, view=cfg.sampling.teacher, prefetch=0):
-            rec = sample_records(b, tasks, cfg.data.samples_per_day, self.seq)
-            self.out.append(rec)
-            self.seq, sent, since = self.seq + len(b), sent + len(b), since + len(b)
-            last = int(rec.column("event_time_ms")[-1].as_py())
+            held.append(sample_records(b, tasks, cfg.data.samples_per_day, seq0 + sent))
+            sent += len(b)
             if rate > 0:  # keep pace with the wall clock: row k goes out k / rate seconds after the first
                 time.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
-            if since >= chunk_rows:
-                since = 0
-                yield last
-        if since:
-            yield last
+            while sum(t.num_rows for t in held) >= chunk_rows:
+                table = pa.concat_tables(held)
+                held = [table.slice(chunk_rows)]
+                now = self._append(table.slice(0, chunk_rows))
+                yield now, False
+        if sum(t.num_rows for t in held):
+            now = self._append(pa.concat_tables(held))
+        yield now, True
+
+    def _append(self, table: pa.Table) -> int:
+        """Append `table`; the event time of its last row."""
+        self.out.append(table)
+        self.seq += table.num_rows
+        self.now = int(table.column("event_time_ms")[-1].as_py())
+        return self.now
 
 
 def _group(cfg: Config, who: str) -> StreamConfig:
@@ -100,13 +116,25 @@ def _students(cfg: Config, batch_dir: Path, out_dir: Path, url: str | None) -> d
     return out
 
 
+def stream_ranks(batch_dir: Path) -> int:
+    """Ranks the streaming teacher runs on: those of the batch teacher's newest checkpoint (a checkpoint is resumed
+    only by the world size that wrote it)."""
+    from recdistill.train.checkpoint import META, latest_checkpoint
+
+    ck = latest_checkpoint(batch_dir / "teacher_ckpt")
+    if ck is None:
+        raise UsageError(f"{batch_dir}: no teacher checkpoint under {batch_dir / 'teacher_ckpt'} to stream from",
+                         fix="run the batch phase with stream.days set (recdistill demo --streaming)")
+    return int(json.loads((ck / META).read_text())["world_size"])
+
+
 def run_stream_phase(cfg: Config, batch_dir: Path, *, tracker: Tracker | None = None,
                      source: DataSource | None = None) -> dict:
-    """The streaming phase after the batch run in `batch_dir` (see module docstring); returns the summary."""
+    """The streaming phase after the batch run in `batch_dir` (see module docstring); returns the summary. The
+    teacher runs on the batch teacher's ranks: in this process when that is one, else under torchrun
+    (`python -m recdistill.stream_phase`, log `<run>/stream/stream.log`), rank 0 running the rest."""
+    from recdistill.experiment import run_ranks
     from recdistill.train.distributed import destroy_distributed, init_distributed
-    from recdistill.train.stream_student import StreamingStudent
-    from recdistill.train.stream_teacher import StreamingTeacher
-    from recdistill.train.teacher import TeacherTrainer
 
     source = source or build_source(cfg.data)
     _, _, days = phase_days(source.days(), cfg.data.eval_days, cfg.stream.days)
@@ -116,70 +144,159 @@ def run_stream_phase(cfg: Config, batch_dir: Path, *, tracker: Tracker | None = 
     if any((out_dir / d).exists() for d in ("signals", "streams", "stream_summary.json")):
         raise UsageError(f"{out_dir} already holds a streaming phase (its streams, checkpoints and signals)",
                          fix=f"delete {out_dir} to run the streaming phase of {batch_dir} again")
+    nproc = stream_ranks(batch_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = [f"signals.uri={batch_dir / 'signals'}", f"teacher.checkpoint_dir={batch_dir / 'teacher_ckpt'}",
             "teacher.resume=true"]
     if cfg.stream.backend == "local":
         sets.append(f"stream.path={out_dir / 'streams'}")
     cfg = apply_overrides(cfg, sets, origin="stream")
+    t0 = time.perf_counter()
+
+    def log_day(row: dict, join: dict) -> None:
+        if tracker is not None:
+            tracker.log({f"stream/{k}": v for k, v in {**row, **join}.items() if isinstance(v, int | float)},
+                        step=row["day"])
+
+    if nproc == 1:
+        info = init_distributed()
+        try:
+            res = _phase(cfg, batch_dir, days, info, source, on_day=log_day)
+        finally:
+            destroy_distributed()
+    else:
+        from recdistill.config import save_config
+
+        cfg_path = save_config(cfg, out_dir)
+        res_path = out_dir / "phase.json"
+        run_ranks("recdistill.stream_phase",
+                  ["--config", str(cfg_path), "--batch-dir", str(batch_dir), "--out", str(res_path)],
+                  nproc, out_dir / "stream.log", what="streaming phase", echo=("stream:", "teacher: resum"))
+        res = json.loads(res_path.read_text())
+        for row in res["days"]:
+            log_day(row, res["join"])
+    summary = {**res, "ranks": nproc, "seconds": time.perf_counter() - t0}
+    (out_dir / "stream_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["report"] = write_stream_report(out_dir, cfg, res["days"], res["join"])
+    return summary
+
+
+def _threads(n: int) -> None:
+    """Intra-op threads of this process (torchrun gives each rank cores / ranks; rank 0 takes them all while the
+    other ranks wait for it)."""
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _phase(cfg: Config, batch_dir: Path, days: list[int], info, source: DataSource,  # noqa: ANN001 - DistInfo
+           on_day=None) -> dict:  # noqa: ANN001 - callable(row, join)
+    """One rank's streaming phase: rank 0 publishes, drives the teacher, joins, trains and scores the students;
+    the other ranks follow rank 0's teacher (recdistill/train/stream_teacher.py). Returns rank 0's {'days',
+    'join', 'teacher'} (the other ranks': {})."""
+    import os
+
+    import torch
+
+    from recdistill.train.stream_student import StreamingStudent
+    from recdistill.train.stream_teacher import StreamingTeacher
+    from recdistill.train.teacher import TeacherTrainer
+
+    out_dir = batch_dir / "stream"
+    trainer = TeacherTrainer(cfg, info, run_dir=out_dir / "teacher")
+    if info.rank != 0:
+        teacher = StreamingTeacher(trainer, None, None, store_uri=str(out_dir / "signals"))
+        teacher.follow()
+        trainer.close()
+        return {}
     tasks = source.schema.task_names
-    rows, join_metrics, t0 = [], {}, time.perf_counter()
-    info = init_distributed()
-    try:
-        with stream_server(cfg.stream) as url:
-            samples = open_stream(cfg.stream, "samples", url=url, producer_id="publisher")
-            # a consumer group each: members of one group would share the rows (redis), and each needs all of them
-            teacher = StreamingTeacher(TeacherTrainer(cfg, info, run_dir=out_dir / "teacher"),
-                                       open_stream(_group(cfg, "teacher"), "samples", url=url, consumer="teacher"),
-                                       open_stream(cfg.stream, "signals", url=url, producer_id="teacher"),
-                                       store_uri=str(out_dir / "signals"))
-            joiner = Joiner.from_config(cfg.stream,
-                                        open_stream(_group(cfg, "joiner"), "samples", url=url, consumer="joiner"),
-                                        open_stream(_group(cfg, "joiner"), "signals", url=url, consumer="joiner"),
-                                        open_stream(cfg.stream, "joined", url=url, producer_id="joiner"),
-                                        num_tasks=len(tasks))
-            clock = [0]
-            joiner.clock = lambda: clock[0]  # join latency on the simulated timeline, not the wall clock
-            students = _students(cfg, batch_dir, out_dir, url)
-            publisher = Publisher(cfg, source, samples)
-            for day in days:
-                for now_ms in publisher.day(day, chunk_rows=4 * cfg.data.batch_size):
-                    clock[0] = now_ms  # the simulated now: the event time of the newest sample published
-                    teacher.run()
-                    joiner.drain()
-                    for s in students.values():
-                        if isinstance(s, StreamingStudent):
-                            s.run()
-                teacher.finish()
-                joiner.drain()
-                joiner.flush(day_end_ms(day))
-                join_metrics = joiner.metrics()
-                row = {"day": day, "eval_day": day + 1}
-                row.update({f"teacher/{k}": v for k, v in teacher.evaluate([day + 1]).items() if k.startswith("auc/")})
-                for name, s in students.items():
-                    trainer = s.t if isinstance(s, StreamingStudent) else s
-                    if isinstance(s, StreamingStudent):
-                        s.run()
-                        row.update({f"{name}/{k}": v for k, v in s.finish().items() if k.startswith("stream/")})
-                    res, _ = trainer.evaluate([day + 1])
-                    row.update({f"{name}/{k}": v for k, v in res.items() if k.startswith("auc/")})
-                rows.append(row)
-                console(f"stream: day {day} done, next-day AUC "
-                        + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.endswith("auc/ctr")))
-                if tracker is not None:
-                    tracker.log({f"stream/{k}": v for k, v in {**row, **join_metrics}.items()
-                                 if isinstance(v, int | float)}, step=day)
-            teacher_sum = teacher.summary()
-            teacher.t.close()
+    rank_threads, all_threads = torch.get_num_threads(), max(torch.get_num_threads(), os.cpu_count() or 1)
+    rows, join_metrics = [], {}
+    with stream_server(cfg.stream) as url:
+        samples = open_stream(cfg.stream, "samples", url=url, producer_id="publisher")
+        # a consumer group each: members of one group would share the rows (redis), and each needs all of them
+        teacher = StreamingTeacher(trainer,
+                                   open_stream(_group(cfg, "teacher"), "samples", url=url, consumer="teacher"),
+                                   open_stream(cfg.stream, "signals", url=url, producer_id="teacher"),
+                                   store_uri=str(out_dir / "signals"))
+        joiner = Joiner.from_config(cfg.stream,
+                                    open_stream(_group(cfg, "joiner"), "samples", url=url, consumer="joiner"),
+                                    open_stream(_group(cfg, "joiner"), "signals", url=url, consumer="joiner"),
+                                    open_stream(cfg.stream, "joined", url=url, producer_id="joiner"),
+                                    num_tasks=len(tasks))
+        clock = [0]
+        joiner.clock = lambda: clock[0]  # join latency on the simulated timeline, not the wall clock
+        students = _students(cfg, batch_dir, out_dir, url)
+        publisher = Publisher(cfg, source, samples)
+
+        def students_run() -> None:
+            _threads(all_threads)  # the teacher's other ranks are waiting: this rank may use every core
+            joiner.drain()
             for s in students.values():
                 if isinstance(s, StreamingStudent):
-                    s.close()
+                    s.run()
+            _threads(rank_threads)
+
+        for day in days:
+            for now_ms, day_over in publisher.day(day, chunk_rows=4 * cfg.data.batch_size * info.world_size):
+                clock[0] = now_ms  # the simulated now: the event time of the newest sample published
+                teacher.run()
+                if day_over:  # the short last batch, before the joiner looks: its rows are as old as the chunk's
+                    teacher.finish()
+                students_run()
+            _threads(all_threads)
+            joiner.drain()
+            joiner.flush(day_end_ms(day))
+            join_metrics = joiner.metrics()
+            _threads(rank_threads)
+            row = {"day": day, "eval_day": day + 1}
+            row.update({f"teacher/{k}": v for k, v in teacher.evaluate([day + 1]).items() if k.startswith("auc/")})
+            _threads(all_threads)
+            for name, s in students.items():
+                st = s.t if isinstance(s, StreamingStudent) else s
+                if isinstance(s, StreamingStudent):
+                    s.run()
+                    row.update({f"{name}/{k}": v for k, v in s.finish().items() if k.startswith("stream/")})
+                res, _ = st.evaluate([day + 1])
+                row.update({f"{name}/{k}": v for k, v in res.items() if k.startswith("auc/")})
+            _threads(rank_threads)
+            rows.append(row)
+            console(f"stream: day {day} done, next-day AUC "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.endswith("auc/ctr")))
+            if on_day is not None:
+                on_day(row, join_metrics)
+        teacher_sum = teacher.summary()
+        teacher.close()
+        for s in students.values():
+            if isinstance(s, StreamingStudent):
+                s.close()
+    return {"days": rows, "join": join_metrics, "teacher": teacher_sum}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of a multi-rank streaming phase (launched by :func:`run_stream_phase` under torchrun)."""
+    import argparse
+
+    from recdistill.config import load_config
+    from recdistill.train.distributed import destroy_distributed, init_distributed
+
+    p = argparse.ArgumentParser(description="one rank of the streaming phase (recdistill stream runs it)")
+    p.add_argument("--config", required=True, help="the phase's resolved config (<run>/stream/config.yaml)")
+    p.add_argument("--batch-dir", required=True, help="the batch run")
+    p.add_argument("--out", required=True, help="rank 0 writes its result here (JSON)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    source = build_source(cfg.data)
+    _, _, days = phase_days(source.days(), cfg.data.eval_days, cfg.stream.days)
+    info = init_distributed()
+    try:
+        res = _phase(cfg, Path(args.batch_dir), days, info, source)
+        if info.rank == 0:
+            Path(args.out).write_text(json.dumps(res, default=str))
     finally:
         destroy_distributed()
-    summary = {"days": rows, "join": join_metrics, "teacher": teacher_sum, "seconds": time.perf_counter() - t0}
-    (out_dir / "stream_summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    summary["report"] = write_stream_report(out_dir, cfg, rows, join_metrics)
-    return summary
+    return 0
 
 
 def write_stream_report(out_dir: Path, cfg: Config, rows: list[dict], join: dict) -> Path:
@@ -203,3 +320,9 @@ def write_stream_report(out_dir: Path, cfg: Config, rows: list[dict], join: dict
         ("Join", markdown_table([{"metric": k, "value": join.get(k)} for k in keep])),
     ]
     return write_report(out_dir, f"recdistill stream — {out_dir.parent.name}", sections, images=[])
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

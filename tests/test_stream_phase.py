@@ -1,6 +1,8 @@
 """The streaming experiment's runner in quick mode: `recdistill experiment --streaming` with
-configs/experiments/streaming.yaml, scaled down (one streaming day): a real torchrun batch teacher, students with
-checkpoints, then the streaming phase with the real local stream backend, joiner, one-process teacher and students."""
+configs/experiments/streaming.yaml, scaled down (one streaming day) and on the demo's 2 teacher ranks: a real torchrun
+batch teacher, students with checkpoints, then the streaming phase under torchrun with the real local stream backend,
+joiner, the 2-rank streaming teacher (rank 0 driving) and students. The same math on one process:
+tests/train/test_stream_teacher_ranks.py."""
 
 import json
 from pathlib import Path
@@ -17,7 +19,8 @@ QUICK = ["--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(ROOT /
          "--set", "data.num_days=4", "--set", "stream.days=1", "--set", "data.samples_per_day=2000",
          "--set", "data.batch_size=64", "--set", "data.history_len=32", "--set", "student.history_len=8",
          "--set", "data.world.num_users=300", "--set", "data.world.num_items=400", "--set", "student.export=false",
-         "--set", "tracking.progress=false", "--set", "student.checkpoint_every=5"]
+         "--set", "tracking.progress=false", "--set", "student.checkpoint_every=5",
+         "--set", "experiment.teacher_procs=2"]
 
 
 @pytest.mark.slow
@@ -28,6 +31,7 @@ def test_streaming_experiment_quick(tmp_path, monkeypatch):
                  "--set", "tracking.run_name=s"]) == 0
     run = tmp_path / "s"
     out = json.loads((run / "stream" / "stream_summary.json").read_text())
+    assert out["ranks"] == 2
     (day,) = out["days"]
     assert (day["day"], day["eval_day"]) == (2, 3)
     for name in ("teacher", "base", "a_stream_distill", "b_stream_labels", "c_frozen", "d_stream_only"):
@@ -36,14 +40,16 @@ def test_streaming_experiment_quick(tmp_path, monkeypatch):
     trained = {n: day[f"{n}/stream/trained"] for n in ("base", "a_stream_distill", "b_stream_labels", "d_stream_only")}
     assert len(set(trained.values())) == 1 and trained["base"] > 0  # one joined stream, the same view
     # counts reconcile end to end: every sample the teacher trained published a signal, which joined or came late
-    # (a row waiting in the teacher's short last batch of a chunk can miss max_delay at this tiny scale)
+    # (whole chunks of 4 global batches, and the day's short last batch trained before the joiner looks: none late)
     j, t = out["join"], out["teacher"]
     assert t["teacher/stream/trained"] == t["teacher/stream/published"] == j["join/signals_in"] == j["join/samples_in"]
     assert j["join/joined"] + j["join/expired"] == j["join/samples_in"] and j["join/late"] == j["join/expired"]
-    assert j["join/join_rate"] > 0.95 and j["join/duplicate_samples"] == j["join/duplicate_signals"] == 0
+    assert j["join/join_rate"] == 1.0 and j["join/duplicate_samples"] == j["join/duplicate_signals"] == 0
     assert j["join/samples_in"] == day["base/stream/polled"]  # every joined row reached every student
     # the streaming teacher's own store, and what the distilling students consumed, in the batch store layout
     assert SignalReader(str(run / "stream" / "signals")).stats.rows == t["teacher/stream/published"]
+    assert {p.name for p in (run / "stream" / "signals").glob("window=*/rank=*.arrow")} == {"rank=0.arrow",
+                                                                                        "rank=1.arrow"}
     for name in ("a_stream_distill", "d_stream_only"):
         assert SignalReader(str(run / "stream" / f"{name}.signals")).stats.rows == day[f"{name}/stream/with_signal"]
     report = (run / "stream" / "report.md").read_text()

@@ -39,11 +39,8 @@ def _config(args) -> tuple[Config, list[str]]:  # noqa: ANN001 - argparse.Namesp
     default = default_config_path() if args.command == "demo" else None
     paths = ([str(default)] if default else []) + list(args.config or [])
     cfg = load_config(paths, args.overrides)
-    if getattr(args, "streaming", False):
-        # the streaming teacher is one process (recdistill/train/stream_teacher.py); 4 streaming days by default
-        extra = ["experiment.teacher_procs=1", *([] if cfg.stream.days else
-                                                 ["stream.days=4", f"data.num_days={cfg.data.num_days + 4}"])]
-        args.overrides = [*extra, *args.overrides]
+    if getattr(args, "streaming", False) and not cfg.stream.days:  # 4 streaming days after the batch days
+        args.overrides = ["stream.days=4", f"data.num_days={cfg.data.num_days + 4}", *args.overrides]
         cfg = load_config(paths, args.overrides)
     return cfg, paths
 
@@ -102,5 +99,5 @@ def register(sub) -> None:  # noqa: ANN001 - argparse subparsers
                        "newest checkpoint (or reused if it had finished), then every student")
         p.add_argument("--streaming", action="store_true",
                        help="then run the streaming phase (recdistill stream) on the same run: stream.days "
-                       "(default 4, added to data.num_days) after the batch days, one teacher process")
+                       "(default 4, added to data.num_days) after the batch days, the teacher on its batch-phase ranks")
         p.set_defaults(func=run)

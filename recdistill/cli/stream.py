@@ -6,7 +6,7 @@
     recdistill stream --config configs/experiments/streaming.yaml --resume-from runs/streaming-X
 
 The batch run must have been made with the same `stream.days` (its training days stop before the streaming days,
-and its students keep checkpoints to start from) and one teacher process (`experiment.teacher_procs: 1`).
+and its students keep checkpoints to start from). The streaming teacher runs on the batch teacher's ranks.
 """
 
 from __future__ import annotations
