@@ -91,6 +91,16 @@ def _group(cfg: Config, who: str) -> StreamConfig:
     return cfg.stream.model_copy(update={"group": f"{cfg.stream.group}-{who}"})
 
 
+def student_init(batch_dir: Path, name: str) -> Path:
+    """Student `name`'s newest batch-phase checkpoint in `batch_dir`, or a UsageError naming where it should be."""
+    init = ckpt.newest(student_checkpoint_dir(batch_dir, name))
+    if init is None:
+        raise UsageError(f"{batch_dir}: student '{name}' has no batch-phase checkpoint under "
+                         f"{student_checkpoint_dir(batch_dir, name)}",
+                         fix="run the batch phase with stream.days set (recdistill demo --streaming)")
+    return init
+
+
 def _students(cfg: Config, batch_dir: Path, out_dir: Path, url: str | None) -> dict:
     """name -> (StreamingStudent or a frozen StudentTrainer), each from its batch-phase checkpoint."""
     from recdistill.train.stream_student import StreamingStudent
@@ -100,11 +110,7 @@ def _students(cfg: Config, batch_dir: Path, out_dir: Path, url: str | None) -> d
     for run in cfg.experiment.students:
         scfg = apply_overrides(cfg, [*run.set, *run.stream_set, f"student.checkpoint_dir={out_dir / run.name}.ckpt"],
                                origin=f"experiment.students[{run.name}]")
-        init = ckpt.newest(student_checkpoint_dir(batch_dir, run.name))
-        if init is None:
-            raise UsageError(f"{batch_dir}: student '{run.name}' has no batch-phase checkpoint under "
-                             f"{student_checkpoint_dir(batch_dir, run.name)}",
-                             fix="run the batch phase with stream.days set (recdistill demo --streaming)")
+        init = student_init(batch_dir, run.name)
         trainer = StudentTrainer(scfg, run_dir=out_dir, name=run.name, open_store=False)
         if run.frozen:
             trainer.load_checkpoint(init, digest=None)
@@ -145,6 +151,8 @@ def run_stream_phase(cfg: Config, batch_dir: Path, *, tracker: Tracker | None = 
         raise UsageError(f"{out_dir} already holds a streaming phase (its streams, checkpoints and signals)",
                          fix=f"delete {out_dir} to run the streaming phase of {batch_dir} again")
     nproc = stream_ranks(batch_dir)
+    for run in cfg.experiment.students:  # before any rank starts
+        student_init(batch_dir, run.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = [f"signals.uri={batch_dir / 'signals'}", f"teacher.checkpoint_dir={batch_dir / 'teacher_ckpt'}",
             "teacher.resume=true"]

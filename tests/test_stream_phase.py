@@ -54,3 +54,21 @@ def test_streaming_experiment_quick(tmp_path, monkeypatch):
         assert SignalReader(str(run / "stream" / f"{name}.signals")).stats.rows == day[f"{name}/stream/with_signal"]
     report = (run / "stream" / "report.md").read_text()
     assert "Gain over `base`" in report and "| join/join_rate |" in report
+
+
+def test_stream_phase_refuses_a_batch_run_it_cannot_continue_before_any_rank_starts(tmp_path):
+    from recdistill.config import load_config
+    from recdistill.errors import UsageError
+    from recdistill.stream_phase import run_stream_phase
+
+    cfg = load_config([str(ROOT / "configs" / "demo.yaml")],
+                      ["data.num_days=4", "stream.days=1", "data.samples_per_day=2000", "data.history_len=32"])
+    batch = tmp_path / "run"
+    with pytest.raises(UsageError, match="no teacher checkpoint under"):
+        run_stream_phase(cfg, batch)
+    ck = batch / "teacher_ckpt" / "step=000000004"
+    ck.mkdir(parents=True)
+    (ck / "meta.json").write_text(json.dumps({"world_size": 2, "step": 4}))
+    with pytest.raises(UsageError, match="student 'base' has no batch-phase checkpoint under"):
+        run_stream_phase(cfg, batch)
+    assert not (batch / "stream").exists()  # refused before anything was made or launched
