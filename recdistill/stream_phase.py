@@ -209,6 +209,7 @@ def _phase(cfg: Config, batch_dir: Path, days: list[int], info, source: DataSour
 
     from recdistill.train.stream_student import StreamingStudent
     from recdistill.train.stream_teacher import StreamingTeacher
+    from recdistill.train.student import evaluate_students
     from recdistill.train.teacher import TeacherTrainer
 
     out_dir = batch_dir / "stream"
@@ -247,30 +248,49 @@ def _phase(cfg: Config, batch_dir: Path, days: list[int], info, source: DataSour
             _threads(rank_threads)
 
         for day in days:
+            spent = dict.fromkeys(("publish", "teacher", "students", "teacher_eval", "student_eval"), 0.0)
+            mark = time.perf_counter()
             for now_ms, day_over in publisher.day(day, chunk_rows=4 * cfg.data.batch_size * info.world_size):
+                t1 = time.perf_counter()
+                spent["publish"] += t1 - mark  # generating the day's rows and appending them
                 clock[0] = now_ms  # the simulated now: the event time of the newest sample published
                 teacher.run()
                 if day_over:  # the short last batch, before the joiner looks: its rows are as old as the chunk's
                     teacher.finish()
+                t2 = time.perf_counter()
+                spent["teacher"] += t2 - t1
                 students_run()
+                mark = time.perf_counter()
+                spent["students"] += mark - t2
             _threads(all_threads)
             joiner.drain()
             joiner.flush(day_end_ms(day))
             join_metrics = joiner.metrics()
             _threads(rank_threads)
             row = {"day": day, "eval_day": day + 1}
+            t1 = time.perf_counter()
             row.update({f"teacher/{k}": v for k, v in teacher.evaluate([day + 1]).items() if k.startswith("auc/")})
+            t2 = time.perf_counter()
+            spent["students"] += t1 - mark
+            spent["teacher_eval"] += t2 - t1
             _threads(all_threads)
+            t1 = time.perf_counter()
             for name, s in students.items():
-                st = s.t if isinstance(s, StreamingStudent) else s
                 if isinstance(s, StreamingStudent):
                     s.run()
                     row.update({f"{name}/{k}": v for k, v in s.finish().items() if k.startswith("stream/")})
-                res, _ = st.evaluate([day + 1])
+            t2 = time.perf_counter()
+            trainers = [s.t if isinstance(s, StreamingStudent) else s for s in students.values()]
+            for name, (res, _) in zip(students, evaluate_students(trainers, [day + 1]), strict=True):
                 row.update({f"{name}/{k}": v for k, v in res.items() if k.startswith("auc/")})
+            spent["students"] += t2 - t1
+            spent["student_eval"] += time.perf_counter() - t2  # one pass over the day for all of them
             _threads(rank_threads)
+            row.update({f"seconds/{k}": v for k, v in spent.items()})
             rows.append(row)
-            console(f"stream: day {day} done, next-day AUC "
+            console(f"stream: day {day} done in {sum(spent.values()):.0f} s (publish {spent['publish']:.0f}, teacher "
+                    f"{spent['teacher']:.0f}, its evaluation {spent['teacher_eval']:.0f}, joiner and students "
+                    f"{spent['students']:.0f}, their evaluation {spent['student_eval']:.0f}); next-day AUC "
                     + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.endswith("auc/ctr")))
             if on_day is not None:
                 on_day(row, join_metrics)

@@ -357,27 +357,27 @@ class StudentTrainer:
         """Metrics of the main tower (and of the aux tower, prefixed `aux/`) on the unsampled `days` (default: the
         evaluation days), plus the main tower's predictions: {'sample_id': [N], 'pred_<task>': true-space [N],
         'label_<task>', 'p_true_<task>' (where the data has it)}."""
-        self.model.eval()
-        labels, p_true, main, aux, ids = {}, {}, {}, {}, []
-        for batch in self.loader(days or self.eval_days, None):
-            batch = batch.to(self.device)
-            out = self.model(batch)
-            ids.append(batch.sample_id.cpu())
-            for store, z in ((main, out.main), (aux, out.aux)):
-                for t, v in (self._true_space(z, batch) if z is not None else {}).items():
-                    store.setdefault(t, []).append(v.cpu())
-            for t, v in batch.labels.items():
-                labels.setdefault(t, []).append(v.cpu())
-            for t, v in (batch.p_true or {}).items():
-                p_true.setdefault(t, []).append(v.cpu())
-        self.model.train()
-        cat = {n: {t: torch.cat(v) for t, v in d.items()} for n, d in
-               (("labels", labels), ("p_true", p_true), ("main", main), ("aux", aux))}
+        return evaluate_students([self], days or self.eval_days)[0]
+
+    def _eval_batch(self, batch: Batch, acc: dict) -> None:
+        """Forward one evaluation batch; its predictions, labels and ids into `acc` (see :func:`evaluate_students`)."""
+        batch = batch.to(self.device)
+        out = self.model(batch)
+        acc.setdefault("ids", []).append(batch.sample_id.cpu())
+        for name, z in (("main", out.main), ("aux", out.aux)):
+            for t, v in (self._true_space(z, batch) if z is not None else {}).items():
+                acc.setdefault(name, {}).setdefault(t, []).append(v.cpu())
+        for name, d in (("labels", batch.labels), ("p_true", batch.p_true or {})):
+            for t, v in d.items():
+                acc.setdefault(name, {}).setdefault(t, []).append(v.cpu())
+
+    def _eval_result(self, acc: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        cat = {n: {t: torch.cat(v) for t, v in acc.get(n, {}).items()} for n in ("labels", "p_true", "main", "aux")}
         res = metrics.evaluate(cat["labels"], cat["main"], self.kinds, p_true=cat["p_true"] or None)
         if cat["aux"]:
             res.update({f"aux/{k}": v for k, v in metrics.evaluate(cat["labels"], cat["aux"], self.kinds).items()})
         # Same layout as the teacher's --eval-out file, so the experiment compares both on identical rows.
-        preds = {"sample_id": torch.cat(ids).numpy()}
+        preds = {"sample_id": torch.cat(acc["ids"]).numpy()}
         for name, prefix in (("main", "pred_"), ("labels", "label_"), ("p_true", "p_true_")):
             preds.update({prefix + t: v.numpy() for t, v in cat[name].items()})
         return res, preds
@@ -425,3 +425,29 @@ def run_student(cfg: Config, run_dir: str | Path, *, name: str = "student", sour
     if tracker is not None:
         tracker.summary({f"{name}/{k}": v for k, v in summary.items() if isinstance(v, int | float)})
     return summary
+
+
+def evaluate_students(trainers: list[StudentTrainer], days: list[int]
+                      ) -> list[tuple[dict[str, float], dict[str, np.ndarray]]]:
+    """`StudentTrainer.evaluate(days)` of each trainer, in order. Trainers that read the same data (equal `data`
+    config and batch size) share one pass over it: unsampled evaluation days with long histories cost more to make
+    than the small students cost to run, and the streaming phase scores every student every day."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(trainers):
+        groups.setdefault(f"{t.cfg.data.model_dump_json()}|{t.s.batch_size or t.cfg.data.batch_size}", []).append(i)
+    out: list = [None] * len(trainers)
+    for members in groups.values():
+        accs = [{} for _ in members]
+        for t in (trainers[i] for i in members):
+            t.model.eval()
+        try:
+            with torch.no_grad():
+                for batch in trainers[members[0]].loader(days, None):
+                    for i, acc in zip(members, accs, strict=True):
+                        trainers[i]._eval_batch(batch, acc)
+        finally:
+            for t in (trainers[i] for i in members):
+                t.model.train()
+        for i, acc in zip(members, accs, strict=True):
+            out[i] = trainers[i]._eval_result(acc)
+    return out

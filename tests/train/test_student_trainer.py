@@ -133,3 +133,26 @@ def test_export_serves_the_main_tower_in_the_true_space(tmp_path):
     want = torch.stack(list(trainer._true_space(trainer.model(batch).main, batch).values()), 1)
     torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
     assert ((got[:, 0] > 0) & (got[:, 0] < 1)).all()
+
+
+def test_students_evaluated_in_one_pass_score_as_each_alone(tmp_path):
+    """evaluate_students shares one pass over the data among students that read the same data (the streaming phase
+    scores every student every day); each result must be what the student's own evaluate gives."""
+    from recdistill.train.student import evaluate_students
+
+    small = [*SMALL, "data.samples_per_day=1500", "student.tower_loss=task"]
+    trainers = [StudentTrainer(load_config(None, [*small, *extra]), run_dir=tmp_path / str(i), open_store=False)
+                for i, extra in enumerate([["student.towers=single"], ["student.towers=decoupled"],
+                                           ["student.towers=single", "student.batch_size=50"]])]
+    for t in trainers[:2]:  # make the first two differ from their initial weights and from each other
+        for batch in t.loader(t.train_days[-1:], t.view):
+            t.train_step(batch)
+    together = evaluate_students(trainers, [3])
+    for t, (res, preds) in zip(trainers, together, strict=True):
+        alone, alone_preds = t.evaluate([3])
+        assert res == alone
+        assert preds.keys() == alone_preds.keys()
+        for k, v in preds.items():
+            np.testing.assert_array_equal(v, alone_preds[k], err_msg=k)
+    assert together[0][0]["auc/ctr"] != together[1][0]["auc/ctr"]  # different students, different scores
+    assert not np.array_equal(together[0][1]["pred_ctr"], together[2][1]["pred_ctr"])  # trained vs untrained
