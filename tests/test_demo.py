@@ -68,8 +68,10 @@ def test_demo_then_an_experiment_on_its_signals(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     students = ("[{name: base, set: [student.towers=single, student.tower_loss=task]}, "
                 "{name: none, set: [student.debias=none]}, {name: exact, set: [student.debias=exact]}]")
-    # (no export: the demo above checked it; torch.export is most of a small student's time)
-    assert main(["experiment", *DEMO_SMALL, "--set", "student.epochs=1", "--set", "student.export=false",
+    # (no export: the demo above checked it; torch.export is most of a small student's time; one pass over one day:
+    # what is checked here is the reuse of the signals and the report's rows, not the students' numbers)
+    assert main(["experiment", *DEMO_SMALL, "--set", "student.epochs=1", "--set", "student.train_days=1",
+                 "--set", "student.export=false",
                  "--set", f"tracking.run_dir={tmp_path}",
                  "--set", "tracking.run_name=e",
                  "--set", f"experiment.teacher_signals={run / 'signals'}",

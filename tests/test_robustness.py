@@ -96,9 +96,11 @@ def test_vectorised_bootstrap_auc_matches_the_weighted_auc(robustness):
 def test_quick_suite_on_one_world_then_reused(robustness, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "robustness.json"
-    # no student export: the suite reads none (torch.export is most of a quick student's time)
+    # no student export: the suite reads none (torch.export is most of a quick student's time); half of --quick's
+    # 6,000 samples a day: what is checked here is the suite's bookkeeping (statuses, targets, the paired SE, the
+    # table, the reuse), not the world's numbers, and the user's --set comes after the quick sizes
     argv = ["--quick", "--only", "pairwise", "--run-dir", str(tmp_path / "runs"), "--out", str(out),
-            "--set", "student.export=false"]
+            "--set", "student.export=false", "--set", "data.samples_per_day=3000"]
     robustness.main(argv)
     doc = json.loads(out.read_text())
     world = doc["worlds"]["pairwise"]

@@ -5,7 +5,8 @@ DeepSpeed), so one run serves every test that checks a different aspect of the s
 test_teacher_trainer.py (one committed row per trained sample, uneven ranks) and test_teacher_eval.py (every eval
 sample once, the logged metrics) check the same table-wise / ZeRO-2 run; test_teacher_launchers.py (through
 launch/teacher_torchrun.sh) and test_teacher_scale.py (ZeRO-1 trains; two nodes of one rank equal one node of two)
-the same short ZeRO-1 run.
+the same short ZeRO-1 run. Likewise the sharded-step cases of test_parallel_teacher.py and test_teacher_scale.py
+run on one pair of spawned ranks (sharded_steps).
 """
 
 import os
@@ -14,8 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from dist_workers import free_port
-from helpers import ZERO1_SETS
+import torch
+from dist_workers import CFG, free_port, spawn_steps
+from helpers import SCHEMA, ZERO1_SETS
+
+from recdistill.config import TeacherConfig
+from recdistill.models.teacher import TeacherModel
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = str(ROOT / "configs" / "teacher" / "tiny.yaml")  # from any cwd
@@ -72,3 +77,19 @@ def one_node_zero1(tmp_path_factory):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return root, proc
+
+
+@pytest.fixture(scope="session")
+def sharded_steps(request) -> tuple[dict, dict]:
+    """(the initial state, {case: {rank: result}}) for the sharded-step cases of this session's selected tests: each
+    test module that has them names its own in a module-level `sharded_step_cases(items)` (test_parallel_teacher.py,
+    test_teacher_scale.py), and all of them run one after another on one pair of spawned ranks (spawn_steps: the
+    ranks' start-up, most of a case's time on CPU, is paid once a session, not once a module)."""
+    items = request.session.items
+    modules = dict.fromkeys(m for m in (getattr(i, "module", None) for i in items) if hasattr(m, "sharded_step_cases"))
+    cases = {}
+    for module in modules:
+        cases.update(module.sharded_step_cases([i for i in items if getattr(i, "module", None) is module]))
+    torch.manual_seed(0)
+    init = TeacherModel(SCHEMA, TeacherConfig(**CFG)).state_dict()
+    return init, spawn_steps(cases, init)

@@ -7,33 +7,24 @@ gradient division, seen here: without it the table updates come out twice as lar
 gradient of the global-batch mean: the single-process reference is plain SGD on the whole batch (or, for the
 tables, torchrec's unfused RowWiseAdagrad where the sharded run has the trainer's fused one).
 Tolerance: fp32, 1e-6 absolute / 1e-5 relative on logits and dense weights (only the reduction order differs).
-The cases run one after another on one pair of spawned ranks (a module fixture), each on a model of its own: the
-ranks' start-up, most of a case's time on CPU, is paid once.
+The cases run one after another on one pair of spawned ranks (conftest.py's sharded_steps, with
+test_teacher_scale.py's), each on a model of its own: the ranks' start-up, most of a case's time on CPU, is paid once.
 """
 
 import pytest
 import torch
-from dist_workers import CFG, KINDS, WORLD, reference, spawn_steps
-from helpers import SCHEMA, make_batch
-
-from recdistill.config import TeacherConfig
-from recdistill.models.teacher import TeacherModel
+from dist_workers import KINDS, WORLD, reference
+from helpers import make_batch
 
 CASES = [(s, z, "sgd") for s in ("table_wise", "column_wise", "row_wise") for z in (2, 3)] + [
     ("auto", 2, "rowwise_adagrad"), ("auto", 3, "rowwise_adagrad"), ("row_wise", 3, "rowwise_adagrad")]
 
 
-@pytest.fixture(scope="module")
-def sharded_steps(request) -> tuple[dict, dict]:
-    """(the initial state, {(sharding, stage, sparse): {rank: result}}) for the cases of this session's selected
-    tests, all on one pair of ranks (spawn_steps)."""
-    here = request.path
-    ids = {item.callspec.id for item in request.session.items
-           if item.path == here and item.originalname == "test_sharded_step_matches_single_process"}
-    cases = [c for c in CASES if "-".join(map(str, c)) in ids]
-    torch.manual_seed(0)
-    init = TeacherModel(SCHEMA, TeacherConfig(**CFG)).state_dict()
-    return init, spawn_steps({c: dict(sharding=c[0], stage=c[1], sparse=c[2]) for c in cases}, init)
+def sharded_step_cases(items) -> dict:  # noqa: ANN001 - pytest items
+    """This module's cases among the session's selected `items` ({case: dist_workers.step_case kwargs}), for
+    tests/train/conftest.py's sharded_steps."""
+    ids = {item.callspec.id for item in items if item.originalname == "test_sharded_step_matches_single_process"}
+    return {c: dict(sharding=c[0], stage=c[1], sparse=c[2]) for c in CASES if "-".join(map(str, c)) in ids}
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dist_workers import CFG, KINDS, WORLD, free_port, reference, spawn_steps
+from dist_workers import CFG, KINDS, WORLD, free_port, reference
 from helpers import SCHEMA, SHORT_SETS, TINY_CONFIG, ZERO1_SETS, make_batch
 
 from recdistill.config import TeacherConfig, load_config
@@ -67,14 +67,11 @@ STEP_CASES = {
     "test_construction_without_a_full_copy_trains_the_same_step": dict(sharding="row_wise", stage=3, meta=True)}
 
 
-@pytest.fixture(scope="module")
-def sharded_steps(request) -> tuple[dict, dict]:
-    """(the initial state, {test name: {rank: result}}) for this session's selected tests of STEP_CASES, one after
-    another on one pair of ranks (spawn_steps: the ranks' start-up is paid once)."""
-    names = {item.originalname for item in request.session.items if item.path == request.path}
-    torch.manual_seed(0)
-    init = TeacherModel(SCHEMA, TeacherConfig(**CFG)).state_dict()
-    return init, spawn_steps({n: kw for n, kw in STEP_CASES.items() if n in names}, init)
+def sharded_step_cases(items) -> dict:  # noqa: ANN001 - pytest items
+    """This module's cases among the session's selected `items`, for tests/train/conftest.py's sharded_steps (which
+    runs them on one pair of ranks with test_parallel_teacher.py's)."""
+    names = {item.originalname for item in items}
+    return {n: kw for n, kw in STEP_CASES.items() if n in names}
 
 
 def step_result(sharded_steps, name: str) -> tuple[dict, dict]:
