@@ -1,6 +1,6 @@
 """The student: a small single-device ranking model with decoupled towers (Rec-Distill).
 
-    backbone (shared): sparse-feature embeddings + dense projection + target attention over the last <= n events
+    backbone (shared): sparse-feature embeddings + dense-feature tokens + target attention over the last <= n events
                        (+ optionally a per-user category summary of a much longer history, `summary_len`)
        ├── main tower -> one head per task   (served; trained on the task loss only)
        └── aux tower  -> one head per task   (trained on task loss + beta * distillation loss)

@@ -133,3 +133,19 @@ def test_export_serves_the_main_tower_in_the_true_space(tmp_path):
     want = torch.stack(list(trainer._true_space(trainer.model(batch).main, batch).values()), 1)
     torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
     assert ((got[:, 0] > 0) & (got[:, 0] < 1)).all()
+
+
+def test_dense_bins_are_fitted_to_the_students_own_training_rows(tmp_path):
+    """student.dense=bins (the default): the bins' edges are the quantiles of the first DENSE_FIT_ROWS rows of the
+    student's view of its training days, set before training; 'linear' has no bins."""
+    from recdistill.models.dense import normal_edges, quantile_edges
+    from recdistill.train.student import DENSE_FIT_ROWS
+
+    cfg = load_config(None, SMALL + BASE)
+    trainer = StudentTrainer(cfg, run_dir=tmp_path)
+    rows = torch.cat([b.dense for b in trainer.loader(trainer.train_days, trainer.view)])[:DENSE_FIT_ROWS]
+    edges = trainer.model.dense_emb.edges
+    torch.testing.assert_close(edges, quantile_edges(rows, cfg.student.dense_bins))
+    assert not torch.allclose(edges, normal_edges(*edges.shape[:1], cfg.student.dense_bins))
+    lin = StudentTrainer(load_config(None, SMALL + BASE + ["student.dense=linear"]), run_dir=tmp_path / "lin")
+    assert lin.model.dense_emb is None and lin.model.dense_proj is not None
