@@ -89,7 +89,7 @@ class StudentModel(nn.Module):
     def __init__(self, schema: Schema, *, features: list[str] | None = None, emb_dim: int = 16, hidden: int = 64,
                  depth: int = 2, history_len: int = 64, decoupled: bool = True, roles: Roles | None = None,
                  interactions: bool = True, match_features: bool = True, crosses: Sequence[Cross] = (),
-                 summary_len: int = 0, dense: str = "bins", dense_bins: int = 16) -> None:
+                 summary_len: int = 0, dense: str = "linear", dense_bins: int = 16) -> None:
         super().__init__()
         unknown = sorted(set(features or []) - set(schema.sparse))
         if unknown:
@@ -127,10 +127,11 @@ class StudentModel(nn.Module):
         self.hist_emb = nn.ModuleDict({f: nn.Embedding(rows[f], emb_dim) for f in self.hist_fields})
         self.pos_emb = nn.Parameter(torch.zeros(history_len, emb_dim))
         self.attn = TargetAttention(emb_dim) if self.hist_fields else None
-        # Dense features: 'bins' (default) one token per feature, a learned piecewise-linear function of its value on
-        # quantile bins (models/dense.py; `fit_dense` sets the bins from training rows); 'linear' one Linear of all
-        # of them into one token. One linear token gives the backbone only a linear function of the dense features:
-        # on a world whose dense part has a product of two features, the student learned none of it (docs/LOG.md).
+        # Dense features: 'bins' one token per feature, a learned piecewise-linear function of its value on
+        # quantile bins (models/dense.py; `fit_dense` sets the bins from training rows); 'linear' (the default) one
+        # Linear of all of them into one token. One linear token gives the backbone only a linear function of the dense
+        # features: on a world whose dense part has a product of two features, the student learned none of it
+        # (docs/LOG.md).
         if dense not in ("bins", "linear"):
             raise ValueError(f"student dense encoding must be 'bins' or 'linear', got {dense!r}")
         self.dense_mode = dense if schema.dense else None

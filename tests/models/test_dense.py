@@ -116,8 +116,8 @@ class _Sum(torch.nn.Module):
 
 
 def test_student_has_one_token_per_dense_feature_and_linear_keeps_the_old_one():
-    bins = StudentModel(SCHEMA, emb_dim=4, hidden=8, history_len=5)
-    lin = StudentModel(SCHEMA, emb_dim=4, hidden=8, history_len=5, dense="linear")
+    bins = StudentModel(SCHEMA, emb_dim=4, hidden=8, history_len=5, dense="bins")
+    lin = StudentModel(SCHEMA, emb_dim=4, hidden=8, history_len=5)  # the default
     assert bins.dense_proj is None and bins.dense_emb.edges.shape == (len(SCHEMA.dense), 17)
     assert lin.dense_emb is None and lin.dense_proj.in_features == len(SCHEMA.dense)
     # one more field per extra dense feature: its embedding and its FM dots with every other field
@@ -134,7 +134,7 @@ def test_fitted_bins_are_inside_the_exported_program(tmp_path):
     """The bins fitted to training rows are part of the served program: the loaded program follows the model on
     raw dense values of another scale (no normalisation outside it), and the fitted edges change the predictions."""
     torch.manual_seed(0)
-    model = StudentModel(SCHEMA, emb_dim=4, hidden=8, history_len=5).eval()
+    model = StudentModel(SCHEMA, emb_dim=4, hidden=8, history_len=5, dense="bins").eval()
     batch = make_batch(n=13, seed=5)
     batch.dense = batch.dense * 50 + 200  # far outside the normal default edges
     served = ServedStudent(model, torch.zeros(SCHEMA.num_traffic), KINDS)
