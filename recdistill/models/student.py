@@ -1,6 +1,6 @@
 """The student: a small single-device ranking model with decoupled towers (Rec-Distill).
 
-    backbone (shared): sparse-feature embeddings + dense projection + target attention over the last <= n events
+    backbone (shared): sparse-feature embeddings + dense-feature tokens + target attention over the last <= n events
                        (+ optionally a per-user category summary of a much longer history, `summary_len`)
        ├── main tower -> one head per task   (served; trained on the task loss only)
        └── aux tower  -> one head per task   (trained on task loss + beta * distillation loss)
@@ -27,6 +27,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recdistill.data.batch import CONVENTIONAL_ROLES, Batch, History, Roles, Schema
 from recdistill.models.cross import Cross, cross_ids, first_or_missing
+from recdistill.models.dense import DenseEmbedding
 from recdistill.models.embedding import _default_device
 from recdistill.models.match import NUM_MATCH, NUM_SUMMARY, history_summary, summary_match, target_match_padded
 
@@ -88,7 +89,7 @@ class StudentModel(nn.Module):
     def __init__(self, schema: Schema, *, features: list[str] | None = None, emb_dim: int = 16, hidden: int = 64,
                  depth: int = 2, history_len: int = 64, decoupled: bool = True, roles: Roles | None = None,
                  interactions: bool = True, match_features: bool = True, crosses: Sequence[Cross] = (),
-                 summary_len: int = 0) -> None:
+                 summary_len: int = 0, dense: str = "linear", dense_bins: int = 16) -> None:
         super().__init__()
         unknown = sorted(set(features or []) - set(schema.sparse))
         if unknown:
@@ -126,7 +127,17 @@ class StudentModel(nn.Module):
         self.hist_emb = nn.ModuleDict({f: nn.Embedding(rows[f], emb_dim) for f in self.hist_fields})
         self.pos_emb = nn.Parameter(torch.zeros(history_len, emb_dim))
         self.attn = TargetAttention(emb_dim) if self.hist_fields else None
-        self.dense_proj = nn.Linear(len(schema.dense), emb_dim) if schema.dense else None
+        # Dense features: 'bins' one token per feature, a learned piecewise-linear function of its value on
+        # quantile bins (models/dense.py; `fit_dense` sets the bins from training rows); 'linear' (the default) one
+        # Linear of all of them into one token. One linear token gives the backbone only a linear function of the dense
+        # features: on a world whose dense part has a product of two features, the student learned none of it
+        # (docs/LOG.md).
+        if dense not in ("bins", "linear"):
+            raise ValueError(f"student dense encoding must be 'bins' or 'linear', got {dense!r}")
+        self.dense_mode = dense if schema.dense else None
+        self.dense_proj = nn.Linear(len(schema.dense), emb_dim) if self.dense_mode == "linear" else None
+        self.dense_emb = DenseEmbedding(len(schema.dense), emb_dim, dense_bins) if self.dense_mode == "bins" else None
+        n_dense = {"bins": len(schema.dense), "linear": 1, None: 0}[self.dense_mode]
         # Target-match statistics (SIM-style hard search by category, the teacher has them too over its longer
         # window): how much of the student's own recent history is in the candidate's category.
         self.match_cat = roles.category if match_features and roles.hist_category in self.hist_fields \
@@ -147,7 +158,7 @@ class StudentModel(nn.Module):
             self.summary_cats = schema.history[roles.hist_category]
         self.summary_proj = nn.Linear(NUM_SUMMARY, emb_dim) if self.summary_len else None
         self.summary_emb = nn.Linear(self.summary_cats, emb_dim, bias=False) if self.summary_len else None
-        n_vec = len(self.features) + len(self.crosses) + (1 if schema.dense else 0) + (2 if self.hist_fields else 0) \
+        n_vec = len(self.features) + len(self.crosses) + n_dense + (2 if self.hist_fields else 0) \
             + (1 if self.match_cat else 0) + (2 if self.summary_len else 0)
         # FM-style pairwise dot products of the field vectors: an MLP over concatenated embeddings approximates a
         # product of two of them (user x category affinity, say) poorly; ranking models add explicit crosses.
@@ -212,6 +223,8 @@ class StudentModel(nn.Module):
         parts = [pooled[f] for f in self.features] + [pooled[c.name] for c in self.crosses]
         if self.dense_proj is not None:
             parts.append(self.dense_proj(dense))
+        if self.dense_emb is not None:
+            parts += list(self.dense_emb(dense).unbind(1))
         if self.hist_fields:
             events = sum(self.hist_emb[f](hist_ids[f]) for f in self.hist_fields) + self.pos_emb
             events = events * hist_mask.unsqueeze(-1)
@@ -230,6 +243,12 @@ class StudentModel(nn.Module):
             i, j = torch.triu_indices(vecs.shape[1], vecs.shape[1], offset=1, device=vecs.device)
             parts.append(dots[:, i, j])
         return self.backbone(torch.cat(parts, dim=1))
+
+    def fit_dense(self, dense: torch.Tensor) -> None:
+        """Fit the dense encoding to training rows `dense` [N, Fd] (the bins' quantile edges; a no-op for the
+        'linear' encoding or a schema without dense features). Kept in the state dict and the exported program."""
+        if self.dense_emb is not None:
+            self.dense_emb.fit(dense)
 
     def without_aux(self) -> StudentModel:
         """A view of this model without the auxiliary tower: the same parameter tensors (no copy), so serving

@@ -93,6 +93,10 @@ class SignalCounts:
     task_gated_batches: int = 0  # (batch, task) pairs whose distillation the per-task gate turned off
 
 
+#: Training rows the student's dense bins are fitted to (quantiles of each dense feature).
+DENSE_FIT_ROWS = 8192
+
+
 class StudentTrainer:
     """Trains and evaluates one student (see module docstring). `train()`, `evaluate()`, `export()`."""
 
@@ -120,7 +124,9 @@ class StudentTrainer:
                                   crosses=plan_crosses({f: schema.sparse[f] for f in self.s.features or schema.sparse},
                                                        self.s.crosses, max_vocab=self.s.cross_max_vocab,
                                                        order=self.s.cross_order, buckets=self.s.cross_buckets),
-                                  summary_len=self.s.history_summary).to(self.device)
+                                  summary_len=self.s.history_summary, dense=self.s.dense,
+                                  dense_bins=self.s.dense_bins).to(self.device)
+        self._fit_dense()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.s.lr)
         self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
         self.counts = SignalCounts()
@@ -129,6 +135,22 @@ class StudentTrainer:
             self._open_signals()
         self.steps = self.samples = 0
         self.digest = ckpt.student_digest(cfg)
+
+    def _fit_dense(self, rows: int = DENSE_FIT_ROWS) -> None:
+        """Fit the model's dense encoding (the bins' quantile edges) to the first `rows` rows of the student's view
+        of its training days, read inline (a deterministic function of data and config, so a resumed run fits the
+        same edges, and its checkpoint holds them anyway)."""
+        if self.model.dense_emb is None or not self.train_days:
+            return
+        bs = self.s.batch_size or self.cfg.data.batch_size
+        got, n = [], 0
+        for positioned in BatchLoader(self.source, self.train_days, bs, view=self.view, prefetch=0).stream():
+            got.append(positioned.batch.dense)
+            n += len(positioned.batch)
+            if n >= rows:
+                break
+        if n:
+            self.model.fit_dense(torch.cat(got)[:rows].to(self.device))
 
     def _open_signals(self) -> None:
         uri = self.s.signals_uri or self.cfg.signals.uri
