@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -63,20 +64,22 @@ class Publisher:
         chunks: with `chunk_rows` a multiple of the teacher's global batch, no row waits in the teacher's buffer for
         the next chunk, where it could miss max_delay."""
         cfg, tasks = self.cfg, self.source.schema.task_names
-        rate, t0, sent, held, seq0, now = cfg.stream.rate, time.monotonic(), 0, [], self.seq, self.now
+        rate, t0, sent, seq0 = cfg.stream.rate, time.monotonic(), 0, self.seq
+        held: list[pa.Table] = []  # rows made but not appended yet: fewer than chunk_rows
         for b in BatchLoader(self.source, [day], cfg.data.batch_size, view=cfg.sampling.teacher, prefetch=0):
             held.append(sample_records(b, tasks, cfg.data.samples_per_day, seq0 + sent))
             sent += len(b)
             if rate > 0:  # keep pace with the wall clock: row k goes out k / rate seconds after the first
                 time.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
-            while sum(t.num_rows for t in held) >= chunk_rows:
+            if seq0 + sent - self.seq >= chunk_rows:
                 table = pa.concat_tables(held)
-                held = [table.slice(chunk_rows)]
-                now = self._append(table.slice(0, chunk_rows))
-                yield now, False
-        if sum(t.num_rows for t in held):
-            now = self._append(pa.concat_tables(held))
-        yield now, True
+                while table.num_rows >= chunk_rows:
+                    yield self._append(table.slice(0, chunk_rows)), False
+                    table = table.slice(chunk_rows)
+                held = [table]
+        if seq0 + sent > self.seq:
+            self._append(pa.concat_tables(held))
+        yield self.now, True
 
     def _append(self, table: pa.Table) -> int:
         """Append `table`; the event time of its last row."""
@@ -239,66 +242,65 @@ def _phase(cfg: Config, batch_dir: Path, days: list[int], info, source: DataSour
         students = _students(cfg, batch_dir, out_dir, url)
         publisher = Publisher(cfg, source, samples)
 
-        def students_run() -> None:
-            _threads(all_threads)  # the teacher's other ranks are waiting: this rank may use every core
-            joiner.drain()
-            for s in students.values():
-                if isinstance(s, StreamingStudent):
-                    s.run()
-            _threads(rank_threads)
+        streaming = [s for s in students.values() if isinstance(s, StreamingStudent)]
+        trainers = [s.t if isinstance(s, StreamingStudent) else s for s in students.values()]
+        spent: dict[str, float] = {}
+
+        @contextmanager
+        def part(key: str, all_cores: bool = False):  # noqa: ANN202 - a context manager
+            """Time the block into spent[key]; `all_cores`: the teacher's other ranks wait meanwhile, so this rank
+            may use every core."""
+            if all_cores:
+                _threads(all_threads)
+            t = time.perf_counter()
+            try:
+                yield
+            finally:
+                spent[key] += time.perf_counter() - t
+                _threads(rank_threads)
 
         for day in days:
-            spent = dict.fromkeys(("publish", "teacher", "students", "teacher_eval", "student_eval"), 0.0)
-            mark = time.perf_counter()
+            spent.update(dict.fromkeys(("teacher", "teacher_eval", "students", "student_eval"), 0.0))
+            start = time.perf_counter()
             for now_ms, day_over in publisher.day(day, chunk_rows=4 * cfg.data.batch_size * info.world_size):
-                t1 = time.perf_counter()
-                spent["publish"] += t1 - mark  # generating the day's rows and appending them
                 clock[0] = now_ms  # the simulated now: the event time of the newest sample published
-                teacher.run()
-                if day_over:  # the short last batch, before the joiner looks: its rows are as old as the chunk's
-                    teacher.finish()
-                t2 = time.perf_counter()
-                spent["teacher"] += t2 - t1
-                students_run()
-                mark = time.perf_counter()
-                spent["students"] += mark - t2
-            _threads(all_threads)
-            joiner.drain()
-            joiner.flush(day_end_ms(day))
-            join_metrics = joiner.metrics()
-            _threads(rank_threads)
+                with part("teacher"):
+                    teacher.run()
+                    if day_over:  # the short last batch, before the joiner looks: its rows are as old as the chunk's
+                        teacher.finish()
+                with part("students", all_cores=True):
+                    joiner.drain()
+                    for s in streaming:
+                        s.run()
+            with part("students", all_cores=True):
+                joiner.drain()
+                joiner.flush(day_end_ms(day))
+                join_metrics = joiner.metrics()
             row = {"day": day, "eval_day": day + 1}
-            t1 = time.perf_counter()
-            row.update({f"teacher/{k}": v for k, v in teacher.evaluate([day + 1]).items() if k.startswith("auc/")})
-            t2 = time.perf_counter()
-            spent["students"] += t1 - mark
-            spent["teacher_eval"] += t2 - t1
-            _threads(all_threads)
-            t1 = time.perf_counter()
-            for name, s in students.items():
-                if isinstance(s, StreamingStudent):
-                    s.run()
-                    row.update({f"{name}/{k}": v for k, v in s.finish().items() if k.startswith("stream/")})
-            t2 = time.perf_counter()
-            trainers = [s.t if isinstance(s, StreamingStudent) else s for s in students.values()]
-            for name, (res, _) in zip(students, evaluate_students(trainers, [day + 1]), strict=True):
-                row.update({f"{name}/{k}": v for k, v in res.items() if k.startswith("auc/")})
-            spent["students"] += t2 - t1
-            spent["student_eval"] += time.perf_counter() - t2  # one pass over the day for all of them
-            _threads(rank_threads)
-            row.update({f"seconds/{k}": v for k, v in spent.items()})
+            with part("teacher_eval"):
+                row.update({f"teacher/{k}": v for k, v in teacher.evaluate([day + 1]).items() if k.startswith("auc/")})
+            with part("students", all_cores=True):
+                for name, s in students.items():
+                    if isinstance(s, StreamingStudent):
+                        s.run()
+                        row.update({f"{name}/{k}": v for k, v in s.finish().items() if k.startswith("stream/")})
+            with part("student_eval", all_cores=True):  # one pass over the day for all of them
+                for name, (res, _) in zip(students, evaluate_students(trainers, [day + 1]), strict=True):
+                    row.update({f"{name}/{k}": v for k, v in res.items() if k.startswith("auc/")})
+            # the rest of the day: the publisher making the day's rows and appending them
+            secs = {"publish": time.perf_counter() - start - sum(spent.values()), **spent}
+            row.update({f"seconds/{k}": v for k, v in secs.items()})
             rows.append(row)
-            console(f"stream: day {day} done in {sum(spent.values()):.0f} s (publish {spent['publish']:.0f}, teacher "
-                    f"{spent['teacher']:.0f}, its evaluation {spent['teacher_eval']:.0f}, joiner and students "
-                    f"{spent['students']:.0f}, their evaluation {spent['student_eval']:.0f}); next-day AUC "
+            console(f"stream: day {day} done in {sum(secs.values()):.0f} s (publish {secs['publish']:.0f}, teacher "
+                    f"{secs['teacher']:.0f}, its evaluation {secs['teacher_eval']:.0f}, joiner and students "
+                    f"{secs['students']:.0f}, their evaluation {secs['student_eval']:.0f}); next-day AUC "
                     + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.endswith("auc/ctr")))
             if on_day is not None:
                 on_day(row, join_metrics)
         teacher_sum = teacher.summary()
         teacher.close()
-        for s in students.values():
-            if isinstance(s, StreamingStudent):
-                s.close()
+        for s in streaming:
+            s.close()
     return {"days": rows, "join": join_metrics, "teacher": teacher_sum}
 
 

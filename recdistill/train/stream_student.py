@@ -97,7 +97,7 @@ class StreamingStudent:
         self.tasks = list(trainer.source.schema.task_names)
         if self.distill:
             trainer.use_stream_signals(self.tasks, cfg.sampling.teacher)
-        self.bs = trainer.s.batch_size or cfg.data.batch_size
+        self.bs = trainer.batch_size
         self.poll_rows = poll_rows or 16 * self.bs
         self.dedup = DuplicateFilter(dedup_horizon_ms)
         self.check = RecordCheck(labels=[f"label_{t}" for t in self.tasks], traffic_sources=trainer.num_traffic,

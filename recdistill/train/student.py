@@ -103,6 +103,7 @@ class StudentTrainer:
     def __init__(self, cfg: Config, *, run_dir: str | Path, source: DataSource | None = None,
                  tracker: Tracker | None = None, name: str = "student", open_store: bool = True) -> None:
         self.cfg, self.s = cfg, cfg.student
+        self.batch_size = self.s.batch_size or cfg.data.batch_size
         self.run_dir, self.name, self.tracker = Path(run_dir), name, tracker
         self.device = pick_device(self.s.device)
         self.source = source if source is not None else build_source(cfg.data)
@@ -142,9 +143,9 @@ class StudentTrainer:
         same edges, and its checkpoint holds them anyway)."""
         if self.model.dense_emb is None or not self.train_days:
             return
-        bs = self.s.batch_size or self.cfg.data.batch_size
         got, n = [], 0
-        for positioned in BatchLoader(self.source, self.train_days, bs, view=self.view, prefetch=0).stream():
+        # inline (no worker or thread): the pass stops early and nothing is left running
+        for positioned in self.loader(self.train_days, self.view).stream(workers=0, prefetch=0):
             got.append(positioned.batch.dense)
             n += len(positioned.batch)
             if n >= rows:
@@ -257,8 +258,7 @@ class StudentTrainer:
 
     # ---- training ----------------------------------------------------------------------------------------------
     def loader(self, days: list[int], view) -> BatchLoader:  # noqa: ANN001 - SamplingConfig | None
-        bs = self.s.batch_size or self.cfg.data.batch_size
-        return BatchLoader(self.source, days, bs, view=view, prefetch=self.cfg.data.prefetch,
+        return BatchLoader(self.source, days, self.batch_size, view=view, prefetch=self.cfg.data.prefetch,
                            workers=self.cfg.data.workers)
 
     def train_step(self, batch: Batch, t_logits: torch.Tensor | None = None, t_mask: torch.Tensor | None = None
@@ -456,7 +456,7 @@ def evaluate_students(trainers: list[StudentTrainer], days: list[int]
     than the small students cost to run, and the streaming phase scores every student every day."""
     groups: dict[str, list[int]] = {}
     for i, t in enumerate(trainers):
-        groups.setdefault(f"{t.cfg.data.model_dump_json()}|{t.s.batch_size or t.cfg.data.batch_size}", []).append(i)
+        groups.setdefault(f"{t.cfg.data.model_dump_json()}|{t.batch_size}", []).append(i)
     out: list = [None] * len(trainers)
     for members in groups.values():
         accs = [{} for _ in members]
