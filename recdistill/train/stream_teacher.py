@@ -7,9 +7,9 @@ writing every forward's raw logits to the signal store (the same windows, contin
 
 Ranks. The checkpoint is resumed by the world size that wrote it, so the streaming teacher runs on the batch
 teacher's ranks. Rank 0 is the only stream client: it polls the sample stream, validates and de-duplicates the rows,
-and broadcasts the new rows (ids and labels, a few bytes per sample) to the other ranks, which wait in
-:meth:`follow` for rank 0's commands (rows, finish, evaluate, stop). Every rank then holds the same buffer of rows
-and cuts it the same way: a global batch is `world x data.batch_size` rows, rank r trains rows [r*B, (r+1)*B) of
+and broadcasts the new rows as polled (keys, day, traffic, labels: tens of bytes each) to the other ranks, which
+wait in :meth:`follow` for rank 0's commands (rows, finish, evaluate, stop). Every rank then holds the same buffer of
+rows and cuts it the same way: a global batch is `world x data.batch_size` rows, rank r trains rows [r*B, (r+1)*B) of
 it, rebuilding the features by id (recdistill/train/stream_student.py does the same), so the ranks step in lockstep
 (DMP's forward is collective) with no further agreement. The day's last, short global batch gives some ranks a short
 slice, padded, or none (a filler row with 0 valid rows), as recdistill/train/lockstep.py does in the batch phase.
