@@ -35,5 +35,7 @@ echo "setup: installing pinned stack (see $REQ)"
 DS_BUILD_OPS=0 pip install -r "$tmp/deps.txt"
 pip install --no-deps -r "$tmp/nodeps.txt"
 pip install --no-deps -e .
+# DeepSpeed's CPU comm op (30-40 s of g++), built once here into the venv (recdistill/runtime.py), not in a first demo
+"$VENV/bin/python" -m recdistill.runtime 2>>"$log" | grep -v "^\[" || { echo "setup: building DeepSpeed's CPU op failed (log: $log)" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch,torchrec,deepspeed;print("torch",torch.__version__,"torchrec",torchrec.__version__,"deepspeed",deepspeed.__version__)' 2>&1 | tail -1))"

@@ -309,8 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from recdistill.config import load_config
+    from recdistill.runtime import prepare_process
     from recdistill.train.distributed import destroy_distributed, init_distributed
 
+    prepare_process()
     p = argparse.ArgumentParser(description="one rank of the streaming phase (recdistill stream runs it)")
     p.add_argument("--config", required=True, help="the phase's resolved config (<run>/stream/config.yaml)")
     p.add_argument("--batch-dir", required=True, help="the batch run")

@@ -37,6 +37,7 @@ import sys
 import traceback
 
 from recdistill.errors import RecdistillError
+from recdistill.runtime import prepare_process
 
 #: The commands, in help order: module `recdistill.cli.<name>` has `register(subparsers)`. Imported on use, so
 #: `recdistill --help` stays fast and one command's heavy imports do not slow another.
@@ -70,6 +71,7 @@ def _silence_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `recdistill` console script; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
+    prepare_process()
     command = " ".join(filter(None, [args.command, getattr(args, f"{args.command}_command", None)]))
     try:
         code = int(args.func(args) or 0)

@@ -45,6 +45,7 @@ from recdistill.data.roles import roles_for
 from recdistill.data.source import DataSource, build_source, phase_days
 from recdistill.distill.losses import task_loss
 from recdistill.distill.metrics import StreamingMetrics
+from recdistill.runtime import prepare_process
 from recdistill.signals.schema import SignalMeta
 from recdistill.signals.writer import SignalWriter
 from recdistill.tracking import console
@@ -286,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    prepare_process()
     info = init_distributed()
     trainer, ok = None, False
     try:
