@@ -99,6 +99,29 @@ def test_triple_crosses_find_a_pure_three_way_interaction():
     assert aucs[3] > aucs[2] + 0.05, aucs
 
 
+def test_parallel_fits_give_the_same_predictions(monkeypatch):
+    """The (task, baseline) fits run 2 at a time give the same predictions as one after another (each fit on one
+    thread in both cases)."""
+    from recdistill.baselines import fit_baselines
+
+    cfg, src = _small()
+    here = load_rows(cfg, src)
+    roles = resolve_roles(cfg.data.roles, src)
+    for mod in ("run", "models"):  # as on the 2-core box, on any machine: every fit on one thread either way
+        monkeypatch.setattr(f"recdistill.baselines.{mod}.usable_cores", lambda: 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = fit_baselines(*here, cfg, src.schema, roles, ["lr", "gbdt"], workers=1)
+        two = fit_baselines(*here, cfg, src.schema, roles, ["lr", "gbdt"], workers=2)
+    finally:
+        torch.set_num_threads(threads)
+    for n in ("lr", "gbdt"):
+        assert one[n].keys() == two[n].keys() and "pred_cvr" in one[n]
+        for k in one[n]:
+            np.testing.assert_array_equal(one[n][k], two[n][k], err_msg=f"{n} {k}")
+
+
 def test_predictions_are_scored_in_the_true_space_and_reused_on_resume(tmp_path):
     cfg, src = _small()
     paths = run_baselines(cfg, src, tmp_path)

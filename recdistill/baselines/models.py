@@ -66,6 +66,11 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-4, max_iter: in
     return LogisticModel(mean, scale, w.detach().numpy().copy(), float(b.detach()))
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def valid_rows(sample_id: np.ndarray, seed: int = 0) -> np.ndarray:
     """Bool mask of the training rows held out for early stopping (VALID_SHARE of them, by a hash of sample id)."""
     return hash_uniform(sample_id, seed, VALID_SALT) < VALID_SHARE
@@ -79,8 +84,7 @@ def fit_gbdt(x: np.ndarray, y: np.ndarray, valid: np.ndarray, *, seed: int = 0,
 
     # LightGBM's OpenMP threads spin while they wait for each other: on a 2-core machine where anything else runs
     # (a teacher, the loader, another job) 2 threads were an order of magnitude slower than 1.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = threads or (2 if cores > 2 else 1)
+    threads = threads or (2 if usable_cores() > 2 else 1)
     params = {**GBDT_PARAMS, "seed": seed, "num_threads": threads}
     train = lgb.Dataset(x[~valid], y[~valid], free_raw_data=True)
     val = lgb.Dataset(x[valid], y[valid], reference=train, free_raw_data=True)

@@ -14,13 +14,14 @@ report compares AUC / NE); a continuous task gets no prediction and is left out 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from recdistill.baselines.features import FeatureBuilder, Rows, collect_rows
-from recdistill.baselines.models import fit_gbdt, fit_logistic, gbdt_logit, valid_rows
+from recdistill.baselines.models import fit_gbdt, fit_logistic, gbdt_logit, usable_cores, valid_rows
 from recdistill.config import Config
 from recdistill.data.roles import resolve_roles
 from recdistill.data.source import DataSource, phase_days
@@ -37,19 +38,21 @@ def preds_path(out_dir: Path, name: str) -> Path:
 
 
 def _fit_predict(name: str, x_train: np.ndarray, y: np.ndarray, x_eval: np.ndarray, sample_id: np.ndarray,
-                 seed: int) -> np.ndarray:
+                 seed: int, threads: int | None = None) -> np.ndarray:
     """Sampled-space logits of the evaluation rows from baseline `name` fit on the training rows."""
     if name == "lr":
         return fit_logistic(x_train, y).logit(x_eval)
     if name == "gbdt":
-        return gbdt_logit(fit_gbdt(x_train, y, valid_rows(sample_id, seed), seed=seed), x_eval)
+        return gbdt_logit(fit_gbdt(x_train, y, valid_rows(sample_id, seed), seed=seed, threads=threads), x_eval)
     raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
 
 
 def fit_baselines(train: Rows, evals: Rows, cfg: Config, schema, roles, names: list[str], *,  # noqa: ANN001
-                  max_order: int = 3) -> dict[str, dict[str, np.ndarray]]:
+                  max_order: int = 3, workers: int = 1) -> dict[str, dict[str, np.ndarray]]:
     """{baseline: {'sample_id', 'label_<task>', 'pred_<task>' (true-space probability), 'p_true_<task>'}} for the
-    binary tasks, fit on `train` (rows of the teacher's view) and predicted on `evals`."""
+    binary tasks, fit on `train` (rows of the teacher's view) and predicted on `evals`. `workers` > 1: that many
+    (task, baseline) fits run at once, in threads, each on cores / workers threads (LightGBM and torch release
+    the GIL while they compute); the fits and their results are the same as one after another."""
     kinds = {t.name: t.kind for t in schema.tasks}
     binary = [t for t, k in kinds.items() if k == "binary"]
     builder = FeatureBuilder(train, evals, schema, roles, cross_limit=cfg.experiment.baseline_cross_limit,
@@ -57,17 +60,33 @@ def fit_baselines(train: Rows, evals: Rows, cfg: Config, schema, roles, names: l
     traffic = torch.from_numpy(evals.traffic)
     out = {n: {"sample_id": evals.sample_id} for n in names}
     logits: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+    feats = {task: builder.for_task(task) for task in binary}
+    jobs = sorted(((task, n) for task in binary for n in names), key=lambda j: j[1] != "gbdt")  # the long ones first
+    workers = max(1, min(workers, len(jobs)))
+    threads = max(1, usable_cores() // workers) if workers > 1 else None
+
+    def fit(job: tuple[str, str]) -> tuple[str, str, np.ndarray, float]:
+        task, n = job
+        t0 = time.perf_counter()
+        z = _fit_predict(n, feats[task].train, train.labels[task], feats[task].eval, train.sample_id,
+                         cfg.experiment.seed, threads)
+        return task, n, z, time.perf_counter() - t0
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)  # process-wide: the logistic regressions' share of the cores
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for task, n, z, secs in pool.map(fit, jobs):
+                logits[n][task] = torch.from_numpy(z)
+                console(f"baselines: {BASELINES[n]} {task}: {feats[task].train.shape[1]} features, {secs:.1f} s")
+    finally:
+        torch.set_num_threads(before)
     for task in binary:
-        feats = builder.for_task(task)
         for n in names:
-            t0 = time.perf_counter()
-            z = _fit_predict(n, feats.train, train.labels[task], feats.eval, train.sample_id, cfg.experiment.seed)
-            logits[n][task] = torch.from_numpy(z)
             out[n][f"label_{task}"] = evals.labels[task]
             if task in evals.p_true:
                 out[n][f"p_true_{task}"] = evals.p_true[task]
-            console(f"baselines: {BASELINES[n]} {task}: {feats.train.shape[1]} features, "
-                    f"{time.perf_counter() - t0:.1f} s")
     for n in names:  # all tasks at once: a task within the sampling task is mapped with the model's own click rate
         p = true_space(logits[n], {t: kinds[t] for t in binary}, cfg.sampling.teacher, traffic, schema.num_traffic,
                        within=within_of(schema.tasks))
@@ -94,7 +113,8 @@ def run_baselines(cfg: Config, source: DataSource, out_dir: str | Path, names: l
                   resume: bool = False) -> dict[str, Path]:
     """Fit the baselines `names` (default: experiment.baselines) and write each one's evaluation predictions to
     `out_dir`/baseline_<name>.eval_preds.npz (the format teacher and students write). With `resume`, a baseline
-    whose file exists is not fit again. Returns {report model name: npz path}."""
+    whose file exists is not fit again. The baselines are fit on every usable core. Returns {report model
+    name: npz path}."""
     names = list(cfg.experiment.baselines if names is None else names)
     out_dir = Path(out_dir)
     paths = {BASELINES[n]: preds_path(out_dir, n) for n in names}
@@ -108,7 +128,7 @@ def run_baselines(cfg: Config, source: DataSource, out_dir: str | Path, names: l
     console(f"baselines: {len(train):,} training rows (view '{cfg.sampling.teacher.name}'), {len(evals):,} "
             f"evaluation rows, read in {time.perf_counter() - t0:.0f} s")
     roles = resolve_roles(cfg.data.roles, source)
-    preds = fit_baselines(train, evals, cfg, source.schema, roles, todo)
+    preds = fit_baselines(train, evals, cfg, source.schema, roles, todo, workers=usable_cores())
     out_dir.mkdir(parents=True, exist_ok=True)
     for n in todo:
         tmp = out_dir / f".{BASELINES[n]}.tmp.npz"
