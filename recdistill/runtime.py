@@ -10,7 +10,7 @@ a first `recdistill demo` does not pay for it.
 glibc's allocator: by default it returns freed memory to the OS as soon as the top of the heap holds more than a
 dynamic threshold, and serves blocks above another dynamic threshold with their own mmap. A training step allocates
 and frees the same large activations every step, so each step paid page faults and zeroing for memory it had just
-given back (seen as 25-35% system time in the teacher ranks). Fixing both thresholds keeps that memory in the
+given back (seen as 25-32% system time in the teacher ranks). Fixing both thresholds keeps that memory in the
 process: the teacher trains about 20% more steps per second on the 2-core box (docs/LOG.md, 2026-12-03); the price
 is that a process keeps up to TRIM_THRESHOLD of freed heap instead of returning it.
 """
@@ -64,7 +64,7 @@ def prepare_process() -> None:
 
 def build_ops() -> list[str]:
     """Build (or find already built) the DeepSpeed ops a CPU teacher loads, into :func:`extensions_dir`; returns
-    their names. None on a CUDA machine (DeepSpeed's CUDA accelerator does not load the CPU comm op)."""
+    their names; none on a CUDA machine (DeepSpeed's CUDA accelerator does not load the CPU comm op)."""
     prepare_process()
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
