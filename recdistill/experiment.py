@@ -38,6 +38,7 @@ from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
 from recdistill.errors import RunError
 from recdistill.report import markdown_table, plot_bars, write_report
+from recdistill.runtime import usable_cores
 from recdistill.tracking import Tracker, console
 from recdistill.train.student import run_student
 
@@ -127,7 +128,7 @@ def run_ranks(module: str, args: list[str], nproc: int, log_path: Path, *, what:
            "-m", module, *args]
     console(f"experiment: {what} on {nproc} rank(s), log {log_path}: {' '.join(cmd[2:])}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))}
     lines: list[str] = []
     started = time.time()
     with open(log_path, "a" if append else "w") as log, subprocess.Popen(

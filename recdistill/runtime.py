@@ -1,5 +1,6 @@
 """Process-wide settings the entry points apply once at start (the `recdistill` CLI, each teacher rank, each rank of
-the streaming phase): :func:`prepare_process`.
+the streaming phase): :func:`prepare_process`; and the process's share of the machine: :func:`usable_cores`,
+:func:`intra_op_threads`.
 
 DeepSpeed's JIT-built ops (on CPU: the shared-memory comm op every engine loads, 30-40 s of g++ on the 2-core box)
 are cached in TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions, one cache for every Python environment
@@ -21,6 +22,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 #: Blocks this large and larger get their own mmap (glibc refuses more than 32 MiB on 64-bit: HEAP_MAX_SIZE / 2).
@@ -47,6 +50,26 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one, e.g. under taskset or a cgroup)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block (process-wide), the previous number restored after."""
+    import torch  # here: `recdistill --help` imports this module and should not pay for torch
+
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def extensions_dir() -> Path:

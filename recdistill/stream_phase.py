@@ -43,6 +43,7 @@ from recdistill.data.source import DataSource, build_source, phase_days
 from recdistill.errors import UsageError
 from recdistill.experiment import student_checkpoint_dir
 from recdistill.report import markdown_table, write_report
+from recdistill.runtime import intra_op_threads, usable_cores
 from recdistill.streams import open_stream, stream_server
 from recdistill.streams.joiner import Joiner
 from recdistill.streams.records import day_end_ms, sample_records
@@ -192,22 +193,11 @@ def run_stream_phase(cfg: Config, batch_dir: Path, *, tracker: Tracker | None = 
     return summary
 
 
-def _threads(n: int) -> None:
-    """Intra-op threads of this process (torchrun gives each rank cores / ranks; rank 0 takes them all while the
-    other ranks wait for it)."""
-    import torch
-
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-
-
 def _phase(cfg: Config, batch_dir: Path, days: list[int], info, source: DataSource,  # noqa: ANN001 - DistInfo
            on_day=None) -> dict:  # noqa: ANN001 - callable(row, join)
     """One rank's streaming phase: rank 0 publishes, drives the teacher, joins, trains and scores the students;
     the other ranks follow rank 0's teacher (recdistill/train/stream_teacher.py). Returns rank 0's {'days',
     'join', 'teacher'} (the other ranks': {})."""
-    import os
-
     import torch
 
     from recdistill.train.stream_student import StreamingStudent
@@ -223,7 +213,8 @@ def _phase(cfg: Config, batch_dir: Path, days: list[int], info, source: DataSour
         trainer.close()
         return {}
     tasks = source.schema.task_names
-    rank_threads, all_threads = torch.get_num_threads(), max(torch.get_num_threads(), os.cpu_count() or 1)
+    # torchrun gives each rank cores / ranks intra-op threads; rank 0 takes them all while the others wait for it
+    rank_threads, all_threads = torch.get_num_threads(), max(torch.get_num_threads(), usable_cores())
     rows, join_metrics = [], {}
     with stream_server(cfg.stream) as url:
         samples = open_stream(cfg.stream, "samples", url=url, producer_id="publisher")
@@ -250,14 +241,12 @@ def _phase(cfg: Config, batch_dir: Path, days: list[int], info, source: DataSour
         def part(key: str, all_cores: bool = False):  # noqa: ANN202 - a context manager
             """Time the block into spent[key]; `all_cores`: the teacher's other ranks wait meanwhile, so this rank
             may use every core."""
-            if all_cores:
-                _threads(all_threads)
             t = time.perf_counter()
-            try:
-                yield
-            finally:
-                spent[key] += time.perf_counter() - t
-                _threads(rank_threads)
+            with intra_op_threads(all_threads if all_cores else rank_threads):
+                try:
+                    yield
+                finally:
+                    spent[key] += time.perf_counter() - t
 
         for day in days:
             spent.update(dict.fromkeys(("teacher", "teacher_eval", "students", "student_eval"), 0.0))

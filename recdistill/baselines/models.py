@@ -5,13 +5,13 @@ are fit on a sampled view, and the caller maps their outputs to the true space w
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from recdistill.hashing import hash_uniform
+from recdistill.runtime import usable_cores
 
 #: Salt of the GBDT's early-stopping rows (independent of the target-encoding folds).
 VALID_SALT = 0xE5_70_9
@@ -64,11 +64,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = 1e-4, max_iter: in
 
     opt.step(closure)
     return LogisticModel(mean, scale, w.detach().numpy().copy(), float(b.detach()))
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def valid_rows(sample_id: np.ndarray, seed: int = 0) -> np.ndarray:

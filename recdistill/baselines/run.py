@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from recdistill.baselines.features import FeatureBuilder, Rows, collect_rows
-from recdistill.baselines.models import fit_gbdt, fit_logistic, gbdt_logit, usable_cores, valid_rows
+from recdistill.baselines.models import fit_gbdt, fit_logistic, gbdt_logit, valid_rows
 from recdistill.config import Config
 from recdistill.data.roles import resolve_roles
 from recdistill.data.source import DataSource, phase_days
 from recdistill.distill.debias import true_space, within_of
+from recdistill.runtime import intra_op_threads, usable_cores
 from recdistill.tracking import console
 
 #: Baseline name (experiment.baselines) -> the model name in reports and summaries.
@@ -72,16 +73,11 @@ def fit_baselines(train: Rows, evals: Rows, cfg: Config, schema, roles, names: l
                          cfg.experiment.seed, threads)
         return task, n, z, time.perf_counter() - t0
 
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)  # process-wide: the logistic regressions' share of the cores
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            for task, n, z, secs in pool.map(fit, jobs):
-                logits[n][task] = torch.from_numpy(z)
-                console(f"baselines: {BASELINES[n]} {task}: {feats[task].train.shape[1]} features, {secs:.1f} s")
-    finally:
-        torch.set_num_threads(before)
+    # torch's threads are process-wide: each logistic regression gets its share of the cores
+    with intra_op_threads(threads or torch.get_num_threads()), ThreadPoolExecutor(workers) as pool:
+        for task, n, z, secs in pool.map(fit, jobs):
+            logits[n][task] = torch.from_numpy(z)
+            console(f"baselines: {BASELINES[n]} {task}: {feats[task].train.shape[1]} features, {secs:.1f} s")
     for task in binary:
         for n in names:
             out[n][f"label_{task}"] = evals.labels[task]
