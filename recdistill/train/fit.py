@@ -26,7 +26,8 @@ def zero_stage(ds: dict) -> tuple[int, bool, bool]:
 def model_state_gib(ds: dict, dense_params: int, largest_layer: int, world_size: int) -> dict[str, float]:
     """DeepSpeed's own model-state estimate (GiB per GPU, GiB of host memory per node) for `ds`'s stage and
     offload, with one GPU per rank. Stage 1 has no estimator of its own in DeepSpeed: the stage-2 figure plus the
-    gradients that stage 1 leaves whole on every rank (2 bytes each in bf16/fp16, the estimators' assumption)."""
+    gradients that stage 1 leaves whole on every rank (2 bytes each in bf16/fp16, the estimators' assumption).
+    ZeRO-3 with the optimizer on NVMe has none either: see `_nvme_host_bytes`; 'nvme_gib' is then the disk part."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -34,6 +35,10 @@ def model_state_gib(ds: dict, dense_params: int, largest_layer: int, world_size:
     if stage == 3:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(dense_params, largest_layer, world_size, 1,
                                                             cpu_offload=opt_off, cpu_offload_params=param_off)
+        z = ds.get("zero_optimization", {})
+        if (z.get("offload_optimizer") or {}).get("device") == "nvme":
+            cpu, disk = _nvme_host_bytes(z, dense_params, world_size)
+            return {"gpu_gib": gpu / GIB, "cpu_gib": cpu / GIB, "nvme_gib": disk / GIB}
     elif stage in (1, 2):
         cpu, gpu = estimate_zero2_model_states_mem_needs(dense_params, world_size, 1, cpu_offload=opt_off)
         if stage == 1:
@@ -41,6 +46,22 @@ def model_state_gib(ds: dict, dense_params: int, largest_layer: int, world_size:
     else:  # no ZeRO: weights, gradients, fp32 master weights and Adam moments all on every GPU
         cpu, gpu = 0.0, 16.0 * dense_params
     return {"gpu_gib": gpu / GIB, "cpu_gib": cpu / GIB}
+
+
+def _nvme_host_bytes(z: dict, dense_params: int, world_size: int) -> tuple[float, float]:
+    """(host bytes per node, disk bytes) of ZeRO-3 model states with the optimizer on NVMe (ZeRO-Infinity).
+
+    DeepSpeed's CPU-offload estimate counts 18 bytes per parameter on the host: bf16 weights (2), the fp32
+    gradient partition the optimizer reads (4), fp32 master weights and Adam's two moments (12). On NVMe the last
+    12 live on disk (with the weights' 2 too under `offload_param: nvme`), and each rank holds `buffer_count` fp32
+    swap buffers of one optimizer sub-group (`sub_group_size` elements, at most its partition) instead; the host part keeps DeepSpeed's
+    1.5x buffer factor."""
+    on_disk_params = (z.get("offload_param") or {}).get("device") == "nvme"
+    opt = z.get("offload_optimizer") or {}
+    per_param_host = 4 + (0 if on_disk_params else 2)
+    group = min(int(z.get("sub_group_size", 1_000_000_000)), math.ceil(dense_params / world_size))
+    buffers = world_size * int(opt.get("buffer_count", 4)) * group * 4
+    return per_param_host * dense_params * 1.5 + buffers, (12 + (2 if on_disk_params else 0)) * dense_params
 
 
 def activation_elements(t, history: int, n_in: int, n_global: int, fused_attention: bool = True) -> dict[str, float]:  # noqa: ANN001
@@ -132,8 +153,9 @@ def print_fit(f: dict, plan_rows: list[dict]) -> None:
         ", parameter offload" if f["offload_param"] else "")
     print(f"\nper-GPU memory, {f['world_size']} GPU(s) of {f['gpu_mem_gib']:g} GiB: ZeRO-{f['zero_stage']}{offload}"
           f", micro batch {f['micro_batch']}, history {f['history']}, {f['activation_bytes']}-byte activations")
+    disk = f"; NVMe: {f['model_states']['nvme_gib']:.1f} GiB" if "nvme_gib" in f["model_states"] else ""
     print(f"  {'model states (DeepSpeed estimate)':<40}{f['model_states']['gpu_gib']:>10.2f} GiB  "
-          f"(host: {f['model_states']['cpu_gib']:.1f} GiB per node)")
+          f"(host: {f['model_states']['cpu_gib']:.1f} GiB per node{disk})")
     for mode, a in f["activations"].items():
         print(f"  {'activations, checkpointing ' + mode:<40}{a['gib']:>10.2f} GiB  ({a['per_sample_mib']:.2f} MiB "
               "per sample)")

@@ -126,3 +126,23 @@ def test_fit_report_through_the_cli(capsys):
     assert main(["teacher", "--dry-run", "--preset", "24b", "--world-size", "1", "--gpu-mem-gib", "80"]) == 0
     out = capsys.readouterr().out
     assert "teacher preset '24b'" in out and "DOES NOT FIT: margin -" in out
+
+
+def test_nvme_optimizer_offload_moves_the_optimizer_state_to_disk():
+    """ZeRO-3 with the optimizer on NVMe: DeepSpeed's CPU-offload host figure (18 bytes per parameter, x1.5) loses
+    the 12 bytes of fp32 master weights and Adam moments to the disk and gains each rank's swap buffers
+    (buffer_count x one sub-group of fp32); parameters offloaded to NVMe too take their 2 bytes with them."""
+    from recdistill.train.fit import GIB, model_state_gib
+
+    p, world = 1_000_000_000, 2
+    cpu = {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    nvme = {**cpu, "offload_optimizer": {"device": "nvme", "buffer_count": 4}, "sub_group_size": 100_000_000}
+    on_host = model_state_gib({"zero_optimization": cpu}, p, 10_000_000, world)
+    on_disk = model_state_gib({"zero_optimization": nvme}, p, 10_000_000, world)
+    assert on_host["cpu_gib"] == pytest.approx(18 * p * 1.5 / GIB) and "nvme_gib" not in on_host
+    assert on_disk["gpu_gib"] == on_host["gpu_gib"]
+    assert on_disk["cpu_gib"] == pytest.approx((6 * p * 1.5 + world * 4 * 100_000_000 * 4) / GIB)
+    assert on_disk["nvme_gib"] == pytest.approx(12 * p / GIB)
+    both = {**nvme, "offload_param": {"device": "nvme"}}
+    all_disk = model_state_gib({"zero_optimization": both}, p, 10_000_000, world)
+    assert all_disk["nvme_gib"] == pytest.approx(14 * p / GIB) and all_disk["cpu_gib"] < on_disk["cpu_gib"]
