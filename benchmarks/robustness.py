@@ -41,6 +41,7 @@ import numpy as np
 from _common import RESULTS, cpu_name, write_result  # benchmarks/ is sys.path[0] when run as a script
 
 from recdistill.config import load_config
+from recdistill.distill.metrics import paired_auc_se
 from recdistill.experiment import load_preds
 from recdistill.report import markdown_table
 from recdistill.tracking import read_metrics
@@ -180,30 +181,6 @@ def run_world(args: argparse.Namespace, world: str, root: Path) -> dict:
     ok = rc == 0 and (run_dir / "report.md").exists()
     log(f"{world}: {'done' if ok else f'failed (exit {rc}; see the log)'} in {state['attempts'][-1]['wall_s']:.0f} s")
     return {**state, "status": "finished" if ok else "failed"}
-
-
-def paired_auc_se(y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int, seed: int = 0) -> float:
-    """Bootstrap standard error of AUC(a) - AUC(b) on the same rows (rows resampled jointly, `n` resamples),
-    vectorised: each resample is a row of counts, and a weighted AUC per score ordering (ties share rank)."""
-    if n < 2 or len(y) == 0:
-        return float("nan")
-    rng = np.random.default_rng(seed)
-    rows = len(y)
-    draws = rng.integers(0, rows, size=(n, rows))
-    counts = np.bincount((draws + rows * np.arange(n)[:, None]).ravel(), minlength=n * rows).reshape(n, rows)
-    diff = _weighted_auc(y, a, counts) - _weighted_auc(y, b, counts)
-    return float(np.std(diff, ddof=1))
-
-
-def _weighted_auc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """AUC of scores `s` for labels `y` under each row of weights `w` [n, rows] (ties count one half)."""
-    order = np.argsort(s, kind="stable")
-    _, starts = np.unique(s[order], return_index=True)  # tie groups of the ascending scores
-    pos, wo = y[order].astype(bool), w[:, order].astype(np.float64)
-    wp = np.add.reduceat(np.where(pos, wo, 0.0), starts, axis=1)
-    wn = np.add.reduceat(np.where(pos, 0.0, wo), starts, axis=1)
-    below = np.cumsum(wn, axis=1) - wn
-    return (wp * (below + 0.5 * wn)).sum(1) / (wp.sum(1) * wn.sum(1))
 
 
 def collect(run_dir: Path, n_boot: int) -> dict:

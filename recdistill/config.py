@@ -508,6 +508,9 @@ class StudentRun(Section):
                                   "(`recdistill stream`), e.g. 'student.tower_loss=task' to go on with labels only.")
     frozen: bool = Field(False, description="Streaming phase: do not train this student, only score it each day "
                          "(the batch student frozen).")
+    base: str | None = Field(None, description="The student this one's gains and transferability are measured "
+                             "from (None: experiment.base_student), e.g. a base student of the same size. A student "
+                             "named as another's base gets no gain row itself.")
 
 
 class ExperimentConfig(Section):
@@ -531,6 +534,8 @@ class ExperimentConfig(Section):
         "LightGBM, both on engineered features (history match statistics, out-of-fold target encodings of the "
         "sparse features and their low-cardinality crosses, log frequencies, dense features; "
         "recdistill/baselines/). [] runs none.")
+    bootstrap: int = Field(100, ge=0, description="Resamples of the paired bootstrap over the evaluation rows that "
+                           "gives each student's AUC gain over its base a standard error (student_gain_se); 0: none.")
     baseline_cross_limit: int = Field(100, ge=1, description="Baselines: sparse features with at most this many ids "
                                       "are crossed (every pair and triple, and each with the user and the item) "
                                       "and the crosses target-encoded.")
@@ -542,6 +547,9 @@ class ExperimentConfig(Section):
             raise ValueError(f"experiment.students: names must be unique, got {names}")
         if self.base_student not in names:
             raise ValueError(f"experiment.base_student={self.base_student!r} is not one of the students {names}")
+        bad = {s.name: s.base for s in self.students if s.base is not None and s.base not in names}
+        if bad:
+            raise ValueError(f"experiment.students: base {bad} is not one of the students {names}")
         clash = [n for n in names if n.startswith("baseline_")]
         if clash:
             raise ValueError(f"experiment.students: names starting with 'baseline_' are the baselines' report rows, "

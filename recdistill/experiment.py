@@ -203,24 +203,43 @@ def model_rows(models: dict[str, dict[str, float]], kinds: dict[str, str]) -> li
     return rows
 
 
-def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] | None, base: str,
-               kinds: dict[str, str], baselines: dict[str, dict[str, float]] | None = None
+def gain_bases(exp) -> dict[str, str]:  # noqa: ANN001 - ExperimentConfig
+    """Student -> the student its gains are measured from: its own `base`, else experiment.base_student. A student
+    that is some other student's `base` is a base itself and gets none."""
+    named = {s.base for s in exp.students if s.base}
+    return {s.name: s.base or exp.base_student for s in exp.students if s.name not in named}
+
+
+def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] | None, base: str | dict[str, str],
+               kinds: dict[str, str], baselines: dict[str, dict[str, float]] | None = None,
+               preds: dict[str, dict[str, np.ndarray]] | None = None, bootstrap: int = 0
                ) -> tuple[list[dict], list[dict]]:
     """(AUC/NE rows per model and task: teacher, students, baselines, Bayes-optimal; gain rows per student and
-    task). Baselines get no gain rows: transferability is a student's measure."""
+    task). `base`: the base student of every student, or a name per student (students missing from it, and the
+    bases themselves, have no gain row). `preds` (eval predictions per student, rows aligned) and `bootstrap` > 1
+    add `student_gain_se`, the paired bootstrap SE of the student's AUC minus its base's. Baselines get no gain
+    rows: transferability is a student's measure."""
     binary = [k for k, v in kinds.items() if v == "binary"]
+    bases = base if isinstance(base, dict) else {n: base for n in results}
     auc_rows = model_rows(({"teacher": teacher} if teacher else {}) | results | (baselines or {}), kinds)
     gain_rows = []
     for name, r in results.items():
-        if name == base:
+        b = bases.get(name)
+        if b is None or name == b:
             continue
-        cmp = metrics.compare(r, results[base], teacher)
+        cmp = metrics.compare(r, results[b], teacher)
         for t in binary:
-            gain_rows.append({"student": name, "task": t,
-                              "teacher_gain": (teacher or {}).get(f"auc/{t}", float("nan")) - results[base][f"auc/{t}"],
-                              "student_gain": cmp.get(f"auc_gain/{t}"),
-                              "transferability": cmp.get(f"transferability/{t}", float("nan")),
-                              "ne_rel_change": cmp.get(f"ne_rel_change/{t}")})
+            row = {"student": name, "base": b, "task": t,
+                   "teacher_gain": (teacher or {}).get(f"auc/{t}", float("nan")) - results[b][f"auc/{t}"],
+                   "student_gain": cmp.get(f"auc_gain/{t}"),
+                   "transferability": cmp.get(f"transferability/{t}", float("nan")),
+                   "ne_rel_change": cmp.get(f"ne_rel_change/{t}")}
+            if preds is not None and bootstrap > 1:
+                order = np.argsort(preds[name]["sample_id"], kind="stable")  # the same rows, in the base's order
+                pos = order[np.searchsorted(preds[name]["sample_id"][order], preds[b]["sample_id"])]
+                row["student_gain_se"] = metrics.paired_auc_se(preds[b][f"label_{t}"], preds[name][f"pred_{t}"][pos],
+                                                               preds[b][f"pred_{t}"], bootstrap)
+            gain_rows.append(row)
     return auc_rows, gain_rows
 
 
@@ -299,10 +318,13 @@ def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker, *, source: Data
     results = {name: score(p, kinds, ids) for name, p in preds.items()}
     teacher = score(load_preds(teacher_eval), kinds, ids) if teacher_eval.exists() else None
     baselines = {name: score(load_preds(p), kinds, ids) for name, p in baseline_paths.items()}
-    auc_rows, gain_rows = comparison(results, teacher, cfg.experiment.base_student, kinds, baselines)
+    auc_rows, gain_rows = comparison(results, teacher, gain_bases(cfg.experiment), kinds, baselines, preds,
+                                     cfg.experiment.bootstrap)
     summary = {f"{m}/{k}": v for m, r in ({"teacher": teacher or {}} | results | baselines).items()
                for k, v in r.items()}
     summary.update({f"{g['student']}/transferability/{g['task']}": g["transferability"] for g in gain_rows})
+    summary.update({f"{g['student']}/student_gain_se/{g['task']}": g["student_gain_se"] for g in gain_rows
+                    if "student_gain_se" in g})
     summary.update({f"time/{k}": v for k, v in times.items()})
     tracker.summary(summary)
     report = write_experiment_report(run_dir, cfg, auc_rows, gain_rows, teacher_sum, students, times, kinds,

@@ -16,7 +16,7 @@ from recdistill.config import ConfigError, load_config
 from recdistill.data.roles import resolve_roles
 from recdistill.data.source import build_source
 from recdistill.distill.metrics import auc
-from recdistill.experiment import comparison, load_preds, score, write_experiment_report
+from recdistill.experiment import comparison, gain_bases, load_preds, score, write_experiment_report
 
 SMALL = ["data.num_days=3", "data.samples_per_day=3000", "data.history_len=32", "teacher.history_len=32",
          "data.world.num_users=300", "data.world.num_items=600", "tracking.progress=false"]
@@ -158,6 +158,47 @@ def test_report_has_baseline_rows_and_the_teacher_gap(tmp_path):
     report = write_experiment_report(tmp_path, cfg, auc_rows, gain_rows, {}, {}, {}, kinds, eval_rows=10).read_text()
     assert "| baseline_lr |" in report and "| baseline_gbdt |" in report
     assert "ctr: teacher vs best baseline: -0.0200 AUC" in report and "cvr: teacher vs best baseline" in report
+
+
+def test_gains_from_each_students_own_base_with_a_paired_interval():
+    """Students can name their own base (a same-size base per student size); the paired bootstrap SE of a gain is
+    positive, shrinks to 0 for identical predictions, and ignores the row order of the prediction files."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    y = (rng.random(n) < 0.3).astype(np.float32)
+    ids = np.arange(n, dtype=np.int64)
+    pred = lambda signal: 1 / (1 + np.exp(-(signal * (y - 0.3) + rng.normal(size=n))))  # noqa: E731
+    preds = {"base_s": pred(0.5), "distilled_s": pred(1.0), "base_l": pred(1.0), "distilled_l": pred(2.0)}
+    preds = {k: {"sample_id": ids, "label_ctr": y, "pred_ctr": v} for k, v in preds.items()}
+    shuffled = rng.permutation(n)
+    preds["distilled_l"] = {k: v[shuffled] for k, v in preds["distilled_l"].items()}
+    results = {k: {"auc/ctr": auc(torch.from_numpy(v["label_ctr"]), torch.from_numpy(v["pred_ctr"])), "ne/ctr": 0.9}
+               for k, v in preds.items()}
+    teacher = {"auc/ctr": 0.95, "ne/ctr": 0.8}
+    bases = {"distilled_s": "base_s", "distilled_l": "base_l", "base_s": "base_s", "base_l": "base_l"}
+    _, rows = comparison(results, teacher, bases, {"ctr": "binary"}, preds=preds, bootstrap=100)
+    by = {r["student"]: r for r in rows}
+    assert set(by) == {"distilled_s", "distilled_l"} and by["distilled_l"]["base"] == "base_l"
+    for name in by:
+        b = by[name]["base"]
+        assert by[name]["student_gain"] == pytest.approx(results[name]["auc/ctr"] - results[b]["auc/ctr"])
+        assert 0 < by[name]["student_gain_se"] < 0.02
+    assert by["distilled_l"]["student_gain"] > 5 * by["distilled_l"]["student_gain_se"]
+    preds["same"] = preds["base_s"]
+    results["same"] = results["base_s"]
+    _, rows = comparison(results, teacher, {"same": "base_s"}, {"ctr": "binary"}, preds=preds, bootstrap=100)
+    assert rows[0]["student_gain"] == 0 and rows[0]["student_gain_se"] == 0
+
+
+def test_students_named_as_a_base_get_no_gain_of_their_own():
+    cfg = load_config(None, ["experiment.students=[{name: base}, {name: distilled}, {name: base_xs}, "
+                             "{name: distilled_xs, base: base_xs}]"])
+    assert gain_bases(cfg.experiment) == {"base": "base", "distilled": "base", "distilled_xs": "base_xs"}
+
+
+def test_a_students_base_must_be_one_of_the_students():
+    with pytest.raises(ConfigError, match=r"base \{'distilled': 'nope'\} is not one of the students"):
+        load_config(None, ["experiment.students=[{name: base}, {name: distilled, base: nope}]"])
 
 
 def test_cli_runs_the_baselines_alone(tmp_path, capsys):

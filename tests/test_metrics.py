@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,12 +14,14 @@ from recdistill.distill.metrics import (
     auc,
     auc_standard_error,
     bayes_auc,
+    bootstrap_aucs,
     calibration,
     compare,
     evaluate,
     log_loss,
     mse,
     ne,
+    paired_auc_se,
     relative_gain,
     relative_mse,
     transferability,
@@ -200,3 +203,16 @@ def test_auc_standard_error_matches_the_spread_of_repeated_measurements():
     assert 0.70 < mean < 0.80
     assert auc_standard_error(mean, 40, 160) == pytest.approx(sd, rel=0.1)
     assert math.isnan(auc_standard_error(0.7, 0, 10)) and math.isnan(auc_standard_error(float("nan"), 5, 5))
+
+
+def test_vectorised_bootstrap_auc_matches_the_weighted_auc():
+    rng = np.random.default_rng(0)
+    y = (rng.random(500) < 0.2).astype(np.float32)
+    s = np.round(rng.random(500) + y * 0.5, 1)  # rounded: many ties
+    w = rng.integers(0, 3, size=(4, 500))
+    got = bootstrap_aucs(y, s, w)
+    want = [auc(torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(wi.astype(np.float64))) for wi in w]
+    assert np.allclose(got, want, atol=1e-9), (got, want)
+    se = paired_auc_se(y, s, s + 0.1 * rng.random(500), 200)
+    assert 0 < se < 0.05
+    assert paired_auc_se(y, s, s, 200) == 0.0  # identical predictions: no difference to resample

@@ -8,14 +8,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from recdistill.config import load_config
 from recdistill.data.parquet import ParquetSource
 from recdistill.data.roles import resolve_roles
-from recdistill.distill.metrics import auc
 from recdistill.models.student import StudentModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,19 +74,6 @@ def test_parquet_byo_directory_reads_back_through_roles(robustness, tmp_path):
     args.overrides = ["data.num_days=2", "data.samples_per_day=200"]
     robustness.prepare_byo(args, tmp_path)
     assert ParquetSource(str(out)).num_rows(1) == 200
-
-
-def test_vectorised_bootstrap_auc_matches_the_weighted_auc(robustness):
-    rng = np.random.default_rng(0)
-    y = (rng.random(500) < 0.2).astype(np.float32)
-    s = np.round(rng.random(500) + y * 0.5, 1)  # rounded: many ties
-    w = rng.integers(0, 3, size=(4, 500))
-    got = robustness._weighted_auc(y, s, w)
-    want = [auc(torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(wi.astype(np.float64))) for wi in w]
-    assert np.allclose(got, want, atol=1e-9), (got, want)
-    se = robustness.paired_auc_se(y, s, s + 0.1 * rng.random(500), 200)
-    assert 0 < se < 0.05
-    assert robustness.paired_auc_se(y, s, s, 200) == 0.0  # identical predictions: no difference to resample
 
 
 @pytest.mark.slow

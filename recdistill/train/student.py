@@ -354,8 +354,10 @@ class StudentTrainer:
         if self.s.checkpoint_dir and self.steps != saved:
             self.save_checkpoint(phase="batch", epoch=last_epoch, position={"day": None, "chunk": 0, "row": 0})
         secs = time.perf_counter() - t0
+        served = sum(q.numel() for q in self.model.without_aux().parameters())  # what the exported program holds
         return {"train/steps": self.steps, "train/samples": self.samples, "train/seconds": secs,
-                "train/resumed_at_step": steps0,
+                "train/resumed_at_step": steps0, "model/params": sum(q.numel() for q in self.model.parameters()),
+                "model/served_params": served,
                 "throughput/samples_per_s": self.samples / max(secs, 1e-9),
                 **{f"signals/{k}": v for k, v in asdict(self.counts).items()}}
 
