@@ -53,8 +53,9 @@ def run_seed(args: argparse.Namespace, table: str, seed: int) -> tuple[Path, flo
     sets = [f"experiment.teacher_signals={Path(args.signals).resolve()}", f"experiment.seed={seed}",
             f"tracking.run_dir={Path(args.run_dir).resolve()}", f"tracking.run_name={name}",
             "tracking.mode=disabled", "tracking.progress=false", *(QUICK if args.quick else []), *args.set]
-    cmd = [sys.executable, "-m", "recdistill.cli", "experiment", "--config", str(ROOT / "configs" / "demo.yaml"),
-           "--config", str(ROOT / "configs" / "experiments" / f"{table}.yaml"), *[a for s in sets for a in ("--set", s)]]
+    configs = [ROOT / "configs" / "demo.yaml", ROOT / "configs" / "experiments" / f"{table}.yaml"]
+    cmd = [sys.executable, "-m", "recdistill.cli", "experiment", *[a for c in configs for a in ("--config", str(c))],
+           *[a for s in sets for a in ("--set", s)]]
     log(f"{name}: running, log {run_dir}.log")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

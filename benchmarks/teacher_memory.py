@@ -96,7 +96,8 @@ def settings(a: argparse.Namespace, preset: str, steps: int) -> list[str]:
     per_day = max(64, 4 * a.ranks * a.batch * steps)
     return [f"teacher.preset={preset}", f"teacher.history_len={a.history}", f"data.history_len={a.history}",
             f"data.batch_size={a.batch}", f"teacher.steps={steps}", f"teacher.deepspeed={a.deepspeed}",
-            f"teacher.precision={a.precision}", f"teacher.lr={a.lr}", "data.num_days=2", f"data.samples_per_day={per_day}",
+            f"teacher.precision={a.precision}", f"teacher.lr={a.lr}", "data.num_days=2",
+            f"data.samples_per_day={per_day}",
             "teacher.log_every=1", "tracking.mode=disabled", "tracking.progress=false", "signals.window_steps=2"]
 
 

@@ -54,8 +54,8 @@ def _nvme_host_bytes(z: dict, dense_params: int, world_size: int) -> tuple[float
     DeepSpeed's CPU-offload estimate counts 18 bytes per parameter on the host: bf16 weights (2), the fp32
     gradient partition the optimizer reads (4), fp32 master weights and Adam's two moments (12). On NVMe the last
     12 live on disk (with the weights' 2 too under `offload_param: nvme`), and each rank holds `buffer_count` fp32
-    swap buffers of one optimizer sub-group (`sub_group_size` elements, at most its partition) instead; the host part keeps DeepSpeed's
-    1.5x buffer factor."""
+    swap buffers of one optimizer sub-group (`sub_group_size` elements, at most its partition) instead; the host
+    part keeps DeepSpeed's 1.5x buffer factor."""
     on_disk_params = (z.get("offload_param") or {}).get("device") == "nvme"
     opt = z.get("offload_optimizer") or {}
     per_param_host = 4 + (0 if on_disk_params else 2)
