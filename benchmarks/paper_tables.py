@@ -40,7 +40,8 @@ def log(msg: str) -> None:
 
 
 def run_seed(args: argparse.Namespace, table: str, seed: int) -> tuple[Path, float | None]:
-    """Run (or reuse) one table at one seed; returns its run directory and wall seconds (None when reused)."""
+    """Run (or reuse) one table at one seed; returns its run directory and wall seconds (None when it was reused
+    and its time was not recorded)."""
     name = f"{table}-seed{seed}"
     run_dir = Path(args.run_dir) / name
     if (run_dir / "report.md").exists():
@@ -49,7 +50,8 @@ def run_seed(args: argparse.Namespace, table: str, seed: int) -> tuple[Path, flo
             raise SystemExit(f"{run_dir} ran other students than configs/experiments/{table}.yaml lists now; "
                              "remove it or give another --run-dir")
         log(f"{name}: reused {run_dir}")
-        return run_dir, None
+        wall = Path(f"{run_dir}.wall_s")
+        return run_dir, float(wall.read_text()) if wall.exists() else None
     sets = [f"experiment.teacher_signals={Path(args.signals).resolve()}", f"experiment.seed={seed}",
             f"tracking.run_dir={Path(args.run_dir).resolve()}", f"tracking.run_name={name}",
             "tracking.mode=disabled", "tracking.progress=false", *(QUICK if args.quick else []), *args.set]
@@ -64,7 +66,9 @@ def run_seed(args: argparse.Namespace, table: str, seed: int) -> tuple[Path, flo
         rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
     if rc or not (run_dir / "report.md").exists():
         raise SystemExit(f"{name}: recdistill experiment exited {rc}; see {run_dir}.log")
-    return run_dir, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    Path(f"{run_dir}.wall_s").write_text(f"{wall:.1f}")  # kept for the result JSON when the run is reused
+    return run_dir, wall
 
 
 def collect(run_dir: Path) -> dict:

@@ -229,7 +229,7 @@ def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] |
             continue
         cmp = metrics.compare(r, results[b], teacher)
         for t in binary:
-            row = {"student": name, "base": b, "task": t,
+            row = {"student": name, "task": t, "base": b,
                    "teacher_gain": (teacher or {}).get(f"auc/{t}", float("nan")) - results[b][f"auc/{t}"],
                    "student_gain": cmp.get(f"auc_gain/{t}"),
                    "transferability": cmp.get(f"transferability/{t}", float("nan")),
