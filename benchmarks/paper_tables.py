@@ -1,6 +1,6 @@
 """The paper's student-side tables on one teacher's signals, over seeds, with intervals (issue 18).
 
-    python benchmarks/paper_tables.py --signals runs/demo-X/signals                       # both tables, seeds 0,1,2
+    python benchmarks/paper_tables.py --signals runs/demo-X/signals                       # every table, seeds 0,1,2
     python benchmarks/paper_tables.py --signals runs/demo-X/signals --tables cross_stage --seeds 0
     python benchmarks/paper_tables.py --quick --signals ...            # 2 days x 4,000 rows: checks the script
 
@@ -30,7 +30,7 @@ from recdistill.config import load_config  # noqa: E402
 from recdistill.tracking import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = ("student_capacity", "cross_stage")
+TABLES = ("student_capacity", "cross_stage", "ablations")
 QUICK = ["data.num_days=3", "data.samples_per_day=4000", "data.history_len=64", "student.history_summary=64",
          "student.export=false"]
 
@@ -54,6 +54,7 @@ def run_seed(args: argparse.Namespace, table: str, seed: int) -> tuple[Path, flo
         return run_dir, float(wall.read_text()) if wall.exists() else None
     sets = [f"experiment.teacher_signals={Path(args.signals).resolve()}", f"experiment.seed={seed}",
             f"tracking.run_dir={Path(args.run_dir).resolve()}", f"tracking.run_name={name}",
+            "experiment.baselines=[]",  # the tables compare students; the baselines do not depend on them
             "tracking.mode=disabled", "tracking.progress=false", *(QUICK if args.quick else []), *args.set]
     configs = [ROOT / "configs" / "demo.yaml", ROOT / "configs" / "experiments" / f"{table}.yaml"]
     cmd = [sys.executable, "-m", "recdistill.cli", "experiment", *[a for c in configs for a in ("--config", str(c))],

@@ -216,9 +216,9 @@ def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] |
                ) -> tuple[list[dict], list[dict]]:
     """(AUC/NE rows per model and task: teacher, students, baselines, Bayes-optimal; gain rows per student and
     task). `base`: the base student of every student, or a name per student (students missing from it, and the
-    bases themselves, have no gain row). `preds` (eval predictions per student, rows aligned) and `bootstrap` > 1
-    add `student_gain_se`, the paired bootstrap SE of the student's AUC minus its base's. Baselines get no gain
-    rows: transferability is a student's measure."""
+    bases themselves, have no gain row). `preds` (eval predictions per student, matched by sample_id) and
+    `bootstrap` > 1 add `student_gain_se`, the paired bootstrap SE of the student's AUC minus its base's.
+    Baselines get no gain rows: transferability is a student's measure."""
     binary = [k for k, v in kinds.items() if v == "binary"]
     bases = base if isinstance(base, dict) else {n: base for n in results}
     auc_rows = model_rows(({"teacher": teacher} if teacher else {}) | results | (baselines or {}), kinds)
