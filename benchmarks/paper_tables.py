@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import cpu_name, write_result  # noqa: E402
 from recdistill.config import load_config  # noqa: E402
+from recdistill.experiment import gain_bases  # noqa: E402
 from recdistill.tracking import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,12 +80,12 @@ def collect(run_dir: Path) -> dict:
     _, s = read_metrics(run_dir)
     binary = [t.name for t in cfg.data.tasks if t.kind == "binary"]
     out = {"teacher": {t: s.get(f"teacher/auc/{t}") for t in binary}, "students": {}}
-    named = {st.base for st in cfg.experiment.students if st.base}  # the bases: no gain of their own
+    bases = gain_bases(cfg.experiment)  # what the experiment measured each student from (bases: none)
     for st in cfg.experiment.students:
         n = st.name
         row = {"auc": {t: s.get(f"{n}/auc/{t}") for t in binary}, "served_params": s.get(f"{n}/model/served_params")}
-        if n not in named and f"{n}/transferability/{binary[0]}" in s:
-            row["base"] = st.base or cfg.experiment.base_student
+        if bases.get(n, n) != n:
+            row["base"] = bases[n]
             row["gain"] = {t: s[f"{n}/auc/{t}"] - s[f"{row['base']}/auc/{t}"] for t in binary}
             row["gain_se"] = {t: s.get(f"{n}/student_gain_se/{t}") for t in binary}
             row["transferability"] = {t: _num(s.get(f"{n}/transferability/{t}")) for t in binary}
@@ -92,8 +93,9 @@ def collect(run_dir: Path) -> dict:
     return out
 
 
-def _num(v: object) -> float | None:
-    return float(v) if isinstance(v, int | float | str) and str(v) not in ("None",) else None
+def _num(v: float | str | None) -> float | None:
+    """A metric read back from metrics.jsonl: NaN comes back as None, infinities as 'inf' / '-inf'."""
+    return None if v is None else float(v)
 
 
 def _mean_sd(xs: list[float | None]) -> tuple[float | None, float | None]:
