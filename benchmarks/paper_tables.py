@@ -155,7 +155,9 @@ def plot(path: Path, tables: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4), squeeze=False)
+    counts = [sum(r["base"] is not None for r in t["aggregate"]["students"].values()) for t in tables.values()]
+    fig, axes = plt.subplots(1, len(tables), figsize=(sum(2.0 + 0.9 * c for c in counts), 4.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [max(c, 2) for c in counts]})
     for ax, (name, t) in zip(axes[0], tables.items(), strict=True):
         agg = t["aggregate"]
         names = [n for n, r in agg["students"].items() if r["base"] is not None]
@@ -166,7 +168,8 @@ def plot(path: Path, tables: dict) -> Path:
             sd = [agg["students"][n]["tasks"][task]["transferability_sd"] or 0.0 for n in names]
             ax.bar([j + i * width for j in range(len(names))], m, width, yerr=sd, capsize=3, label=task)
         ax.set_xticks([j + width * (len(tasks) - 1) / 2 for j in range(len(names))],
-                      [f"{n}\n{agg['students'][n]['served_params'] / 1e6:.2f}M" for n in names], fontsize=8)
+                      [f"{n}\n{agg['students'][n]['served_params'] / 1e6:.2f}M" for n in names], fontsize=8,
+                      rotation=20 if len(names) > 2 else 0, ha="right" if len(names) > 2 else "center")
         ax.axhline(0.5, color="grey", ls="--", lw=0.8)
         ax.set_title(name)
         ax.set_ylabel("transferability (vs same-config base)")
