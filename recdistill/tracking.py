@@ -181,16 +181,21 @@ class Tracker:
         self.finish(exit_code=1 if exc_type is not None else 0)
 
 
+def _unjson(v: Any) -> Any:
+    """Inverse of _jsonable for what it can invert: the strings 'inf' / '-inf' back to floats (NaN stays None)."""
+    return float(v) if v in ("inf", "-inf") else v
+
+
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Read ``run_dir/metrics.jsonl`` back: (the logged records in order, the merged summary). NaN comes back as
-    None (JSON null), infinities as the strings 'inf' / '-inf'."""
+    None (JSON null), infinities as floats again."""
     records: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         if line.strip():
             obj = json.loads(line)
             if "summary" in obj and len(obj) == 1:
-                summary.update(obj["summary"])
+                summary.update({k: _unjson(v) for k, v in obj["summary"].items()})
             else:
-                records.append(obj)
+                records.append({k: _unjson(v) for k, v in obj.items()})
     return records, summary

@@ -86,7 +86,8 @@ def test_env_disabled_wins_and_jsonl_appends(tmp_path, monkeypatch):
     assert not (tmp_path / "a" / "wandb").exists()
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["metrics.jsonl"]
     records, summary = read_metrics(tmp_path / "a")
-    assert [(r["step"], r["x"], r["inf/y"]) for r in records] == [(0, 0, "inf"), (1, 1, "inf")] and summary == {}
+    inf = float("inf")  # written as the string 'inf' (JSON has none), read back as a float
+    assert [(r["step"], r["x"], r["inf/y"]) for r in records] == [(0, 0, inf), (1, 1, inf)] and summary == {}
 
 
 def test_other_ranks_write_and_print_nothing(tmp_path, monkeypatch, capsys):
