@@ -45,9 +45,9 @@ def run_seed(args: argparse.Namespace, table: str, seed: int) -> tuple[Path, flo
     and its time was not recorded)."""
     name = f"{table}-seed{seed}"
     run_dir = Path(args.run_dir) / name
+    configs = [ROOT / "configs" / "demo.yaml", ROOT / "configs" / "experiments" / f"{table}.yaml"]
     if (run_dir / "report.md").exists():
-        table_cfg = load_config([ROOT / "configs" / "demo.yaml", ROOT / "configs" / "experiments" / f"{table}.yaml"])
-        if load_config(run_dir / "config.yaml").experiment.students != table_cfg.experiment.students:
+        if load_config(run_dir / "config.yaml").experiment.students != load_config(configs).experiment.students:
             raise SystemExit(f"{run_dir} ran other students than configs/experiments/{table}.yaml lists now; "
                              "remove it or give another --run-dir")
         log(f"{name}: reused {run_dir}")
@@ -57,7 +57,6 @@ def run_seed(args: argparse.Namespace, table: str, seed: int) -> tuple[Path, flo
             f"tracking.run_dir={Path(args.run_dir).resolve()}", f"tracking.run_name={name}",
             "experiment.baselines=[]",  # the tables compare students; the baselines do not depend on them
             "tracking.mode=disabled", "tracking.progress=false", *(QUICK if args.quick else []), *args.set]
-    configs = [ROOT / "configs" / "demo.yaml", ROOT / "configs" / "experiments" / f"{table}.yaml"]
     cmd = [sys.executable, "-m", "recdistill.cli", "experiment", *[a for c in configs for a in ("--config", str(c))],
            *[a for s in sets for a in ("--set", s)]]
     log(f"{name}: running, log {run_dir}.log")
@@ -88,14 +87,9 @@ def collect(run_dir: Path) -> dict:
             row["base"] = bases[n]
             row["gain"] = {t: s[f"{n}/auc/{t}"] - s[f"{row['base']}/auc/{t}"] for t in binary}
             row["gain_se"] = {t: s.get(f"{n}/student_gain_se/{t}") for t in binary}
-            row["transferability"] = {t: _num(s.get(f"{n}/transferability/{t}")) for t in binary}
+            row["transferability"] = {t: s.get(f"{n}/transferability/{t}") for t in binary}
         out["students"][n] = row
     return out
-
-
-def _num(v: float | str | None) -> float | None:
-    """A metric read back from metrics.jsonl: NaN comes back as None, infinities as 'inf' / '-inf'."""
-    return None if v is None else float(v)
 
 
 def _mean_sd(xs: list[float | None]) -> tuple[float | None, float | None]:

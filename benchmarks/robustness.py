@@ -16,9 +16,10 @@ which column is the user, the item, the category.
 
 Per world and binary task the table has the Bayes-optimal AUC (synthetic worlds), the AUC of baseline_lr,
 baseline_gbdt, teacher, base and distilled student (a model a run did not have shows '-'), transferability and
-NE per model, read from the run's metrics.jsonl summary; the distilled-minus-base AUC difference gets a paired
-bootstrap standard error over the evaluation rows (students/*.eval_preds.npz). Targets (issue 20), met/missed per
-world: teacher >= best baseline + 0.01 AUC on the first binary task (CTR); NE < 1 for every model and task;
+NE per model, read from the run's metrics.jsonl summary; the distilled-minus-base AUC difference gets the paired
+bootstrap standard error over the evaluation rows that the experiment computed (`student_gain_se`, --bootstrap
+resamples). Targets (issue 20), met/missed per world:
+teacher >= best baseline + 0.01 AUC on the first binary task (CTR); NE < 1 for every model and task;
 CTR transferability >= 50%; no negative transfer beyond two standard errors on any task; over the suite, the
 median CTR transferability >= 70%. Result: results/robustness-<cpu>[-quick].json (device, versions, each world's
 config and overrides, numbers, wall time) and a PNG beside it; the table is printed, the last stdout line is one
@@ -41,7 +42,6 @@ import numpy as np
 from _common import RESULTS, cpu_name, write_result  # benchmarks/ is sys.path[0] when run as a script
 
 from recdistill.config import load_config
-from recdistill.distill.metrics import paired_auc_se
 from recdistill.experiment import load_preds
 from recdistill.report import markdown_table
 from recdistill.tracking import read_metrics
@@ -116,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def world_overrides(args: argparse.Namespace, world: str, root: Path) -> list[str]:
     """The --set overrides of one world's run: run directory and name, quick sizes, the user's own."""
     quick = [*QUICK, *QUICK_WORLD.get(world, [])] if args.quick else []
-    over = [*COMMON, f"tracking.run_dir={root}", f"tracking.run_name={world}", *quick]
+    over = [*COMMON, f"tracking.run_dir={root}", f"tracking.run_name={world}",
+            f"experiment.bootstrap={40 if args.quick else args.bootstrap}", *quick]
     if world == BYO:
         over.append(f"data.path={root / (BYO + '.data')}")
     return [*over, *args.overrides]
@@ -183,17 +184,15 @@ def run_world(args: argparse.Namespace, world: str, root: Path) -> dict:
     return {**state, "status": "finished" if ok else "failed"}
 
 
-def collect(run_dir: Path, n_boot: int) -> dict:
+def collect(run_dir: Path) -> dict:
     """One finished run's numbers: per binary task the AUC / NE of every model it has, the Bayes-optimal AUC,
     transferability and the bootstrap SE of the distilled-minus-base AUC difference; plus its config."""
     cfg = load_config(run_dir / "config.yaml")
     _, summary = read_metrics(run_dir)
-    summary = {k: float(v) if isinstance(v, str) and v in ("inf", "-inf") else v for k, v in summary.items()}
     base = cfg.experiment.base_student
     distilled = [s.name for s in cfg.experiment.students if s.name != base]
     models = [*MODELS, base, *distilled]
     binary = [t.name for t in cfg.data.tasks if t.kind == "binary"]
-    preds = {m: load_preds(run_dir / "students" / f"{m}.eval_preds.npz") for m in (base, *distilled[:1])}
     tasks = {}
     for t in binary:
         row = {"bayes_auc": summary.get(f"{base}/bayes_auc/{t}"),
@@ -201,14 +200,13 @@ def collect(run_dir: Path, n_boot: int) -> dict:
                "ne": {m: summary.get(f"{m}/ne/{t}") for m in models}}
         if distilled:
             d = distilled[0]
-            y = preds[base][f"label_{t}"]
             row["transferability"] = summary.get(f"{d}/transferability/{t}")
             row["distilled_minus_base"] = _sub(row["auc"][d], row["auc"][base])
-            row["distilled_minus_base_se"] = paired_auc_se(y, preds[d][f"pred_{t}"], preds[base][f"pred_{t}"],
-                                                           n_boot)
+            # the experiment's paired bootstrap (experiment.bootstrap resamples, set by world_overrides)
+            row["distilled_minus_base_se"] = summary.get(f"{d}/student_gain_se/{t}")
         tasks[t] = row
     return {"source": cfg.data.source, "base": base, "distilled": distilled[:1], "tasks": tasks,
-            "eval_rows": int(len(preds[base]["sample_id"])),
+            "eval_rows": int(len(load_preds(run_dir / "students" / f"{base}.eval_preds.npz")["sample_id"])),
             "data": cfg.data.model_dump(mode="json", exclude={"roles"} if cfg.data.source != "parquet" else None),
             "teacher": {k: getattr(cfg.teacher, k) for k in ("preset", "history_len", "lr")},
             "times": {k[len("time/"):]: v for k, v in summary.items() if k.startswith("time/")}}
@@ -336,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         entry = {"config": str((WORLDS / f"{world}.yaml").relative_to(ROOT)), **state,
                  "wall_s": sum(a["wall_s"] for a in state["attempts"])}
         if state["status"] == "finished":
-            entry["result"] = collect(root / world, 40 if args.quick else args.bootstrap)
+            entry["result"] = collect(root / world)
             entry["targets"] = targets(entry["result"])
         worlds[world] = entry
         write_result(name, summarise(args, root, worlds, t0), args.quick, args.out)  # partial: the suite may stop

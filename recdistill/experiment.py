@@ -210,17 +210,16 @@ def gain_bases(exp) -> dict[str, str]:  # noqa: ANN001 - ExperimentConfig
     return {s.name: s.base or exp.base_student for s in exp.students if s.name not in named}
 
 
-def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] | None, base: str | dict[str, str],
+def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] | None, bases: dict[str, str],
                kinds: dict[str, str], baselines: dict[str, dict[str, float]] | None = None,
                preds: dict[str, dict[str, np.ndarray]] | None = None, bootstrap: int = 0
                ) -> tuple[list[dict], list[dict]]:
     """(AUC/NE rows per model and task: teacher, students, baselines, Bayes-optimal; gain rows per student and
-    task). `base`: the base student of every student, or a name per student (students missing from it, and the
-    bases themselves, have no gain row). `preds` (eval predictions per student, matched by sample_id) and
+    task). `bases`: student -> the student its gains are measured from (`gain_bases`; students missing from it,
+    and the bases themselves, have no gain row). `preds` (eval predictions per student, matched by sample_id) and
     `bootstrap` > 1 add `student_gain_se`, the paired bootstrap SE of the student's AUC minus its base's.
     Baselines get no gain rows: transferability is a student's measure."""
     binary = [k for k, v in kinds.items() if v == "binary"]
-    bases = base if isinstance(base, dict) else {n: base for n in results}
     auc_rows = model_rows(({"teacher": teacher} if teacher else {}) | results | (baselines or {}), kinds)
     gain_rows = []
     for name, r in results.items():

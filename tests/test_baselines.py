@@ -151,7 +151,7 @@ def test_report_has_baseline_rows_and_the_teacher_gap(tmp_path):
     cfg, src = _small()
     kinds = {"ctr": "binary", "cvr": "binary", "watch_time": "continuous"}
     r = lambda a: {"auc/ctr": a, "ne/ctr": 0.9, "auc/cvr": a - 0.05, "ne/cvr": 0.9}  # noqa: E731
-    auc_rows, gain_rows = comparison({"base": r(0.70), "distilled": r(0.72)}, r(0.74), "base", kinds,
+    auc_rows, gain_rows = comparison({"base": r(0.70), "distilled": r(0.72)}, r(0.74), {"distilled": "base"}, kinds,
                                      {"baseline_lr": r(0.76), "baseline_gbdt": r(0.75)})
     assert [x["model"] for x in auc_rows] == ["teacher", "base", "distilled", "baseline_lr", "baseline_gbdt"]
     assert {g["student"] for g in gain_rows} == {"distilled"}

@@ -36,7 +36,7 @@ def test_every_world_is_a_valid_demo_config_that_varies_something(robustness, tm
     for path in WORLDS:
         assert path.read_text().startswith("# "), f"{path.name}: first line says what the world varies"
         for quick in (False, True):  # and with the suite's overrides, --quick too
-            args = argparse.Namespace(quick=quick, overrides=[])
+            args = argparse.Namespace(quick=quick, overrides=[], bootstrap=200)
             load_config([DEMO, path], robustness.world_overrides(args, path.stem, tmp_path))
         cfg = load_config([DEMO, path])
         assert cfg.experiment.name == path.stem
@@ -48,7 +48,7 @@ def test_every_world_is_a_valid_demo_config_that_varies_something(robustness, tm
 
 
 def test_parquet_byo_directory_reads_back_through_roles(robustness, tmp_path):
-    args = argparse.Namespace(quick=True, overrides=["data.num_days=2", "data.samples_per_day=300"])
+    args = argparse.Namespace(quick=True, overrides=["data.num_days=2", "data.samples_per_day=300"], bootstrap=200)
     robustness.prepare_byo(args, tmp_path)
     out = tmp_path / "parquet_byo.data"
     cfg = load_config([DEMO, ROOT / "configs" / "worlds" / "parquet_byo.yaml"],
