@@ -222,6 +222,11 @@ def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] |
     binary = [k for k, v in kinds.items() if v == "binary"]
     auc_rows = model_rows(({"teacher": teacher} if teacher else {}) | results | (baselines or {}), kinds)
     gain_rows = []
+    # one resampling of the evaluation rows for every pair (as paired_auc_se draws it), each base's resampled AUCs
+    # computed once however many students it is the base of
+    counts, base_aucs = None, {}
+    if preds is not None and bootstrap > 1 and bases:
+        counts = metrics.bootstrap_counts(len(next(iter(preds.values()))["sample_id"]), bootstrap)
     for name, r in results.items():
         b = bases.get(name)
         if b is None or name == b:
@@ -233,11 +238,14 @@ def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] |
                    "student_gain": cmp.get(f"auc_gain/{t}"),
                    "transferability": cmp.get(f"transferability/{t}", float("nan")),
                    "ne_rel_change": cmp.get(f"ne_rel_change/{t}")}
-            if preds is not None and bootstrap > 1:
+            if counts is not None:
                 order = np.argsort(preds[name]["sample_id"], kind="stable")  # the same rows, in the base's order
                 pos = order[np.searchsorted(preds[name]["sample_id"][order], preds[b]["sample_id"])]
-                row["student_gain_se"] = metrics.paired_auc_se(preds[b][f"label_{t}"], preds[name][f"pred_{t}"][pos],
-                                                               preds[b][f"pred_{t}"], bootstrap)
+                y = preds[b][f"label_{t}"]
+                if (b, t) not in base_aucs:
+                    base_aucs[b, t] = metrics.bootstrap_aucs(y, preds[b][f"pred_{t}"], counts)
+                diff = metrics.bootstrap_aucs(y, preds[name][f"pred_{t}"][pos], counts) - base_aucs[b, t]
+                row["student_gain_se"] = float(np.std(diff, ddof=1))
             gain_rows.append(row)
     return auc_rows, gain_rows
 

@@ -15,7 +15,7 @@ from recdistill.cli import main
 from recdistill.config import ConfigError, load_config
 from recdistill.data.roles import resolve_roles
 from recdistill.data.source import build_source
-from recdistill.distill.metrics import auc
+from recdistill.distill.metrics import auc, paired_auc_se
 from recdistill.experiment import comparison, gain_bases, load_preds, score, write_experiment_report
 
 SMALL = ["data.num_days=3", "data.samples_per_day=3000", "data.history_len=32", "teacher.history_len=32",
@@ -183,6 +183,9 @@ def test_gains_from_each_students_own_base_with_a_paired_interval():
         b = by[name]["base"]
         assert by[name]["student_gain"] == pytest.approx(results[name]["auc/ctr"] - results[b]["auc/ctr"])
         assert 0 < by[name]["student_gain_se"] < 0.02
+        aligned = np.argsort(preds[name]["sample_id"])  # the same SE as one paired bootstrap of the pair alone
+        assert by[name]["student_gain_se"] == paired_auc_se(y, preds[name]["pred_ctr"][aligned],
+                                                            preds[b]["pred_ctr"], 100)
     assert by["distilled_l"]["student_gain"] > 5 * by["distilled_l"]["student_gain_se"]
     preds["same"] = preds["base_s"]
     results["same"] = results["base_s"]

@@ -101,12 +101,16 @@ def paired_auc_se(y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int = 200, see
     score ordering (ties share rank). NaN for n < 2 or no rows."""
     if n < 2 or len(y) == 0:
         return float("nan")
+    counts = bootstrap_counts(len(y), n, seed)
+    return float(np.std(bootstrap_aucs(y, a, counts) - bootstrap_aucs(y, b, counts), ddof=1))
+
+
+def bootstrap_counts(rows: int, n: int, seed: int = 0) -> np.ndarray:
+    """[n, rows] counts of each row in each of `n` resamples with replacement: the weights `bootstrap_aucs` takes.
+    Depends only on (rows, n, seed), so every comparison on the same rows can share one draw."""
     rng = np.random.default_rng(seed)
-    rows = len(y)
     draws = rng.integers(0, rows, size=(n, rows))
-    counts = np.bincount((draws + rows * np.arange(n)[:, None]).ravel(), minlength=n * rows).reshape(n, rows)
-    diff = bootstrap_aucs(y, a, counts) - bootstrap_aucs(y, b, counts)
-    return float(np.std(diff, ddof=1))
+    return np.bincount((draws + rows * np.arange(n)[:, None]).ravel(), minlength=n * rows).reshape(n, rows)
 
 
 def bootstrap_aucs(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
