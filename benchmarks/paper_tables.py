@@ -43,20 +43,30 @@ def log(msg: str) -> None:
 def run_seed(args: argparse.Namespace, table: str, seed: int) -> tuple[Path, float | None]:
     """Run (or reuse) one table at one seed; returns its run directory and wall seconds (None when it was reused
     and its time was not recorded)."""
-    name = f"{table}-seed{seed}"
-    run_dir = Path(args.run_dir) / name
     configs = [ROOT / "configs" / "demo.yaml", ROOT / "configs" / "experiments" / f"{table}.yaml"]
+    sets = [f"experiment.teacher_signals={Path(args.signals).resolve()}", f"experiment.seed={seed}",
+            *(QUICK if args.quick else []), *args.set]
+    return run_experiment(Path(args.run_dir), f"{table}-seed{seed}", configs, sets)
+
+
+def run_experiment(root: Path, name: str, configs: list[Path], sets: list[str]) -> tuple[Path, float | None]:
+    """Run (or reuse) `recdistill experiment` on `configs` + `sets` as run `root/name`, without baselines (the
+    tables compare students and teachers; the baselines depend on neither); returns its run directory and wall
+    seconds (None when it was reused and its time was not recorded). A finished run is reused only if its
+    resolved config, tracking aside, is the one asked for."""
+    run_dir = root / name
+    sets = [*sets, f"tracking.run_dir={root.resolve()}", f"tracking.run_name={name}", "experiment.baselines=[]",
+            "tracking.mode=disabled", "tracking.progress=false"]
     if (run_dir / "report.md").exists():
-        if load_config(run_dir / "config.yaml").experiment.students != load_config(configs).experiment.students:
-            raise SystemExit(f"{run_dir} ran other students than configs/experiments/{table}.yaml lists now; "
-                             "remove it or give another --run-dir")
+        ran, want = (c.model_dump(exclude={"tracking"}) for c in (load_config(run_dir / "config.yaml"),
+                                                                  load_config(configs, sets)))
+        if ran != want:
+            diff = sorted(k for k in want if ran.get(k) != want[k])
+            raise SystemExit(f"{run_dir} ran another config than asked for now (sections {diff} differ); remove "
+                             "it or give another --run-dir")
         log(f"{name}: reused {run_dir}")
         wall = Path(f"{run_dir}.wall_s")
         return run_dir, float(wall.read_text()) if wall.exists() else None
-    sets = [f"experiment.teacher_signals={Path(args.signals).resolve()}", f"experiment.seed={seed}",
-            f"tracking.run_dir={Path(args.run_dir).resolve()}", f"tracking.run_name={name}",
-            "experiment.baselines=[]",  # the tables compare students; the baselines do not depend on them
-            "tracking.mode=disabled", "tracking.progress=false", *(QUICK if args.quick else []), *args.set]
     cmd = [sys.executable, "-m", "recdistill.cli", "experiment", *[a for c in configs for a in ("--config", str(c))],
            *[a for s in sets for a in ("--set", s)]]
     log(f"{name}: running, log {run_dir}.log")
