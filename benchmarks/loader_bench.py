@@ -36,6 +36,7 @@ from recdistill.config import load_config
 from recdistill.data.loader import BatchLoader
 from recdistill.data.sampling import SamplingConfig
 from recdistill.data.world import SyntheticWorld
+from recdistill.runtime import tune_allocator
 
 BATCH = 256
 CHUNK = 4 * BATCH  # the loader's default work item
@@ -218,6 +219,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=None, help="result JSON path (default: benchmarks/results/loader-<cpu>.json)")
     args = p.parse_args()
+    # the allocator as every entry point sets it (recdistill.runtime), so raw, the thread and the workers (which
+    # tune themselves) all run under the settings training runs under; RECDISTILL_MALLOC=default measures glibc's
+    tuned = tune_allocator()
     torch.set_num_threads(1)  # one core per reader; worker processes run one thread each as well
     q = args.quick
     load_before = os.getloadavg()
@@ -226,7 +230,7 @@ def main() -> None:
     load = os.getloadavg()
     res = {"bench": "loader", "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(), "cpus": os.cpu_count(),
            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "quick": q, "load_average_before": load_before, "load_average_after": load, "results": results}
+           "quick": q, "allocator_tuned": tuned, "load_average_before": load_before, "load_average_after": load, "results": results}
     out = write_result("loader", res, q, args.out)
     for r in results:
         lo = ", ".join(f"{x['workers']}w {x['samples_per_s']:,.0f}/s, steady {x['steady_samples_per_s']:,.0f}/s "
