@@ -12,6 +12,7 @@ held-out selection of benchmarks/teacher_scaling.py chose for it, docs/RESULTS.m
     history  teacher.history_len=128                      the reference (1,024 events)
     data     sampling.teacher.r=0.1 (lr 3e-3)              the reference (r = 0.5)
     dense    d_model 32, 1 layer, 103K (lr 3e-3)           d_model 128, 3 layers, 2.5M
+    dense_nocross   the same pair without the teacher's crossed-feature tables (teacher.crosses=none)
 
 Every teacher's signals train the demo's two students (base: labels only; distilled: decoupled towers) at each
 student seed; the base does not depend on the teacher, so it is the same student in every variant. Per axis: each
@@ -41,9 +42,13 @@ VARIANTS = {
     "data_r01": ["sampling.teacher.r=0.1", "teacher.lr=0.003"],
     "dense_small": ["teacher.d_model=32", "teacher.num_layers=1", "teacher.lr=0.003"],
     "dense_large": ["teacher.d_model=128", "teacher.num_layers=3"],
+    # without the teacher's crossed-feature tables the three-field cell has to be learnt by the dense part, which
+    # is where dense capacity paid before the crosses (docs/RESULTS.md, Teacher scaling); the student keeps its own
+    "dense_small_nocross": ["teacher.d_model=32", "teacher.num_layers=1", "teacher.lr=0.003", "teacher.crosses=none"],
+    "dense_large_nocross": ["teacher.d_model=128", "teacher.num_layers=3", "teacher.crosses=none"],
 }
 AXES = {"history": ("history_128", "reference"), "data": ("data_r01", "reference"),
-        "dense": ("dense_small", "dense_large")}
+        "dense": ("dense_small", "dense_large"), "dense_nocross": ("dense_small_nocross", "dense_large_nocross")}
 #: Run-to-run sd of one teacher's next-day AUC on the demo world (pooled over six seed pairs, docs/RESULTS.md,
 #: Teacher scaling: 0.0018 ctr / 0.0027 cvr). The difference of two one-seed teachers has sqrt(2) x that; a share
 #: of the teacher's scaling gain is reported only where that gain is beyond twice its noise, else it divides by noise.
