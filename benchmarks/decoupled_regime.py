@@ -34,8 +34,18 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import cpu_name, write_result  # noqa: E402
-from benchmarks.paper_tables import QUICK, _mean_sd, collect, log, run_experiment  # noqa: E402
+from benchmarks._common import cpu_name  # noqa: E402
+from benchmarks.paper_tables import (  # noqa: E402
+    QUICK,
+    _mean_sd,
+    add_run_arguments,
+    collect,
+    fmt,
+    log,
+    require_store,
+    run_experiment,
+    save,
+)
 from recdistill.signals.reader import SignalReader  # noqa: E402
 from recdistill.signals.writer import SignalWriter  # noqa: E402
 from recdistill.tracking import read_metrics  # noqa: E402
@@ -124,7 +134,7 @@ def summarise(per_seed: dict[int, dict], ne: dict[int, dict]) -> dict:
 
 
 def table_md(summary: dict, seeds: list[int]) -> str:
-    f = lambda v, k=".4f": "-" if v is None else format(v, k)  # noqa: E731
+    f = fmt
     lines = [f"Seeds {', '.join(map(str, seeds))}: mean ± sd; decoupled − single paired by seed.", "",
              "| signals | task | base AUC / NE | decoupled AUC / NE | single AUC / NE | decoupled − single AUC | "
              "decoupled − single NE |", "|---|---|---|---|---|---|---|"]
@@ -174,18 +184,13 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--signals", required=True, help="a finished demo-config teacher run's signal store")
     p.add_argument("--damages", default=",".join(DAMAGES), help=f"comma-separated, of {', '.join(DAMAGES)}")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--run-dir", default="runs/decoupled_regime", help="where the runs and damaged stores go")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for every run")
-    p.add_argument("--quick", action="store_true", help="tiny data: checks the script, not a result")
-    p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/decoupled_regime-<cpu>.json)")
+    add_run_arguments(p, "decoupled_regime")  # the damaged stores go into --run-dir too
     args = p.parse_args(argv)
     kinds = [k for k in args.damages.split(",") if k]
     if unknown := [k for k in kinds if k not in DAMAGES]:
         p.error(f"--damages: unknown {unknown}; choose from {list(DAMAGES)}")
+    require_store(p, "--signals", args.signals)
     src = Path(args.signals).resolve()
-    if not (src / "_commits").is_dir():
-        p.error(f"--signals {args.signals}: not a committed teacher signal store (no _commits/)")
     root = Path(args.run_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     stores = {}
@@ -210,11 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
            "wall_s": walls, "per_seed": per_seed, "ne": ne, "summary": summary,
            "markdown": table_md(summary, seeds)}
     print(res["markdown"])
-    path = write_result("decoupled_regime", res, quick=args.quick, out=args.out)
-    res["plot"] = str(plot(path.with_suffix(".png"), summary))
-    path.write_text(json.dumps(res, indent=2))
-    log(f"wrote {path} and {res['plot']}")
-    return res
+    return save("decoupled_regime", res, args.quick, args.out, plot, summary)
 
 
 if __name__ == "__main__":

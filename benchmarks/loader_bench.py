@@ -230,7 +230,8 @@ def main() -> None:
     load = os.getloadavg()
     res = {"bench": "loader", "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(), "cpus": os.cpu_count(),
            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "quick": q, "allocator_tuned": tuned, "load_average_before": load_before, "load_average_after": load, "results": results}
+           "quick": q, "allocator_tuned": tuned, "load_average_before": load_before, "load_average_after": load,
+           "results": results}
     out = write_result("loader", res, q, args.out)
     for r in results:
         lo = ", ".join(f"{x['workers']}w {x['samples_per_s']:,.0f}/s, steady {x['steady_samples_per_s']:,.0f}/s "

@@ -40,6 +40,35 @@ def log(msg: str) -> None:
     print(f"[paper_tables {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def fmt(v: float | None, spec: str = ".4f") -> str:
+    """A table cell: `v` formatted, '-' when missing."""
+    return "-" if v is None else format(v, spec)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, bench: str) -> None:
+    """The arguments every student-table bench takes: seeds, run directory, overrides, --quick, --out."""
+    p.add_argument("--seeds", default="0,1,2", help="student seeds (experiment.seed)")
+    p.add_argument("--run-dir", default=f"runs/{bench}", help="where the runs go (reused when finished)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for every run")
+    p.add_argument("--quick", action="store_true", help="tiny data: checks the script, not a result")
+    p.add_argument("--out", default=None, help=f"result JSON (default benchmarks/results/{bench}-<cpu>.json)")
+
+
+def require_store(p: argparse.ArgumentParser, flag: str, path: str | None) -> None:
+    """Exit with a usage error unless `path` (given as `flag`) is a committed teacher signal store."""
+    if path is not None and not (Path(path) / "_commits").is_dir():
+        p.error(f"{flag} {path}: not a committed teacher signal store (no _commits/)")
+
+
+def save(bench: str, res: dict, quick: bool, out: str | None, plot_fn, *plot_args) -> dict:  # noqa: ANN001
+    """Write the result JSON and its plot (`plot_fn(png_path, *plot_args)`) next to it; returns `res`."""
+    path = write_result(bench, res, quick=quick, out=out)
+    res["plot"] = str(plot_fn(path.with_suffix(".png"), *plot_args))
+    path.write_text(json.dumps(res, indent=2))
+    log(f"wrote {path} and {res['plot']}")
+    return res
+
+
 def run_seed(args: argparse.Namespace, table: str, seed: int) -> tuple[Path, float | None]:
     """Run (or reuse) one table at one seed; returns its run directory and wall seconds (None when it was reused
     and its time was not recorded)."""
@@ -144,7 +173,7 @@ def table_md(name: str, agg: dict, seeds: list[int]) -> str:
             continue
         for t, c in row["tasks"].items():
             base = agg["students"][row["base"]]["tasks"][t]["auc_mean"]
-            f = lambda v, k=".4f": "-" if v is None else format(v, k)  # noqa: E731
+            f = fmt
             mark = "" if c["clears_noise"] else " (within noise)"
             lines.append(f"| {n} | {row['served_params']:,} | {t} | {f(base)} | {f(c['auc_mean'])} | "
                          f"{f(c['gain_mean'], '+.4f')} ± {f(c['gain_sd'])} ({f(c['gain_se_mean'])}){mark} | "
@@ -188,18 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--signals", required=True, help="a finished teacher run's signal store (runs/demo-X/signals)")
     p.add_argument("--tables", default=",".join(TABLES), help=f"comma-separated, of {', '.join(TABLES)}")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--run-dir", default="runs/paper_tables", help="where the runs go (reused when finished)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for every run")
-    p.add_argument("--quick", action="store_true", help="tiny data: checks the script, not a result")
-    p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/paper_tables-<cpu>.json)")
+    add_run_arguments(p, "paper_tables")
     args = p.parse_args(argv)
     tables = [t for t in args.tables.split(",") if t]
     unknown = [t for t in tables if t not in TABLES]
     if unknown:
         p.error(f"--tables: unknown {unknown}; choose from {list(TABLES)}")
-    if not (Path(args.signals) / "_commits").is_dir():
-        p.error(f"--signals {args.signals}: not a committed teacher signal store (no _commits/)")
+    require_store(p, "--signals", args.signals)
     seeds = [int(s) for s in args.seeds.split(",")]
     res = {"bench": "paper_tables", "device": cpu_name(), "cpus": os.cpu_count(), "signals": str(args.signals),
            "command": " ".join(["python benchmarks/paper_tables.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -213,11 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["tables"][table] = {"per_seed": per_seed, "wall_s": walls, "aggregate": agg,
                                 "markdown": table_md(table, agg, seeds)}
         print(res["tables"][table]["markdown"] + "\n")
-    path = write_result("paper_tables", res, quick=args.quick, out=args.out)
-    res["plot"] = str(plot(path.with_suffix(".png"), res["tables"]))
-    path.write_text(json.dumps(res, indent=2))
-    log(f"wrote {path} and {res['plot']}")
-    return res
+    return save("paper_tables", res, args.quick, args.out, plot, res["tables"])
 
 
 if __name__ == "__main__":

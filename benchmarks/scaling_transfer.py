@@ -20,20 +20,29 @@ teacher's gain over the base, each distilled student's gain and transferability,
 scaling gain that reaches the student, (distilled large - distilled small) / (teacher large - teacher small), per
 student seed (paired: same seed, same base) and its mean and spread. The teachers are one seed each: their
 run-to-run sd on this world is about 0.002 AUC (docs/RESULTS.md), so a share is given only where the teacher's
-scaling gain is beyond twice the noise of a difference of two teachers (TEACHER_SD). Resumable: finished runs are reused. Result: JSON + PNG (benchmarks/results/scaling_transfer-<cpu>.json).
+scaling gain is beyond twice the noise of a difference of two teachers (TEACHER_SD). Resumable: finished runs are
+reused. Result: JSON + PNG (benchmarks/results/scaling_transfer-<cpu>.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import cpu_name, write_result  # noqa: E402
-from benchmarks.paper_tables import QUICK, _mean_sd, collect, log, run_experiment  # noqa: E402
+from benchmarks._common import cpu_name  # noqa: E402
+from benchmarks.paper_tables import (  # noqa: E402
+    QUICK,
+    _mean_sd,
+    add_run_arguments,
+    collect,
+    fmt,
+    require_store,
+    run_experiment,
+    save,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -104,7 +113,7 @@ def axis_table(small: dict[int, dict], large: dict[int, dict], student: str = "d
 
 
 def table_md(axes: dict, seeds: list[int]) -> str:
-    f = lambda v, k=".4f": "-" if v is None else format(v, k)  # noqa: E731
+    f = fmt
     lines = [f"Student seeds {', '.join(map(str, seeds))} (mean ± sd); one teacher per variant.", "",
              "| axis | task | teacher small -> large | distilled small -> large | transferability small / large | "
              "share of the teacher's scaling gain kept |", "|---|---|---|---|---|---|"]
@@ -155,19 +164,14 @@ def plot(path: Path, axes: dict) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--axes", default=",".join(AXES), help=f"comma-separated, of {', '.join(AXES)}")
-    p.add_argument("--seeds", default="0,1,2", help="student seeds (the teacher trains at the first)")
     p.add_argument("--reference", default=None, help="signals of a finished demo-config teacher run to reuse as the "
                    "reference teacher (else it is trained)")
-    p.add_argument("--run-dir", default="runs/scaling_transfer", help="where the runs go (reused when finished)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides for every run")
-    p.add_argument("--quick", action="store_true", help="tiny data: checks the script, not a result")
-    p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/scaling_transfer-<cpu>.json)")
+    add_run_arguments(p, "scaling_transfer")  # --seeds: the students'; each variant's teacher trains at the first
     args = p.parse_args(argv)
     axes = [a for a in args.axes.split(",") if a]
     if unknown := [a for a in axes if a not in AXES]:
         p.error(f"--axes: unknown {unknown}; choose from {list(AXES)}")
-    if args.reference and not (Path(args.reference) / "_commits").is_dir():
-        p.error(f"--reference {args.reference}: not a committed teacher signal store (no _commits/)")
+    require_store(p, "--reference", args.reference)
     seeds = [int(s) for s in args.seeds.split(",")]
     res = {"bench": "scaling_transfer", "device": cpu_name(), "cpus": os.cpu_count(), "quick": args.quick,
            "command": " ".join(["python benchmarks/scaling_transfer.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -181,11 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["axes"][axis] = axis_table(per_variant[AXES[axis][0]], per_variant[AXES[axis][1]])
     res["markdown"] = table_md(res["axes"], seeds)
     print(res["markdown"])
-    path = write_result("scaling_transfer", res, quick=args.quick, out=args.out)
-    res["plot"] = str(plot(path.with_suffix(".png"), res["axes"]))
-    path.write_text(json.dumps(res, indent=2))
-    log(f"wrote {path} and {res['plot']}")
-    return res
+    return save("scaling_transfer", res, args.quick, args.out, plot, res["axes"])
 
 
 if __name__ == "__main__":
