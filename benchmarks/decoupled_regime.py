@@ -5,8 +5,8 @@ when the teacher's signals are biased, noisy or partly garbage (issue 18; the pa
     python benchmarks/decoupled_regime.py --signals runs/demo-X/signals            # seeds 0,1,2
     python benchmarks/decoupled_regime.py --signals ... --quick --seeds 0           # tiny data: checks the script
 
-On clean signals of the demo teacher the two designs are within 0.001 AUC (docs/RESULTS.md, Paper tables). Here
-the same signals are damaged in the ways a production teacher's go wrong, each written as a store of its own next
+On clean signals of the demo teacher the two designs are close (docs/RESULTS.md, Paper tables). Here the same
+signals are damaged in the ways a production teacher's go wrong, each written as a store of its own next
 to the run (same sample ids, windows and teacher metadata; only the logits change):
 
     clean     the store as it is

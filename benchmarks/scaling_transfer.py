@@ -18,9 +18,9 @@ Every teacher's signals train the demo's two students (base: labels only; distil
 student seed; the base does not depend on the teacher, so it is the same student in every variant. Per axis: each
 teacher's gain over the base, each distilled student's gain and transferability, and the share of the teacher's
 scaling gain that reaches the student, (distilled large - distilled small) / (teacher large - teacher small), per
-student seed (paired: same seed, same base) and its mean and spread. The teachers are one seed each: their
-run-to-run sd on this world is about 0.002 AUC (docs/RESULTS.md), so a share is given only where the teacher's
-scaling gain is beyond twice the noise of a difference of two teachers (TEACHER_SD). Resumable: finished runs are
+student seed (paired: same seed, same base) and its mean and spread. The teachers are one seed each, so a share
+is given only where the teacher's scaling gain is beyond twice the noise of a difference of two one-seed teachers
+(TEACHER_SD, the run-to-run sd measured by benchmarks/teacher_scaling.py). Resumable: finished runs are
 reused. Result: JSON + PNG (benchmarks/results/scaling_transfer-<cpu>.json).
 """
 

@@ -28,7 +28,8 @@ N processes (torch DataLoader over an IterableDataset) read the parts, worker w 
 DataLoader hands results back round-robin in dispatch order and every worker yields exactly one part per item, so
 the parts, and the batches cut from them here, are the same sequence for any N. Workers come from a fork server,
 never from a fork of the training process and its threads, so the source is pickled to each (a source drops its
-open files and locks in `__getstate__`). A part's tensors go to one shared-memory
+open files and locks in `__getstate__`), and each tunes its allocator as the training process does. A part's
+tensors go to one shared-memory
 arena of its worker (the world makes its histories there; the small tensors are copied in), which the worker
 reuses once the training process has let go of every batch cut from it (recdistill/data/shared_pool.py): handing
 a part over copies no history, sends one file descriptor, and after a worker's first few parts faults in no fresh
@@ -286,9 +287,8 @@ class _Parts(IterableDataset):
 
 def _init_worker(_worker_id: int) -> None:
     """A loader worker's process settings: glibc's allocator tuned as in the training process (recdistill.runtime;
-    the fork server's children start with glibc's defaults whatever the parent set). Untuned, a worker handed each
-    part's multi-megabyte temporaries back to the OS and faulted them in again: ~3,800 page faults per 1,024-row
-    part at 1,024 events, a fifth of its time in the kernel (docs/LOG.md, 2026-12-03)."""
+    the fork server's children start with glibc's defaults whatever the parent set). Untuned, a worker hands each
+    part's multi-megabyte temporaries back to the OS and faults them in again for the next part (docs/LOG.md)."""
     from recdistill.runtime import tune_allocator
 
     tune_allocator()
