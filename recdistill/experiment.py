@@ -232,6 +232,9 @@ def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] |
         if b is None or name == b:
             continue
         cmp = metrics.compare(r, results[b], teacher)
+        if counts is not None:  # the student's rows in its base's order (the same rows, matched by sample_id)
+            order = np.argsort(preds[name]["sample_id"], kind="stable")
+            pos = order[np.searchsorted(preds[name]["sample_id"][order], preds[b]["sample_id"])]
         for t in binary:
             row = {"student": name, "task": t, "base": b,
                    "teacher_gain": (teacher or {}).get(f"auc/{t}", float("nan")) - results[b][f"auc/{t}"],
@@ -239,8 +242,6 @@ def comparison(results: dict[str, dict[str, float]], teacher: dict[str, float] |
                    "transferability": cmp.get(f"transferability/{t}", float("nan")),
                    "ne_rel_change": cmp.get(f"ne_rel_change/{t}")}
             if counts is not None:
-                order = np.argsort(preds[name]["sample_id"], kind="stable")  # the same rows, in the base's order
-                pos = order[np.searchsorted(preds[name]["sample_id"][order], preds[b]["sample_id"])]
                 y = preds[b][f"label_{t}"]
                 if (b, t) not in base_aucs:
                     base_aucs[b, t] = metrics.bootstrap_aucs(y, preds[b][f"pred_{t}"], counts)
