@@ -29,6 +29,7 @@ import os
 import sys
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 import yaml
@@ -45,10 +46,12 @@ from benchmarks.paper_tables import (  # noqa: E402
     require_store,
     run_experiment,
     save,
+    subplots,
 )
+from recdistill.report import markdown_table, zoomed_ylim  # noqa: E402
 from recdistill.signals.reader import SignalReader  # noqa: E402
+from recdistill.signals.schema import list_commits  # noqa: E402
 from recdistill.signals.writer import SignalWriter  # noqa: E402
-from recdistill.tracking import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DAMAGES = ("clean", "bias", "noise", "garbage")
@@ -74,16 +77,19 @@ def write_damaged(src: Path, dst: Path, kind: str, seed: int = 0) -> Path:
     done = dst / "_damage.json"
     if done.exists() and json.loads(done.read_text()) == {"src": str(src), "kind": kind, "seed": seed}:
         return dst
-    whole = SignalReader(str(src))
-    sd = whole._index.logits[whole._index.finite].std(0)
+    fs, root = fsspec.core.url_to_fs(str(src))
+    windows, meta = {}, None
+    for window in sorted({w for w, _ in list_commits(fs, root)}):  # each shard read once, window by window
+        r = SignalReader(str(src), windows=[window])
+        ids = torch.from_numpy(np.sort(r.sample_ids))
+        z, found = r.lookup(ids)
+        windows[window], meta = (ids[found], z[found].numpy()), r.meta
+    sd = np.concatenate([z for _, z in windows.values()]).std(0)  # the noise scale: the whole store's sd per task
     rng = np.random.default_rng(seed)
-    with SignalWriter(str(dst), 0, whole.meta) as w:
-        for window in whole.windows:
-            r = SignalReader(str(src), windows=[window])
-            ids = torch.from_numpy(np.sort(r.sample_ids))
-            z, found = r.lookup(ids)
+    with SignalWriter(str(dst), 0, meta) as w:
+        for window, (ids, z) in windows.items():
             w.begin_window(window)
-            w.write(ids[found], torch.from_numpy(damage(z[found].numpy(), kind, sd, rng)), window)
+            w.write(ids, torch.from_numpy(damage(z, kind, sd, rng)), window)
             w.commit_window()
     done.write_text(json.dumps({"src": str(src), "kind": kind, "seed": seed}))
     return dst
@@ -102,60 +108,48 @@ def students_config(stores: dict[str, Path], path: Path) -> Path:
     return path
 
 
-def summarise(per_seed: dict[int, dict], ne: dict[int, dict]) -> dict:
+def summarise(per_seed: dict[int, dict]) -> dict:
     """Per damage and task: both designs' AUC, NE and gain over the base (mean ± sd over seeds) and decoupled −
     single, paired by seed."""
     seeds = sorted(per_seed)
     tasks = list(per_seed[seeds[0]]["teacher"])
     kinds = sorted({n.split("_", 1)[1] for n in per_seed[seeds[0]]["students"] if n != "base"},
                    key=DAMAGES.index)
+    students = {s: per_seed[s]["students"] for s in seeds}
     out = {}
     for kind in kinds:
         out[kind] = {}
         for t in tasks:
             cell = {}
             for towers in ("decoupled", "single"):
-                n = f"{towers}_{kind}"
-                rows = [per_seed[s]["students"][n] for s in seeds]
-                for key, xs in (("auc", [r["auc"][t] for r in rows]), ("gain", [r["gain"][t] for r in rows]),
-                                ("gain_se", [r["gain_se"][t] for r in rows]),
-                                ("ne", [ne[s][n][t] for s in seeds])):
+                for key in ("auc", "gain", "gain_se", "ne"):
+                    xs = [students[s][f"{towers}_{kind}"][key][t] for s in seeds]
                     cell[f"{towers}_{key}_mean"], cell[f"{towers}_{key}_sd"] = _mean_sd(xs)
             for key in ("auc", "ne"):
-                d = [(per_seed[s]["students"][f"decoupled_{kind}"]["auc"][t]
-                      - per_seed[s]["students"][f"single_{kind}"]["auc"][t]) if key == "auc" else
-                     (ne[s][f"decoupled_{kind}"][t] - ne[s][f"single_{kind}"][t]) for s in seeds]
+                d = [students[s][f"decoupled_{kind}"][key][t] - students[s][f"single_{kind}"][key][t] for s in seeds]
                 cell[f"diff_{key}_mean"], cell[f"diff_{key}_sd"] = _mean_sd(d)
                 cell[f"diff_{key}_per_seed"] = d
-            cell["base_auc_mean"] = _mean_sd([per_seed[s]["students"]["base"]["auc"][t] for s in seeds])[0]
-            cell["base_ne_mean"] = _mean_sd([ne[s]["base"][t] for s in seeds])[0]
+                cell[f"base_{key}_mean"] = _mean_sd([students[s]["base"][key][t] for s in seeds])[0]
             out[kind][t] = cell
     return out
 
 
 def table_md(summary: dict, seeds: list[int]) -> str:
-    f = fmt
-    lines = [f"Seeds {', '.join(map(str, seeds))}: mean ± sd; decoupled − single paired by seed.", "",
-             "| signals | task | base AUC / NE | decoupled AUC / NE | single AUC / NE | decoupled − single AUC | "
-             "decoupled − single NE |", "|---|---|---|---|---|---|---|"]
-    for kind, tasks in summary.items():
-        for t, c in tasks.items():
-            lines.append(
-                f"| {kind} | {t} | {f(c['base_auc_mean'])} / {f(c['base_ne_mean'], '.3f')} | "
-                f"{f(c['decoupled_auc_mean'])} / {f(c['decoupled_ne_mean'], '.3f')} | {f(c['single_auc_mean'])} / "
-                f"{f(c['single_ne_mean'], '.3f')} | {f(c['diff_auc_mean'], '+.4f')} ± {f(c['diff_auc_sd'])} | "
-                f"{f(c['diff_ne_mean'], '+.3f')} ± {f(c['diff_ne_sd'], '.3f')} |")
-    return "\n".join(lines)
+    rows = [{"signals": kind, "task": t,
+             "base AUC / NE": f"{fmt(c['base_auc_mean'])} / {fmt(c['base_ne_mean'], '.3f')}",
+             "decoupled AUC / NE": f"{fmt(c['decoupled_auc_mean'])} / {fmt(c['decoupled_ne_mean'], '.3f')}",
+             "single AUC / NE": f"{fmt(c['single_auc_mean'])} / {fmt(c['single_ne_mean'], '.3f')}",
+             "decoupled − single AUC": f"{fmt(c['diff_auc_mean'], '+.4f')} ± {fmt(c['diff_auc_sd'])}",
+             "decoupled − single NE": f"{fmt(c['diff_ne_mean'], '+.3f')} ± {fmt(c['diff_ne_sd'], '.3f')}"}
+            for kind, tasks in summary.items() for t, c in tasks.items()]
+    head = f"Seeds {', '.join(map(str, seeds))}: mean ± sd; decoupled − single paired by seed."
+    return f"{head}\n\n{markdown_table(rows)}"
 
 
-def plot(path: Path, summary: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(summary: dict):  # noqa: ANN201 - a matplotlib Figure
+    """Per task: served-tower AUC and NE of both designs per damage, the base as a line."""
     tasks = list(next(iter(summary.values())))
-    fig, grid = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False)
+    fig, grid = subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.4), squeeze=False)
     kinds = list(summary)
     x = np.arange(len(kinds))
     for j, t in enumerate(tasks):
@@ -167,17 +161,12 @@ def plot(path: Path, summary: dict) -> Path:
                 ax.bar(x + 0.38 * k, m, 0.38, yerr=sd, capsize=3, label=towers)
             ax.axhline(summary[kinds[0]][t][f"base_{key}_mean"], color="grey", ls="--", lw=0.8, label="base")
             ax.set_xticks(x + 0.19, kinds)
-            vals = [summary[kd][t][f"{tw}_{key}_mean"] for kd in kinds for tw in ("decoupled", "single")]
-            vals.append(summary[kinds[0]][t][f"base_{key}_mean"])
-            pad = (max(vals) - min(vals)) * 0.3 + 1e-3
-            ax.set_ylim(min(vals) - pad, max(vals) + pad)
+            shown = [summary[kd][t][f"{tw}_{key}_mean"] for kd in kinds for tw in ("decoupled", "single")]
+            ax.set_ylim(zoomed_ylim([*shown, summary[kinds[0]][t][f"base_{key}_mean"]]))
             ax.set_title(f"{t}: {label}", fontsize=9)
             if i == j == 0:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -200,22 +189,20 @@ def main(argv: list[str] | None = None) -> dict:
     config = students_config(stores, root / "decoupled_regime.yaml")
     configs = [ROOT / "configs" / "demo.yaml", config]
     seeds = [int(s) for s in args.seeds.split(",")]
-    per_seed, ne, walls = {}, {}, {}
+    per_seed, walls = {}, {}
     for seed in seeds:
         run_dir, walls[seed] = run_experiment(root, f"seed{seed}", configs, [
             f"experiment.teacher_signals={src}", f"experiment.seed={seed}", *(QUICK if args.quick else []),
             *args.set])
         per_seed[seed] = collect(run_dir)
-        _, s = read_metrics(run_dir)
-        ne[seed] = {n: {t: s.get(f"{n}/ne/{t}") for t in per_seed[seed]["teacher"]} for n in per_seed[seed]["students"]}
-    summary = summarise(per_seed, ne)
+    summary = summarise(per_seed)
     res = {"bench": "decoupled_regime", "device": cpu_name(), "cpus": os.cpu_count(), "quick": args.quick,
            "command": " ".join(["python benchmarks/decoupled_regime.py", *(sys.argv[1:] if argv is None else argv)]),
            "signals": str(src), "damage": {"bias": BIAS, "noise_sd_x": NOISE, "garbage_share": GARBAGE},
-           "wall_s": walls, "per_seed": per_seed, "ne": ne, "summary": summary,
+           "wall_s": walls, "per_seed": per_seed, "summary": summary,
            "markdown": table_md(summary, seeds)}
     print(res["markdown"])
-    return save("decoupled_regime", res, args.quick, args.out, plot, summary)
+    return save("decoupled_regime", res, args.quick, args.out, plot(summary))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import cpu_name, write_result  # noqa: E402
 from recdistill.config import load_config  # noqa: E402
 from recdistill.experiment import gain_bases  # noqa: E402
+from recdistill.report import markdown_table  # noqa: E402
 from recdistill.tracking import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,10 +61,25 @@ def require_store(p: argparse.ArgumentParser, flag: str, path: str | None) -> No
         p.error(f"{flag} {path}: not a committed teacher signal store (no _commits/)")
 
 
-def save(bench: str, res: dict, quick: bool, out: str | None, plot_fn, *plot_args) -> dict:  # noqa: ANN001
-    """Write the result JSON and its plot (`plot_fn(png_path, *plot_args)`) next to it; returns `res`."""
+def subplots(*args, **kw):  # noqa: ANN002, ANN003, ANN201 - matplotlib's
+    """plt.subplots on the file-only Agg backend (no display needed): (figure, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kw)
+
+
+def save(bench: str, res: dict, quick: bool, out: str | None, fig) -> dict:  # noqa: ANN001 - a matplotlib Figure
+    """Write the result JSON and `fig` as a PNG beside it (its path in res['plot']); returns `res`."""
+    import matplotlib.pyplot as plt
+
     path = write_result(bench, res, quick=quick, out=out)
-    res["plot"] = str(plot_fn(path.with_suffix(".png"), *plot_args))
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    res["plot"] = str(path.with_suffix(".png"))
     path.write_text(json.dumps(res, indent=2))
     log(f"wrote {path} and {res['plot']}")
     return res
@@ -112,8 +128,8 @@ def run_experiment(root: Path, name: str, configs: list[Path], sets: list[str]) 
 
 
 def collect(run_dir: Path) -> dict:
-    """One run's per-student numbers: AUC per binary task, served parameters, and for distilled students their
-    base, gain, bootstrap SE and transferability."""
+    """One run's per-student numbers: AUC and NE per binary task, served parameters, and for distilled students
+    their base, gain, bootstrap SE and transferability."""
     cfg = load_config(run_dir / "config.yaml")
     _, s = read_metrics(run_dir)
     binary = [t.name for t in cfg.data.tasks if t.kind == "binary"]
@@ -121,7 +137,8 @@ def collect(run_dir: Path) -> dict:
     bases = gain_bases(cfg.experiment)  # what the experiment measured each student from (bases: none)
     for st in cfg.experiment.students:
         n = st.name
-        row = {"auc": {t: s.get(f"{n}/auc/{t}") for t in binary}, "served_params": s.get(f"{n}/model/served_params")}
+        row = {"auc": {t: s.get(f"{n}/auc/{t}") for t in binary}, "ne": {t: s.get(f"{n}/ne/{t}") for t in binary},
+               "served_params": s.get(f"{n}/model/served_params")}
         if bases.get(n, n) != n:
             row["base"] = bases[n]
             row["gain"] = {t: s[f"{n}/auc/{t}"] - s[f"{row['base']}/auc/{t}"] for t in binary}
@@ -165,31 +182,25 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
 
 def table_md(name: str, agg: dict, seeds: list[int]) -> str:
     """A markdown table of one experiment's distilled students."""
-    lines = [f"**{name}** (seeds {', '.join(map(str, seeds))}; mean ± sd over seeds; SE: mean paired bootstrap)", "",
-             "| student | served params | task | base AUC | distilled AUC | gain ± sd (SE) | transferability ± sd |",
-             "|---|---|---|---|---|---|---|"]
+    rows = []
     for n, row in agg["students"].items():
         if row["base"] is None:
             continue
         for t, c in row["tasks"].items():
-            base = agg["students"][row["base"]]["tasks"][t]["auc_mean"]
-            f = fmt
             mark = "" if c["clears_noise"] else " (within noise)"
-            lines.append(f"| {n} | {row['served_params']:,} | {t} | {f(base)} | {f(c['auc_mean'])} | "
-                         f"{f(c['gain_mean'], '+.4f')} ± {f(c['gain_sd'])} ({f(c['gain_se_mean'])}){mark} | "
-                         f"{f(c['transferability_mean'], '.0%')} ± {f(c['transferability_sd'], '.0%')} |")
-    return "\n".join(lines)
+            gain = f"{fmt(c['gain_mean'], '+.4f')} ± {fmt(c['gain_sd'])} ({fmt(c['gain_se_mean'])}){mark}"
+            tr = f"{fmt(c['transferability_mean'], '.0%')} ± {fmt(c['transferability_sd'], '.0%')}"
+            rows.append({"student": n, "served params": f"{row['served_params']:,}", "task": t,
+                         "base AUC": fmt(agg["students"][row["base"]]["tasks"][t]["auc_mean"]),
+                         "distilled AUC": fmt(c["auc_mean"]), "gain ± sd (SE)": gain, "transferability ± sd": tr})
+    return (f"**{name}** (seeds {', '.join(map(str, seeds))}; mean ± sd over seeds; SE: mean paired bootstrap)\n\n"
+            + markdown_table(rows))
 
 
-def plot(path: Path, tables: dict) -> Path:
+def plot(tables: dict):  # noqa: ANN201 - a matplotlib Figure
     """Transferability (mean ± sd over seeds) per distilled student, one panel per table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = [sum(r["base"] is not None for r in t["aggregate"]["students"].values()) for t in tables.values()]
-    fig, axes = plt.subplots(1, len(tables), figsize=(sum(2.0 + 0.9 * c for c in counts), 4.6), squeeze=False,
+    fig, axes = subplots(1, len(tables), figsize=(sum(2.0 + 0.9 * c for c in counts), 4.6), squeeze=False,
                              gridspec_kw={"width_ratios": [max(c, 2) for c in counts]})
     for ax, (name, t) in zip(axes[0], tables.items(), strict=True):
         agg = t["aggregate"]
@@ -207,10 +218,7 @@ def plot(path: Path, tables: dict) -> Path:
         ax.set_title(name)
         ax.set_ylabel("transferability (vs same-config base)")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["tables"][table] = {"per_seed": per_seed, "wall_s": walls, "aggregate": agg,
                                 "markdown": table_md(table, agg, seeds)}
         print(res["tables"][table]["markdown"] + "\n")
-    return save("paper_tables", res, args.quick, args.out, plot, res["tables"])
+    return save("paper_tables", res, args.quick, args.out, plot(res["tables"]))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ from benchmarks.paper_tables import (  # noqa: E402
     require_store,
     run_experiment,
     save,
+    subplots,
 )
+from recdistill.report import markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -86,7 +88,8 @@ def run_variant(args: argparse.Namespace, variant: str, seeds: list[int]) -> dic
 def axis_table(small: dict[int, dict], large: dict[int, dict], student: str = "distilled",
                base: str = "base") -> dict:
     """Per task: both teachers' AUC, the base's and both distilled students' mean AUC over seeds, their
-    transferability, and the share of the teacher's scaling gain the student keeps (per seed, then mean ± sd)."""
+    transferability (as each experiment measured it), and the share of the teacher's scaling gain the student keeps
+    (per seed, then mean ± sd)."""
     seeds = sorted(set(small) & set(large))
     first = small[seeds[0]]
     out = {}
@@ -98,11 +101,15 @@ def axis_table(small: dict[int, dict], large: dict[int, dict], student: str = "d
         share = [(y - x) / (tl - ts) if tl != ts else None for x, y in zip(ds, dl, strict=True)]
         cell = {"teacher_small": ts, "teacher_large": tl, "teacher_scaling_gain": tl - ts,
                 "base_mean": _mean_sd(b)[0], "base_sd": _mean_sd(b)[1]}
-        for k, xs, tt in (("small", ds, ts), ("large", dl, tl)):
+        for k, runs, xs in (("small", small, ds), ("large", large, dl)):
             m, sd = _mean_sd(xs)
-            tr = _mean_sd([(x - y) / (tt - y) if tt != y else None for x, y in zip(xs, b, strict=True)])
+            trs = [runs[s]["students"][student]["transferability"][t] for s in seeds]
+            # undefined (None: NaN in the summary) at a seed where this teacher does not beat that seed's base: a
+            # mean over the other seeds would hide that, so the mean is given only where every seed has one
+            undefined = sum(v is None or v != v for v in trs)
+            tr = _mean_sd(trs) if not undefined else (None, None)
             cell.update({f"distilled_{k}_mean": m, f"distilled_{k}_sd": sd, f"transferability_{k}_mean": tr[0],
-                         f"transferability_{k}_sd": tr[1]})
+                         f"transferability_{k}_sd": tr[1], f"transferability_{k}_undefined_seeds": undefined})
         cell["student_scaling_gain_mean"], cell["student_scaling_gain_sd"] = _mean_sd(
             [y - x for x, y in zip(ds, dl, strict=True)])
         cell["share_kept_mean"], cell["share_kept_sd"] = _mean_sd(share)
@@ -113,33 +120,29 @@ def axis_table(small: dict[int, dict], large: dict[int, dict], student: str = "d
 
 
 def table_md(axes: dict, seeds: list[int]) -> str:
-    f = fmt
-    lines = [f"Student seeds {', '.join(map(str, seeds))} (mean ± sd); one teacher per variant.", "",
-             "| axis | task | teacher small -> large | distilled small -> large | transferability small / large | "
-             "share of the teacher's scaling gain kept |", "|---|---|---|---|---|---|"]
-    for axis, tasks in axes.items():
-        for t, c in tasks.items():
-            lines.append(
-                f"| {axis} | {t} | {f(c['teacher_small'])} -> {f(c['teacher_large'])} "
-                f"({f(c['teacher_scaling_gain'], '+.4f')}) | {f(c['distilled_small_mean'])} -> "
-                f"{f(c['distilled_large_mean'])} ({f(c['student_scaling_gain_mean'], '+.4f')} ± "
-                f"{f(c['student_scaling_gain_sd'])}) | {f(c['transferability_small_mean'], '.0%')} / "
-                f"{f(c['transferability_large_mean'], '.0%')} | " + (
-                    f"{f(c['share_kept_mean'], '.0%')} ± {f(c['share_kept_sd'], '.0%')} |"
-                    if c["teacher_gain_clears_noise"] else
-                    f"- (teacher gain within its noise, {c['teacher_gain_threshold']:.4f}) |"))
-    return "\n".join(lines)
+    rows = [{"axis": axis, "task": t,
+             "teacher small -> large": f"{fmt(c['teacher_small'])} -> {fmt(c['teacher_large'])} "
+                                       f"({fmt(c['teacher_scaling_gain'], '+.4f')})",
+             "distilled small -> large": f"{fmt(c['distilled_small_mean'])} -> {fmt(c['distilled_large_mean'])} "
+                                         f"({fmt(c['student_scaling_gain_mean'], '+.4f')} ± "
+                                         f"{fmt(c['student_scaling_gain_sd'])})",
+             "transferability small / large": " / ".join(
+                 f"undefined at {c[f'transferability_{k}_undefined_seeds']} of {len(seeds)} seeds"
+                 if c[f"transferability_{k}_undefined_seeds"] else fmt(c[f"transferability_{k}_mean"], ".0%")
+                 for k in ("small", "large")),
+             "share of the teacher's scaling gain kept":
+                 f"{fmt(c['share_kept_mean'], '.0%')} ± {fmt(c['share_kept_sd'], '.0%')}"
+                 if c["teacher_gain_clears_noise"] else
+                 f"- (teacher gain within its noise, {c['teacher_gain_threshold']:.4f})"}
+            for axis, tasks in axes.items() for t, c in tasks.items()]
+    head = f"Student seeds {', '.join(map(str, seeds))} (mean ± sd); one teacher per variant."
+    return f"{head}\n\n{markdown_table(rows)}"
 
 
-def plot(path: Path, axes: dict) -> Path:
+def plot(axes: dict):  # noqa: ANN201 - a matplotlib Figure
     """Per axis and task: teacher and distilled student AUC, small vs large."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = list(next(iter(axes.values())))
-    fig, grid = plt.subplots(len(tasks), len(axes), figsize=(3.6 * len(axes), 3.2 * len(tasks)), squeeze=False)
+    fig, grid = subplots(len(tasks), len(axes), figsize=(3.6 * len(axes), 3.2 * len(tasks)), squeeze=False)
     for j, (axis, cells) in enumerate(axes.items()):
         for i, t in enumerate(tasks):
             c, ax = cells[t], grid[i][j]
@@ -155,10 +158,7 @@ def plot(path: Path, axes: dict) -> Path:
             ax.set_ylabel("next-day AUC")
             if i == j == 0:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["axes"][axis] = axis_table(per_variant[AXES[axis][0]], per_variant[AXES[axis][1]])
     res["markdown"] = table_md(res["axes"], seeds)
     print(res["markdown"])
-    return save("scaling_transfer", res, args.quick, args.out, plot, res["axes"])
+    return save("scaling_transfer", res, args.quick, args.out, plot(res["axes"]))
 
 
 if __name__ == "__main__":

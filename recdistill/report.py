@@ -55,7 +55,7 @@ def metric_rows(results: dict[str, dict[str, float]], metric: str, label: str = 
             for name, m in results.items()]
 
 
-def _zoomed_ylim(values: Sequence[float]) -> tuple[float, float] | None:
+def zoomed_ylim(values: Sequence[float]) -> tuple[float, float] | None:
     """A y range around the finite values with a margin, so differences of 0.01 AUC are visible on bars (the
     default axis from 0 would flatten them); None when there is nothing finite to show."""
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
@@ -109,7 +109,7 @@ def plot_bars(path: str | Path, groups: Sequence[str], series: dict[str, Sequenc
                   zorder=3)
     ax.set_xticks(range(len(groups)), list(groups))
     ax.set(title=title, ylabel=ylabel)
-    limits = ylim or _zoomed_ylim([v for ys in [*series.values(), *(ref or {}).values()] for v in ys])
+    limits = ylim or zoomed_ylim([v for ys in [*series.values(), *(ref or {}).values()] for v in ys])
     if limits is not None:
         ax.set_ylim(*limits)
     ax.grid(axis="y", alpha=0.3)

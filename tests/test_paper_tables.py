@@ -59,8 +59,10 @@ from benchmarks import decoupled_regime, scaling_transfer  # noqa: E402
 
 
 def _variant(teacher: float, distilled: list[float], base: list[float]) -> dict[int, dict]:
-    return {s: {"teacher": {"ctr": teacher}, "students": {"base": {"auc": {"ctr": b}},
-                                                          "distilled": {"auc": {"ctr": d}}}}
+    """collect() per seed of one teacher variant (transferability as the experiment reports it)."""
+    return {s: {"teacher": {"ctr": teacher}, "students": {
+        "base": {"auc": {"ctr": b}},
+        "distilled": {"auc": {"ctr": d}, "transferability": {"ctr": (d - b) / (teacher - b) if teacher > b else None}}}}
             for s, (d, b) in enumerate(zip(distilled, base, strict=True))}
 
 
@@ -77,6 +79,10 @@ def test_scaling_share_kept_is_the_student_gain_over_the_teacher_gain_paired_by_
     flat = scaling_transfer.axis_table(small, _variant(0.803, [0.77, 0.79], base))["ctr"]
     assert not flat["teacher_gain_clears_noise"]  # a share of a 0.003 teacher gain would divide by noise
     assert "teacher gain within its noise" in scaling_transfer.table_md({"x": {"ctr": flat}}, [0, 1])
+    # a teacher below one seed's base: that seed has no transferability, and no mean over the others stands for it
+    low = scaling_transfer.axis_table(_variant(0.705, [0.76, 0.77], base), large)["ctr"]
+    assert low["transferability_small_undefined_seeds"] == 1 and low["transferability_small_mean"] is None
+    assert "| undefined at 1 of 2 seeds / " in scaling_transfer.table_md({"x": {"ctr": low}}, [0, 1])
 
 
 def test_every_scaling_variant_resolves_over_the_demo_config():
