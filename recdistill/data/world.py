@@ -68,6 +68,7 @@ SLOT_WIDTH = NUM_CONTEXT // NUM_SLOTS  # context ids per context slot: slot = co
 RECENT = 8  # events of session context in the ground truth
 TS0, EVENT_GAP_S = 1_600_000_000, 600  # history timestamps: timeline position j happens at TS0 + j * gap
 RHO, WALK_MEMORY = 0.8, 60  # popularity drift: day-to-day persistence, days of memory kept
+FROM_INTERESTS = 0.3  # share of candidates drawn from the user's interests (the rest popularity-skewed)
 _EVENT_BLOCK = 1 << 16  # events per pass: the working set stays in cache (faster than one pass over all events)
 _U32, _U16, _U8 = np.uint64(0xFFFFFFFF), np.uint32(0xFFFF), np.uint32(0xFF)
 
@@ -371,7 +372,7 @@ class SyntheticWorld:
         pop_item = (_u(sid, s, 3) ** 2.0 * w.num_items).astype(np.int64)
         int_cat = interests[np.arange(n), (_u(sid, s, 4) * NUM_INTERESTS).astype(np.int64)]
         int_item = int_cat + w.num_categories * (_u(sid, s, 5) * per_cat).astype(np.int64)
-        item = np.minimum(np.where(_u(sid, s, 6) < 0.3, int_item, pop_item), w.num_items - 1)
+        item = np.minimum(np.where(_u(sid, s, 6) < FROM_INTERESTS, int_item, pop_item), w.num_items - 1)
         context = (_u(sid, s, 7) * NUM_CONTEXT).astype(np.int64)
         x = {"sid": sid, "user": user, "interests": interests, "traffic": traffic.astype(np.int64), "item": item,
              "cat": self.item_cat(item), "context": context,
