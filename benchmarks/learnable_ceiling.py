@@ -46,7 +46,7 @@ from benchmarks._common import RESULTS, cpu_name  # noqa: E402
 from benchmarks.paper_tables import fmt, save, subplots  # noqa: E402
 from benchmarks.robustness import DEMO, QUICK, WORLDS, world_names  # noqa: E402
 from recdistill.config import load_config  # noqa: E402
-from recdistill.data.source import build_source, read_view  # noqa: E402
+from recdistill.data.source import build_source, phase_days, read_view  # noqa: E402
 from recdistill.data.world import (  # noqa: E402
     FROM_INTERESTS,
     NUM_CONTEXT,
@@ -58,7 +58,9 @@ from recdistill.data.world import (  # noqa: E402
     RHO,
     SyntheticWorld,
 )
+from recdistill.distill.debias import to_true  # noqa: E402
 from recdistill.distill.metrics import auc, ne  # noqa: E402
+from recdistill.models.match import MATCH_WINDOWS, target_match  # noqa: E402
 from recdistill.report import markdown_table  # noqa: E402
 
 #: L2 strengths tried (static terms x per-day drift terms), chosen on the last training day.
@@ -90,8 +92,10 @@ def world_config(world: str, quick: bool, overrides: list[str]):  # noqa: ANN201
 
 def window_rows(world: SyntheticWorld, day: int, view, history_len: int) -> dict[str, np.ndarray]:  # noqa: ANN001
     """What the ceiling model reads of the rows of `day` kept by `view` (None: all): sparse ids, the tags (up to
-    3, with a mask), dense features, the label, and from the last `history_len` events the candidate category's
-    count, the window's length and the category's share of the last RECENT events."""
+    3, with a mask), dense features, the label, and the target-match statistics of the last `history_len` events
+    (the teacher's own `target_match`): the candidate category's count, the window's length, its share of the last
+    RECENT events."""
+    assert MATCH_WINDOWS[0] == RECENT  # the first match window is the world's recent part
     w = world.w
     cols: dict[str, list[np.ndarray]] = {}
     for start in range(0, world.num_rows(day), READ_ROWS):
@@ -103,19 +107,12 @@ def window_rows(world: SyntheticWorld, day: int, view, history_len: int) -> dict
         tag_len, tag_val = b.sparse["item_tags"].lengths().numpy(), b.sparse["item_tags"].values().numpy()
         tag_start = np.cumsum(tag_len) - tag_len
         tags = np.stack([tag_val[tag_start + np.minimum(i, tag_len - 1)] for i in range(MAX_TAGS)], 1)
-        off = b.history.offsets.numpy()
-        lens = np.diff(off)
-        hist_cat = b.history.fields["cat"].numpy()
-        row = np.repeat(np.arange(len(lens)), lens)
-        back = lens[row] - (np.arange(len(hist_cat)) - off[:-1][row])  # 1 = the newest event of its row
-        same = hist_cat == ids["item_cat"][row]
-        in_window, recent = back <= history_len, back <= RECENT
+        hist = b.history.last(history_len)
+        # columns: share / log1p(count) over the last 8, 64 and all events, then log1p(length)
+        m = target_match(b.sparse["item_cat"].values(), hist.fields["cat"], hist.offsets).numpy().astype(np.float64)
         dense = b.dense.numpy().astype(np.float64)
         got = {**ids, "tags": tags, "tag_mask": np.arange(MAX_TAGS)[None, :] < tag_len[:, None],
-               "count": np.bincount(row[in_window], weights=same[in_window], minlength=len(lens)),
-               "length": np.minimum(lens, history_len).astype(np.float64),
-               "recent": np.bincount(row[recent], weights=same[recent], minlength=len(lens))
-               / np.maximum(np.minimum(lens, RECENT), 1),
+               "count": np.rint(np.expm1(m[:, 5])), "length": np.rint(np.expm1(m[:, 6])), "recent": m[:, 0],
                "dense": dense, "label": b.labels["ctr"].numpy().astype(np.float64),
                "p_true": b.p_true["ctr"].numpy().astype(np.float64), "day": np.full(len(b), day)}
         if w.num_dense >= 2:
@@ -242,15 +239,12 @@ def fit(world: SyntheticWorld, rows: dict[str, np.ndarray], num_days: int, l2: f
 
 def score(model: WellSpecified, world: SyntheticWorld, rows: dict[str, np.ndarray], last_day: int, view) -> np.ndarray:  # noqa: ANN001
     """True-space click probabilities of `rows` (a later day than `last_day`): the drift terms carried forward by
-    RHO per day, the view's sampling shift (log q_eff[traffic] - log r, keeping positives with q and negatives
-    with r) taken out."""
+    RHO per day, the logit mapped out of the fitted rows' sampled view (debias.to_true)."""
     x = as_tensors(rows, world)
     ahead = int(rows["day"][0]) - last_day
     with torch.no_grad():
         z = model(x, torch.full_like(x["day"], last_day), rho=RHO**ahead)
-    shift = np.log(view.q_for(world.w.num_traffic)) - np.log(view.r)
-    z = z.numpy() - shift[rows["traffic_source"]]
-    return 1.0 / (1.0 + np.exp(-z))
+        return torch.sigmoid(to_true(z, view, x["traffic_source"], world.w.num_traffic)).numpy()
 
 
 def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -265,8 +259,8 @@ def ceiling(world_name: str, quick: bool, overrides: list[str]) -> dict:
     if not isinstance(world, SyntheticWorld):
         raise ValueError(f"{world_name}: data.source {cfg.data.source!r} has no known functional form")
     view, history_len = cfg.sampling.teacher, cfg.teacher.history_len
-    days = world.days()
-    train_days, eval_day = days[:-cfg.data.eval_days], days[-cfg.data.eval_days]
+    train_days, eval_days, _ = phase_days(world.days(), cfg.data.eval_days, cfg.stream.days)  # the teacher's days
+    eval_day = eval_days[0]
     if len(train_days) < 2:
         raise ValueError(f"{world_name}: the L2 choice needs 2 training days, the config has {train_days}")
     train = [window_rows(world, d, view, history_len) for d in train_days]
@@ -279,11 +273,9 @@ def ceiling(world_name: str, quick: bool, overrides: list[str]) -> dict:
     for l2, l2_day in L2_GRID:
         m = fit(world, fit_rows, num_days, l2, l2_day, max_iter)
         p = score(m, world, held_rows, train_days[-2], view)
-        held[f"{l2:g}/{l2_day:g}"] = auc(torch.from_numpy(train[-1]["label"]), torch.from_numpy(p))
-        log(f"{world_name}: l2 {l2:g} / drift {l2_day:g}: held-out day {train_days[-1]} AUC "
-            f"{held[f'{l2:g}/{l2_day:g}']:.4f}")
-    best = max(held, key=held.get)
-    l2, l2_day = (float(v) for v in best.split("/"))
+        held[l2, l2_day] = auc(torch.from_numpy(held_rows["label"]), torch.from_numpy(p))
+        log(f"{world_name}: l2 {l2:g} / drift {l2_day:g}: held-out day {train_days[-1]} AUC {held[l2, l2_day]:.4f}")
+    l2, l2_day = max(held, key=held.get)
     fit_rows = concat(train)
     fit_rows["cand_llr"], evals["cand_llr"] = candidate_llr(world, fit_rows, evals)
     model = fit(world, fit_rows, num_days, l2, l2_day, max_iter)
@@ -292,7 +284,8 @@ def ceiling(world_name: str, quick: bool, overrides: list[str]) -> dict:
     out = {
         "auc": auc(y, torch.from_numpy(p)), "ne": ne(y, torch.from_numpy(p)),
         "bayes_auc": auc(y, torch.from_numpy(evals["p_true"])),
-        "l2": l2, "l2_drift": l2_day, "held_out_auc": held, "train_rows": int(sum(len(t["label"]) for t in train)),
+        "l2": l2, "l2_drift": l2_day, "held_out_auc": {f"{a:g}/{b:g}": v for (a, b), v in held.items()},
+        "train_rows": int(sum(len(t["label"]) for t in train)),
         "eval_rows": len(evals["label"]), "eval_day": eval_day,
         "fitted": {"dense_product": model.scalars[0].item(), "interest": model.scalars[1].item(),
                    "recent": model.scalars[2].item(), "candidate_evidence": model.scalars[5].item()},
