@@ -87,7 +87,8 @@ def world_config(world: str, quick: bool, overrides: list[str]):  # noqa: ANN201
     sets = [*(QUICK if quick else []), *overrides]
     if world == "parquet_byo":
         sets = ["data.source=synthetic", "data.roles={}", *sets]
-    return load_config([DEMO, WORLDS / f"{world}.yaml"], sets)
+    # the form has its own impression term: no counting features among the dense ones it weighs linearly
+    return load_config([DEMO, WORLDS / f"{world}.yaml"], [*sets, "data.counts=false"])
 
 
 def window_rows(world: SyntheticWorld, day: int, view, history_len: int) -> dict[str, np.ndarray]:  # noqa: ANN001

@@ -200,6 +200,10 @@ class DataConfig(Section):
                          "any number. 0: one background thread in the training process. A long-history teacher "
                          "wants enough of them to out-run the GPU (benchmarks/loader_bench.py gives the rate of "
                          "one).")
+    counts: bool = Field(False, description="Counting features: every row gets log(1 + count) of how often its user "
+                         "was shown each value of its low-cardinality features (and how often its user and item were "
+                         "shown) on the days before its own, as extra dense columns for every model "
+                         "(recdistill/data/counts.py).")
     tasks: list[TaskConfig] = Field(
         default_factory=lambda: [
             TaskConfig(name="ctr", kind="binary"),

@@ -29,8 +29,8 @@ def run_export(args) -> int:  # noqa: ANN001 - argparse.Namespace
     from recdistill.data.source import build_source
 
     cfg = config_from_args(args)
-    try:
-        src = build_source(cfg.data)
+    try:  # the stored rows only: counting features (data.counts) are derived whenever the export is read
+        src = build_source(cfg.data.model_copy(update={"counts": False}))
     except DataError as exc:
         return _fail("export", str(exc), 1)
     except ValueError as exc:  # a source refusing its config (e.g. data.tasks it does not have)

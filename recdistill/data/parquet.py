@@ -373,6 +373,21 @@ class ParquetSource:
                                                                                                  self.num_rows(day))]
         return pa.concat_tables(parts)
 
+    def sparse_ids(self, day: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The single-valued (integer-column) sparse features of rows [start, stop) of `day`, one id per row;
+        decodes only those columns (what the counting features read: recdistill/data/counts.py)."""
+        cols = [f"sparse_{k}" for k in self.schema.sparse]
+        parts = [self._read(r.file, r.group, cols).slice(lo, n) for r, lo, n in self._pieces(day, start, stop)]
+        t = pa.concat_tables(parts)
+        out = {}
+        for k in self.schema.sparse:
+            arr = t.column(f"sparse_{k}")
+            if pa.types.is_integer(arr.type):
+                if arr.null_count:
+                    raise DataError(f"{self.path}: column 'sparse_{k}' of day {day} has {arr.null_count} null values")
+                out[k] = arr.to_numpy().astype(np.int64)
+        return out
+
     def _to_batch(self, t: pa.Table, f: str) -> Batch:
         def num(col: str, dtype) -> torch.Tensor:  # noqa: ANN001
             arr = t.column(col)

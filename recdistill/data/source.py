@@ -125,4 +125,9 @@ def build_source(data_cfg: DataConfig) -> DataSource:
     """The data source named by `data_cfg.source`."""
     if data_cfg.source not in SOURCES:
         raise ValueError(f"unknown data.source {data_cfg.source!r}; known sources: {sorted(SOURCES)}")
-    return _resolve(SOURCES[data_cfg.source])(data_cfg)
+    source = _resolve(SOURCES[data_cfg.source])(data_cfg)
+    if data_cfg.counts:
+        from recdistill.data.counts import CountedSource
+        from recdistill.data.roles import resolve_roles
+        source = CountedSource(source, resolve_roles(data_cfg.roles, source))
+    return source

@@ -296,6 +296,15 @@ class SyntheticWorld:
         idx = idx[maybe_kept(self.sample_ids(day, idx), view, self.w.num_traffic)]
         return self._batch(day, self._samples(day, idx, view), view)
 
+    def sparse_ids(self, day: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The single-valued sparse features of rows [start, stop) of `day`, one id per row, without labels or
+        history (what the counting features read: recdistill/data/counts.py)."""
+        x = self._features(day, np.arange(start, stop, dtype=np.int64))
+        feats = {"user_id": x["user"], "item_id": x["item"], "item_cat": x["cat"], "user_segment": x["useg"],
+                 "item_segment": x["iseg"], "context": x["context"], "context_slot": x["slot"],
+                 "traffic_source": x["traffic"]}
+        return {k: feats[k] for k in SPARSE if k in feats}
+
     def read_ids(self, sample_ids: np.ndarray, view: SamplingConfig | None = None) -> Batch:
         """The samples with these ids, in the order given (any days; ids may repeat). Every sample is a pure function
         of (seed, sample_id), so a consumer of a stream that carries only ids and labels (the streaming student)

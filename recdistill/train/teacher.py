@@ -113,6 +113,8 @@ class TeacherTrainer:
         self.tasks = self.source.schema.task_names
         self.kinds = {t.name: t.kind for t in self.source.schema.tasks}
         roles = roles_for(cfg.data.roles, self.source, "teacher", info.rank)  # reports missing roles once, at start
+        if info.rank == 0 and hasattr(self.source, "tables"):  # a CountedSource (data.counts)
+            print(self.source.describe(), file=sys.stderr, flush=True)
         self.train_days, self.eval_days, _ = phase_days(self.source.days(), cfg.data.eval_days, cfg.stream.days)
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
         ds_config = deepspeed_config(cfg, cfg.teacher.deepspeed, info.device)

@@ -1,0 +1,175 @@
+"""Counting features: how often each user was shown each value of a categorical feature on the days before a row's day.
+
+    src = build_source(cfg.data)        # with data.counts: true, a CountedSource around the configured source
+
+A ranking log carries evidence that no single row shows: a retrieval stage picks a user's candidates partly from what
+it believes the user likes, so how often a user has been *shown* each category (impressions, clicked or not) says
+something about the user's interests, and impressions are known for every row, sampled or not. Production rankers
+serve such counters from a feature store; here they are dense columns appended to every row, the same for every
+model (teacher, students, baselines), so the comparison between them stays fair.
+
+Counted groups, chosen from the schema and the data alone (nothing knows which features matter in a given world):
+the user, the item, and the user crossed with every single-valued sparse feature of at most `COUNT_LIMIT` ids that is
+not a function of the user (one value per user adds nothing to the user's own count). A row of day d gets
+log(1 + count) of its group values over the stored rows of the days before d: causal, the same for any reader, worker
+or view, and for the evaluation day it is what the training days showed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from recdistill.config import SamplingConfig
+from recdistill.data.batch import Batch, Roles, Schema
+from recdistill.tracking import progress
+
+#: A sparse feature with more ids than this is not crossed with the user (user x item is too sparse to count).
+COUNT_LIMIT = 1000
+#: Rows read per call while counting.
+CHUNK_ROWS = 16384
+
+
+def _first_ids(jt) -> np.ndarray:  # noqa: ANN001 - a JaggedTensor
+    """[B] first id of each row, -1 where the row has none."""
+    lengths = jt.lengths().numpy()
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    out = np.full(len(lengths), -1, dtype=np.int64)
+    has = lengths > 0
+    out[has] = jt.values().numpy()[starts[has]]
+    return out
+
+
+def _keys(ids: list[np.ndarray], spans: list[int]) -> np.ndarray:
+    """One int64 key per row of a group's ids (mixed radix; -1, no id, becomes 0)."""
+    key = ids[0] + 1
+    for v, span in zip(ids[1:], spans[1:], strict=True):
+        key = key * (span + 1) + (v + 1)
+    return key
+
+
+@dataclasses.dataclass
+class CountTables:
+    """Per group: the sorted distinct keys seen, and [keys, days + 1] counts before each day (column j: days before
+    the j-th of `days`; the last column counts every day)."""
+
+    days: list[int]
+    groups: list[tuple[str, ...]]
+    spans: dict[tuple[str, ...], list[int]]
+    keys: dict[tuple[str, ...], np.ndarray]
+    before: dict[tuple[str, ...], np.ndarray]
+
+    @property
+    def names(self) -> list[str]:
+        return [f"count_{'_x_'.join(g)}" for g in self.groups]
+
+    def lookup(self, day: int, sparse: dict[str, np.ndarray]) -> np.ndarray:
+        """[B, groups] log(1 + count) of each row's group values over the days before `day`."""
+        col = int(np.searchsorted(np.asarray(self.days), day))  # a day past the last: every day counted
+        out = np.zeros((len(next(iter(sparse.values()))), len(self.groups)), np.float32)
+        for j, g in enumerate(self.groups):
+            key = _keys([sparse[k] for k in g], self.spans[g])
+            keys = self.keys[g]
+            pos = np.searchsorted(keys, key).clip(max=max(len(keys) - 1, 0))
+            hit = keys[pos] == key if len(keys) else np.zeros(len(key), bool)
+            out[:, j] = np.where(hit, np.log1p(self.before[g][pos, col]), 0.0)
+        return out
+
+
+def count_groups(schema: Schema, roles: Roles, multi: set[str]) -> list[tuple[str, ...]]:
+    """The candidate groups: user, item, and user x each single-valued sparse feature of <= COUNT_LIMIT ids."""
+    groups: list[tuple[str, ...]] = [(r,) for r in (roles.user, roles.item) if r is not None and r not in multi]
+    if roles.user is not None and roles.user not in multi:
+        groups += [(roles.user, k) for k, n in schema.sparse.items()
+                   if k not in multi and k not in (roles.user, roles.item) and n <= COUNT_LIMIT]
+    return groups
+
+
+def _read_ids(source, day: int, start: int, stop: int) -> tuple[dict[str, np.ndarray], set[str]]:  # noqa: ANN001
+    """(first id per row of each single-valued sparse feature, the multi-valued ones) of rows [start, stop): from the
+    source's `sparse_ids` where it has one (no labels or history decoded), else from a full read."""
+    if hasattr(source, "sparse_ids"):
+        ids = source.sparse_ids(day, start, stop)
+        return ids, set(source.schema.sparse) - set(ids)
+    b = source.read(day, start, stop)
+    multi = {k for k in source.schema.sparse if bool((b.sparse[k].lengths() != 1).any())}
+    return {k: _first_ids(b.sparse[k]) for k in source.schema.sparse if k not in multi}, multi
+
+
+def build_tables(source, roles: Roles, *, show_progress: bool = False) -> CountTables:  # noqa: ANN001 - DataSource
+    """Count every stored row of every day of `source` (unsampled: impressions are known for every row)."""
+    schema, days = source.schema, list(source.days())
+    multi: set[str] = set()
+    chunks = [(d, s, min(s + CHUNK_ROWS, source.num_rows(d))) for d in days for s in range(0, source.num_rows(d),
+                                                                                          CHUNK_ROWS)]
+    cols: dict[int, dict[str, list[np.ndarray]]] = {d: {} for d in days}
+    for day, start, stop in progress(chunks, desc="counting", enabled=show_progress, unit="chunk"):
+        ids, m = _read_ids(source, day, start, stop)
+        multi |= m
+        for k, v in ids.items():
+            cols[day].setdefault(k, []).append(v)
+    per_day = [{k: np.concatenate(v) for k, v in cols[d].items() if k not in multi} for d in days]
+    groups = count_groups(schema, roles, multi)
+    spans = {g: [schema.sparse[k] for k in g] for g in groups}
+    keys, before, kept = {}, {}, []
+    for g in groups:
+        day_keys = [_keys([rows[k] for k in g], spans[g]) for rows in per_day]
+        allk = np.concatenate(day_keys) if day_keys else np.zeros(0, np.int64)
+        uniq = np.unique(allk)
+        if len(g) == 2:  # a feature that is a function of the user counts nothing the user's own count does not
+            users = np.unique(np.concatenate([rows[g[0]] for rows in per_day]))
+            if len(uniq) <= len(users):
+                continue
+        counts = np.zeros((len(uniq), len(days) + 1), np.int32)
+        for j, dk in enumerate(day_keys):
+            counts[:, j + 1] = np.bincount(np.searchsorted(uniq, dk), minlength=len(uniq))
+        keys[g], before[g] = uniq, np.cumsum(counts, axis=1, dtype=np.int32)
+        kept.append(g)
+    return CountTables(days=days, groups=kept, spans={g: spans[g] for g in kept}, keys=keys, before=before)
+
+
+class CountedSource:
+    """A data source whose rows carry the counting features (module docstring) as extra dense columns. Everything
+    else is the wrapped source's."""
+
+    def __init__(self, inner, roles: Roles, *, show_progress: bool = False) -> None:  # noqa: ANN001 - DataSource
+        self.inner = inner
+        self.tables = build_tables(inner, roles, show_progress=show_progress)
+        self.schema = dataclasses.replace(inner.schema, dense=tuple(inner.schema.dense) + tuple(self.tables.names))
+
+    def describe(self) -> str:
+        """One line: the counted groups and what they were counted over."""
+        t = self.tables
+        rows = sum(self.inner.num_rows(d) for d in t.days)
+        cols = ", ".join(" x ".join(g) for g in t.groups) or "none"
+        return (f"data.counts: {len(t.groups)} count columns ({cols}) "
+                f"over {rows:,} rows of {len(t.days)} days, each row's from the days before its own")
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - whatever the wrapped source has
+        if name == "inner":  # not set yet (unpickling): do not recurse
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def _augment(self, batch: Batch) -> Batch:
+        if not len(batch):
+            extra = torch.zeros((0, len(self.tables.groups)), dtype=batch.dense.dtype)
+            return dataclasses.replace(batch, dense=torch.cat([batch.dense, extra], 1))
+        sparse = {k: _first_ids(batch.sparse[k]) for k in {k for g in self.tables.groups for k in g}}
+        days = batch.day.numpy()
+        extra = np.zeros((len(batch), len(self.tables.groups)), np.float32)
+        for d in np.unique(days):
+            rows = days == d
+            extra[rows] = self.tables.lookup(int(d), {k: v[rows] for k, v in sparse.items()})
+        return dataclasses.replace(batch, dense=torch.cat([batch.dense, torch.from_numpy(extra)], 1))
+
+    def read(self, day: int, start: int, stop: int, view: SamplingConfig | None = None) -> Batch:
+        from recdistill.data.source import read_view
+        return self._augment(read_view(self.inner, day, start, stop, view))
+
+    @property
+    def read_ids(self):  # noqa: ANN201 - a property, so hasattr(source, "read_ids") answers for the wrapped source
+        """The wrapped source's read_ids(sample_ids, view=None), with the counting features."""
+        inner = self.inner.read_ids
+        return lambda sample_ids, view=None: self._augment(inner(sample_ids, view=view))

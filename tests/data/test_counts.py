@@ -1,0 +1,131 @@
+"""Counting features (data.counts): equal to counts made by hand over the earlier days' rows, causal, the same through
+a view, by sample id, after pickling (loader workers) and from Parquet; only groups that count something are kept."""
+
+import pickle
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from recdistill.config import load_config
+from recdistill.data.counts import CountedSource
+from recdistill.data.parquet import ParquetSource, write_parquet
+from recdistill.data.roles import resolve_roles
+from recdistill.data.source import build_source
+
+SETS = ["data.num_days=4", "data.samples_per_day=3000", "data.history_len=16", "data.world.num_users=60",
+        "data.world.num_items=300", "data.world.num_categories=12"]
+
+
+@pytest.fixture(scope="module")
+def counted():
+    cfg = load_config(None, [*SETS, "data.counts=true"])
+    return cfg, build_source(cfg.data)
+
+
+def hand_counts(inner, day, group):
+    """Counter of the group's id tuples over every row of the days before `day`, from full reads."""
+    c = Counter()
+    for d in inner.days():
+        if d >= day:
+            continue
+        b = inner.read(d, 0, inner.num_rows(d))
+        ids = [b.sparse[k].values().numpy() for k in group]  # single-valued: one id per row
+        c.update(zip(*ids, strict=True))
+    return c
+
+
+def test_counts_equal_hand_counts_over_earlier_days(counted):
+    cfg, src = counted
+    inner = src.inner
+    names = list(src.schema.dense)
+    assert names[:len(inner.schema.dense)] == list(inner.schema.dense)
+    for day in (0, 2, 3):
+        b = src.read(day, 100, 700)
+        plain = inner.read(day, 100, 700)
+        assert torch.equal(b.dense[:, :len(inner.schema.dense)], plain.dense)
+        for group in src.tables.groups:
+            hand = hand_counts(inner, day, group)
+            ids = list(zip(*[plain.sparse[k].values().numpy() for k in group], strict=True))
+            want = np.log1p([hand[i] for i in ids]).astype(np.float32)
+            got = b.dense[:, names.index("count_" + "_x_".join(group))].numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"{group} day {day}")
+        if day == 0:
+            assert not b.dense[:, len(inner.schema.dense):].any()  # nothing before the first day
+
+
+def test_groups_keep_only_what_counts_something(counted):
+    _, src = counted
+    groups = src.tables.groups
+    assert ("user_id",) in groups and ("item_id",) in groups and ("user_id", "item_cat") in groups
+    assert ("user_id", "user_segment") not in groups  # a function of the user: its count is the user's own
+    assert not any("item_tags" in g for g in groups)  # multi-valued: not counted
+    assert ("user_id", "item_id") not in groups  # the item is counted alone, never crossed with the user
+
+
+def test_view_ids_and_pickle_give_the_same_rows(counted):
+    cfg, src = counted
+    full = src.read(2, 0, 2000)
+    viewed = src.read(2, 0, 2000, view=cfg.sampling.student)
+    assert 0 < len(viewed) < len(full)
+    pos = np.searchsorted(full.sample_id.numpy(), viewed.sample_id.numpy())
+    assert torch.equal(viewed.dense, full.dense[torch.from_numpy(pos)])
+    ids = np.concatenate([viewed.sample_id.numpy()[:50], src.read(1, 0, 30).sample_id.numpy()])  # two days mixed
+    by_id = src.read_ids(ids)
+    assert torch.equal(by_id.dense[:50], viewed.dense[:50])
+    assert torch.equal(by_id.dense[50:], src.read(1, 0, 30).dense)
+    clone = pickle.loads(pickle.dumps(src))
+    assert torch.equal(clone.read(3, 10, 90).dense, src.read(3, 10, 90).dense)
+    assert clone.days() == src.days() and clone.num_rows(1) == 3000
+
+
+def test_parquet_counts_equal_the_worlds(counted, tmp_path):
+    cfg, src = counted
+    write_parquet(src.inner, str(tmp_path / "pq"), progress=False)
+    pq_src = ParquetSource(str(tmp_path / "pq"))
+    counted_pq = CountedSource(pq_src, resolve_roles(cfg.data.roles, pq_src))
+    assert counted_pq.tables.groups == src.tables.groups
+    assert counted_pq.schema.dense == src.schema.dense
+    assert torch.equal(counted_pq.read(3, 0, 500).dense, src.read(3, 0, 500).dense)
+
+
+def test_off_by_default_and_counts_of_a_source_without_sparse_ids(counted):
+    cfg, src = counted
+    plain = build_source(load_config(None, SETS).data)
+    assert not isinstance(plain, CountedSource) and plain.schema.dense == src.inner.schema.dense
+
+    class NoShortcut:  # a registered source with only the protocol: counted from full reads
+        def __init__(self, inner):
+            self.inner, self.schema, self.sampling = inner, inner.schema, inner.sampling
+
+        def days(self):
+            return self.inner.days()
+
+        def num_rows(self, day):
+            return self.inner.num_rows(day)
+
+        def read(self, day, start, stop, view=None):
+            return self.inner.read(day, start, stop, view=view)
+
+    other = CountedSource(NoShortcut(src.inner), resolve_roles(cfg.data.roles, src.inner))
+    assert other.tables.groups == src.tables.groups
+    assert torch.equal(other.read(2, 0, 400).dense, src.read(2, 0, 400).dense)
+    with pytest.raises(AttributeError):
+        other.read_ids(np.array([0]))
+    assert not hasattr(other, "read_ids")
+
+
+def test_export_writes_the_stored_rows_and_counts_apply_on_reading(counted, tmp_path):
+    from recdistill.cli import main
+
+    cfg, src = counted
+    out = tmp_path / "exported"
+    args = [a for s in [*SETS, "data.counts=true", "tracking.progress=false"] for a in ("--set", s)]
+    assert main(["data", "export", str(out), *args]) == 0
+    back = ParquetSource(str(out))
+    assert back.schema.dense == src.inner.schema.dense  # no count column written: they are derived, not data
+    cfg_pq = load_config(None, [*SETS, "data.counts=true", "data.source=parquet", f"data.path={out}"])
+    again = build_source(cfg_pq.data)
+    assert again.schema.dense == src.schema.dense
+    assert torch.equal(again.read(2, 0, 300).dense, src.read(2, 0, 300).dense)
