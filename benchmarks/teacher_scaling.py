@@ -479,7 +479,7 @@ def select_lr(args, root: Path, common: list[str], variants, grid: list[float], 
 
 def eval_components(source, ids: np.ndarray) -> dict[str, np.ndarray] | None:  # noqa: ANN001
     """The synthetic world's click-logit components on the evaluation rows `ids` (sorted); None for other data."""
-    if not isinstance(source, SyntheticWorld):
+    if not isinstance(getattr(source, "inner", source), SyntheticWorld):  # data.counts wraps the world
         return None
     sids, parts = [], []
     for day in sorted({int(i) >> 40 for i in ids}):

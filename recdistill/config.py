@@ -204,6 +204,9 @@ class DataConfig(Section):
                          "was shown each value of its low-cardinality features (and how often its user and item were "
                          "shown) on the days before its own, as extra dense columns for every model "
                          "(recdistill/data/counts.py).")
+    count_scale: Literal["log", "standard"] = Field("log", description="Counting features' scale: 'log', log(1 + "
+                                                    "count); 'standard', that shifted and scaled to mean 0 and sd 1 "
+                                                    "over the stored rows (docs/RESULTS.md compares them).")
     tasks: list[TaskConfig] = Field(
         default_factory=lambda: [
             TaskConfig(name="ctr", kind="binary"),

@@ -44,10 +44,11 @@ def open_source(cfg: Config) -> DataSource:
         raise DataError(f"{cfg.data.path}: {exc}") from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if isinstance(src, ParquetSource):
+    stored = getattr(src, "inner", src)  # under data.counts, the Parquet source the counts were made from
+    if isinstance(stored, ParquetSource):
         from recdistill.data.check import row_faults
 
-        faults = row_faults(src, rows_per_file=SAMPLE_ROWS)
+        faults = row_faults(stored, rows_per_file=SAMPLE_ROWS)
         if faults:
             more = f" and {len(faults) - 1} more fault(s)" if len(faults) > 1 else ""
             raise DataError(f"{faults[0]}{more}", fix=f"`recdistill data inspect {cfg.data.path} --check-rows` "

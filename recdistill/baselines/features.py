@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from recdistill.config import SamplingConfig
-from recdistill.data.batch import Batch, Roles, Schema
+from recdistill.data.batch import Batch, Roles, Schema, first_ids
 from recdistill.data.source import DataSource, read_view
 from recdistill.hashing import hash_uniform
 from recdistill.models.match import target_match
@@ -72,7 +72,7 @@ def _match(batch: Batch, roles: Roles, history_len: int) -> tuple[np.ndarray, li
         if feat is None or hfield is None:
             continue
         jt = batch.sparse[feat]
-        cand = _first_ids(jt.values(), jt.lengths())
+        cand = first_ids(jt.values(), jt.lengths()).numpy()
         m = target_match(torch.from_numpy(cand), hist.fields[hfield], hist.offsets).numpy()
         if names:  # the last column (log history length) is the same for every pair: once is enough
             m = m[:, :-1]
@@ -84,17 +84,6 @@ def _match(batch: Batch, roles: Roles, history_len: int) -> tuple[np.ndarray, li
         lengths = hist.lengths.numpy().astype(np.float32)
         return np.log1p(lengths)[:, None], ["log_history_len"]
     return np.concatenate(cols, 1).astype(np.float32), names
-
-
-def _first_ids(values: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
-    """[B] first id of each row of a jagged feature, -1 where the row has none."""
-    lengths = lengths.numpy()
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    vals = values.numpy()
-    out = np.full(len(lengths), -1, dtype=np.int64)
-    has = lengths > 0
-    out[has] = vals[starts[has]]
-    return out
 
 
 def collect_rows(source: DataSource, days: list[int], view: SamplingConfig | None, roles: Roles, history_len: int,
@@ -120,7 +109,7 @@ def collect_rows(source: DataSource, days: list[int], view: SamplingConfig | Non
             jt = b.sparse[k]
             if bool((jt.lengths() != 1).any()):
                 multi.add(k)
-            got[f"sparse/{k}"] = _first_ids(jt.values(), jt.lengths())
+            got[f"sparse/{k}"] = first_ids(jt.values(), jt.lengths()).numpy()
             got[f"bag_len/{k}"], got[f"bag_val/{k}"] = jt.lengths().numpy(), jt.values().numpy()
         for k, v in got.items():
             parts.setdefault(k, []).append(v)

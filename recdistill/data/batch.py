@@ -121,6 +121,15 @@ def offsets_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def first_ids(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[B] int64 first id of each row of a jagged feature (`values`, per-row `lengths`), -1 where a row has none."""
+    starts = offsets_from_lengths(lengths)[:-1]
+    out = torch.full((len(lengths),), -1, dtype=torch.int64)
+    has = lengths > 0
+    out[has] = values[starts[has]].to(torch.int64)
+    return out
+
+
 def jagged_index(offsets: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions in the values array of the rows `idx` of a jagged tensor, and the new offsets.
 

@@ -12,7 +12,8 @@ Counted groups, chosen from the schema and the data alone (nothing knows which f
 the user, the item, and the user crossed with every single-valued sparse feature of at most `COUNT_LIMIT` ids that is
 not a function of the user (one value per user adds nothing to the user's own count). A row of day d gets
 log(1 + count) of its group values over the stored rows of the days before d: causal, the same for any reader, worker
-or view, and for the evaluation day it is what the training days showed.
+or view, and for the evaluation day it is what the training days showed. `data.count_scale: standard`
+shifts and scales each column to mean 0 and sd 1 over the stored rows.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from recdistill.config import SamplingConfig
-from recdistill.data.batch import Batch, Roles, Schema
+from recdistill.data.batch import Batch, Roles, Schema, first_ids
 from recdistill.tracking import progress
 
 #: A sparse feature with more ids than this is not crossed with the user (user x item is too sparse to count).
@@ -33,13 +34,7 @@ CHUNK_ROWS = 16384
 
 
 def _first_ids(jt) -> np.ndarray:  # noqa: ANN001 - a JaggedTensor
-    """[B] first id of each row, -1 where the row has none."""
-    lengths = jt.lengths().numpy()
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    out = np.full(len(lengths), -1, dtype=np.int64)
-    has = lengths > 0
-    out[has] = jt.values().numpy()[starts[has]]
-    return out
+    return first_ids(jt.values(), jt.lengths()).numpy()
 
 
 def _keys(ids: list[np.ndarray], spans: list[int]) -> np.ndarray:
@@ -60,6 +55,9 @@ class CountTables:
     spans: dict[tuple[str, ...], list[int]]
     keys: dict[tuple[str, ...], np.ndarray]
     before: dict[tuple[str, ...], np.ndarray]
+    #: per group, log(1 + count) -> (value - shift) / scale: 0 and 1 unless standardised
+    shift: dict[tuple[str, ...], float] = dataclasses.field(default_factory=dict)
+    scale: dict[tuple[str, ...], float] = dataclasses.field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -74,7 +72,8 @@ class CountTables:
             keys = self.keys[g]
             pos = np.searchsorted(keys, key).clip(max=max(len(keys) - 1, 0))
             hit = keys[pos] == key if len(keys) else np.zeros(len(key), bool)
-            out[:, j] = np.where(hit, np.log1p(self.before[g][pos, col]), 0.0)
+            v = np.where(hit, np.log1p(self.before[g][pos, col]), 0.0)
+            out[:, j] = (v - self.shift.get(g, 0.0)) / self.scale.get(g, 1.0)
         return out
 
 
@@ -98,8 +97,11 @@ def _read_ids(source, day: int, start: int, stop: int) -> tuple[dict[str, np.nda
     return {k: _first_ids(b.sparse[k]) for k in source.schema.sparse if k not in multi}, multi
 
 
-def build_tables(source, roles: Roles, *, show_progress: bool = False) -> CountTables:  # noqa: ANN001 - DataSource
-    """Count every stored row of every day of `source` (unsampled: impressions are known for every row)."""
+def build_tables(source, roles: Roles, *, standardise: bool = False,  # noqa: ANN001 - DataSource
+                 show_progress: bool = False) -> CountTables:
+    """Count every stored row of every day of `source` (unsampled: impressions are known for every row). With
+    `standardise`, each column is shifted and scaled to mean 0 and sd 1 over the stored rows of every day (label-free:
+    an affine map per column, so that log counts of up to ~6 do not swamp dense features of unit scale)."""
     schema, days = source.schema, list(source.days())
     multi: set[str] = set()
     chunks = [(d, s, min(s + CHUNK_ROWS, source.num_rows(d))) for d in days for s in range(0, source.num_rows(d),
@@ -113,7 +115,7 @@ def build_tables(source, roles: Roles, *, show_progress: bool = False) -> CountT
     per_day = [{k: np.concatenate(v) for k, v in cols[d].items() if k not in multi} for d in days]
     groups = count_groups(schema, roles, multi)
     spans = {g: [schema.sparse[k] for k in g] for g in groups}
-    keys, before, kept = {}, {}, []
+    keys, before, kept, shift, scale = {}, {}, [], {}, {}
     for g in groups:
         day_keys = [_keys([rows[k] for k in g], spans[g]) for rows in per_day]
         allk = np.concatenate(day_keys) if day_keys else np.zeros(0, np.int64)
@@ -126,17 +128,22 @@ def build_tables(source, roles: Roles, *, show_progress: bool = False) -> CountT
         for j, dk in enumerate(day_keys):
             counts[:, j + 1] = np.bincount(np.searchsorted(uniq, dk), minlength=len(uniq))
         keys[g], before[g] = uniq, np.cumsum(counts, axis=1, dtype=np.int32)
+        if standardise:  # each row's own value: the count of its key over the days before its day
+            vals = np.concatenate([np.log1p(before[g][np.searchsorted(uniq, dk), j]) for j, dk in enumerate(day_keys)])
+            shift[g], scale[g] = float(vals.mean()), float(max(vals.std(), 1e-6))
         kept.append(g)
-    return CountTables(days=days, groups=kept, spans={g: spans[g] for g in kept}, keys=keys, before=before)
+    return CountTables(days=days, groups=kept, spans={g: spans[g] for g in kept}, keys=keys, before=before,
+                       shift=shift, scale=scale)
 
 
 class CountedSource:
     """A data source whose rows carry the counting features (module docstring) as extra dense columns. Everything
     else is the wrapped source's."""
 
-    def __init__(self, inner, roles: Roles, *, show_progress: bool = False) -> None:  # noqa: ANN001 - DataSource
+    def __init__(self, inner, roles: Roles, *, standardise: bool = False,  # noqa: ANN001 - DataSource
+                 show_progress: bool = False) -> None:
         self.inner = inner
-        self.tables = build_tables(inner, roles, show_progress=show_progress)
+        self.tables = build_tables(inner, roles, standardise=standardise, show_progress=show_progress)
         self.schema = dataclasses.replace(inner.schema, dense=tuple(inner.schema.dense) + tuple(self.tables.names))
 
     def describe(self) -> str:

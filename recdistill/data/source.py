@@ -46,6 +46,10 @@ class DataSource(Protocol):
         sample id, label and traffic before any history of a dropped row is made or converted (view pushdown)."""
         ...
 
+    # Optional: `sparse_ids(day, start, stop) -> {feature: [n] int64}`, the single-valued sparse features of those
+    # rows without labels or histories. The counting features (data.counts) read every stored row through it where
+    # a source has it (synthetic, Parquet), else through `read`.
+
 
 def check_nested(view: SamplingConfig, base: SamplingConfig | None, num_traffic: int) -> None:
     """A view can only be applied to stored data that was sampled at rates >= the view's (same seed)."""
@@ -129,5 +133,6 @@ def build_source(data_cfg: DataConfig) -> DataSource:
     if data_cfg.counts:
         from recdistill.data.counts import CountedSource
         from recdistill.data.roles import resolve_roles
-        source = CountedSource(source, resolve_roles(data_cfg.roles, source))
+        source = CountedSource(source, resolve_roles(data_cfg.roles, source),
+                               standardise=data_cfg.count_scale == "standard")
     return source

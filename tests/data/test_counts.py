@@ -129,3 +129,38 @@ def test_export_writes_the_stored_rows_and_counts_apply_on_reading(counted, tmp_
     again = build_source(cfg_pq.data)
     assert again.schema.dense == src.schema.dense
     assert torch.equal(again.read(2, 0, 300).dense, src.read(2, 0, 300).dense)
+
+
+def test_loader_workers_carry_the_counts(counted):
+    from recdistill.data.loader import BatchLoader
+
+    cfg, src = counted
+    kw = dict(view=cfg.sampling.teacher, chunk_rows=500)
+    inline = [b.dense for b in BatchLoader(src, [1, 2], 128, **kw)]
+    spawned = [b.dense for b in BatchLoader(src, [1, 2], 128, workers=2, **kw)]
+    assert len(inline) == len(spawned) > 10
+    assert inline[0].shape[1] == len(src.schema.dense)
+    assert all(torch.equal(a, b) for a, b in zip(inline, spawned, strict=True))
+
+
+def test_standard_scale_gives_unit_columns_over_the_stored_rows(counted):
+    cfg, src = counted
+    std = build_source(load_config(None, [*SETS, "data.counts=true", "data.count_scale=standard"]).data)
+    k = len(src.inner.schema.dense)
+    cols = torch.cat([std.read(d, 0, std.num_rows(d)).dense[:, k:] for d in std.days()]).double()
+    assert torch.allclose(cols.mean(0), torch.zeros(cols.shape[1], dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(cols.std(0, correction=0), torch.ones(cols.shape[1], dtype=torch.float64), atol=1e-5)
+    log_cols = src.read(3, 0, 800).dense[:, k:]  # the same counts, an affine map per column
+    t = std.tables
+    shift = torch.tensor([t.shift[g] for g in t.groups]).float()
+    scale = torch.tensor([t.scale[g] for g in t.groups]).float()
+    assert torch.allclose(std.read(3, 0, 800).dense[:, k:], (log_cols - shift) / scale, atol=1e-5)
+    assert not src.tables.shift and std.tables.groups == src.tables.groups
+
+
+def test_first_ids_of_jagged_rows():
+    from recdistill.data.batch import first_ids
+
+    got = first_ids(torch.tensor([7, 8, 9, 4]), torch.tensor([2, 0, 1, 1, 0]))
+    assert got.tolist() == [7, -1, 9, 4, -1]
+    assert first_ids(torch.tensor([], dtype=torch.int64), torch.tensor([0, 0])).tolist() == [-1, -1]
