@@ -66,7 +66,7 @@ from recdistill.report import markdown_table  # noqa: E402
 #: L2 strengths tried (static terms x per-day drift terms), chosen on the last training day.
 L2_GRID = ((3.0, 3.0), (3.0, 10.0), (10.0, 3.0), (10.0, 10.0), (30.0, 10.0), (30.0, 30.0))
 #: The suite's results (teacher, baselines per world), newest last: a world's entry in a later file wins.
-SUITE = ("robustness-amd-epyc.json", "robustness-extra-amd-epyc.json", "robustness-rest-amd-epyc.json")
+SUITE = ("robustness-amd-epyc.json",)
 #: L-BFGS iterations per fit (a --quick run's numbers mean nothing; it checks the script in seconds).
 MAX_ITER, QUICK_MAX_ITER = 500, 60
 #: L2 of the per-(user, category) membership log-odds: weak, a log-odds moves by units.
@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--suite", action="append", default=None, metavar="JSON",
                    help=f"robustness result JSONs to compare with (default: {', '.join(SUITE)} in benchmarks/results)")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/learnable_ceiling-<cpu>.json)")
+    p.add_argument("--reuse", default=None, metavar="JSON", help="take each world's fitted ceiling from this earlier "
+                   "result instead of fitting again (minutes instead of 44): compares it with a newer suite run")
     args = p.parse_args(argv)
     known = [w for w in world_names() if w not in NOT_SYNTHETIC]
     worlds = args.only.split(",") if args.only else known
@@ -366,9 +368,13 @@ def main(argv: list[str] | None = None) -> dict:
     else:  # a quick run's ceilings are of other sizes than the suite's runs
         files = [] if args.quick else [RESULTS / f for f in SUITE if (RESULTS / f).exists()]
     suite = suite_results(files)
+    reused = json.loads(Path(args.reuse).read_text())["worlds"] if args.reuse else {}
+    missing = [w for w in worlds if args.reuse and w not in reused]
+    if missing:
+        p.error(f"--reuse {args.reuse}: no fitted ceiling of {missing} in it (it has {', '.join(reused)})")
     per_world, rows = {}, []
     for name in worlds:
-        per_world[name] = ceiling(name, args.quick, args.set)
+        per_world[name] = reused[name] if args.reuse else ceiling(name, args.quick, args.set)
         rows.append(compare(name, per_world[name], suite.get(name)))
     table = markdown_table([{"world": r["world"], "Bayes": fmt(r["bayes"]),
                              "best baseline": fmt(r.get("best_baseline")), "teacher": fmt(r.get("teacher")),
@@ -381,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"bench": "learnable_ceiling", "quick": args.quick, "machine": cpu_name(), "date": time.strftime("%Y-%m-%d"),
            "command": "python benchmarks/learnable_ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "torch": torch.__version__, "numpy": np.__version__, "l2_grid": L2_GRID,
-           "suite_files": [f.name for f in files], "worlds": per_world, "table": rows, "markdown": table}
+           "suite_files": [f.name for f in files], "reused_ceilings": args.reuse, "worlds": per_world, "table": rows,
+           "markdown": table}
     return save("learnable_ceiling", res, args.quick, args.out, plot(rows))
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +69,12 @@ def test_the_bench_writes_its_table(tmp_path: Path) -> None:
     row = saved["table"][0]
     assert row["headroom"] == ceil["auc"] - 0.62 and row["target_reachable"] == (ceil["auc"] >= 0.63)
     assert set(ceil["held_out_auc"]) == {f"{a:g}/{b:g}" for a, b in lc.L2_GRID}
+    # --reuse: the same ceilings compared with another suite run, nothing fitted again
+    suite.write_text(json.dumps({"worlds": {"pairwise": {"result": {"tasks": {"ctr": {
+        "bayes_auc": 0.5, "auc": {"baseline_lr": 0.6, "baseline_gbdt": 0.61, "teacher": 0.65}}}}}}}))
+    again = lc.main(["--quick", "--only", "pairwise", "--suite", str(suite), "--reuse", str(out),
+                     "--out", str(tmp_path / "lc2.json")])
+    assert again["worlds"]["pairwise"] == ceil and again["table"][0]["headroom"] == ceil["auc"] - 0.61
+    assert again["table"][0]["teacher"] == 0.65
+    with pytest.raises(SystemExit):
+        lc.main(["--quick", "--only", "pairwise,short_history", "--reuse", str(out), "--out", str(tmp_path / "x")])
