@@ -61,7 +61,7 @@ from _common import RESULTS, cpu_name, write_result  # benchmarks/ is sys.path[0
 from teacher_scaling_plots import plot_all, plot_lr_selection, seed_runs
 
 from recdistill.config import load_config, save_config
-from recdistill.data.source import build_source
+from recdistill.data.source import build_source, stored_source
 from recdistill.data.world import SyntheticWorld
 from recdistill.distill.metrics import auc, auc_standard_error, component_capture
 from recdistill.experiment import load_preds, run_teacher, score
@@ -479,7 +479,7 @@ def select_lr(args, root: Path, common: list[str], variants, grid: list[float], 
 
 def eval_components(source, ids: np.ndarray) -> dict[str, np.ndarray] | None:  # noqa: ANN001
     """The synthetic world's click-logit components on the evaluation rows `ids` (sorted); None for other data."""
-    if not isinstance(getattr(source, "inner", source), SyntheticWorld):  # data.counts wraps the world
+    if not isinstance(stored_source(source), SyntheticWorld):  # data.counts wraps the world
         return None
     sids, parts = [], []
     for day in sorted({int(i) >> 40 for i in ids}):

@@ -19,7 +19,7 @@ import fsspec
 
 from recdistill.config import Config, ConfigError, TaskConfig
 from recdistill.data.parquet import DataError, ParquetSource
-from recdistill.data.source import DataSource, build_source
+from recdistill.data.source import DataSource, build_source, stored_source
 from recdistill.errors import RunError
 from recdistill.signals.check import entries
 from recdistill.signals.schema import SignalError
@@ -44,7 +44,7 @@ def open_source(cfg: Config) -> DataSource:
         raise DataError(f"{cfg.data.path}: {exc}") from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    stored = getattr(src, "inner", src)  # under data.counts, the Parquet source the counts were made from
+    stored = stored_source(src)  # under data.counts, the Parquet source the counts are made from
     if isinstance(stored, ParquetSource):
         from recdistill.data.check import row_faults
 

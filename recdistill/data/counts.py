@@ -25,6 +25,7 @@ import torch
 
 from recdistill.config import SamplingConfig
 from recdistill.data.batch import Batch, Roles, Schema, first_ids
+from recdistill.data.source import read_view
 from recdistill.tracking import progress
 
 #: A sparse feature with more ids than this is not crossed with the user (user x item is too sparse to count).
@@ -64,7 +65,8 @@ class CountTables:
         return [f"count_{'_x_'.join(g)}" for g in self.groups]
 
     def lookup(self, day: int, sparse: dict[str, np.ndarray]) -> np.ndarray:
-        """[B, groups] log(1 + count) of each row's group values over the days before `day`."""
+        """[B, groups] log(1 + count) of each row's group values over the days before `day` (shifted and scaled
+        when standardised)."""
         col = int(np.searchsorted(np.asarray(self.days), day))  # a day past the last: every day counted
         out = np.zeros((len(next(iter(sparse.values()))), len(self.groups)), np.float32)
         for j, g in enumerate(self.groups):
@@ -115,21 +117,21 @@ def build_tables(source, roles: Roles, *, standardise: bool = False,  # noqa: AN
     per_day = [{k: np.concatenate(v) for k, v in cols[d].items() if k not in multi} for d in days]
     groups = count_groups(schema, roles, multi)
     spans = {g: [schema.sparse[k] for k in g] for g in groups}
+    n_users = len(np.unique(np.concatenate([rows[roles.user] for rows in per_day]))) \
+        if any(len(g) == 2 for g in groups) else 0
     keys, before, kept, shift, scale = {}, {}, [], {}, {}
     for g in groups:
         day_keys = [_keys([rows[k] for k in g], spans[g]) for rows in per_day]
-        allk = np.concatenate(day_keys) if day_keys else np.zeros(0, np.int64)
-        uniq = np.unique(allk)
-        if len(g) == 2:  # a feature that is a function of the user counts nothing the user's own count does not
-            users = np.unique(np.concatenate([rows[g[0]] for rows in per_day]))
-            if len(uniq) <= len(users):
-                continue
+        uniq = np.unique(np.concatenate(day_keys))
+        if len(g) == 2 and len(uniq) <= n_users:  # a function of the user: counts nothing the user's count does not
+            continue
+        at = [np.searchsorted(uniq, dk) for dk in day_keys]  # each row's key, per day
         counts = np.zeros((len(uniq), len(days) + 1), np.int32)
-        for j, dk in enumerate(day_keys):
-            counts[:, j + 1] = np.bincount(np.searchsorted(uniq, dk), minlength=len(uniq))
+        for j, a in enumerate(at):
+            counts[:, j + 1] = np.bincount(a, minlength=len(uniq))
         keys[g], before[g] = uniq, np.cumsum(counts, axis=1, dtype=np.int32)
         if standardise:  # each row's own value: the count of its key over the days before its day
-            vals = np.concatenate([np.log1p(before[g][np.searchsorted(uniq, dk), j]) for j, dk in enumerate(day_keys)])
+            vals = np.concatenate([np.log1p(before[g][a, j]) for j, a in enumerate(at)])
             shift[g], scale[g] = float(vals.mean()), float(max(vals.std(), 1e-6))
         kept.append(g)
     return CountTables(days=days, groups=kept, spans={g: spans[g] for g in kept}, keys=keys, before=before,
@@ -160,9 +162,6 @@ class CountedSource:
         return getattr(self.inner, name)
 
     def _augment(self, batch: Batch) -> Batch:
-        if not len(batch):
-            extra = torch.zeros((0, len(self.tables.groups)), dtype=batch.dense.dtype)
-            return dataclasses.replace(batch, dense=torch.cat([batch.dense, extra], 1))
         sparse = {k: _first_ids(batch.sparse[k]) for k in {k for g in self.tables.groups for k in g}}
         days = batch.day.numpy()
         extra = np.zeros((len(batch), len(self.tables.groups)), np.float32)
@@ -172,7 +171,6 @@ class CountedSource:
         return dataclasses.replace(batch, dense=torch.cat([batch.dense, torch.from_numpy(extra)], 1))
 
     def read(self, day: int, start: int, stop: int, view: SamplingConfig | None = None) -> Batch:
-        from recdistill.data.source import read_view
         return self._augment(read_view(self.inner, day, start, stop, view))
 
     @property

@@ -367,18 +367,17 @@ class ParquetSource:
         return keep_mask(t.column("sample_id").to_numpy(), t.column(label).to_numpy() > 0.5, traffic, view,
                          self.schema.num_traffic)
 
-    def read_columns(self, day: int, columns: list[str]) -> pa.Table:
-        """Some columns of every row of `day` as one Arrow table (for summaries: decodes only those columns)."""
-        parts = [self._read(r.file, r.group, columns).slice(lo, n) for r, lo, n in self._pieces(day, 0,
-                                                                                                 self.num_rows(day))]
-        return pa.concat_tables(parts)
+    def read_columns(self, day: int, columns: list[str], start: int = 0, stop: int | None = None) -> pa.Table:
+        """Some columns of rows [start, stop) of `day` (default: every row) as one Arrow table (for summaries and
+        counts: decodes only those columns)."""
+        stop = self.num_rows(day) if stop is None else stop
+        return pa.concat_tables([self._read(r.file, r.group, columns).slice(lo, n)
+                                 for r, lo, n in self._pieces(day, start, stop)])
 
     def sparse_ids(self, day: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """The single-valued (integer-column) sparse features of rows [start, stop) of `day`, one id per row;
         decodes only those columns (what the counting features read: recdistill/data/counts.py)."""
-        cols = [f"sparse_{k}" for k in self.schema.sparse]
-        parts = [self._read(r.file, r.group, cols).slice(lo, n) for r, lo, n in self._pieces(day, start, stop)]
-        t = pa.concat_tables(parts)
+        t = self.read_columns(day, [f"sparse_{k}" for k in self.schema.sparse], start, stop)
         out = {}
         for k in self.schema.sparse:
             arr = t.column(f"sparse_{k}")

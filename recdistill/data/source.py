@@ -51,6 +51,12 @@ class DataSource(Protocol):
     # a source has it (synthetic, Parquet), else through `read`.
 
 
+def stored_source(source: DataSource) -> DataSource:
+    """The source that holds the rows: `source` itself, or the one a wrapper around it (data.counts' CountedSource)
+    reads from. For checks that depend on the storage (a Parquet directory's files, the synthetic world's truth)."""
+    return getattr(source, "inner", source)
+
+
 def check_nested(view: SamplingConfig, base: SamplingConfig | None, num_traffic: int) -> None:
     """A view can only be applied to stored data that was sampled at rates >= the view's (same seed)."""
     if base is None:

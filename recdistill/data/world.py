@@ -299,11 +299,14 @@ class SyntheticWorld:
     def sparse_ids(self, day: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """The single-valued sparse features of rows [start, stop) of `day`, one id per row, without labels or
         history (what the counting features read: recdistill/data/counts.py)."""
-        x = self._features(day, np.arange(start, stop, dtype=np.int64))
-        feats = {"user_id": x["user"], "item_id": x["item"], "item_cat": x["cat"], "user_segment": x["useg"],
-                 "item_segment": x["iseg"], "context": x["context"], "context_slot": x["slot"],
-                 "traffic_source": x["traffic"]}
-        return {k: feats[k] for k in SPARSE if k in feats}
+        return self._single_ids(self._features(day, np.arange(start, stop, dtype=np.int64)))
+
+    @staticmethod
+    def _single_ids(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The single-valued sparse features (every one of SPARSE but the tags) of generated rows `x`, by name."""
+        return {"user_id": x["user"], "item_id": x["item"], "item_cat": x["cat"], "user_segment": x["useg"],
+                "item_segment": x["iseg"], "context": x["context"], "context_slot": x["slot"],
+                "traffic_source": x["traffic"]}  # also Batch.traffic (the sampling correction's index)
 
     def read_ids(self, sample_ids: np.ndarray, view: SamplingConfig | None = None) -> Batch:
         """The samples with these ids, in the order given (any days; ids may repeat). Every sample is a pure function
@@ -468,10 +471,7 @@ class SyntheticWorld:
         """Assemble the Batch (history generated here, for the rows in x only)."""
         n, t = len(x["sid"]), torch.from_numpy
         tag_len, tags = self.item_tags(x["item"])
-        feats = {"user_id": x["user"], "item_id": x["item"], "item_cat": x["cat"], "item_tags": tags,
-                 "user_segment": x["useg"], "item_segment": x["iseg"], "context": x["context"],
-                 "context_slot": x["slot"],
-                 "traffic_source": x["traffic"]}  # also Batch.traffic (the sampling correction's index)
+        feats = {**self._single_ids(x), "item_tags": tags}
         lengths = [tag_len if k == "item_tags" else np.ones(n, dtype=np.int64) for k in SPARSE]
         return Batch(
             sample_id=t(x["sid"]), day=torch.full((n,), day, dtype=torch.int32), traffic=t(x["traffic"]),

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from recdistill.config import ROOT, Config, add_config_arguments, config_from_args
+from recdistill.data.counts import CountedSource
 from recdistill.data.loader import BatchLoader
 from recdistill.data.roles import roles_for
 from recdistill.data.source import DataSource, build_source, phase_days
@@ -113,7 +114,7 @@ class TeacherTrainer:
         self.tasks = self.source.schema.task_names
         self.kinds = {t.name: t.kind for t in self.source.schema.tasks}
         roles = roles_for(cfg.data.roles, self.source, "teacher", info.rank)  # reports missing roles once, at start
-        if info.rank == 0 and hasattr(self.source, "tables"):  # a CountedSource (data.counts)
+        if info.rank == 0 and isinstance(self.source, CountedSource):  # data.counts: which columns, once
             print(self.source.describe(), file=sys.stderr, flush=True)
         self.train_days, self.eval_days, _ = phase_days(self.source.days(), cfg.data.eval_days, cfg.stream.days)
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
