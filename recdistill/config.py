@@ -207,6 +207,10 @@ class DataConfig(Section):
     count_scale: Literal["log", "standard"] = Field("log", description="Counting features' scale: 'log', log(1 + "
                                                     "count); 'standard', that shifted and scaled to mean 0 and sd 1 "
                                                     "over the stored rows (docs/RESULTS.md compares them).")
+    count_window: int | None = Field(None, ge=1, description="Counting features over the last N days before a row's "
+                                     "own only (None: every day before it). Cumulative counts grow with the day, so "
+                                     "a model trains on smaller values than it is scored on; a window keeps them "
+                                     "comparable from day N on.")
     tasks: list[TaskConfig] = Field(
         default_factory=lambda: [
             TaskConfig(name="ctr", kind="binary"),

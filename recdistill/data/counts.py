@@ -12,8 +12,8 @@ Counted groups, chosen from the schema and the data alone (nothing knows which f
 the user, the item, and the user crossed with every single-valued sparse feature of at most `COUNT_LIMIT` ids that is
 not a function of the user (one value per user adds nothing to the user's own count). A row of day d gets
 log(1 + count) of its group values over the stored rows of the days before d: causal, the same for any reader, worker
-or view, and for the evaluation day it is what the training days showed. `data.count_scale: standard`
-shifts and scales each column to mean 0 and sd 1 over the stored rows.
+or view, and for the evaluation day it is what the training days showed. `data.count_window: N` counts the last N
+days before d only; `data.count_scale: standard` shifts and scales each column to mean 0 and sd 1 over the stored rows.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def _keys(ids: list[np.ndarray], spans: list[int]) -> np.ndarray:
 @dataclasses.dataclass
 class CountTables:
     """Per group: the sorted distinct keys seen, and [keys, days + 1] counts before each day (column j: days before
-    the j-th of `days`; the last column counts every day)."""
+    the j-th of `days`; the last column counts every day). With a `window`, a row counts only the last `window` days
+    before its own (the difference of two cumulative columns)."""
 
     days: list[int]
     groups: list[tuple[str, ...]]
@@ -59,6 +60,7 @@ class CountTables:
     #: per group, log(1 + count) -> (value - shift) / scale: 0 and 1 unless standardised
     shift: dict[tuple[str, ...], float] = dataclasses.field(default_factory=dict)
     scale: dict[tuple[str, ...], float] = dataclasses.field(default_factory=dict)
+    window: int | None = None
 
     @property
     def names(self) -> list[str]:
@@ -74,9 +76,14 @@ class CountTables:
             keys = self.keys[g]
             pos = np.searchsorted(keys, key).clip(max=max(len(keys) - 1, 0))
             hit = keys[pos] == key if len(keys) else np.zeros(len(key), bool)
-            v = np.where(hit, np.log1p(self.before[g][pos, col]), 0.0)
+            v = np.where(hit, np.log1p(_windowed(self.before[g], pos, col, self.window)), 0.0)
             out[:, j] = (v - self.shift.get(g, 0.0)) / self.scale.get(g, 1.0)
         return out
+
+
+def _windowed(before: np.ndarray, pos: np.ndarray, col: int, window: int | None) -> np.ndarray:
+    """Counts of keys `pos` over the days before column `col`'s day, the last `window` of them only if given."""
+    return before[pos, col] - before[pos, max(col - window, 0)] if window else before[pos, col]
 
 
 def count_groups(schema: Schema, roles: Roles, multi: set[str]) -> list[tuple[str, ...]]:
@@ -100,7 +107,7 @@ def _read_ids(source, day: int, start: int, stop: int) -> tuple[dict[str, np.nda
 
 
 def build_tables(source, roles: Roles, *, standardise: bool = False,  # noqa: ANN001 - DataSource
-                 show_progress: bool = False) -> CountTables:
+                 window: int | None = None, show_progress: bool = False) -> CountTables:
     """Count every stored row of every day of `source` (unsampled: impressions are known for every row). With
     `standardise`, each column is shifted and scaled to mean 0 and sd 1 over the stored rows of every day (label-free:
     an affine map per column, so that log counts of up to ~6 do not swamp dense features of unit scale)."""
@@ -131,11 +138,11 @@ def build_tables(source, roles: Roles, *, standardise: bool = False,  # noqa: AN
             counts[:, j + 1] = np.bincount(a, minlength=len(uniq))
         keys[g], before[g] = uniq, np.cumsum(counts, axis=1, dtype=np.int32)
         if standardise:  # each row's own value: the count of its key over the days before its day
-            vals = np.concatenate([np.log1p(before[g][a, j]) for j, a in enumerate(at)])
+            vals = np.concatenate([np.log1p(_windowed(before[g], a, j, window)) for j, a in enumerate(at)])
             shift[g], scale[g] = float(vals.mean()), float(max(vals.std(), 1e-6))
         kept.append(g)
     return CountTables(days=days, groups=kept, spans={g: spans[g] for g in kept}, keys=keys, before=before,
-                       shift=shift, scale=scale)
+                       shift=shift, scale=scale, window=window)
 
 
 class CountedSource:
@@ -143,9 +150,9 @@ class CountedSource:
     else is the wrapped source's."""
 
     def __init__(self, inner, roles: Roles, *, standardise: bool = False,  # noqa: ANN001 - DataSource
-                 show_progress: bool = False) -> None:
+                 window: int | None = None, show_progress: bool = False) -> None:
         self.inner = inner
-        self.tables = build_tables(inner, roles, standardise=standardise, show_progress=show_progress)
+        self.tables = build_tables(inner, roles, standardise=standardise, window=window, show_progress=show_progress)
         self.schema = dataclasses.replace(inner.schema, dense=tuple(inner.schema.dense) + tuple(self.tables.names))
 
     def describe(self) -> str:
@@ -153,8 +160,9 @@ class CountedSource:
         t = self.tables
         rows = sum(self.inner.num_rows(d) for d in t.days)
         cols = ", ".join(" x ".join(g) for g in t.groups) or "none"
+        span = f"the last {t.window} days before its own" if t.window else "the days before its own"
         return (f"data.counts: {len(t.groups)} count columns ({cols}) "
-                f"over {rows:,} rows of {len(t.days)} days, each row's from the days before its own")
+                f"over {rows:,} rows of {len(t.days)} days, each row's from {span}")
 
     def __getattr__(self, name: str):  # noqa: ANN204 - whatever the wrapped source has
         if name == "inner":  # not set yet (unpickling): do not recurse

@@ -140,5 +140,5 @@ def build_source(data_cfg: DataConfig) -> DataSource:
         from recdistill.data.counts import CountedSource
         from recdistill.data.roles import resolve_roles
         source = CountedSource(source, resolve_roles(data_cfg.roles, source),
-                               standardise=data_cfg.count_scale == "standard")
+                               standardise=data_cfg.count_scale == "standard", window=data_cfg.count_window)
     return source

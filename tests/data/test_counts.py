@@ -24,11 +24,12 @@ def counted():
     return cfg, build_source(cfg.data)
 
 
-def hand_counts(inner, day, group):
-    """Counter of the group's id tuples over every row of the days before `day`, from full reads."""
+def hand_counts(inner, day, group, window=None):
+    """Counter of the group's id tuples over every row of the days before `day` (the last `window` of them only if
+    given), from full reads."""
     c = Counter()
     for d in inner.days():
-        if d >= day:
+        if d >= day or (window and d < day - window):
             continue
         b = inner.read(d, 0, inner.num_rows(d))
         ids = [b.sparse[k].values().numpy() for k in group]  # single-valued: one id per row
@@ -156,6 +157,27 @@ def test_standard_scale_gives_unit_columns_over_the_stored_rows(counted):
     scale = torch.tensor([t.scale[g] for g in t.groups]).float()
     assert torch.allclose(std.read(3, 0, 800).dense[:, k:], (log_cols - shift) / scale, atol=1e-5)
     assert not src.tables.shift and std.tables.groups == src.tables.groups
+
+
+def test_window_counts_only_the_last_days(counted):
+    _, src = counted
+    win = build_source(load_config(None, [*SETS, "data.counts=true", "data.count_window=2",
+                                          "data.count_scale=standard"]).data)
+    k = len(src.inner.schema.dense)
+    assert win.tables.groups == src.tables.groups and "the last 2 days" in win.describe()
+    t = win.tables
+    for day in (1, 3):  # day 1: one day before it, fewer than the window; day 3: days 1 and 2, not day 0
+        b, plain = win.read(day, 0, 500), src.inner.read(day, 0, 500)
+        for j, group in enumerate(t.groups):
+            hand = hand_counts(src.inner, day, group, window=2)
+            ids = list(zip(*[plain.sparse[c].values().numpy() for c in group], strict=True))
+            want = (np.log1p([hand[i] for i in ids]) - t.shift[group]) / t.scale[group]
+            np.testing.assert_allclose(b.dense[:, k + j].numpy(), want, rtol=1e-5, atol=1e-5, err_msg=f"{group} {day}")
+    assert not torch.equal(win.read(3, 0, 500).dense, build_source(load_config(None, [
+        *SETS, "data.counts=true", "data.count_scale=standard"]).data).read(3, 0, 500).dense)
+    cols = torch.cat([win.read(d, 0, win.num_rows(d)).dense[:, k:] for d in win.days()]).double()
+    assert torch.allclose(cols.mean(0), torch.zeros(cols.shape[1], dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(cols.std(0, correction=0), torch.ones(cols.shape[1], dtype=torch.float64), atol=1e-5)
 
 
 def test_first_ids_of_jagged_rows():
