@@ -286,6 +286,12 @@ class TeacherConfig(Section):
     cross_order: int = Field(3, ge=2, le=4, description="crosses=auto: most features in one cross.")
     cross_buckets: int = Field(1 << 16, ge=2, description="Most rows of one cross table (larger code spaces are "
                                "hashed into this many rows).")
+    dense: Literal["linear", "bins"] = Field(
+        "linear", description="How the teacher reads the dense features: 'linear', one Linear of all of them into "
+        "one token; 'bins', that plus a learned piecewise-linear function of each feature on quantile bins fitted "
+        "to training rows (models/dense.py), summed into the same token, so the mixer gets each feature's "
+        "nonlinear coordinates (thresholds, bumps, and products of two built from them).")
+    dense_bins: int = Field(16, ge=1, le=256, description="dense=bins: bins per dense feature.")
     steps: int | None = Field(None, ge=1, description="Training steps; None: one pass over the training days.")
     lr: float = Field(1e-3, gt=0, description="Dense learning rate.")
     sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the fused row-wise Adagrad on the tables.")

@@ -76,4 +76,5 @@ class DenseEmbedding(nn.Module):
         return ((x.unsqueeze(-1) - lo) / width).clamp(0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bfk,fkd->bfd", self.encode(x.float()), self.weight) + self.bias
+        # the encoding in fp32 (edges and values), the map in the weights' dtype (bf16 in a bf16 teacher)
+        return torch.einsum("bfk,fkd->bfd", self.encode(x.float()).to(self.weight.dtype), self.weight) + self.bias

@@ -31,6 +31,7 @@ from torch import nn
 
 from recdistill.data.batch import CONVENTIONAL_ROLES, Batch, Roles, Schema
 from recdistill.models.cross import Cross, crossed_kjt, plan_crosses
+from recdistill.models.dense import DenseEmbedding
 from recdistill.models.embedding import HistoryEmbeddings, SparseEmbeddings
 from recdistill.models.longer import LongerEncoder
 from recdistill.models.match import NUM_MATCH, target_match
@@ -129,6 +130,13 @@ class TeacherDense(nn.Module):
                                      layers=cfg.num_layers, experts=cfg.moe_experts, topk=cfg.moe_topk,
                                      groups=groups, checkpointing=ckpt)
         self.heads = nn.ModuleDict({t: nn.Linear(cfg.d_model, 1) for t in self.tasks})
+        # dense=bins: per-feature piecewise-linear functions summed into the dense token beside the Linear (a linear
+        # map of all features' bin encodings). Built last and zero-initialised: under one seed, training starts from
+        # exactly the linear teacher.
+        self.dense_bins = DenseEmbedding(len(schema.dense), e, cfg.dense_bins) \
+            if schema.dense and cfg.dense == "bins" else None
+        if self.dense_bins is not None:
+            nn.init.zeros_(self.dense_bins.weight)
 
     def forward(self, pooled: dict[str, torch.Tensor], dense: torch.Tensor, events: torch.Tensor,
                 offsets: torch.Tensor, match: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -149,6 +157,8 @@ class TeacherDense(nn.Module):
         glob = [pooled[f] for f in (self.target_feature, self.category_feature, self.user_feature) if f is not None]
         if self.dense_proj is not None:
             d = self.dense_proj(dense)
+            if self.dense_bins is not None:
+                d = d + self.dense_bins(dense).sum(1)
             parts.append(d)
             glob.append(d)
         b = dense.shape[0]
@@ -175,6 +185,12 @@ class TeacherModel(nn.Module):
         self.roles = teacher_roles(schema, roles)
         self.embed = TeacherEmbeddings(schema, cfg, self.roles)
         self.dense = TeacherDense(schema, cfg, self.roles)
+
+    def fit_dense(self, dense: torch.Tensor) -> None:
+        """Fit the dense bins' quantile edges to training rows `dense` [N, Fd] (a no-op for teacher.dense=linear).
+        Kept as a buffer, so checkpoints carry them."""
+        if self.dense.dense_bins is not None:
+            self.dense.dense_bins.fit(dense)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Raw (teacher sampled-space) logits per task, [B] each."""

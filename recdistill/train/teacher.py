@@ -93,6 +93,18 @@ def build_writer(cfg: Config, rank: int, tasks: list[str]) -> SignalWriter | Non
     return SignalWriter(cfg.signals.uri, rank, meta, queue_size=cfg.signals.queue_size)
 
 
+#: Stored rows the teacher's dense bins are fitted to, spread evenly over the training days.
+DENSE_FIT_ROWS = 8192
+
+
+def dense_fit_rows(source: DataSource, days: list[int], rows: int = DENSE_FIT_ROWS) -> torch.Tensor:
+    """[~rows, Fd] dense features of the first rows of every training day (stored rows, no labels): the same on
+    every rank, so every rank fits the same bin edges. Every day, not the first only: a column can depend on the day
+    (counting features are all 0 on the first)."""
+    per = -(-rows // max(len(days), 1))
+    return torch.cat([source.read(d, 0, min(per, source.num_rows(d))).dense for d in days])
+
+
 def build_feed(cfg: Config, source: DataSource, days: list[int], info: DistInfo,
                group: dist.ProcessGroup) -> LockstepBatches:
     """This rank's training batches over `days` (the teacher's sampled view), padded and in lockstep."""
@@ -120,6 +132,8 @@ class TeacherTrainer:
         torch.manual_seed(cfg.experiment.seed)  # same initial weights on every rank
         ds_config = deepspeed_config(cfg, cfg.teacher.deepspeed, info.device)
         model = build_teacher(self.source.schema, cfg.teacher, roles, ds_config)  # no full copy per rank
+        if cfg.teacher.dense == "bins":
+            model.fit_dense(dense_fit_rows(self.source, self.train_days))
         self.dmp, self.engine = parallelize_teacher(
             model, sharding=cfg.teacher.sharding, device=info.device, ds_config=ds_config,
             local_size=info.local_world_size, dense_optimizer=dense_adam(ds_config, cfg.teacher.lr),

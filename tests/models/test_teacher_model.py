@@ -33,7 +33,7 @@ def test_torchrec_and_torch_backends_agree():
 
 
 @pytest.mark.parametrize("kw", [{}, {"moe_experts": 3, "moe_topk": 2, "merge_kind": "transformer"},
-                                {"feature_tokens": 3}])
+                                {"feature_tokens": 3}, {"dense": "bins", "dense_bins": 4}])
 def test_every_parameter_gets_gradient_and_outputs_finite(kw):
     torch.manual_seed(1)
     model = TeacherModel(SCHEMA, TeacherConfig(**CFG, **kw, embedding_backend="torch"))
@@ -42,6 +42,28 @@ def test_every_parameter_gets_gradient_and_outputs_finite(kw):
     sum(v.sum() for v in out.values()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_dense_bins_start_as_the_linear_teacher_and_fit_edges_to_rows():
+    """teacher.dense=bins is built last and zero-initialised: under one seed it computes exactly the linear teacher
+    until it trains, whatever its edges; fitted edges are each dense column's quantiles; in bf16 it returns fp32."""
+    batch = make_batch(n=32, seed=3)
+    torch.manual_seed(0)
+    lin = TeacherModel(SCHEMA, TeacherConfig(**CFG, embedding_backend="torch"))
+    torch.manual_seed(0)
+    bins = TeacherModel(SCHEMA, TeacherConfig(**CFG, embedding_backend="torch", dense="bins", dense_bins=4))
+    assert bins.dense.dense_bins is not None and lin.dense.dense_bins is None
+    rows = torch.randn(500, len(SCHEMA.dense)) * 3 + 1
+    bins.fit_dense(rows)
+    want = torch.quantile(rows[:, 0].double(), torch.linspace(0.005, 0.995, 5, dtype=torch.float64)).float()
+    torch.testing.assert_close(bins.dense.dense_bins.edges[0], want)
+    for task, out in lin(batch).items():
+        torch.testing.assert_close(bins(batch)[task], out, msg=f"task {task}")
+    with torch.no_grad():
+        bins.dense.dense_bins.weight.normal_()
+    assert not torch.allclose(bins(batch)["ctr"], lin(batch)["ctr"])
+    bins.dense.bfloat16()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in bins(batch).values())
 
 
 def test_events_older_than_history_len_are_ignored():

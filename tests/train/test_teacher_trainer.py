@@ -60,7 +60,8 @@ def test_torchrun_teacher_writes_one_row_per_trained_sample(torchrun_teacher, sh
     assert found.all() and logits.shape == (5, 3)
 
 
-def test_single_process_teacher_through_the_cli(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["teacher.dense=bins", "data.counts=true"]])
+def test_single_process_teacher_through_the_cli(tmp_path, monkeypatch, extra):
     from recdistill.cli import main
 
     for var in ("MASTER_ADDR", "MASTER_PORT"):
@@ -69,7 +70,8 @@ def test_single_process_teacher_through_the_cli(tmp_path, monkeypatch):
         monkeypatch.setenv(var, "1" if var == "WORLD_SIZE" else "0")  # restored after the test
     code = main(["teacher", "--config", TINY_CONFIG, "--set", "data.samples_per_day=400",
                  "--set", "data.num_days=2", "--set", "data.batch_size=50", "--set", f"signals.uri={tmp_path}/s",
-                 "--set", "tracking.mode=disabled", "--set", f"tracking.run_dir={tmp_path}/runs"])
+                 "--set", "tracking.mode=disabled", "--set", f"tracking.run_dir={tmp_path}/runs",
+                 *[a for o in extra for a in ("--set", o)]])
     assert code == 0
     reader = SignalReader(str(tmp_path / "s"))
     cfg = load_config(TINY_CONFIG, ["data.samples_per_day=400", "data.num_days=2"])
@@ -81,3 +83,18 @@ def test_single_process_teacher_through_the_cli(tmp_path, monkeypatch):
     (run_dir,) = (tmp_path / "runs").iterdir()
     _, summary = read_metrics(run_dir)
     assert summary["signals/rows_written"] == len(reader.sample_ids)
+
+
+def test_dense_bins_are_fitted_to_rows_of_every_training_day():
+    """The teacher's dense bins (teacher.dense=bins) are fitted to rows spread over the training days: the counting
+    features are all 0 on the first day, so its rows alone would give them no bins."""
+    from recdistill.train.teacher import dense_fit_rows
+
+    cfg = load_config(TINY_CONFIG, ["data.samples_per_day=400", "data.num_days=3", "data.counts=true"])
+    src = build_source(cfg.data)
+    rows = dense_fit_rows(src, [0, 1], rows=300)
+    assert rows.shape == (300, len(src.schema.dense))
+    torch.testing.assert_close(rows[:150], src.read(0, 0, 150).dense)
+    torch.testing.assert_close(rows[150:], src.read(1, 0, 150).dense)
+    counts = rows[:, len(src.inner.schema.dense):]
+    assert not counts[:150].any() and counts[150:].any()
