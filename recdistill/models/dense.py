@@ -28,8 +28,10 @@ MIN_WIDTH = 1e-6
 
 def normal_edges(num: int, bins: int) -> torch.Tensor:
     """[num, bins + 1] edges at the standard normal's quantiles 0.5% .. 99.5% (the default before `fit`)."""
-    q = torch.linspace(0.005, 0.995, bins + 1, dtype=torch.float64)
-    e = torch.distributions.Normal(0.0, 1.0).icdf(q).float()
+    # on the CPU whatever the default device: the sharded teacher is first built on the meta device, where
+    # torch.distributions cannot validate its arguments (and meta tensors have no values to keep)
+    q = torch.linspace(0.005, 0.995, bins + 1, dtype=torch.float64, device="cpu")
+    e = (torch.special.erfinv(2 * q - 1) * 2 ** 0.5).float()  # the standard normal's inverse CDF
     return e.expand(num, bins + 1).clone()
 
 

@@ -64,6 +64,8 @@ def test_dense_bins_start_as_the_linear_teacher_and_fit_edges_to_rows():
     assert not torch.allclose(bins(batch)["ctr"], lin(batch)["ctr"])
     bins.dense.bfloat16()
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in bins(batch).values())
+    with torch.device("meta"):  # the sharded teacher's layout pass (train/parallelize.py build_teacher)
+        TeacherModel(SCHEMA, TeacherConfig(**CFG, dense="bins"))
 
 
 def test_events_older_than_history_len_are_ignored():
