@@ -204,9 +204,10 @@ class DataConfig(Section):
                          "was shown each value of its low-cardinality features (and how often its user and item were "
                          "shown) on the days before its own, as extra dense columns for every model "
                          "(recdistill/data/counts.py).")
-    count_scale: Literal["log", "standard"] = Field("log", description="Counting features' scale: 'log', log(1 + "
-                                                    "count); 'standard', that shifted and scaled to mean 0 and sd 1 "
-                                                    "over the stored rows (docs/RESULTS.md compares them).")
+    count_scale: Literal["log", "standard"] = Field("standard", description="Counting features' scale: 'log', "
+                                                    "log(1 + count); 'standard', that shifted and scaled to mean 0 "
+                                                    "and sd 1 over the stored rows, so that counts do not swamp dense "
+                                                    "features of unit scale (docs/RESULTS.md compares them).")
     count_window: int | None = Field(None, ge=1, description="Counting features over the last N days before a row's "
                                      "own only (None: every day before it). Cumulative counts grow with the day, so "
                                      "a model trains on smaller values than it is scored on; a window keeps them "

@@ -20,7 +20,7 @@ SETS = ["data.num_days=4", "data.samples_per_day=3000", "data.history_len=16", "
 
 @pytest.fixture(scope="module")
 def counted():
-    cfg = load_config(None, [*SETS, "data.counts=true"])
+    cfg = load_config(None, [*SETS, "data.counts=true", "data.count_scale=log"])  # the counts as they are
     return cfg, build_source(cfg.data)
 
 
@@ -126,7 +126,8 @@ def test_export_writes_the_stored_rows_and_counts_apply_on_reading(counted, tmp_
     assert main(["data", "export", str(out), *args]) == 0
     back = ParquetSource(str(out))
     assert back.schema.dense == src.inner.schema.dense  # no count column written: they are derived, not data
-    cfg_pq = load_config(None, [*SETS, "data.counts=true", "data.source=parquet", f"data.path={out}"])
+    cfg_pq = load_config(None, [*SETS, "data.counts=true", "data.count_scale=log", "data.source=parquet",
+                                f"data.path={out}"])
     again = build_source(cfg_pq.data)
     assert again.schema.dense == src.schema.dense
     assert torch.equal(again.read(2, 0, 300).dense, src.read(2, 0, 300).dense)

@@ -90,7 +90,8 @@ def test_dense_bins_are_fitted_to_rows_of_every_training_day():
     features are all 0 on the first day, so its rows alone would give them no bins."""
     from recdistill.train.teacher import dense_fit_rows
 
-    cfg = load_config(TINY_CONFIG, ["data.samples_per_day=400", "data.num_days=3", "data.counts=true"])
+    cfg = load_config(TINY_CONFIG, ["data.samples_per_day=400", "data.num_days=3", "data.counts=true",
+                                   "data.count_scale=log"])
     src = build_source(cfg.data)
     rows = dense_fit_rows(src, [0, 1], rows=300)
     assert rows.shape == (300, len(src.schema.dense))
