@@ -208,6 +208,11 @@ class DataConfig(Section):
                                                     "log(1 + count); 'standard', that shifted and scaled to mean 0 "
                                                     "and sd 1 over the stored rows, so that counts do not swamp dense "
                                                     "features of unit scale (docs/RESULTS.md compares them).")
+    count_cache: str | None = Field(None, description="Directory (local path or fsspec URI) where the counting "
+                                    "features' tables are kept, keyed by a digest of this data config and of the "
+                                    "files under data.path, so every process after the first (each rank, the "
+                                    "students, the baselines) loads them instead of counting the whole log again. "
+                                    "None: count in every process.")
     count_window: int | None = Field(None, ge=1, description="Counting features over the last N days before a row's "
                                      "own only (None: every day before it). Cumulative counts grow with the day, so "
                                      "a model trains on smaller values than it is scored on; a window keeps them "
@@ -603,7 +608,8 @@ class Config(Section):
         skip = {"checkpoint_dir", "checkpoint_every", "checkpoint_keep", "resume", "log_every", "steps",
                 "activation_checkpointing", *(("precision",) if self.teacher.precision == "auto" else ()),
                 *(("sharding_pins",) if not self.teacher.sharding_pins else ()),  # likewise: count once set
-                *(("sharding_mem_gib",) if self.teacher.sharding_mem_gib is None else ())}
+                *(("sharding_mem_gib",) if self.teacher.sharding_mem_gib is None else ()),
+                *(("dense", "dense_bins") if self.teacher.dense == "linear" else ())}  # count once set
         t = self.teacher.model_dump(mode="json", exclude=skip)
         # data.roles counts once a role is set (it changes the model); `strict` changes nothing the teacher learns,
         # and leaving roles out when none is set keeps the versions of configs written before roles existed.
@@ -613,6 +619,14 @@ class Config(Section):
             data["world"].pop(k)
         if "roles" in data:
             data["roles"].pop("strict")
+        # where counting tables are cached changes no value; the window counts once set; without counts none of
+        # their fields changes anything (and configs written before counting features keep their versions)
+        data.pop("count_cache")
+        if not self.data.counts:
+            for k in ("counts", "count_scale", "count_window"):
+                data.pop(k)
+        elif self.data.count_window is None:
+            data.pop("count_window")
         tree = {"data": data, "sampling": self.sampling.teacher.model_dump(mode="json"), "teacher": t,
                 "window_steps": self.signals.window_steps}
         if self.stream.days:  # they leave the batch phase's training days; 0 keeps the versions written before

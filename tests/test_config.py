@@ -123,10 +123,18 @@ def test_teacher_digest_ignores_students_paths_and_logging():
     a = load_config(None, [])
     same = load_config(None, ["student.beta=7", "tracking.run_dir=/x", "teacher.checkpoint_dir=/c",
                               "teacher.log_every=3", "signals.uri=/s", "experiment.teacher_procs=4",
-                              "teacher.checkpoint_keep=5"])
+                              "teacher.checkpoint_keep=5", "data.count_cache=/cc", "data.count_scale=log"])
     assert same.teacher_digest() == a.teacher_digest() and same.digest() != a.digest()
-    for change in ("teacher.lr=0.5", "sampling.teacher.r=0.9", "data.seed=3", "signals.window_steps=7"):
+    for change in ("teacher.lr=0.5", "sampling.teacher.r=0.9", "data.seed=3", "signals.window_steps=7",
+                   "teacher.dense=bins", "data.counts=true"):
         assert load_config(None, [change]).teacher_digest() != a.teacher_digest(), change
+    # fields added later count only once set: the default config has the teacher version it had before counting
+    # features, dense bins and count caches existed (commit 6c09628); a change here orphans every saved checkpoint
+    assert a.teacher_digest() == "8f0a679e272e"
+    counted = load_config(None, ["data.counts=true"])
+    assert load_config(None, ["data.counts=true", "data.count_cache=/cc"]).teacher_digest() == counted.teacher_digest()
+    for change in ("data.count_scale=log", "data.count_window=3"):
+        assert load_config(None, ["data.counts=true", change]).teacher_digest() != counted.teacher_digest(), change
 
 
 def test_task_within_must_name_another_binary_task():

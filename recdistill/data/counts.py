@@ -14,12 +14,21 @@ not a function of the user (one value per user adds nothing to the user's own co
 log(1 + count) of its group values over the stored rows of the days before d: causal, the same for any reader, worker
 or view, and for the evaluation day it is what the training days showed. `data.count_window: N` counts the last N
 days before d only; `data.count_scale: standard` shifts and scales each column to mean 0 and sd 1 over the stored rows.
+With `data.count_cache: DIR` the tables are counted once and kept in DIR under a digest of the data config and of
+the files under data.path; every later process loads them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+import uuid
 
+import fsspec
 import numpy as np
 import torch
 
@@ -32,6 +41,10 @@ from recdistill.tracking import progress
 COUNT_LIMIT = 1000
 #: Rows read per call while counting.
 CHUNK_ROWS = 16384
+#: Part of every cache key: bump it when what the tables hold changes, so older cache files are not read.
+CACHE_VERSION = 1
+#: DataConfig fields that change how rows are delivered, not which rows there are: left out of the cache key.
+LOADER_ONLY = {"batch_size", "prefetch", "workers", "count_cache"}
 
 
 def _first_ids(jt) -> np.ndarray:  # noqa: ANN001 - a JaggedTensor
@@ -145,14 +158,81 @@ def build_tables(source, roles: Roles, *, standardise: bool = False,  # noqa: AN
                        shift=shift, scale=scale, window=window)
 
 
+def cache_key(data_cfg, roles: Roles) -> str:  # noqa: ANN001 - DataConfig
+    """Digest of what the tables depend on: the data config (less its loader-only fields), the resolved roles and
+    every file under data.path with its size and modification time (a rewritten file is counted again)."""
+    files = []
+    if data_cfg.path:
+        fs, root = fsspec.core.url_to_fs(str(data_cfg.path))
+        found = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
+        files = sorted((name, info.get("size"), str(info.get("mtime") or info.get("LastModified") or
+                                                    info.get("updated") or "")) for name, info in found.items())
+    doc = {"version": CACHE_VERSION, "data": data_cfg.model_dump(mode="json", exclude=LOADER_ONLY),
+           "roles": dataclasses.asdict(roles), "files": files}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def save_tables(t: CountTables, fs, path: str) -> None:  # noqa: ANN001 - fsspec filesystem
+    """Write the tables to `path` atomically (a temporary name, then a rename: a reader never sees half a file)."""
+    meta = {"version": CACHE_VERSION, "days": t.days, "groups": t.groups, "window": t.window,
+            "spans": [t.spans[g] for g in t.groups], "shift": [t.shift.get(g) for g in t.groups],
+            "scale": [t.scale.get(g) for g in t.groups]}
+    arrays = {f"keys{j}": t.keys[g] for j, g in enumerate(t.groups)}
+    arrays |= {f"before{j}": t.before[g] for j, g in enumerate(t.groups)}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    fs.mv(tmp, path)
+
+
+def load_tables(fs, path: str) -> CountTables:  # noqa: ANN001 - fsspec filesystem
+    """The tables `save_tables` wrote (ValueError if the file is not such a file, or of another CACHE_VERSION)."""
+    with fs.open(path, "rb") as f:
+        z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    meta = json.loads(z["meta"].tobytes())
+    if meta.get("version") != CACHE_VERSION:
+        raise ValueError(f"cache version {meta.get('version')}, this code's is {CACHE_VERSION}")
+    groups = [tuple(g) for g in meta["groups"]]
+    return CountTables(days=meta["days"], groups=groups, spans=dict(zip(groups, meta["spans"], strict=True)),
+                       keys={g: z[f"keys{j}"] for j, g in enumerate(groups)},
+                       before={g: z[f"before{j}"] for j, g in enumerate(groups)},
+                       shift={g: v for g, v in zip(groups, meta["shift"], strict=True) if v is not None},
+                       scale={g: v for g, v in zip(groups, meta["scale"], strict=True) if v is not None},
+                       window=meta["window"])
+
+
+def cached_tables(inner, roles: Roles, cache: str, key: str, **kw) -> tuple[CountTables, str]:  # noqa: ANN001
+    """(tables, where they came from): loaded from `cache`/counts-`key`.npz if it is there and readable, else
+    counted and written there. A file that cannot be read is counted again and replaced, with a warning."""
+    fs, root = fsspec.core.url_to_fs(cache)
+    path = f"{root.rstrip('/')}/counts-{key}.npz"
+    if fs.exists(path):
+        try:
+            return load_tables(fs, path), f"loaded from {path}"
+        except Exception as e:  # noqa: BLE001 - any unreadable file: count again rather than fail the run
+            print(f"data.count_cache: {path} is unreadable ({type(e).__name__}: {e}); counting again",
+                  file=sys.stderr, flush=True)
+    tables = build_tables(inner, roles, **kw)
+    fs.makedirs(root, exist_ok=True)
+    save_tables(tables, fs, path)
+    return tables, f"counted, cached in {path}"
+
+
 class CountedSource:
     """A data source whose rows carry the counting features (module docstring) as extra dense columns. Everything
     else is the wrapped source's."""
 
     def __init__(self, inner, roles: Roles, *, standardise: bool = False,  # noqa: ANN001 - DataSource
-                 window: int | None = None, show_progress: bool = False) -> None:
+                 window: int | None = None, show_progress: bool = False, cache: str | None = None,
+                 config=None) -> None:  # noqa: ANN001 - the DataConfig the source was built from (the cache key)
         self.inner = inner
-        self.tables = build_tables(inner, roles, standardise=standardise, window=window, show_progress=show_progress)
+        kw = dict(standardise=standardise, window=window, show_progress=show_progress)
+        if cache and config is not None:
+            self.tables, self.origin = cached_tables(inner, roles, cache, cache_key(config, roles), **kw)
+        else:
+            self.tables, self.origin = build_tables(inner, roles, **kw), "counted"
         self.schema = dataclasses.replace(inner.schema, dense=tuple(inner.schema.dense) + tuple(self.tables.names))
 
     def describe(self) -> str:
@@ -162,7 +242,7 @@ class CountedSource:
         cols = ", ".join(" x ".join(g) for g in t.groups) or "none"
         span = f"the last {t.window} days before its own" if t.window else "the days before its own"
         return (f"data.counts: {len(t.groups)} count columns ({cols}) "
-                f"over {rows:,} rows of {len(t.days)} days, each row's from {span}")
+                f"over {rows:,} rows of {len(t.days)} days, each row's from {span} ({self.origin})")
 
     def __getattr__(self, name: str):  # noqa: ANN204 - whatever the wrapped source has
         if name == "inner":  # not set yet (unpickling): do not recurse

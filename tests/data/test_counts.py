@@ -1,6 +1,7 @@
 """Counting features (data.counts): equal to counts made by hand over the earlier days' rows, causal, the same through
 a view, by sample id, after pickling (loader workers) and from Parquet; only groups that count something are kept."""
 
+import os
 import pickle
 from collections import Counter
 
@@ -187,3 +188,49 @@ def test_first_ids_of_jagged_rows():
     got = first_ids(torch.tensor([7, 8, 9, 4]), torch.tensor([2, 0, 1, 1, 0]))
     assert got.tolist() == [7, -1, 9, 4, -1]
     assert first_ids(torch.tensor([], dtype=torch.int64), torch.tensor([0, 0])).tolist() == [-1, -1]
+
+
+def test_count_cache_counts_once_and_keys_on_config_and_files(counted, tmp_path, monkeypatch, capsys):
+    """data.count_cache: the first build counts and writes the tables, a later one with the same data loads them
+    (counting would fail here) and reads the same rows; another scale or a rewritten Parquet file is another key;
+    an unreadable cache file is counted again, with a warning."""
+    import recdistill.data.counts as counts
+
+    _, src = counted
+    cache = tmp_path / "cache"
+    sets = [*SETS, "data.counts=true", "data.count_scale=log", f"data.count_cache={cache}"]
+    first = build_source(load_config(None, sets).data)
+    (written,) = cache.glob("counts-*.npz")
+    assert "counted, cached in" in first.describe()
+    real_build = counts.build_tables
+
+    def refuse(*a, **k):
+        raise AssertionError("counted again although the cache holds these tables")
+
+    monkeypatch.setattr(counts, "build_tables", refuse)
+    again = build_source(load_config(None, [*sets, "data.batch_size=7", "data.workers=2"]).data)  # loader-only
+    assert "loaded from" in again.describe()
+    for day in (0, 3):
+        assert torch.equal(again.read(day, 0, 400).dense, src.read(day, 0, 400).dense)
+    assert again.tables.groups == src.tables.groups and again.tables.window is None
+    monkeypatch.setattr(counts, "build_tables", real_build)
+    std = build_source(load_config(None, [*sets, "data.count_scale=standard"]).data)  # another key: counted
+    assert "counted" in std.describe() and len(list(cache.glob("counts-*.npz"))) == 2
+    assert std.tables.shift and torch.equal(build_source(load_config(None, [*sets, "data.count_scale=standard"]).data)
+                                            .read(2, 0, 300).dense, std.read(2, 0, 300).dense)
+
+    written.write_bytes(b"not an npz")
+    mended = build_source(load_config(None, sets).data)
+    assert "unreadable" in capsys.readouterr().err and "counted" in mended.describe()
+    assert torch.equal(mended.read(3, 0, 400).dense, src.read(3, 0, 400).dense)
+    assert "loaded from" in build_source(load_config(None, sets).data).describe()  # the file was replaced
+
+    write_parquet(src.inner, str(tmp_path / "pq"), progress=False)
+    pq_sets = [*sets, "data.source=parquet", f"data.path={tmp_path / 'pq'}"]
+    build_source(load_config(None, pq_sets).data)
+    assert "loaded from" in build_source(load_config(None, pq_sets).data).describe()
+    victim = sorted((tmp_path / "pq").rglob("*.parquet"))[0]
+    victim.write_bytes(victim.read_bytes())  # the same bytes, rewritten: a new modification time
+    os.utime(victim, (victim.stat().st_atime, victim.stat().st_mtime + 10))
+    assert "counted" in build_source(load_config(None, pq_sets).data).describe()
+
