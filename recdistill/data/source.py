@@ -141,6 +141,5 @@ def build_source(data_cfg: DataConfig) -> DataSource:
         from recdistill.data.roles import resolve_roles
         source = CountedSource(source, resolve_roles(data_cfg.roles, source),
                                standardise=data_cfg.count_scale == "standard", window=data_cfg.count_window,
-                               cache=data_cfg.count_cache,
-                               config=data_cfg)
+                               cache=data_cfg.count_cache, config=data_cfg)
     return source
