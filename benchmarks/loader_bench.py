@@ -225,10 +225,10 @@ def main() -> None:
     torch.set_num_threads(1)  # one core per reader; worker processes run one thread each as well
     q = args.quick
     load_before = os.getloadavg()
-    # 128 work items at 1,024 events: a pass of seconds, so that the workers' start-up and the warm-up of their
-    # first shared arenas are a small part of it, as in a training run
+    # 128 work items at 1,024 events, 48 at 20K: passes of seconds, so that the workers' start-up and the warm-up
+    # of their first shared arenas are a small part of them, as in a training run
     results = [measure(1024, 4096 if q else 131072, args.workers, 1 if q else 5, [1, 8] if q else [1, 32, 96]),
-               measure(20000, 2048 if q else 24576, args.workers, 1 if q else 5, [1, 4] if q else [1, 8, 16])]
+               measure(20000, 2048 if q else 49152, args.workers, 1 if q else 5, [1, 4] if q else [1, 8, 16])]
     load = os.getloadavg()
     res = {"bench": "loader", "date": time.strftime("%Y-%m-%d"), "machine": cpu_name(), "cpus": os.cpu_count(),
            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
