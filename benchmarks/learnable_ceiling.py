@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
         files = [] if args.quick else [RESULTS / f for f in SUITE if (RESULTS / f).exists()]
     suite = suite_results(files)
     reused = json.loads(Path(args.reuse).read_text())["worlds"] if args.reuse else {}
-    missing = [w for w in worlds if args.reuse and w not in reused]
+    missing = [w for w in worlds if w not in reused] if args.reuse else []
     if missing:
         p.error(f"--reuse {args.reuse}: no fitted ceiling of {missing} in it (it has {', '.join(reused)})")
     per_world, rows = {}, []

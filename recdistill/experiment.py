@@ -278,9 +278,6 @@ def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker, *, source: Data
     run of this config: a teacher that finished there is reused, an unfinished one continues from its newest
     checkpoint (<run>/teacher_ckpt; committed signal windows are kept), baselines whose predictions were written
     (<run>/baselines) are reused, the students train again."""
-    if cfg.data.counts and cfg.data.count_cache is None:  # count once for the run: ranks, baselines, students
-        data = cfg.data.model_copy(update={"count_cache": str(run_dir / "count_tables")})
-        cfg = cfg.model_copy(update={"data": data})
     cfg_path = save_config(cfg, run_dir)
     source = source if source is not None else build_source(cfg.data)
     kinds = {t.name: t.kind for t in source.schema.tasks}

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import sys
 import uuid
 
@@ -158,9 +159,10 @@ def build_tables(source, roles: Roles, *, standardise: bool = False,  # noqa: AN
                        shift=shift, scale=scale, window=window)
 
 
-def cache_key(data_cfg, roles: Roles) -> str:  # noqa: ANN001 - DataConfig
-    """Digest of what the tables depend on: the data config (less its loader-only fields), the resolved roles and
-    every file under data.path with its size and modification time (a rewritten file is counted again)."""
+def cache_path(data_cfg, roles: Roles) -> str:  # noqa: ANN001 - DataConfig
+    """`data.count_cache`/counts-<digest>.npz, the digest of what the tables depend on: the data config (less its
+    loader-only fields), the resolved roles and every file under data.path with its size and modification time (a
+    rewritten file is counted again)."""
     files = []
     if data_cfg.path:
         fs, root = fsspec.core.url_to_fs(str(data_cfg.path))
@@ -169,7 +171,8 @@ def cache_key(data_cfg, roles: Roles) -> str:  # noqa: ANN001 - DataConfig
                                                     info.get("updated") or "")) for name, info in found.items())
     doc = {"version": CACHE_VERSION, "data": data_cfg.model_dump(mode="json", exclude=LOADER_ONLY),
            "roles": dataclasses.asdict(roles), "files": files}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
+    return f"{str(data_cfg.count_cache).rstrip('/')}/counts-{digest}.npz"
 
 
 def save_tables(t: CountTables, fs, path: str) -> None:  # noqa: ANN001 - fsspec filesystem
@@ -203,11 +206,10 @@ def load_tables(fs, path: str) -> CountTables:  # noqa: ANN001 - fsspec filesyst
                        window=meta["window"])
 
 
-def cached_tables(inner, roles: Roles, cache: str, key: str, **kw) -> tuple[CountTables, str]:  # noqa: ANN001
-    """(tables, where they came from): loaded from `cache`/counts-`key`.npz if it is there and readable, else
-    counted and written there. A file that cannot be read is counted again and replaced, with a warning."""
-    fs, root = fsspec.core.url_to_fs(cache)
-    path = f"{root.rstrip('/')}/counts-{key}.npz"
+def cached_tables(inner, roles: Roles, cache: str, **kw) -> tuple[CountTables, str]:  # noqa: ANN001
+    """(tables, where they came from): loaded from the file `cache` if it is there and readable, else counted and
+    written there. A file that cannot be read is counted again and replaced, with a warning."""
+    fs, path = fsspec.core.url_to_fs(cache)
     if fs.exists(path):
         try:
             return load_tables(fs, path), f"loaded from {path}"
@@ -215,7 +217,7 @@ def cached_tables(inner, roles: Roles, cache: str, key: str, **kw) -> tuple[Coun
             print(f"data.count_cache: {path} is unreadable ({type(e).__name__}: {e}); counting again",
                   file=sys.stderr, flush=True)
     tables = build_tables(inner, roles, **kw)
-    fs.makedirs(root, exist_ok=True)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
     save_tables(tables, fs, path)
     return tables, f"counted, cached in {path}"
 
@@ -225,12 +227,12 @@ class CountedSource:
     else is the wrapped source's."""
 
     def __init__(self, inner, roles: Roles, *, standardise: bool = False,  # noqa: ANN001 - DataSource
-                 window: int | None = None, show_progress: bool = False, cache: str | None = None,
-                 config=None) -> None:  # noqa: ANN001 - the DataConfig the source was built from (the cache key)
+                 window: int | None = None, show_progress: bool = False, cache: str | None = None) -> None:
+        """`cache`: a file (`cache_path`) to load the tables from, or to count them into when it is not there."""
         self.inner = inner
         kw = dict(standardise=standardise, window=window, show_progress=show_progress)
-        if cache and config is not None:
-            self.tables, self.origin = cached_tables(inner, roles, cache, cache_key(config, roles), **kw)
+        if cache:
+            self.tables, self.origin = cached_tables(inner, roles, cache, **kw)
         else:
             self.tables, self.origin = build_tables(inner, roles, **kw), "counted"
         self.schema = dataclasses.replace(inner.schema, dense=tuple(inner.schema.dense) + tuple(self.tables.names))

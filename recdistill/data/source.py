@@ -137,9 +137,10 @@ def build_source(data_cfg: DataConfig) -> DataSource:
         raise ValueError(f"unknown data.source {data_cfg.source!r}; known sources: {sorted(SOURCES)}")
     source = _resolve(SOURCES[data_cfg.source])(data_cfg)
     if data_cfg.counts:
-        from recdistill.data.counts import CountedSource
+        from recdistill.data.counts import CountedSource, cache_path
         from recdistill.data.roles import resolve_roles
-        source = CountedSource(source, resolve_roles(data_cfg.roles, source),
-                               standardise=data_cfg.count_scale == "standard", window=data_cfg.count_window,
-                               cache=data_cfg.count_cache, config=data_cfg)
+        roles = resolve_roles(data_cfg.roles, source)
+        source = CountedSource(source, roles, standardise=data_cfg.count_scale == "standard",
+                               window=data_cfg.count_window,
+                               cache=cache_path(data_cfg, roles) if data_cfg.count_cache else None)
     return source

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+#: Training rows the bins' edges are fitted to (quantiles of each dense feature), by the student and the teacher.
+FIT_ROWS = 8192
 #: Smallest bin width: a feature with repeated values (binary, counts) has equal quantiles; such a bin becomes a
 #: step at its edge instead of a division by zero.
 MIN_WIDTH = 1e-6

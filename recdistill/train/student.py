@@ -40,6 +40,7 @@ from recdistill.distill.debias import distill_pair, true_space, within_of
 from recdistill.distill.gate import TaskGate
 from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
 from recdistill.models.cross import plan_crosses
+from recdistill.models.dense import FIT_ROWS
 from recdistill.models.student import ServedStudent, StudentModel
 from recdistill.serve import EXAMPLE_BATCH, ServingSpec, export_served, load_served
 from recdistill.signals.bounded import open_reader
@@ -93,10 +94,6 @@ class SignalCounts:
     task_gated_batches: int = 0  # (batch, task) pairs whose distillation the per-task gate turned off
 
 
-#: Training rows the student's dense bins are fitted to (quantiles of each dense feature).
-DENSE_FIT_ROWS = 8192
-
-
 class StudentTrainer:
     """Trains and evaluates one student (see module docstring). `train()`, `evaluate()`, `export()`."""
 
@@ -137,7 +134,7 @@ class StudentTrainer:
         self.steps = self.samples = 0
         self.digest = ckpt.student_digest(cfg)
 
-    def _fit_dense(self, rows: int = DENSE_FIT_ROWS) -> None:
+    def _fit_dense(self, rows: int = FIT_ROWS) -> None:
         """Fit the model's dense encoding (the bins' quantile edges) to the first `rows` rows of the student's view
         of its training days, read inline (a deterministic function of data and config, so a resumed run fits the
         same edges, and its checkpoint holds them anyway)."""

@@ -46,6 +46,7 @@ from recdistill.data.roles import roles_for
 from recdistill.data.source import DataSource, build_source, phase_days
 from recdistill.distill.losses import task_loss
 from recdistill.distill.metrics import StreamingMetrics
+from recdistill.models.dense import FIT_ROWS
 from recdistill.runtime import prepare_process
 from recdistill.signals.schema import SignalMeta
 from recdistill.signals.writer import SignalWriter
@@ -93,16 +94,18 @@ def build_writer(cfg: Config, rank: int, tasks: list[str]) -> SignalWriter | Non
     return SignalWriter(cfg.signals.uri, rank, meta, queue_size=cfg.signals.queue_size)
 
 
-#: Stored rows the teacher's dense bins are fitted to, spread evenly over the training days.
-DENSE_FIT_ROWS = 8192
+#: Rows per read while fitting the dense bins: a read makes the rows' histories too (20K events each at scale).
+FIT_READ_ROWS = 1024
 
 
-def dense_fit_rows(source: DataSource, days: list[int], rows: int = DENSE_FIT_ROWS) -> torch.Tensor:
+def dense_fit_rows(source: DataSource, days: list[int], rows: int = FIT_ROWS) -> torch.Tensor:
     """[~rows, Fd] dense features of the first rows of every training day (stored rows, no labels): the same on
     every rank, so every rank fits the same bin edges. Every day, not the first only: a column can depend on the day
     (counting features are all 0 on the first)."""
     per = -(-rows // max(len(days), 1))
-    return torch.cat([source.read(d, 0, min(per, source.num_rows(d))).dense for d in days])
+    spans = [(d, s, min(s + FIT_READ_ROWS, n)) for d in days for n in [min(per, source.num_rows(d))]
+             for s in range(0, n, FIT_READ_ROWS)]
+    return torch.cat([source.read(d, s, e).dense for d, s, e in spans])
 
 
 def build_feed(cfg: Config, source: DataSource, days: list[int], info: DistInfo,

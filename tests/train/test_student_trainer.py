@@ -159,14 +159,13 @@ def test_students_evaluated_in_one_pass_score_as_each_alone(tmp_path):
 
 
 def test_dense_bins_are_fitted_to_the_students_own_training_rows(tmp_path):
-    """student.dense=bins: the bins' edges are the quantiles of the first DENSE_FIT_ROWS rows of the
+    """student.dense=bins: the bins' edges are the quantiles of the first FIT_ROWS rows of the
     student's view of its training days, set before training; 'linear' has no bins."""
-    from recdistill.models.dense import normal_edges, quantile_edges
-    from recdistill.train.student import DENSE_FIT_ROWS
+    from recdistill.models.dense import FIT_ROWS, normal_edges, quantile_edges
 
     cfg = load_config(None, SMALL + BASE + ["student.dense=bins"])
     trainer = StudentTrainer(cfg, run_dir=tmp_path)
-    rows = torch.cat([b.dense for b in trainer.loader(trainer.train_days, trainer.view)])[:DENSE_FIT_ROWS]
+    rows = torch.cat([b.dense for b in trainer.loader(trainer.train_days, trainer.view)])[:FIT_ROWS]
     edges = trainer.model.dense_emb.edges
     torch.testing.assert_close(edges, quantile_edges(rows, cfg.student.dense_bins))
     assert not torch.allclose(edges, normal_edges(*edges.shape[:1], cfg.student.dense_bins))

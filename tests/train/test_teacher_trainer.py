@@ -85,10 +85,14 @@ def test_single_process_teacher_through_the_cli(tmp_path, monkeypatch, extra):
     assert summary["signals/rows_written"] == len(reader.sample_ids)
 
 
-def test_dense_bins_are_fitted_to_rows_of_every_training_day():
+def test_dense_bins_are_fitted_to_rows_of_every_training_day(monkeypatch):
     """The teacher's dense bins (teacher.dense=bins) are fitted to rows spread over the training days: the counting
-    features are all 0 on the first day, so its rows alone would give them no bins."""
+    features are all 0 on the first day, so its rows alone would give them no bins. Read in pieces (a short last one
+    here), the same rows."""
+    import recdistill.train.teacher as teacher
     from recdistill.train.teacher import dense_fit_rows
+
+    monkeypatch.setattr(teacher, "FIT_READ_ROWS", 64)
 
     cfg = load_config(TINY_CONFIG, ["data.samples_per_day=400", "data.num_days=3", "data.counts=true",
                                    "data.count_scale=log"])
