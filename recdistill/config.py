@@ -213,7 +213,7 @@ class DataConfig(Section):
                                     "files under data.path, so every process after the first (each rank, the "
                                     "students, the baselines) loads them instead of counting the whole log again. "
                                     "None: count in every process (`recdistill demo` / `experiment` then use "
-                                    "<tracking.run_dir>/count_tables).")
+                                    "<run>/count_tables).")
     count_window: int | None = Field(None, ge=1, description="Counting features over the last N days before a row's "
                                      "own only (None: every day before it). Cumulative counts grow with the day, so "
                                      "a model trains on smaller values than it is scored on; a window keeps them "

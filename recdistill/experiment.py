@@ -34,6 +34,7 @@ import torch
 
 from recdistill.baselines import run_baselines
 from recdistill.config import ROOT, Config, load_config, save_config
+from recdistill.data.counts import CountedSource, cache_path
 from recdistill.data.source import DataSource, build_source
 from recdistill.distill import metrics
 from recdistill.errors import RunError
@@ -278,6 +279,11 @@ def run_experiment(cfg: Config, run_dir: Path, tracker: Tracker, *, source: Data
     run of this config: a teacher that finished there is reused, an unfinished one continues from its newest
     checkpoint (<run>/teacher_ckpt; committed signal windows are kept), baselines whose predictions were written
     (<run>/baselines) are reused, the students train again."""
+    if cfg.data.counts and cfg.data.count_cache is None:  # count once for the run: ranks, baselines, students
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"count_cache": str(run_dir / "count_tables")})})
+        if isinstance(source, CountedSource):  # the caller's preflight source has counted them already
+            source.save_cache(cache_path(cfg.data))
     cfg_path = save_config(cfg, run_dir)
     source = source if source is not None else build_source(cfg.data)
     kinds = {t.name: t.kind for t in source.schema.tasks}

@@ -58,11 +58,6 @@ def _preflight(cfg: Config) -> None:
 def run(args) -> int:  # noqa: ANN001 - argparse.Namespace
     """`recdistill demo` / `recdistill experiment`: check, run, then print where everything went."""
     cfg, paths = _config(args)
-    if cfg.data.counts and cfg.data.count_cache is None:
-        # count the tables once, here, for every process of the run (ranks, baselines, students) and of later runs
-        # in the same runs directory: the file is keyed by the data, so runs of other data never share one
-        data = cfg.data.model_copy(update={"count_cache": str(Path(cfg.tracking.run_dir) / "count_tables")})
-        cfg = cfg.model_copy(update={"data": data})
     source = open_source(cfg)
     cfg = with_source_tasks(cfg, source)
     _preflight(cfg)

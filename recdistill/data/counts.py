@@ -159,18 +159,17 @@ def build_tables(source, roles: Roles, *, standardise: bool = False,  # noqa: AN
                        shift=shift, scale=scale, window=window)
 
 
-def cache_path(data_cfg, roles: Roles) -> str:  # noqa: ANN001 - DataConfig
+def cache_path(data_cfg) -> str:  # noqa: ANN001 - DataConfig
     """`data.count_cache`/counts-<digest>.npz, the digest of what the tables depend on: the data config (less its
-    loader-only fields), the resolved roles and every file under data.path with its size and modification time (a
-    rewritten file is counted again)."""
+    loader-only fields; roles are resolved from it and the data) and every file under data.path with its size and
+    modification time (a rewritten file is counted again)."""
     files = []
     if data_cfg.path:
         fs, root = fsspec.core.url_to_fs(str(data_cfg.path))
         found = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
         files = sorted((name, info.get("size"), str(info.get("mtime") or info.get("LastModified") or
                                                     info.get("updated") or "")) for name, info in found.items())
-    doc = {"version": CACHE_VERSION, "data": data_cfg.model_dump(mode="json", exclude=LOADER_ONLY),
-           "roles": dataclasses.asdict(roles), "files": files}
+    doc = {"version": CACHE_VERSION, "data": data_cfg.model_dump(mode="json", exclude=LOADER_ONLY), "files": files}
     digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
     return f"{str(data_cfg.count_cache).rstrip('/')}/counts-{digest}.npz"
 
@@ -184,6 +183,7 @@ def save_tables(t: CountTables, fs, path: str) -> None:  # noqa: ANN001 - fsspec
     arrays |= {f"before{j}": t.before[g] for j, g in enumerate(t.groups)}
     buf = io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "wb") as f:
         f.write(buf.getvalue())
@@ -217,7 +217,6 @@ def cached_tables(inner, roles: Roles, cache: str, **kw) -> tuple[CountTables, s
             print(f"data.count_cache: {path} is unreadable ({type(e).__name__}: {e}); counting again",
                   file=sys.stderr, flush=True)
     tables = build_tables(inner, roles, **kw)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
     save_tables(tables, fs, path)
     return tables, f"counted, cached in {path}"
 
@@ -236,6 +235,13 @@ class CountedSource:
         else:
             self.tables, self.origin = build_tables(inner, roles, **kw), "counted"
         self.schema = dataclasses.replace(inner.schema, dense=tuple(inner.schema.dense) + tuple(self.tables.names))
+
+    def save_cache(self, cache: str) -> None:
+        """Write these tables to the cache file `cache` (`cache_path`) unless it exists: a process that has counted
+        them spares the ones it starts the counting."""
+        fs, path = fsspec.core.url_to_fs(cache)
+        if not fs.exists(path):
+            save_tables(self.tables, fs, path)
 
     def describe(self) -> str:
         """One line: the counted groups and what they were counted over."""

@@ -139,8 +139,7 @@ def build_source(data_cfg: DataConfig) -> DataSource:
     if data_cfg.counts:
         from recdistill.data.counts import CountedSource, cache_path
         from recdistill.data.roles import resolve_roles
-        roles = resolve_roles(data_cfg.roles, source)
-        source = CountedSource(source, roles, standardise=data_cfg.count_scale == "standard",
-                               window=data_cfg.count_window,
-                               cache=cache_path(data_cfg, roles) if data_cfg.count_cache else None)
+        source = CountedSource(source, resolve_roles(data_cfg.roles, source),
+                               standardise=data_cfg.count_scale == "standard", window=data_cfg.count_window,
+                               cache=cache_path(data_cfg) if data_cfg.count_cache else None)
     return source

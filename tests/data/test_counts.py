@@ -225,6 +225,18 @@ def test_count_cache_counts_once_and_keys_on_config_and_files(counted, tmp_path,
     assert torch.equal(mended.read(3, 0, 400).dense, src.read(3, 0, 400).dense)
     assert "loaded from" in build_source(load_config(None, sets).data).describe()  # the file was replaced
 
+    # a source counted without the cache hands its tables to one (what the experiment does with its preflight's)
+    from recdistill.data.counts import cache_path
+
+    handed = load_config(None, [*SETS, "data.counts=true", "data.count_scale=log",
+                                f"data.count_cache={tmp_path / 'h'}"])
+    src.save_cache(cache_path(handed.data))
+    (kept,) = (tmp_path / "h").glob("counts-*.npz")
+    src.save_cache(cache_path(handed.data))  # there already: left as it is
+    assert list((tmp_path / "h").iterdir()) == [kept]
+    loaded = build_source(handed.data)
+    assert "loaded from" in loaded.describe() and torch.equal(loaded.read(3, 0, 400).dense, src.read(3, 0, 400).dense)
+
     write_parquet(src.inner, str(tmp_path / "pq"), progress=False)
     pq_sets = [*sets, "data.source=parquet", f"data.path={tmp_path / 'pq'}"]
     build_source(load_config(None, pq_sets).data)
