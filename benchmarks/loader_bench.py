@@ -5,14 +5,17 @@
     python benchmarks/loader_bench.py --workers 0 1 2 4 --out /tmp/loader.json
 
 Steps, each at history 1,024 and 20K events of the synthetic world:
-1. raw: SyntheticWorld.read of the day's rows in chunks, one thread (what the loader cannot beat per worker);
+1. raw: SyntheticWorld.read of the day's rows in chunks, one thread (what the loader cannot beat per worker); and
+   for each worker count n > 1, n raw processes at once, each its 1/n of the chunks (what n workers cannot beat per
+   worker on this machine: `per_worker_vs_raw_parallel`);
 2. loader: a full pass of BatchLoader over the same rows with 0 (background thread), 1, 2 ... worker processes,
    consumer idle; samples/s, per worker, and the ratio to raw (worker start-up included); and CPU seconds, which
    a busy machine inflates less than wall time: raw's CPU over the readers' for the same rows; and the rate over
    the second half of a pass's batches (workers started, arenas made);
 3. view: the same pass through a view with r = 0.1 (q = 1) against one with r = 1.0 (keeps every row): the cost
    ratio (pushdown makes a dropped row cost its features and deciding label, not its history), also in CPU seconds
-   and with 10x larger work items (what is fixed per work item);
+   and with 10x larger work items (what is fixed per work item); and the floor: the kept rows alone, made from
+   their ids known beforehand (`floor_ratio`: what the view would cost if deciding which rows to keep were free);
 4. resume: the time to the first batch after k batches, by the saved position (LockstepBatches.seek) and by
    replaying k batches (what a checkpoint without a position costs; k batches of 256 rows span k / 4 work items).
 The last line of output is one JSON object. Numbers on a machine shared with other jobs are lower bounds.
@@ -97,6 +100,38 @@ def raw(w: SyntheticWorld, rows: int, repeats: int) -> dict:
     return {"seconds": sec, "samples_per_s": rows / sec, "cpu_s": cpu_timed(run, repeats)[0]}
 
 
+def _raw_share(w: SyntheticWorld, rows: int, k: int, n: int, barrier, out) -> None:  # noqa: ANN001 - mp objects
+    """In a child process: raw generation of every n-th chunk from chunk k, timed from a barrier all n share."""
+    tune_allocator()
+    torch.set_num_threads(1)
+    w.read(1, 0, 16)
+    starts = range(k * CHUNK, rows, n * CHUNK)
+    barrier.wait()
+    t0 = time.perf_counter()
+    done = sum(len(w.read(1, s, min(s + CHUNK, rows))) for s in starts)
+    out.put((done, time.perf_counter() - t0))
+
+
+def raw_parallel(w: SyntheticWorld, rows: int, n: int, raw_rate: float, repeats: int) -> dict:
+    """Raw generation in n processes at once (from the fork server, as loader workers are), each its 1/n of the
+    chunks and no consumer: the rate per process the machine allows n generators. n loader workers cannot beat it
+    per worker, and they share the cores with the training process besides."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    best = 0.0
+    for _ in range(repeats):
+        barrier, out = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_raw_share, args=(w, rows, k, n, barrier, out)) for k in range(n)]
+        for p in procs:
+            p.start()
+        got = [out.get() for _ in procs]
+        for p in procs:
+            p.join()
+        best = max(best, sum(r / s for r, s in got) / n)
+    return {"processes": n, "per_process_samples_per_s": best, "per_process_vs_raw": best / raw_rate}
+
+
 def loader_pass(w: SyntheticWorld, workers: int, view: SamplingConfig | None = None,
                 chunk_rows: int | None = None) -> tuple[int, float]:
     """(rows delivered, seconds) of one BatchLoader pass over day 1."""
@@ -156,13 +191,24 @@ def loader_pass_rows(w: SyntheticWorld, workers: int, rows: int) -> None:
     sum(len(b) for b in BatchLoader(part, [1], BATCH, workers=workers))
 
 
+def kept_only(w: SyntheticWorld, rows: int, view: SamplingConfig) -> float:
+    """Seconds to make only the rows `view` keeps, work item by work item, their ids known beforehand (read_ids):
+    what a view costs if deciding which rows it keeps were free, the floor no pushdown can go below."""
+    kept = [w.read(1, s, min(s + CHUNK, rows), view).sample_id.numpy() for s in range(0, rows, CHUNK)]
+    t0 = time.perf_counter()
+    for ids in kept:
+        w.read_ids(ids)
+    return time.perf_counter() - t0
+
+
 def view_cost(w: SyntheticWorld, rows: int, repeats: int) -> dict:
     """Step 3: a pass through r = 0.1 against one through r = 1.0 (both q = 1; one thread), in wall and CPU seconds;
-    and both with work items of 10 x CHUNK rows."""
+    both with work items of 10 x CHUNK rows; and the floor: the kept rows alone, as if deciding were free."""
     low, full = SamplingConfig(name="r0.1", r=0.1, q=1.0), SamplingConfig(name="r1", r=1.0, q=1.0)
     kept = loader_pass(w, 0, low)[0]
     s_low = timed(lambda: loader_pass(w, 0, low), repeats)
     s_full = timed(lambda: loader_pass(w, 0, full), repeats)
+    s_floor = min(kept_only(w, rows, low) for _ in range(repeats))
     c_low = cpu_timed(lambda: loader_pass(w, 0, low), repeats)[0]
     c_full = cpu_timed(lambda: loader_pass(w, 0, full), repeats)[0]
     big_low = timed(lambda: loader_pass(w, 0, low, 10 * CHUNK), repeats)
@@ -170,7 +216,10 @@ def view_cost(w: SyntheticWorld, rows: int, repeats: int) -> dict:
     return {"kept_share_r0.1": kept / rows, "seconds_r0.1": s_low, "seconds_r1.0": s_full, "cost_ratio": s_low / s_full,
             "cpu_s_r0.1": c_low, "cpu_s_r1.0": c_full, "cpu_cost_ratio": c_low / c_full,
             "seconds_r0.1_chunk_x10": big_low, "seconds_r1.0_chunk_x10": big_full,
-            "cost_ratio_chunk_x10": big_low / big_full}
+            "cost_ratio_chunk_x10": big_low / big_full,
+            # the kept rows made alone (no deciding, no loader) against the full pass: 0.2x is reachable only if
+            # this is well under it
+            "seconds_kept_rows_only": s_floor, "floor_ratio": s_floor / s_full}
 
 
 def resume_cost(w: SyntheticWorld, ks: list[int]) -> list[dict]:
@@ -207,8 +256,14 @@ def resume_cost(w: SyntheticWorld, ks: list[int]) -> list[dict]:
 def measure(history: int, rows: int, workers: list[int], repeats: int, ks: list[int]) -> dict:
     w = make_world(history, rows)
     base = raw(w, rows, repeats)
+    parallel = [raw_parallel(w, rows, k, base["samples_per_s"], repeats) for k in workers if k > 1]
+    out = loaders(w, rows, workers, base["samples_per_s"], base["cpu_s"], repeats)
+    for x in out:  # per worker against n raw generators running at once on this machine
+        same = [p["per_process_samples_per_s"] for p in parallel if p["processes"] == x["workers"]]
+        if same:
+            x["per_worker_vs_raw_parallel"] = x["steady_samples_per_s_per_worker"] / same[0]
     return {"history_len": history, "rows": rows, "batch_size": BATCH, "chunk_rows": CHUNK, "raw": base,
-            "loader": loaders(w, rows, workers, base["samples_per_s"], base["cpu_s"], repeats),
+            "raw_parallel": parallel, "loader": out,
             "view": view_cost(w, rows, repeats),
             "resume": resume_cost(w, [k for k in ks if k < rows // BATCH])}
 
@@ -243,7 +298,9 @@ def main() -> None:
         v = r["view"]
         print(f"history {r['history_len']:>6}: raw {r['raw']['samples_per_s']:,.0f} samples/s; loader {lo}; "
               f"r=0.1 costs {v['cost_ratio']:.2f}x of r=1.0 (CPU {v['cpu_cost_ratio']:.2f}x, 10x work items "
-              f"{v['cost_ratio_chunk_x10']:.2f}x); resume "
+              f"{v['cost_ratio_chunk_x10']:.2f}x; kept rows alone {v['floor_ratio']:.2f}x); "
+              + "".join(f"{p['processes']} raw processes at once {p['per_process_vs_raw']:.2f}x raw each; "
+                        for p in r["raw_parallel"]) + "resume "
               + ", ".join(f"k={x['k']}: {x['seek_s']:.3f}s by position, {x['replay_s']:.3f}s replayed"
                           for x in r["resume"]))
     print(f"wrote {out} (load average {load[0]:.2f})")
