@@ -28,9 +28,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # robustness.py imports _common as a script does
+from robustness import ORDER  # noqa: E402
+
 from benchmarks._common import cpu_name  # noqa: E402
 from benchmarks.paper_tables import aggregate, collect, fmt, log, run_experiment, save, subplots  # noqa: E402
-from benchmarks.robustness import ORDER  # noqa: E402
 from recdistill.config import load_config  # noqa: E402
 from recdistill.report import markdown_table  # noqa: E402
 

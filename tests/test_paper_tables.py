@@ -144,8 +144,39 @@ def test_a_finished_run_is_reused_only_for_the_config_it_ran(tmp_path):
     run_dir = tmp_path / "v-seed0"
     full = [*sets, f"tracking.run_dir={tmp_path.resolve()}", "tracking.run_name=v-seed0", "experiment.baselines=[]",
             "tracking.mode=disabled", "tracking.progress=false"]
-    save_config(load_config(configs, full), run_dir)
+    # saved as a run saves it: with its count cache set in its own directory (what no one asked for)
+    save_config(load_config(configs, [*full, f"data.count_cache={run_dir / 'count_tables'}"]), run_dir)
     (run_dir / "report.md").write_text("done")
     assert paper_tables.run_experiment(tmp_path, "v-seed0", configs, sets) == (run_dir, None)
     with pytest.raises(SystemExit, match=r"another config .*\['teacher'\]"):
         paper_tables.run_experiment(tmp_path, "v-seed0", configs, ["teacher.history_len=256"])
+
+
+# ---- benchmarks/suite_students.py --------------------------------------------------------------------------------
+from benchmarks import suite_students  # noqa: E402
+
+
+def test_suite_students_variants_parse_and_bad_ones_name_the_flag():
+    assert suite_students.parse_variant("default") == ("default", [])
+    assert suite_students.parse_variant("bins:student.dense=bins,student.lr=0.01") == (
+        "bins", ["student.dense=bins", "student.lr=0.01"])
+    for bad in ("bins:student.dense", ":a=b", "default:student.lr=1"):
+        with pytest.raises(Exception, match="--variant"):
+            suite_students.parse_variant(bad)
+
+
+def test_suite_students_targets_are_judged_on_each_worlds_mean_over_seeds():
+    worlds = {  # teacher 0.75, base 0.70: transferability = gain / 0.05
+        "a": suite_students.world_summary({0: _seed(0.040, 0.001), 1: _seed(0.030, 0.001)}),  # 70%
+        "b": suite_students.world_summary({0: _seed(0.030, 0.001), 1: _seed(0.010, 0.001)}),  # 40%: below 50%
+        "c": suite_students.world_summary({0: _seed(0.035, 0.001), 1: _seed(-0.003, 0.001)}),  # seed 1 negative
+    }
+    assert worlds["a"]["tasks"]["ctr"]["transferability_mean"] == pytest.approx(0.7)
+    assert worlds["c"]["tasks"]["ctr"]["seeds_negative_beyond_2se"] == [1]
+    assert worlds["b"]["tasks"]["ctr"]["seeds_negative_beyond_2se"] == []  # a small gain is not a negative one
+    t = suite_students.suite_targets(worlds)
+    assert t["median_ctr_transferability"] == pytest.approx(0.4)  # 70%, 40%, 32%
+    assert t["worlds_below_50pct"] == ["b", "c"]
+    assert t["negative_transfer_beyond_2se"] == {"c": {"ctr": [1]}}
+    md = suite_students.table_md({"variants": {"default": {"worlds": worlds, "targets": t}}})
+    assert "| a | 70% ± 14% (0.7000 -> 0.7350) |" in md and "| **median** | 40% |" in md
