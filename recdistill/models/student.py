@@ -31,6 +31,9 @@ from recdistill.models.dense import DenseEmbedding
 from recdistill.models.embedding import _default_device
 from recdistill.models.match import NUM_MATCH, NUM_SUMMARY, history_summary, summary_match, target_match_padded
 
+#: How the student reads the dense features (StudentConfig.dense).
+DENSE_MODES = ("linear", "bins", "linear+bins")
+
 
 def recent_padded(history: History, n: int, fields: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The last `n` events of each row as right-aligned padded [B, n] id tensors (pad id 0) plus a [B, n] mask.
@@ -132,12 +135,16 @@ class StudentModel(nn.Module):
         # Linear of all of them into one token. One linear token gives the backbone only a linear function of the dense
         # features: on a world whose dense part has a product of two features, the student learned none of it
         # (docs/LOG.md).
-        if dense not in ("bins", "linear"):
-            raise ValueError(f"student dense encoding must be 'bins' or 'linear', got {dense!r}")
+        # 'linear+bins' both: the linear token beside the per-feature ones (bins alone followed the linear dense part
+        # less on the demo world).
+        if dense not in DENSE_MODES:
+            modes = ", ".join(map(repr, DENSE_MODES))
+            raise ValueError(f"student dense encoding must be one of {modes}, got {dense!r}")
         self.dense_mode = dense if schema.dense else None
-        self.dense_proj = nn.Linear(len(schema.dense), emb_dim) if self.dense_mode == "linear" else None
-        self.dense_emb = DenseEmbedding(len(schema.dense), emb_dim, dense_bins) if self.dense_mode == "bins" else None
-        n_dense = {"bins": len(schema.dense), "linear": 1, None: 0}[self.dense_mode]
+        linear, bins = self.dense_mode in ("linear", "linear+bins"), self.dense_mode in ("bins", "linear+bins")
+        self.dense_proj = nn.Linear(len(schema.dense), emb_dim) if linear else None
+        self.dense_emb = DenseEmbedding(len(schema.dense), emb_dim, dense_bins) if bins else None
+        n_dense = int(linear) + (len(schema.dense) if bins else 0)
         # Target-match statistics (SIM-style hard search by category, the teacher has them too over its longer
         # window): how much of the student's own recent history is in the candidate's category.
         self.match_cat = roles.category if match_features and roles.hist_category in self.hist_fields \

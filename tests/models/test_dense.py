@@ -124,17 +124,22 @@ def test_student_has_one_token_per_dense_feature_and_linear_keeps_the_old_one():
     n = lin.backbone[0].in_features
     n_vec = (-(4 + 1) + math.isqrt((4 + 1) ** 2 + 8 * n)) // 2  # d_in = 4 n + n (n - 1) / 2
     assert bins.backbone[0].in_features == 4 * (n_vec + 1) + (n_vec + 1) * n_vec // 2
+    both = StudentModel(SCHEMA, emb_dim=4, hidden=8, history_len=5, dense="linear+bins")
+    assert both.dense_proj.in_features == len(SCHEMA.dense) and both.dense_emb.edges.shape == (len(SCHEMA.dense), 17)
+    assert both.backbone[0].in_features == 4 * (n_vec + 2) + (n_vec + 2) * (n_vec + 1) // 2  # the linear token too
     b = make_batch()
-    assert torch.isfinite(bins(b).main["ctr"]).all() and torch.isfinite(lin(b).main["ctr"]).all()
-    with pytest.raises(ValueError, match="'bins' or 'linear'"):
+    for m in (bins, lin, both):
+        assert torch.isfinite(m(b).main["ctr"]).all()
+    with pytest.raises(ValueError, match="'linear', 'bins', 'linear\\+bins', got 'mlp'"):
         StudentModel(SCHEMA, dense="mlp")
 
 
-def test_fitted_bins_are_inside_the_exported_program(tmp_path):
+@pytest.mark.parametrize("mode", ["bins", "linear+bins"])
+def test_fitted_bins_are_inside_the_exported_program(tmp_path, mode):
     """The bins fitted to training rows are part of the served program: the loaded program follows the model on
     raw dense values of another scale (no normalisation outside it), and the fitted edges change the predictions."""
     torch.manual_seed(0)
-    model = StudentModel(SCHEMA, emb_dim=4, hidden=8, history_len=5, dense="bins").eval()
+    model = StudentModel(SCHEMA, emb_dim=4, hidden=8, history_len=5, dense=mode).eval()
     batch = make_batch(n=13, seed=5)
     batch.dense = batch.dense * 50 + 200  # far outside the normal default edges
     served = ServedStudent(model, torch.zeros(SCHEMA.num_traffic), KINDS)
