@@ -116,9 +116,11 @@ def raw_parallel(w: SyntheticWorld, rows: int, n: int, raw_rate: float, repeats:
     """Raw generation in n processes at once (from the fork server, as loader workers are), each its 1/n of the
     chunks and no consumer: the rate per process the machine allows n generators. n loader workers cannot beat it
     per worker, and they share the cores with the training process besides."""
-    import multiprocessing
+    from recdistill.data.loader import _worker_context
 
-    ctx = multiprocessing.get_context("forkserver")
+    # the loader's own context: the fork server is started once per process, with the modules it preloads then
+    # (started here with none, every loader worker after it would import torch itself: seconds of start-up)
+    ctx = _worker_context()
     best = 0.0
     for _ in range(repeats):
         barrier, out = ctx.Barrier(n), ctx.Queue()
