@@ -390,9 +390,8 @@ class StudentConfig(Section):
         "linear", description="How the student reads the dense features: 'bins' one token per feature, a learned "
         "piecewise-linear function of its value on quantile bins fitted to training rows (kept in the exported "
         "program; the FM dots then cross dense features with each other and with the sparse fields); 'linear' one "
-        "Linear of all of them into one token; 'linear+bins' both. Default linear: bins lifts dense_signal's "
-        "distilled student by 0.020 AUC but costs the demo world about 0.002 (docs/GUIDE.md, Student; "
-        "docs/RESULTS.md).")
+        "Linear of all of them into one token; 'linear+bins' both. Default linear; the demo config, whose data has "
+        "counting features, uses linear+bins (docs/GUIDE.md, Student; docs/RESULTS.md).")
     dense_bins: int = Field(16, ge=1, le=256, description="dense=bins or linear+bins: bins per dense feature.")
     history_len: int = Field(64, ge=0, le=MAX_HISTORY, description="Most recent history events the student's "
                              "target attention sees (0: no history).")
