@@ -24,10 +24,7 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
-import posixpath
 import sys
-import uuid
 
 import fsspec
 import numpy as np
@@ -36,6 +33,7 @@ import torch
 from recdistill.config import SamplingConfig
 from recdistill.data.batch import Batch, Roles, Schema, first_ids
 from recdistill.data.source import read_view
+from recdistill.signals.writer import atomic_write
 from recdistill.tracking import progress
 
 #: A sparse feature with more ids than this is not crossed with the user (user x item is too sparse to count).
@@ -175,7 +173,7 @@ def cache_path(data_cfg) -> str:  # noqa: ANN001 - DataConfig
 
 
 def save_tables(t: CountTables, fs, path: str) -> None:  # noqa: ANN001 - fsspec filesystem
-    """Write the tables to `path` atomically (a temporary name, then a rename: a reader never sees half a file)."""
+    """Write the tables to `path` atomically (signals.writer.atomic_write: a reader never sees half a file)."""
     meta = {"version": CACHE_VERSION, "days": t.days, "groups": t.groups, "window": t.window,
             "spans": [t.spans[g] for g in t.groups], "shift": [t.shift.get(g) for g in t.groups],
             "scale": [t.scale.get(g) for g in t.groups]}
@@ -183,11 +181,7 @@ def save_tables(t: CountTables, fs, path: str) -> None:  # noqa: ANN001 - fsspec
     arrays |= {f"before{j}": t.before[g] for j, g in enumerate(t.groups)}
     buf = io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(tmp, path)
+    atomic_write(fs, path, buf.getvalue())
 
 
 def load_tables(fs, path: str) -> CountTables:  # noqa: ANN001 - fsspec filesystem
