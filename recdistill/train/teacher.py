@@ -103,9 +103,11 @@ def dense_fit_rows(source: DataSource, days: list[int], rows: int = FIT_ROWS) ->
     every rank, so every rank fits the same bin edges. Every day, not the first only: a column can depend on the day
     (counting features are all 0 on the first)."""
     per = -(-rows // max(len(days), 1))
-    spans = [(d, s, min(s + FIT_READ_ROWS, n)) for d in days for n in [min(per, source.num_rows(d))]
-             for s in range(0, n, FIT_READ_ROWS)]
-    return torch.cat([source.read(d, s, e).dense for d, s, e in spans])
+    parts = []
+    for d in days:
+        n = min(per, source.num_rows(d))
+        parts += [source.read(d, s, min(s + FIT_READ_ROWS, n)).dense for s in range(0, n, FIT_READ_ROWS)]
+    return torch.cat(parts)
 
 
 def build_feed(cfg: Config, source: DataSource, days: list[int], info: DistInfo,
