@@ -88,9 +88,14 @@ def world_summary(per_seed: dict[int, dict]) -> dict:
     return out
 
 
+def ctr_cell(summary: dict) -> dict:
+    """A world summary's cell of its first binary task (CTR), which the issue's targets are judged on."""
+    return next(iter(summary["tasks"].values()))
+
+
 def suite_targets(worlds: dict[str, dict]) -> dict:
     """The issue's transferability targets on the worlds' means over seeds (CTR: each world's first binary task)."""
-    ctr = {w: next(iter(s["tasks"].values()))["transferability_mean"] for w, s in worlds.items()}
+    ctr = {w: ctr_cell(s)["transferability_mean"] for w, s in worlds.items()}
     valid = [v for v in ctr.values() if v is not None]
     return {"median_ctr_transferability": statistics.median(valid) if valid else None,
             "worlds_below_50pct": sorted(w for w, v in ctr.items() if v is None or v < 0.5),
@@ -111,7 +116,7 @@ def table_md(res: dict) -> str:
             if s is None:
                 row[v] = "-"
                 continue
-            c = next(iter(s["tasks"].values()))
+            c = ctr_cell(s)
             row[v] = (f"{fmt(c['transferability_mean'], '.0%')} ± {fmt(c['transferability_sd'], '.0%')} "
                       f"({fmt(c['base_auc_mean'])} -> {fmt(c['auc_mean'])})")
         rows.append(row)
@@ -132,7 +137,7 @@ def plot(res: dict):  # noqa: ANN201 - a matplotlib Figure
             s = res["variants"][v]["worlds"].get(w)
             if s is None:
                 continue
-            c = next(iter(s["tasks"].values()))
+            c = ctr_cell(s)
             x = j + (i - (len(variants) - 1) / 2) * width
             xs.append(x)
             means.append(c["transferability_mean"] or 0.0)
