@@ -1,7 +1,7 @@
 """Robustness suite (issue 20): the whole pipeline (`recdistill demo`: teacher, baselines, base and distilled
 student) on each world of configs/worlds/, one table of the results and the issue's targets per world.
 
-    python benchmarks/robustness.py                              # every world (about 75 min on an idle 2-core box)
+    python benchmarks/robustness.py                              # every world (about an hour on an idle 2-core box)
     python benchmarks/robustness.py --only pairwise,movielens    # some worlds
     python benchmarks/robustness.py --quick --only pairwise      # tiny sizes: a smoke test of the suite (~1 min)
     python benchmarks/robustness.py --run-dir runs/robustness    # again: finished worlds reused, others resumed
