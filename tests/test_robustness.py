@@ -98,5 +98,11 @@ def test_quick_suite_on_one_world_then_reused(robustness, tmp_path, monkeypatch,
     assert out.with_suffix(".png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "| pairwise | ctr |" in printed and "| pairwise | cvr |" in printed
+    lead = ctr["auc"]["teacher"] - max(ctr["auc"]["baseline_lr"], ctr["auc"]["baseline_gbdt"])
+    header = next(line for line in printed.splitlines() if line.startswith("| world | task |"))
+    row = next(line for line in printed.splitlines() if line.startswith("| pairwise | ctr |"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")], strict=True))
+    assert cells["teacher - best"] == f"{lead:+.4f}"
+    assert world["targets"]["teacher_beats_best_baseline_by_0.01"] == (lead >= 0.01)
     robustness.main(argv)  # finished: reused, not run again
     assert len(json.loads(out.read_text())["worlds"]["pairwise"]["attempts"]) == 1
