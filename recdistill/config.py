@@ -326,6 +326,10 @@ class TeacherConfig(Section):
     grad_clip: float = Field(0.0, ge=0, description="Dense gradient clipping; set explicitly (DeepSpeed's "
                              "default would be 1.0). 0 disables it.")
     write_signals: bool = Field(True, description="Write raw logits to the signal store during training.")
+    signal_hidden: int = Field(0, ge=0, le=1024, description="Also write this many dimensions of the teacher's last "
+                               "representation (the input of its task heads, through a fixed random projection "
+                               "when narrower than d_model) to a second store at `<signals.uri>.hidden`, for "
+                               "students with student.hint_weight > 0 (0: none; docs/GUIDE.md, Student).")
     checkpoint_dir: str | None = Field(None, description="Directory of teacher checkpoints (dense: DeepSpeed, "
                                        "sharded tables: torch.distributed.checkpoint, plus data position and "
                                        "signal window); None: no checkpoints.")
@@ -404,6 +408,11 @@ class StudentConfig(Section):
                                           "beta * L_distill near beta_ratio * L_task, running estimate).")
     beta_ratio: float = Field(1.0, gt=0, description="Target ratio of distillation to task loss for beta=auto.")
     distill_loss: Literal["ce", "mse"] = Field("ce", description="Soft-label cross-entropy (paper) or logit MSE.")
+    hint_weight: float = Field(0.0, ge=0, description="Weight of the representation hint: a linear head on the "
+                               "shared backbone (not served) learns to predict the teacher's representation "
+                               "(teacher.signal_hidden), with a loss of the share of its variance left unexplained. "
+                               "Applies to distilled students only (tower_loss with 'distill'), in the batch phase "
+                               "(the signal stream carries logits only). 0: off.")
     temperature: float = Field(1.0, gt=0, description="Distillation temperature (ce; T=1 is the paper's CE).")
     debias: Literal["none", "teacher_debiased", "student_space", "exact"] = Field(
         "student_space", description="How the teacher logit is mapped before the distillation loss (DESIGN §4)."

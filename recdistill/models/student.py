@@ -84,6 +84,7 @@ class StudentOutput:
 
     main: dict[str, torch.Tensor]
     aux: dict[str, torch.Tensor] | None
+    hint: torch.Tensor | None = None  # [B, hint_dim]: the hint head's prediction of the teacher's representation
 
 
 class StudentModel(nn.Module):
@@ -92,7 +93,7 @@ class StudentModel(nn.Module):
     def __init__(self, schema: Schema, *, features: list[str] | None = None, emb_dim: int = 16, hidden: int = 64,
                  depth: int = 2, history_len: int = 64, decoupled: bool = True, roles: Roles | None = None,
                  interactions: bool = True, match_features: bool = True, crosses: Sequence[Cross] = (),
-                 summary_len: int = 0, dense: str = "linear", dense_bins: int = 16) -> None:
+                 summary_len: int = 0, dense: str = "linear", dense_bins: int = 16, hint_dim: int = 0) -> None:
         super().__init__()
         unknown = sorted(set(features or []) - set(schema.sparse))
         if unknown:
@@ -174,6 +175,9 @@ class StudentModel(nn.Module):
         self.backbone = mlp(d_in, hidden, depth)
         self.main = self._tower(hidden, depth)
         self.aux = self._tower(hidden, depth) if decoupled else None
+        # Representation hint (student.hint_weight): a linear map of the backbone onto the teacher's representation,
+        # trained beside the towers and, like the aux tower, never served.
+        self.hint = nn.Linear(hidden, hint_dim) if hint_dim else None
 
     def _tower(self, hidden: int, depth: int) -> nn.ModuleDict:
         return nn.ModuleDict({"body": mlp(hidden, hidden, max(depth - 1, 1)),
@@ -258,17 +262,19 @@ class StudentModel(nn.Module):
             self.dense_emb.fit(dense)
 
     def without_aux(self) -> StudentModel:
-        """A view of this model without the auxiliary tower: the same parameter tensors (no copy), so serving
-        code built on it holds and exports only the backbone and the main tower."""
+        """A view of this model without the auxiliary tower and the hint head: the same parameter tensors (no
+        copy), so serving code built on it holds and exports only the backbone and the main tower."""
         view = copy.copy(self)
-        view._modules = {k: v for k, v in self._modules.items() if k != "aux"}  # a new dict: self keeps its aux
-        view.aux = None
+        # a new dict: self keeps its aux and hint
+        view._modules = {k: v for k, v in self._modules.items() if k not in ("aux", "hint")}
+        view.aux = view.hint = None
         return view
 
     def forward(self, batch: Batch) -> StudentOutput:
         h = self.encode(batch)
         return StudentOutput(main=self._run_tower(self.main, h),
-                             aux=self._run_tower(self.aux, h) if self.aux is not None else None)
+                             aux=self._run_tower(self.aux, h) if self.aux is not None else None,
+                             hint=self.hint(h) if self.hint is not None else None)
 
 
 def _offsets(lengths: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,18 @@ def arrow_schema(meta: SignalMeta) -> pa.Schema:
                       ("teacher_step", pa.int64())], metadata={META_KEY: meta.model_dump_json().encode()})
 
 
+def hidden_uri(uri: str) -> str:
+    """Where the teacher's representations go beside the logits store at `uri` (teacher.signal_hidden): a store of
+    the same layout whose "tasks" are the dimensions h0, h1, ...; a sibling, not a child, so that neither store's
+    listing sees the other's files."""
+    return f"{uri.rstrip('/')}.hidden"
+
+
+def hidden_names(dim: int) -> list[str]:
+    """The column names of a representation store of `dim` dimensions."""
+    return [f"h{i}" for i in range(dim)]
+
+
 def shard_path(uri: str, window: int, rank: int) -> str:
     """Where the shard of (window, rank) lives."""
     return f"{uri.rstrip('/')}/window={window}/rank={rank}.arrow"

@@ -89,6 +89,11 @@ class StreamingTeacher:
             trainer.writer.close()
             trainer.writer = build_writer(trainer.cfg.model_copy(update={"signals": trainer.cfg.signals.model_copy(
                 update={"uri": store_uri})}), self.rank, trainer.tasks)
+        if trainer.hidden_writer is not None:
+            # teacher.signal_hidden is a batch-phase signal (the signal stream carries logits only): the batch
+            # store keeps what the batch phase committed, and the stream's steps write no representations
+            trainer.hidden_writer.close()
+            trainer.hidden_writer = None
         ws = trainer.cfg.signals.window_steps
         # The batch phase committed its last, partial window: the stream's rows start a window of their own (a
         # committed window takes no more rows), so the step count moves on to the next window boundary.

@@ -44,6 +44,7 @@ from recdistill.models.dense import FIT_ROWS
 from recdistill.models.student import ServedStudent, StudentModel
 from recdistill.serve import EXAMPLE_BATCH, ServingSpec, export_served, load_served
 from recdistill.signals.bounded import open_reader
+from recdistill.signals.schema import hidden_uri
 from recdistill.tracking import Tracker, console, progress
 from recdistill.train import student_checkpoint as ckpt
 
@@ -92,6 +93,7 @@ class SignalCounts:
     corrupt_shards: int = 0  # store shards skipped as corrupt (signals.on_corrupt=skip): their samples are missing
     corrupt_rows: int = 0  # rows those shards held, by their commit markers
     task_gated_batches: int = 0  # (batch, task) pairs whose distillation the per-task gate turned off
+    hint_joined: int = 0  # samples that got the representation hint (student.hint_weight)
 
 
 class StudentTrainer:
@@ -113,6 +115,10 @@ class StudentTrainer:
         if self.s.train_days is not None:
             self.train_days = self.train_days[-self.s.train_days:]
         self.view = cfg.sampling.student
+        self.hidden_reader = self._open_hidden() if open_store else None
+        if self.s.hint_weight and not open_store and "distill" in self.s.tower_loss:
+            console(f"{name}: student.hint_weight is not used in the streaming phase (the signal stream carries "
+                    "logits only): this student distils logits alone")
         torch.manual_seed(self.s.seed if self.s.seed is not None else cfg.experiment.seed)
         self.model = StudentModel(schema, features=self.s.features, emb_dim=self.s.emb_dim, hidden=self.s.hidden,
                                   depth=self.s.depth, history_len=self.s.history_len,
@@ -123,7 +129,8 @@ class StudentTrainer:
                                                        self.s.crosses, max_vocab=self.s.cross_max_vocab,
                                                        order=self.s.cross_order, buckets=self.s.cross_buckets),
                                   summary_len=self.s.history_summary, dense=self.s.dense,
-                                  dense_bins=self.s.dense_bins).to(self.device)
+                                  dense_bins=self.s.dense_bins,
+                                  hint_dim=self._hint_dim(open_store)).to(self.device)
         self._fit_dense()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.s.lr)
         self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
@@ -165,6 +172,29 @@ class StudentTrainer:
                     f"({self.counts.corrupt_rows} rows; signals.on_corrupt=skip): those samples train on labels only")
         meta = self.reader.meta
         self._teacher_tasks(meta.tasks, meta.sampling, f"teacher signals at {uri}")
+
+    def _open_hidden(self):  # noqa: ANN202 - SignalReader | BoundedSignalReader | None
+        """The store of the teacher's representations when this student takes the hint (student.hint_weight > 0
+        on a distilled tower), else None; a missing store is an error that says how to write one."""
+        if not (self.s.hint_weight and "distill" in self.s.tower_loss):
+            return None
+        uri = hidden_uri(self.s.signals_uri or self.cfg.signals.uri)
+        sig = self.cfg.signals
+        reader = open_reader(uri, memory_mb=sig.reader_memory_mb, cache_dir=sig.reader_cache_dir,
+                             on_corrupt=sig.on_corrupt)
+        if reader.meta is None:
+            raise FileNotFoundError(f"student.hint_weight={self.s.hint_weight} needs the teacher's representations, "
+                                    f"but {uri} has no committed shard (train the teacher with "
+                                    "teacher.signal_hidden > 0, or set student.hint_weight=0)")
+        return reader
+
+    def _hint_dim(self, open_store: bool) -> int:
+        """Width of the hint head: the representation store's; in the streaming phase (no store) the configured
+        teacher.signal_hidden, so that a batch-phase checkpoint with a hint head loads (the head then rests)."""
+        if self.hidden_reader is not None:
+            return len(self.hidden_reader.meta.tasks)
+        active = self.s.hint_weight and "distill" in self.s.tower_loss
+        return self.cfg.teacher.signal_hidden if active and not open_store else 0
 
     def _teacher_tasks(self, tasks: list[str], view: SamplingConfig, where: str) -> None:
         """What distillation uses of a teacher with `tasks` (its signal columns, in order) trained on `view`."""
@@ -232,8 +262,32 @@ class StudentTrainer:
             total = loss if total is None else total + loss
         return total
 
-    def loss(self, batch: Batch, t_logits: torch.Tensor | None, t_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The step's losses: `total` to backpropagate, plus its parts (detached) for logging."""
+    def _hidden(self, batch: Batch, t_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's representations [B, H] of the batch and the rows that take the hint [B]: found, and with a
+        usable logit (a row whose logits are missing, rejected or gated gets no hint either)."""
+        hidden, found = self.hidden_reader.lookup(batch.sample_id)
+        mask = found & t_mask.any(1)
+        self.counts.hint_joined += int(mask.sum())
+        return hidden, mask
+
+    @staticmethod
+    def hint_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The share of the teacher representation's variance over the batch's `mask` rows that the hint head's
+        `pred` leaves unexplained: sum of squared errors over the summed variance of the target's columns (1 for
+        the batch mean, 0 for a perfect fit), so the weight means the same for any width or scale of the
+        representation. Zero (with a graph) with fewer than two rows."""
+        w = mask.to(pred.dtype).unsqueeze(1)
+        n = w.sum()
+        if n < 2:
+            return pred.sum() * 0.0
+        mean = (target * w).sum(0) / n
+        var = ((target - mean) ** 2 * w).sum() / n
+        return ((pred - target) ** 2 * w).sum() / n / var.clamp(min=1e-12)
+
+    def loss(self, batch: Batch, t_logits: torch.Tensor | None, t_mask: torch.Tensor | None,
+             t_hidden: torch.Tensor | None = None, h_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The step's losses: `total` to backpropagate, plus its parts (detached) for logging. `t_hidden` [B, H] /
+        `h_mask` [B]: the teacher's representations and the rows that take the hint (student.hint_weight)."""
         out = self.model(batch)
         kinds, cont = self.kinds, self.s.continuous_loss
         l_main = task_loss(out.main, batch.labels, kinds, continuous=cont)
@@ -248,6 +302,10 @@ class StudentTrainer:
             beta = self.auto_beta(l_main, l_d) if self.auto_beta is not None else torch.tensor(float(self.s.beta))
             parts.update({"loss/distill": l_d.detach(), "distill/beta": beta.detach()})
             tower_total = beta * l_d if tower_total is None else tower_total + beta * l_d
+            if out.hint is not None and t_hidden is not None:
+                l_h = self.hint_loss(out.hint, t_hidden, h_mask)
+                parts["loss/hint"] = l_h.detach()
+                tower_total = tower_total + self.s.hint_weight * l_h
         # Decoupled: the main tower's loss is the task loss alone; the tower loss reaches only aux + backbone.
         total = l_main + tower_total if out.aux is not None else tower_total
         parts["loss/total"] = total.detach()
@@ -263,10 +321,13 @@ class StudentTrainer:
         """One optimizer step on `batch` (on the host); teacher logits and mask from the store unless given."""
         if t_logits is None and self.reader is not None:
             t_logits, t_mask = self._signals(batch)
+        t_hidden = h_mask = None
         if t_logits is not None:
+            if self.hidden_reader is not None:
+                t_hidden, h_mask = (x.to(self.device) for x in self._hidden(batch, t_mask))
             t_logits, t_mask = t_logits.to(self.device), t_mask.to(self.device)
         batch = batch.to(self.device)
-        losses = self.loss(batch, t_logits, t_mask)
+        losses = self.loss(batch, t_logits, t_mask, t_hidden, h_mask)
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         self.opt.step()

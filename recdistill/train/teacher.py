@@ -48,7 +48,7 @@ from recdistill.distill.losses import task_loss
 from recdistill.distill.metrics import StreamingMetrics
 from recdistill.models.dense import FIT_ROWS
 from recdistill.runtime import prepare_process
-from recdistill.signals.schema import SignalMeta
+from recdistill.signals.schema import SignalMeta, hidden_names, hidden_uri
 from recdistill.signals.writer import SignalWriter
 from recdistill.tracking import console
 from recdistill.train.distributed import DistInfo, destroy_distributed, init_distributed
@@ -92,6 +92,44 @@ def build_writer(cfg: Config, rank: int, tasks: list[str]) -> SignalWriter | Non
     meta = SignalMeta(run_id=cfg.experiment.name, teacher_version=cfg.teacher_digest(), tasks=tasks,
                       sampling=cfg.sampling.teacher)
     return SignalWriter(cfg.signals.uri, rank, meta, queue_size=cfg.signals.queue_size)
+
+
+def build_hidden_writer(cfg: Config, rank: int) -> SignalWriter | None:
+    """This rank's writer of the teacher's representations (teacher.signal_hidden > 0): a second store of the same
+    layout and teacher version at `hidden_uri(signals.uri)`, its columns the dimensions."""
+    if not (cfg.teacher.write_signals and cfg.teacher.signal_hidden):
+        return None
+    meta = SignalMeta(run_id=cfg.experiment.name, teacher_version=cfg.teacher_digest(),
+                      tasks=hidden_names(cfg.teacher.signal_hidden), sampling=cfg.sampling.teacher)
+    return SignalWriter(hidden_uri(cfg.signals.uri), rank, meta, queue_size=cfg.signals.queue_size)
+
+
+class HiddenTap:
+    """Catches the teacher's last representation (the input of its task heads, [B, d_model]) on every forward,
+    through a forward pre-hook on the first head: the model's code and outputs stay as they are. `take()` returns
+    it in float32, projected to `dim` columns: unchanged when dim == d_model, else through a fixed Gaussian
+    matrix scaled by 1/sqrt(dim), the same on every rank and every run of a seed (a random projection keeps the
+    geometry a student's linear hint head is fitted to, at a fraction of the bytes per sample)."""
+
+    def __init__(self, dense: torch.nn.Module, dim: int, seed: int) -> None:
+        head = next(iter(dense.heads.values()))
+        d_model = head.in_features
+        self.proj = None
+        if dim != d_model:
+            g = torch.Generator().manual_seed(seed)
+            self.proj = torch.randn(d_model, dim, generator=g) / dim ** 0.5
+        self.last: torch.Tensor | None = None
+        self.handle = head.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module: torch.nn.Module, args: tuple) -> None:
+        self.last = args[0].detach()
+
+    def take(self) -> torch.Tensor:
+        h = self.last.float()
+        if self.proj is not None:
+            self.proj = self.proj.to(h.device)
+            h = h @ self.proj
+        return h
 
 
 #: Rows per read while fitting the dense bins: a read makes the rows' histories too (20K events each at scale).
@@ -146,6 +184,9 @@ class TeacherTrainer:
             sparse_optimizer=RowWiseAdagrad, sparse_kwargs={"lr": cfg.teacher.sparse_lr})
         self.control = dist.new_group(backend="gloo")  # CPU-side agreement on step counts, also under NCCL
         self.writer = build_writer(cfg, info.rank, self.tasks)
+        self.hidden_writer = build_hidden_writer(cfg, info.rank)
+        self.tap = HiddenTap(self.engine.module, cfg.teacher.signal_hidden, cfg.experiment.seed + 7919) \
+            if self.hidden_writer is not None else None
         self.feed = build_feed(cfg, self.source, self.train_days, info, self.control)
         self.evaluator = TeacherEvaluator(cfg, self.source, info, self.control)
         self.checkpoints = TeacherCheckpoints(cfg, info.rank, self.control)
@@ -184,14 +225,16 @@ class TeacherTrainer:
         valid = len(batch) if valid is None else valid
         batch = batch.to(self.info.device)
         out = self.dmp(batch)
-        if self.writer is not None:
-            window = self.steps // self.cfg.signals.window_steps
-            if self.writer.window != window:
-                self.writer.begin_window(window)  # also with no valid rows: every rank commits every window
+        window = self.steps // self.cfg.signals.window_steps
+        for w in self.writers():
+            if w.window != window:
+                w.begin_window(window)  # also with no valid rows: every rank commits every window
         if valid and (self.writer is not None or self.signal_sinks):  # never a padded row: it would duplicate an id
             ids, z = batch.sample_id[:valid], stacked_logits(out, self.tasks)[:valid]
             if self.writer is not None:
                 self.writer.write(ids, z, self.steps)
+            if self.hidden_writer is not None:
+                self.hidden_writer.write(ids, self.tap.take()[:valid], self.steps)
             for sink in self.signal_sinks:
                 sink(ids, z, self.steps)
         loss = self.valid_loss(out, batch.labels, valid)
@@ -205,10 +248,16 @@ class TeacherTrainer:
         return loss.detach()
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
+    def writers(self) -> list[SignalWriter]:
+        """The open signal writers: the representations' first, so that a window whose logits are committed has
+        its representations committed too (a crash between the two commits leaves representations without logits,
+        which no student reads, and a resumed run rewrites the window's logits)."""
+        return [w for w in (self.hidden_writer, self.writer) if w is not None]
+
     def window_done(self) -> None:
         """After the last step of a window: commit it and, every `checkpoint_every` windows, checkpoint."""
-        if self.writer is not None:
-            self.writer.commit_window()
+        for w in self.writers():
+            w.commit_window()
         if self.checkpoints.due(self.steps // self.cfg.signals.window_steps):
             self.checkpoint()
 
@@ -216,6 +265,8 @@ class TeacherTrainer:
         """Collective: save a checkpoint (recdistill/train/teacher_checkpoint.py). Called only right after a
         commit, so a restart from it replays no committed row and loses none."""
         position = {"trained": self.trained, **self.feed.state()}
+        if self.hidden_writer is not None:
+            self.hidden_writer.flush()  # the logits writer is flushed by save()
         return self.checkpoints.save(self.steps, position, dmp=self.dmp, engine=self.engine, writer=self.writer,
                                      tracking=self.log.tracking_state())
 
@@ -260,9 +311,9 @@ class TeacherTrainer:
             if self.steps % self.cfg.signals.window_steps == 0:
                 self.window_done()
             self.log.step(self, last_loss)
-        if self.writer is not None:
-            self.writer.commit_window()  # the last, partial window
-            self.writer.flush()  # its rows are on the store before the summary counts rows_written
+        for w in self.writers():
+            w.commit_window()  # the last, partial window
+            w.flush()  # its rows are on the store before the summary counts rows_written
         if self.checkpoints.enabled and self.steps > start and self.checkpoints.saved_step != self.steps:
             self.checkpoint()  # a finished run resumes as finished: nothing replayed
         secs = time.perf_counter() - t0
@@ -286,9 +337,11 @@ class TeacherTrainer:
     def close(self, ok: bool = True) -> None:
         """Stop the writer (also after an error). `ok=False` (leaving on an error): the open window is *not*
         committed — it holds only the rows up to the failure, and a resumed run must rewrite it whole."""
-        if self.writer is not None:
-            self.writer.close(commit=ok)
-            self.writer = None
+        for w in self.writers():
+            w.close(commit=ok)
+        self.writer = self.hidden_writer = None
+        if self.tap is not None:
+            self.tap.handle.remove()
         self.log.close()
 
 

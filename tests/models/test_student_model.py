@@ -128,3 +128,20 @@ def test_long_history_summary_is_a_served_input_the_program_follows(tmp_path):
     assert not torch.allclose(served(*blank), expect)
     with pytest.raises(ValueError, match="summary_len=5 needs the history's category field"):
         StudentModel(SCHEMA, features=["user_id"], summary_len=5)
+
+
+def test_hint_head_reaches_the_backbone_and_is_not_served():
+    """The representation hint (student.hint_weight) trains a head on the backbone: its loss moves the backbone and
+    the head, never a tower, and the served view holds neither the aux tower nor the head."""
+    torch.manual_seed(0)
+    model, b = StudentModel(SCHEMA, history_len=8, hint_dim=5), make_batch()
+    out = model(b)
+    assert out.hint.shape == (9, 5) and StudentModel(SCHEMA, history_len=8)(b).hint is None
+    out.hint.square().sum().backward()
+    assert all(g for _, g in grads(model.hint)) and any(g for _, g in grads(model.backbone))
+    assert not any(g for _, g in grads(model.main)) and not any(g for _, g in grads(model.aux))
+    served = model.without_aux()
+    assert served.hint is None and not any(n.startswith(("hint.", "aux.")) for n, _ in served.named_parameters())
+    assert model.hint is not None  # the view leaves the trained model whole
+    without = sum(p.numel() for p in StudentModel(SCHEMA, history_len=8).without_aux().parameters())
+    assert sum(p.numel() for p in served.parameters()) == without

@@ -28,9 +28,9 @@ TINY_CONFIG = str(ROOT / "configs" / "teacher" / "tiny.yaml")  # from any cwd
 #: The data is uneven over the ranks: 1200 rows a day in chunks of 256 (rank 0 gets 3 chunks, rank 1 two, the last
 #: one short; after sampling 12 and 10 batches of 64, with a partial last batch every day on both ranks), and the
 #: eval day too (rank 0: 688 rows, 11 batches, the last partial; rank 1: 512, 8 batches). The teacher's view has a
-#: correction that varies by traffic; metrics are logged every 3 steps.
+#: correction that varies by traffic; metrics are logged every 3 steps; 8 columns of its representation are written.
 TEACHER_SETS = ["data.samples_per_day=1200", "data.num_days=3", "data.batch_size=64", "signals.window_steps=4",
-                "teacher.log_every=3", "tracking.mode=disabled", "tracking.progress=false",
+                "teacher.log_every=3", "tracking.mode=disabled", "tracking.progress=false", "teacher.signal_hidden=8",
                 "sampling.teacher={name: teacher, r: 0.5, q_eff: [0.9, 0.6, 0.3]}"]
 
 

@@ -171,3 +171,80 @@ def test_dense_bins_are_fitted_to_the_students_own_training_rows(tmp_path):
     assert not torch.allclose(edges, normal_edges(*edges.shape[:1], cfg.student.dense_bins))
     lin = StudentTrainer(load_config(None, SMALL + BASE), run_dir=tmp_path / "lin")  # the default
     assert lin.model.dense_emb is None and lin.model.dense_proj is not None
+
+
+def write_oracle_hidden(cfg, uri: str, dim: int = 6) -> int:
+    """A representation store beside the logits store at `uri` (hidden_uri), through the real SignalWriter: for every
+    sample of the teacher's view, a fixed random mix of its true click and conversion logits and its first dense
+    features, as a teacher's last layer would hold them. Returns the rows written."""
+    from recdistill.signals.schema import SignalMeta, hidden_names, hidden_uri
+    from recdistill.signals.writer import SignalWriter
+
+    src = build_source(cfg.data)
+    meta = SignalMeta(run_id="oracle", teacher_version="oracle", tasks=hidden_names(dim), sampling=cfg.sampling.teacher)
+    mix = torch.randn(5, dim, generator=torch.Generator().manual_seed(3))
+    rows = 0
+    with SignalWriter(hidden_uri(uri), 0, meta, window_steps=4) as w:
+        for step, b in enumerate(BatchLoader(src, src.days()[: -cfg.data.eval_days], cfg.data.batch_size,
+                                             view=cfg.sampling.teacher, prefetch=0)):
+            p = torch.stack([b.p_true["ctr"], b.p_true["cvr"]], 1).double().clamp(1e-6, 1 - 1e-6)
+            feats = torch.cat([(p.log() - (-p).log1p()).float(), b.dense[:, :3]], 1)
+            w.write(b.sample_id, feats @ mix, step)
+            rows += len(b)
+    return rows
+
+
+def test_the_representation_hint_is_joined_and_learnt(tmp_path):
+    """student.hint_weight: every distilled sample with a logit gets the teacher's representation, and the hint head
+    learns to predict it: the unexplained share of its variance starts above 1 (an untrained head is worse than the
+    batch mean) and ends well below it (the true logits in the mix are partly beyond any student's inputs)."""
+    uri = str(tmp_path / "sig")
+    cfg0 = load_config(None, SMALL)
+    write_oracle_signals(cfg0, uri)
+    assert write_oracle_hidden(cfg0, uri) > 1000
+    cfg = load_config(None, SMALL + [f"student.signals_uri={uri}", "student.hint_weight=1"])
+    trainer = StudentTrainer(cfg, run_dir=tmp_path / "run")
+    assert trainer.model.hint.out_features == 6
+    hint = []
+    for positioned in trainer.loader(trainer.train_days, trainer.view).stream(workers=0, prefetch=0):
+        hint.append(float(trainer.train_step(positioned.batch)["loss/hint"]))
+    c = trainer.counts
+    assert c.looked_up > 1000 and c.hint_joined == c.joined == c.looked_up  # nested views: every sample has both
+    assert np.mean(hint[:3]) > 1.5 and np.mean(hint[-20:]) < 0.8, (hint[:3], hint[-20:])
+    # the base student (labels only) ignores the weight and needs no store
+    base = StudentTrainer(load_config(None, SMALL + BASE + ["student.hint_weight=1"]), run_dir=tmp_path / "b")
+    assert base.hidden_reader is None and base.model.hint is None
+
+
+def test_a_hint_without_a_representation_store_is_a_clear_error(tmp_path):
+    uri = str(tmp_path / "sig")
+    write_oracle_signals(load_config(None, SMALL), uri)
+    cfg = load_config(None, SMALL + [f"student.signals_uri={uri}", "student.hint_weight=1"])
+    with pytest.raises(FileNotFoundError, match=r"sig\.hidden has no committed shard.*teacher\.signal_hidden"):
+        StudentTrainer(cfg, run_dir=tmp_path / "run")
+
+
+def test_a_streaming_student_keeps_the_batch_phase_hint_head(tmp_path):
+    """The streaming phase (no store: the stream carries logits only) builds the head of teacher.signal_hidden's
+    width, so the batch phase's checkpoint loads into it; a labels-only student has none."""
+    cfg = load_config(None, SMALL + ["student.hint_weight=2", "teacher.signal_hidden=7"])
+    t = StudentTrainer(cfg, run_dir=tmp_path / "s", open_store=False)
+    assert t.hidden_reader is None and t.model.hint.out_features == 7
+
+
+def test_hint_loss_is_the_unexplained_share_of_the_variance():
+    g = torch.Generator().manual_seed(0)
+    target = 3 * torch.randn(200, 4, generator=g) + 5
+    mask = torch.ones(200, dtype=torch.bool)
+    loss = StudentTrainer.hint_loss
+    assert float(loss(target, target, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss(target.mean(0).expand_as(target), target, mask)) == pytest.approx(1.0, rel=1e-5)
+    # scale-free: the same share for a target ten times larger
+    pred = target + torch.randn(200, 4, generator=g)
+    assert float(loss(10 * pred, 10 * target, mask)) == pytest.approx(float(loss(pred, target, mask)), rel=1e-4)
+    # masked rows count for nothing, whatever they hold; fewer than two rows: zero
+    junk = pred.clone()
+    junk[100:] = 1e6
+    half = torch.arange(200) < 100
+    assert float(loss(junk, target, half)) == pytest.approx(float(loss(pred[:100], target[:100], half[:100])))
+    assert float(loss(pred, target, torch.arange(200) < 1)) == 0.0

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from recdistill.config import load_config
 from recdistill.data.loader import BatchLoader
@@ -51,6 +52,7 @@ def sets(root: Path, window: int, workers: int = 0) -> list[str]:
     return ["data.samples_per_day=1200", "data.num_days=3", f"data.batch_size={BS}", f"signals.uri={root}/sig",
             f"data.workers={workers}",
             f"signals.window_steps={window}", "teacher.sharding=row_wise", f"teacher.checkpoint_dir={root}/ckpt",
+            "teacher.signal_hidden=4",
             "teacher.checkpoint_every=1", "tracking.mode=disabled", "tracking.progress=false"]
 
 
@@ -104,6 +106,8 @@ def test_sigkill_then_resume_matches_a_run_without_crash(tmp_path, case):
     assert killed.returncode != 0, "torchrun should fail when rank 1 is SIGKILLed"
     assert "Signals.SIGKILL" in killed.stderr or "exitcode  : -9" in killed.stderr, killed.stderr[-3000:]
     before = store_state(crash / "sig")
+    before_hidden = store_state(crash / "sig.hidden")
+    assert sorted(before_hidden) == sorted(before)  # committed with the logits' windows
     # Window 0 is committed by both ranks; window 1 (open at the kill) by neither: the surviving rank 0 fails in
     # the next collective and leaves without committing its partial window.
     assert sorted(before) == ["window=0.rank=0.json", "window=0.rank=1.json"], sorted(before)
@@ -133,6 +137,13 @@ def test_sigkill_then_resume_matches_a_run_without_crash(tmp_path, case):
     # committed windows from before the crash: untouched (marker bytes, shard bytes, shard mtimes)
     after = store_state(crash / "sig")
     assert {k: after[k] for k in before} == before
+    # the representations (teacher.signal_hidden): the same, one row per trained sample, the old windows untouched
+    assert {k: v for k, v in store_state(crash / "sig.hidden").items() if k in before} == before_hidden
+    hidden = SignalReader(str(crash / "sig.hidden"))
+    assert hidden.stats.rows == trained and hidden.stats.duplicates == 0
+    np.testing.assert_array_equal(np.sort(hidden.sample_ids), want_ids)
+    ids = torch.from_numpy(want_ids)
+    torch.testing.assert_close(hidden.lookup(ids), SignalReader(str(ref / "sig.hidden")).lookup(ids), rtol=0, atol=0)
 
     # bit-identical to the run without a crash: final model (eval predictions) and every committed logit
     got, want = np.load(crash / "eval.npz"), np.load(ref / "eval.npz")

@@ -19,7 +19,7 @@ from recdistill.data.loader import BatchLoader
 from recdistill.data.sampling import keep_mask
 from recdistill.data.source import build_source
 from recdistill.signals.reader import SignalReader
-from recdistill.signals.schema import COMMITS
+from recdistill.signals.schema import COMMITS, hidden_uri
 from recdistill.tracking import read_metrics
 
 TINY_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "teacher" / "tiny.yaml")  # from any cwd
@@ -58,6 +58,37 @@ def test_torchrun_teacher_writes_one_row_per_trained_sample(torchrun_teacher, sh
     assert len(commits) == 2 * len(reader.windows)  # both ranks committed every window
     logits, found = reader.lookup(torch.from_numpy(view[:5]))
     assert found.all() and logits.shape == (5, 3)
+    # teacher.signal_hidden=8: the representations beside them, one row for each sample with a logit, same windows
+    hidden = SignalReader(hidden_uri(str(root / "sig")), teacher_version=cfg.teacher_digest())
+    assert hidden.meta.tasks == [f"h{i}" for i in range(8)] and hidden.meta.sampling == cfg.sampling.teacher
+    assert hidden.stats.duplicates == 0 and hidden.stats.non_finite_rows == 0 and hidden.windows == reader.windows
+    np.testing.assert_array_equal(np.sort(hidden.sample_ids), view)
+    h, found = hidden.lookup(torch.from_numpy(view))
+    assert found.all() and h.shape == (len(view), 8) and h.std(0).min() > 0  # every column varies over samples
+
+
+def test_hidden_tap_catches_the_input_of_the_task_heads():
+    """HiddenTap (teacher.signal_hidden) holds what the heads read: at d_model columns, the heads applied to it
+    give the forward's logits exactly; narrower, a fixed projection of it, the same for the same seed."""
+    from helpers import SCHEMA, make_batch
+
+    from recdistill.config import TeacherConfig
+    from recdistill.models.teacher import TeacherModel
+    from recdistill.train.teacher import HiddenTap
+
+    torch.manual_seed(0)
+    model = TeacherModel(SCHEMA, TeacherConfig(history_len=20, merge_k=3, recent_k=4, d_model=16, num_tokens=4,
+                                               longer_dim=8, emb_dim=4, embedding_backend="torch"))
+    full, narrow = HiddenTap(model.dense, 16, seed=1), HiddenTap(model.dense, 5, seed=1)
+    out = model(make_batch())
+    h = full.take()
+    assert h.shape == (9, 16) and full.proj is None
+    for t, head in model.dense.heads.items():
+        torch.testing.assert_close(head(h).squeeze(-1), out[t])
+    torch.testing.assert_close(narrow.take(), h @ HiddenTap(model.dense, 5, seed=1).proj)
+    assert not torch.equal(narrow.proj, HiddenTap(model.dense, 5, seed=2).proj)
+    full.handle.remove()
+    narrow.handle.remove()
 
 
 @pytest.mark.parametrize("extra", [[], ["teacher.dense=bins", "data.counts=true"]])
