@@ -619,7 +619,8 @@ class Config(Section):
                 "activation_checkpointing", *(("precision",) if self.teacher.precision == "auto" else ()),
                 *(("sharding_pins",) if not self.teacher.sharding_pins else ()),  # likewise: count once set
                 *(("sharding_mem_gib",) if self.teacher.sharding_mem_gib is None else ()),
-                *(("dense", "dense_bins") if self.teacher.dense == "linear" else ())}  # count once set
+                *(("dense", "dense_bins") if self.teacher.dense == "linear" else ()),  # count once set
+                *(("signal_hidden",) if not self.teacher.signal_hidden else ())}  # likewise
         t = self.teacher.model_dump(mode="json", exclude=skip)
         # data.roles counts once a role is set (it changes the model); `strict` changes nothing the teacher learns,
         # and leaving roles out when none is set keeps the versions of configs written before roles existed.

@@ -126,7 +126,7 @@ def test_teacher_digest_ignores_students_paths_and_logging():
                               "teacher.checkpoint_keep=5", "data.count_cache=/cc", "data.count_scale=log"])
     assert same.teacher_digest() == a.teacher_digest() and same.digest() != a.digest()
     for change in ("teacher.lr=0.5", "sampling.teacher.r=0.9", "data.seed=3", "signals.window_steps=7",
-                   "teacher.dense=bins", "data.counts=true"):
+                   "teacher.dense=bins", "data.counts=true", "teacher.signal_hidden=8"):
         assert load_config(None, [change]).teacher_digest() != a.teacher_digest(), change
     # fields added later count only once set: the default config has the teacher version it had before counting
     # features, dense bins and count caches existed (commit 6c09628); a change here orphans every saved checkpoint
