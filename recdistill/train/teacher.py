@@ -249,9 +249,10 @@ class TeacherTrainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def writers(self) -> list[SignalWriter]:
-        """The open signal writers: the representations' first, so that a window whose logits are committed has
-        its representations committed too (a crash between the two commits leaves representations without logits,
-        which no student reads, and a resumed run rewrites the window's logits)."""
+        """The open signal writers, the representations' first. Each writes its commit markers on its own
+        background thread, so at a crash one store may hold a window the other lacks; a checkpoint is taken only
+        after both flushed, and a resume rewrites whatever either store lacks of the windows after it. A student
+        gives a hint only to rows that also have a usable logit."""
         return [w for w in (self.hidden_writer, self.writer) if w is not None]
 
     def window_done(self) -> None:
