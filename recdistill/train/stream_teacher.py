@@ -87,8 +87,7 @@ class StreamingTeacher:
             # The batch store was needed to resume (the checkpoint vouches for its windows); the streaming phase's
             # rows go to a store of their own, so the batch run's store stays as it was and the phase can rerun.
             trainer.writer.close()
-            trainer.writer = build_writer(trainer.cfg.model_copy(update={"signals": trainer.cfg.signals.model_copy(
-                update={"uri": store_uri})}), self.rank, trainer.tasks)
+            trainer.writer = build_writer(trainer.cfg, self.rank, trainer.tasks, store_uri)
         if trainer.hidden_writer is not None:
             # teacher.signal_hidden is a batch-phase signal (the signal stream carries logits only): the batch
             # store keeps what the batch phase committed, and the stream's steps write no representations

@@ -84,24 +84,22 @@ def stacked_logits(out: dict[str, torch.Tensor], tasks: list[str]) -> torch.Tens
     return torch.stack([out[t].detach().float() for t in tasks], dim=1)
 
 
-def build_writer(cfg: Config, rank: int, tasks: list[str]) -> SignalWriter | None:
-    """This rank's signal writer (None when teacher.write_signals is off); the teacher version is the config
-    digest, so a student can refuse signals of another teacher."""
+def build_writer(cfg: Config, rank: int, tasks: list[str], uri: str | None = None) -> SignalWriter | None:
+    """This rank's signal writer of columns `tasks` into the store at `uri` (default signals.uri); None when
+    teacher.write_signals is off. The teacher version is the config digest, so a student can refuse signals of
+    another teacher."""
     if not cfg.teacher.write_signals:
         return None
     meta = SignalMeta(run_id=cfg.experiment.name, teacher_version=cfg.teacher_digest(), tasks=tasks,
                       sampling=cfg.sampling.teacher)
-    return SignalWriter(cfg.signals.uri, rank, meta, queue_size=cfg.signals.queue_size)
+    return SignalWriter(uri or cfg.signals.uri, rank, meta, queue_size=cfg.signals.queue_size)
 
 
 def build_hidden_writer(cfg: Config, rank: int) -> SignalWriter | None:
-    """This rank's writer of the teacher's representations (teacher.signal_hidden > 0): a second store of the same
-    layout and teacher version at `hidden_uri(signals.uri)`, its columns the dimensions."""
-    if not (cfg.teacher.write_signals and cfg.teacher.signal_hidden):
-        return None
-    meta = SignalMeta(run_id=cfg.experiment.name, teacher_version=cfg.teacher_digest(),
-                      tasks=hidden_names(cfg.teacher.signal_hidden), sampling=cfg.sampling.teacher)
-    return SignalWriter(hidden_uri(cfg.signals.uri), rank, meta, queue_size=cfg.signals.queue_size)
+    """This rank's writer of the teacher's representations (teacher.signal_hidden > 0): a store of the same layout
+    at `hidden_uri(signals.uri)`, its columns the dimensions."""
+    k = cfg.teacher.signal_hidden
+    return build_writer(cfg, rank, hidden_names(k), hidden_uri(cfg.signals.uri)) if k else None
 
 
 class HiddenTap:
@@ -124,10 +122,12 @@ class HiddenTap:
     def _hook(self, _module: torch.nn.Module, args: tuple) -> None:
         self.last = args[0].detach()
 
-    def take(self) -> torch.Tensor:
-        h = self.last.float()
+    def take(self, rows: int | None = None) -> torch.Tensor:
+        """The last forward's first `rows` rows (all by default), float32, projected."""
+        h = self.last[:rows].float()
         if self.proj is not None:
-            self.proj = self.proj.to(h.device)
+            if self.proj.device != h.device:
+                self.proj = self.proj.to(h.device)
             h = h @ self.proj
         return h
 
@@ -234,7 +234,7 @@ class TeacherTrainer:
             if self.writer is not None:
                 self.writer.write(ids, z, self.steps)
             if self.hidden_writer is not None:
-                self.hidden_writer.write(ids, self.tap.take()[:valid], self.steps)
+                self.hidden_writer.write(ids, self.tap.take(valid), self.steps)
             for sink in self.signal_sinks:
                 sink(ids, z, self.steps)
         loss = self.valid_loss(out, batch.labels, valid)
@@ -250,9 +250,9 @@ class TeacherTrainer:
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def writers(self) -> list[SignalWriter]:
         """The open signal writers, the representations' first. Each writes its commit markers on its own
-        background thread, so at a crash one store may hold a window the other lacks; a checkpoint is taken only
-        after both flushed, and a resume rewrites whatever either store lacks of the windows after it. A student
-        gives a hint only to rows that also have a usable logit."""
+        background thread, so at a crash one store may hold a window the other lacks; a checkpoint flushes every
+        writer, a resume checks every store for the windows it vouches for, and rewrites whatever either store
+        lacks of the windows after it. A student gives a hint only to rows that also have a usable logit."""
         return [w for w in (self.hidden_writer, self.writer) if w is not None]
 
     def window_done(self) -> None:
@@ -266,15 +266,13 @@ class TeacherTrainer:
         """Collective: save a checkpoint (recdistill/train/teacher_checkpoint.py). Called only right after a
         commit, so a restart from it replays no committed row and loses none."""
         position = {"trained": self.trained, **self.feed.state()}
-        if self.hidden_writer is not None:
-            self.hidden_writer.flush()  # the logits writer is flushed by save()
-        return self.checkpoints.save(self.steps, position, dmp=self.dmp, engine=self.engine, writer=self.writer,
+        return self.checkpoints.save(self.steps, position, dmp=self.dmp, engine=self.engine, writers=self.writers(),
                                      tracking=self.log.tracking_state())
 
     def maybe_resume(self) -> int:
         """Load the newest complete checkpoint when teacher.resume and there is one; returns the steps done. Moves
         this rank's feed to its data position and the log onto the checkpointed run's tracking."""
-        got = self.checkpoints.resume(dmp=self.dmp, engine=self.engine, writer=self.writer)
+        got = self.checkpoints.resume(dmp=self.dmp, engine=self.engine, writers=self.writers())
         if got is None:
             return 0
         self.steps, self.trained = got.steps, got.trained

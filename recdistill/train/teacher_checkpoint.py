@@ -19,6 +19,7 @@ The files and their atomicity are recdistill/train/checkpoint.py's; this module 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,10 @@ class TeacherCheckpoints:
         return self.enabled and windows % self.cfg.teacher.checkpoint_every == 0
 
     def save(self, steps: int, position: dict[str, Any], *, dmp: torch.nn.Module, engine: Any,
-             writer: SignalWriter | None, tracking: dict[str, Any]) -> Path:
-        """Collective: flush committed windows to the store, then save. Call only right after a commit.
+             writers: Sequence[SignalWriter], tracking: dict[str, Any]) -> Path:
+        """Collective: flush committed windows to every store, then save. Call only right after a commit.
         `position`: this rank's {'trained'} and LockstepBatches.state(); `tracking`: TrainLog.tracking_state()."""
-        if writer is not None:
+        for writer in writers:
             writer.flush()  # the commit markers of every sealed window are on the store before the checkpoint
         ws = self.cfg.signals.window_steps
         meta = {"digest": self.cfg.teacher_digest(), "steps": steps, "data_position": "per rank",
@@ -78,9 +79,10 @@ class TeacherCheckpoints:
         return save_checkpoint(self.root, step=steps, dmp=dmp, engine=engine, group=self.group, meta=meta,
                                rank_state=position, keep=self.cfg.teacher.checkpoint_keep)
 
-    def resume(self, *, dmp: torch.nn.Module, engine: Any, writer: SignalWriter | None) -> Resumed | None:
+    def resume(self, *, dmp: torch.nn.Module, engine: Any, writers: Sequence[SignalWriter]) -> Resumed | None:
         """Collective: load the newest complete checkpoint when teacher.resume and there is one (rank 0 decides
-        which, for every rank); None when starting afresh."""
+        which, for every rank); None when starting afresh. Every store of `writers` must hold the windows the
+        checkpoint vouches for."""
         if not (self.enabled and self.cfg.teacher.resume):
             return None
         pick = [str(latest_checkpoint(self.root) or "") if self.rank == 0 else None]
@@ -96,11 +98,12 @@ class TeacherCheckpoints:
                                "each day's last partial batch: its position does not map onto this data order); "
                                "start afresh (teacher.resume=false or another checkpoint_dir)")
         steps = int(meta["steps"])
-        lost = [w for w in range(steps // ws) if writer is not None and not writer.is_committed(w)]
-        if lost:  # the checkpoint vouches for rows the store does not have (another signals.uri, deleted files)
-            raise RuntimeError(f"resume from {pick[0]}: windows {lost[:5]}{'...' if len(lost) > 5 else ''} of rank "
-                               f"{self.rank} are not committed in {self.cfg.signals.uri}; their samples would "
-                               "have no signal (resume with the store the checkpoint was written with)")
+        for writer in writers:
+            lost = [w for w in range(steps // ws) if not writer.is_committed(w)]
+            if lost:  # the checkpoint vouches for rows the store does not have (another signals.uri, deleted files)
+                raise RuntimeError(f"resume from {pick[0]}: windows {lost[:5]}{'...' if len(lost) > 5 else ''} of "
+                                   f"rank {self.rank} are not committed in {writer.uri}; their samples would have no "
+                                   "signal (resume with the store the checkpoint was written with)")
         return Resumed(path=Path(pick[0]), steps=steps, trained=int(mine["trained"]), batches=int(mine["batches"]),
                        exhausted=bool(mine["exhausted"]), tracking=meta.get("tracking") or {},
                        data={k: mine[k] for k in ("batches", "exhausted", "position", "last")} if "position" in mine

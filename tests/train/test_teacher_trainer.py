@@ -116,6 +116,30 @@ def test_single_process_teacher_through_the_cli(tmp_path, monkeypatch, extra):
     assert summary["signals/rows_written"] == len(reader.sample_ids)
 
 
+def test_resume_refuses_a_representation_store_without_the_checkpoints_windows(tmp_path, monkeypatch):
+    """teacher.signal_hidden: a checkpoint vouches for the windows of every store it was written with, the
+    representations' too; a resume whose representation store lost them refuses, naming that store."""
+    import shutil
+
+    from recdistill.cli import main
+
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(var, "1" if var == "WORLD_SIZE" else "0")
+    argv = ["teacher", "--config", TINY_CONFIG, *[a for o in (
+        "data.samples_per_day=400", "data.num_days=2", "data.batch_size=50", f"signals.uri={tmp_path}/s",
+        "signals.window_steps=2", "teacher.signal_hidden=4", f"teacher.checkpoint_dir={tmp_path}/ckpt",
+        "tracking.mode=disabled", f"tracking.run_dir={tmp_path}/runs") for a in ("--set", o)]]
+    assert main(argv) == 0
+    logits, hidden = SignalReader(str(tmp_path / "s")), SignalReader(hidden_uri(str(tmp_path / "s")))
+    assert hidden.windows == logits.windows and len(logits.windows) > 1
+    assert main(argv) == 0  # finished: resumed as finished, both stores intact
+    shutil.rmtree(hidden_uri(str(tmp_path / "s")))
+    with pytest.raises(RuntimeError, match=r"windows \[0, 1.* are not committed in .*/s\.hidden"):
+        main(argv)
+
+
 def test_dense_bins_are_fitted_to_rows_of_every_training_day(monkeypatch):
     """The teacher's dense bins (teacher.dense=bins) are fitted to rows spread over the training days: the counting
     features are all 0 on the first day, so its rows alone would give them no bins. Read in pieces (a short last one
