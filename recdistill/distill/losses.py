@@ -53,6 +53,21 @@ def distill_loss(target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, k
     return F.binary_cross_entropy_with_logits(p / temperature, soft) * temperature**2
 
 
+def hint_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The representation hint (student.hint_weight): the share of the teacher representation's variance over
+    the batch's `mask` rows [B] that the prediction `pred` [B, H] of `target` [B, H] leaves unexplained, i.e. the
+    squared error over the summed variance of the target's columns: 1 for the batch mean, 0 for a perfect fit, so
+    a weight means the same for any width or scale of the representation. 0 (with a graph) with fewer than two
+    rows. Branch-free: no host sync per step on a device."""
+    w = mask.to(pred.dtype).unsqueeze(1)
+    n = w.sum()
+    rows = n.clamp(min=1)
+    mean = (target * w).sum(0) / rows
+    var = ((target - mean) ** 2 * w).sum() / rows
+    share = ((pred - target) ** 2 * w).sum() / rows / var.clamp(min=1e-12)
+    return torch.where(n >= 2, share, pred.sum() * 0.0)
+
+
 class AutoBeta:
     """beta for `beta: auto`: keeps beta * L_distill ≈ ratio * L_task using exponential moving averages of both
     magnitudes. The averages stay tensors on the losses' device (no host sync per step); the returned beta is

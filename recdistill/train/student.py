@@ -38,7 +38,7 @@ from recdistill.data.source import DataSource, build_source, phase_days
 from recdistill.distill import metrics
 from recdistill.distill.debias import distill_pair, true_space, within_of
 from recdistill.distill.gate import TaskGate
-from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
+from recdistill.distill.losses import AutoBeta, distill_loss, hint_loss, task_loss, valid_signal
 from recdistill.models.cross import plan_crosses
 from recdistill.models.dense import FIT_ROWS
 from recdistill.models.student import ServedStudent, StudentModel
@@ -115,8 +115,10 @@ class StudentTrainer:
         if self.s.train_days is not None:
             self.train_days = self.train_days[-self.s.train_days:]
         self.view = cfg.sampling.student
-        self.hidden_reader = self._open_hidden() if open_store else None
-        if self.s.hint_weight and not open_store and "distill" in self.s.tower_loss:
+        # the representation hint applies to distilled students only; the store is read in the batch phase
+        self.hint = bool(self.s.hint_weight) and "distill" in self.s.tower_loss
+        self.hidden_reader = self._open_hidden() if self.hint and open_store else None
+        if self.hint and not open_store:
             console(f"{name}: student.hint_weight is not used in the streaming phase (the signal stream carries "
                     "logits only): this student distils logits alone")
         torch.manual_seed(self.s.seed if self.s.seed is not None else cfg.experiment.seed)
@@ -130,7 +132,7 @@ class StudentTrainer:
                                                        order=self.s.cross_order, buckets=self.s.cross_buckets),
                                   summary_len=self.s.history_summary, dense=self.s.dense,
                                   dense_bins=self.s.dense_bins,
-                                  hint_dim=self._hint_dim(open_store)).to(self.device)
+                                  hint_dim=self._hint_dim()).to(self.device)
         self._fit_dense()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.s.lr)
         self.auto_beta = AutoBeta(self.s.beta_ratio) if self.s.beta == "auto" else None
@@ -173,11 +175,8 @@ class StudentTrainer:
         meta = self.reader.meta
         self._teacher_tasks(meta.tasks, meta.sampling, f"teacher signals at {uri}")
 
-    def _open_hidden(self):  # noqa: ANN202 - SignalReader | BoundedSignalReader | None
-        """The store of the teacher's representations when this student takes the hint (student.hint_weight > 0
-        on a distilled tower), else None; a missing store is an error that says how to write one."""
-        if not (self.s.hint_weight and "distill" in self.s.tower_loss):
-            return None
+    def _open_hidden(self):  # noqa: ANN202 - SignalReader | BoundedSignalReader
+        """The store of the teacher's representations; a missing one is an error that says how to write one."""
         uri = hidden_uri(self.s.signals_uri or self.cfg.signals.uri)
         sig = self.cfg.signals
         reader = open_reader(uri, memory_mb=sig.reader_memory_mb, cache_dir=sig.reader_cache_dir,
@@ -188,13 +187,12 @@ class StudentTrainer:
                                     "teacher.signal_hidden > 0, or set student.hint_weight=0)")
         return reader
 
-    def _hint_dim(self, open_store: bool) -> int:
+    def _hint_dim(self) -> int:
         """Width of the hint head: the representation store's; in the streaming phase (no store) the configured
         teacher.signal_hidden, so that a batch-phase checkpoint with a hint head loads (the head then rests)."""
         if self.hidden_reader is not None:
             return len(self.hidden_reader.meta.tasks)
-        active = self.s.hint_weight and "distill" in self.s.tower_loss
-        return self.cfg.teacher.signal_hidden if active and not open_store else 0
+        return self.cfg.teacher.signal_hidden if self.hint else 0
 
     def _teacher_tasks(self, tasks: list[str], view: SamplingConfig, where: str) -> None:
         """What distillation uses of a teacher with `tasks` (its signal columns, in order) trained on `view`."""
@@ -270,20 +268,6 @@ class StudentTrainer:
         self.counts.hint_joined += int(mask.sum())
         return hidden, mask
 
-    @staticmethod
-    def hint_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The share of the teacher representation's variance over the batch's `mask` rows that the hint head's
-        `pred` leaves unexplained: sum of squared errors over the summed variance of the target's columns (1 for
-        the batch mean, 0 for a perfect fit), so the weight means the same for any width or scale of the
-        representation. Zero (with a graph) with fewer than two rows."""
-        w = mask.to(pred.dtype).unsqueeze(1)
-        n = w.sum()
-        if n < 2:
-            return pred.sum() * 0.0
-        mean = (target * w).sum(0) / n
-        var = ((target - mean) ** 2 * w).sum() / n
-        return ((pred - target) ** 2 * w).sum() / n / var.clamp(min=1e-12)
-
     def loss(self, batch: Batch, t_logits: torch.Tensor | None, t_mask: torch.Tensor | None,
              t_hidden: torch.Tensor | None = None, h_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The step's losses: `total` to backpropagate, plus its parts (detached) for logging. `t_hidden` [B, H] /
@@ -303,7 +287,7 @@ class StudentTrainer:
             parts.update({"loss/distill": l_d.detach(), "distill/beta": beta.detach()})
             tower_total = beta * l_d if tower_total is None else tower_total + beta * l_d
             if out.hint is not None and t_hidden is not None:
-                l_h = self.hint_loss(out.hint, t_hidden, h_mask)
+                l_h = hint_loss(out.hint, t_hidden, h_mask)
                 parts["loss/hint"] = l_h.detach()
                 tower_total = tower_total + self.s.hint_weight * l_h
         # Decoupled: the main tower's loss is the task loss alone; the tower loss reaches only aux + backbone.

@@ -9,7 +9,7 @@ import torch
 
 from recdistill.data.sampling import SamplingConfig, keep_mask
 from recdistill.distill.debias import MODES, distill_pair, to_sampled, to_true, true_space, within_factor
-from recdistill.distill.losses import AutoBeta, distill_loss, task_loss, valid_signal
+from recdistill.distill.losses import AutoBeta, distill_loss, hint_loss, task_loss, valid_signal
 
 TEACHER = SamplingConfig(name="t", r=0.5, q=1.0, b=0.0)
 STUDENT = SamplingConfig(name="s", r=0.1, q=0.9, q_eff=[0.9, 0.5], b=0.2)
@@ -166,3 +166,25 @@ def test_auto_beta_tracks_ratio():
     ab(torch.tensor(1.0), torch.tensor(1.0))
     beta = ab(torch.tensor(3.0), torch.tensor(1.0, requires_grad=True))
     assert float(beta) == pytest.approx(2.0) and not beta.requires_grad  # EMA task 2, distill 1
+
+
+def test_hint_loss_is_the_unexplained_share_of_the_variance():
+    g = torch.Generator().manual_seed(0)
+    target = 3 * torch.randn(200, 4, generator=g) + 5
+    mask = torch.ones(200, dtype=torch.bool)
+    loss = hint_loss
+    assert float(loss(target, target, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss(target.mean(0).expand_as(target), target, mask)) == pytest.approx(1.0, rel=1e-5)
+    # scale-free: the same share for a target ten times larger
+    pred = target + torch.randn(200, 4, generator=g)
+    assert float(loss(10 * pred, 10 * target, mask)) == pytest.approx(float(loss(pred, target, mask)), rel=1e-4)
+    # masked rows count for nothing, whatever they hold; fewer than two rows: zero
+    junk = pred.clone()
+    junk[100:] = 1e6
+    half = torch.arange(200) < 100
+    assert float(loss(junk, target, half)) == pytest.approx(float(loss(pred[:100], target[:100], half[:100])))
+    assert float(loss(pred, target, torch.arange(200) < 1)) == 0.0
+    # without a host-side branch: the gradient of a one-row batch is zero and finite, not 0 * inf
+    p = pred.clone().requires_grad_()
+    loss(p, target, torch.arange(200) < 1).backward()
+    assert torch.equal(p.grad, torch.zeros_like(p))
